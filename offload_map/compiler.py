@@ -1,0 +1,82 @@
+"""Compiling a pipeline into a device map for a named strategy.
+
+Strategies:
+
+- ``"none"``: every component resident (``"gpu"``).
+- ``"model"``: DiTs, encoders and VAEs ``"cpu-pinned"``, taking turns on the device (a DiT excludes the
+  encoders, the VAEs and every other DiT); other components and ``_resident_modules`` stay ``"gpu"``.
+- ``"layerwise"``: as ``"model"``, except each DiT is ``"gpu"`` with its blocks ``"layer-window"``,
+  streamed through ``window`` slots.
+"""
+
+from __future__ import annotations
+
+from .blocks import get_blocks
+from .devices import resolve_device
+from .device_map import DeviceMap, MapEntry, check_window
+from .module_collector import ModuleDiscovery
+from .placement import Placement, Role
+from .plan import bind
+
+STRATEGIES = ("none", "model", "layerwise")
+
+
+def check_strategy(strategy: object) -> str:
+    """Return the strategy name for ``strategy`` (a name or an ``OffloadStrategy``), or raise a ValueError."""
+    name = getattr(strategy, "value", strategy)
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(map(repr, STRATEGIES))}")
+    return name
+
+
+def compile_device_map(pipeline: object, strategy: str = "model", device=None, window: int = 2) -> DeviceMap:
+    """Compile ``pipeline`` into a ``DeviceMap`` for ``strategy`` (see the module docstring).
+
+    Args:
+        pipeline: a diffusers pipeline, an object holding ``nn.Module``s, or an ``nn.Module``.
+        strategy: ``"none"``, ``"model"`` or ``"layerwise"``.
+        device: target device; ``None`` picks this rank's GPU, or the CPU without one.
+        window: device slots per streamed DiT (``"layerwise"``); more than the blocks means all resident.
+
+    Returns:
+        The map, with each entry's bytes and dtype filled in. Nothing has moved.
+
+    Raises:
+        ValueError: unknown strategy, bad window or device, or a DiT without blocks under ``"layerwise"``.
+
+    Example:
+        >>> from offload_map.demo import make_tiny_pipeline
+        >>> dmap = compile_device_map(make_tiny_pipeline(), "layerwise", device="cpu")
+        >>> dmap["transformer.blocks.0"]
+        <Placement.LAYER_WINDOW: 'layer-window'>
+    """
+    strategy = check_strategy(strategy)
+    check_window(window)
+    dev = resolve_device(device)
+    found = ModuleDiscovery.discover(pipeline)
+    dmap = DeviceMap(str(dev), {c.name: c.role for c in found.components.values()}, window=window, strategy=strategy)
+    for comp in found.components.values():
+        offloaded = strategy != "none" and comp.role is not Role.OTHER and not comp.resident
+        if strategy == "layerwise" and comp.role is Role.DIT and offloaded:
+            blocks = get_blocks(comp.module)
+            if not blocks:
+                raise ValueError(
+                    f"{type(comp.module).__name__} ({comp.name or 'the pipeline'}) has no block lists to stream. Declare "
+                    f"them on the class, e.g. {type(comp.module).__name__}._layerwise_offload_blocks_attrs = ['blocks'] "
+                    "(registered nn.ModuleList attributes, in execution order), or use strategy='model'"
+                )
+            dmap[comp.name] = Placement.GPU
+            for path, _ in blocks:
+                dmap[f"{comp.name}.{path}".lstrip(".")] = Placement.LAYER_WINDOW
+        else:
+            dmap[comp.name] = Placement.CPU_PINNED if offloaded else Placement.GPU
+    return with_sizes(dmap, pipeline)
+
+
+def with_sizes(dmap: DeviceMap, pipeline: object) -> DeviceMap:
+    """``dmap`` with every entry's bytes and dtype read from ``pipeline`` (validates the map on the way)."""
+    plan = bind(dmap, pipeline)
+    for path, unit in plan.units.items():
+        dtypes = sorted({str(t.tensor.dtype).removeprefix("torch.") for t in unit.tensors})
+        dmap.entries[path] = MapEntry(path, unit.placement, unit.nbytes, "+".join(dtypes))
+    return dmap

@@ -1,0 +1,249 @@
+"""The device map: one placement per module path, printable, editable and serializable.
+
+A ``DeviceMap`` is plain data. It names the target device, the window of device slots for streamed
+blocks, each component's role, and an ordered list of entries (module path, placement, bytes, dtype).
+A tensor belongs to the entry with the longest path that contains it, so ``"transformer": "gpu"`` plus
+``"transformer.blocks.3": "layer-window"`` keeps everything of the transformer resident except block 3.
+Binding a map to a pipeline (``offload_map.plan.bind``) checks that every tensor is covered; this file
+never looks at a pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .placement import Placement, Role
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class MapEntry:
+    """One module path and where it lives. ``nbytes`` counts the tensors the entry owns (not nested entries')."""
+
+    path: str
+    placement: Placement
+    nbytes: int = 0
+    dtype: str = ""
+
+
+@dataclass
+class DeviceMap:
+    """Where every module of a pipeline lives while it runs.
+
+    Args:
+        device: the target device, e.g. ``"cuda:0"`` or ``"cpu"``.
+        components: component name -> role (``"dit"``, ``"encoder"``, ``"vae"``, ``"other"``).
+        entries: module path -> ``MapEntry``, in pipeline order.
+        window: device slots shared by each DiT's ``"layer-window"`` blocks (>= 1).
+        strategy: the strategy that compiled the map (informational).
+
+    Example:
+        >>> dmap = DeviceMap("cpu", {"transformer": Role.DIT}, window=2)
+        >>> dmap["transformer"] = "gpu"
+        >>> dmap["transformer"]
+        <Placement.GPU: 'gpu'>
+        >>> DeviceMap.from_json(dmap.to_json()) == dmap
+        True
+    """
+
+    device: str
+    components: dict[str, Role]
+    entries: dict[str, MapEntry] = field(default_factory=dict)
+    window: int = 2
+    strategy: str = "custom"
+
+    def __post_init__(self) -> None:
+        self.components = {name: Role(role) for name, role in self.components.items()}
+        check_window(self.window)
+
+    def __getitem__(self, path: str) -> Placement:
+        return self._entry(path).placement
+
+    def __setitem__(self, path: str, placement: "str | Placement") -> None:
+        value = Placement.parse(placement, f"device map entry {path!r}")
+        entry = self.entries.get(path)
+        self.entries[path] = replace(entry, placement=value) if entry else MapEntry(path, value)
+
+    def __contains__(self, path: object) -> bool:
+        return path in self.entries
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _entry(self, path: str) -> MapEntry:
+        try:
+            return self.entries[path]
+        except KeyError:
+            raise KeyError(f"no device map entry {path!r}; entries start with {list(self.entries)[:6]}") from None
+
+    def paths(self, placement: Placement) -> list[str]:
+        """Entry paths with the given placement, in map order."""
+        return [e.path for e in self.entries.values() if e.placement is placement]
+
+    def bytes_by_placement(self) -> dict[Placement, int]:
+        """Bytes owned by each placement (every placement present, zero when unused)."""
+        out = {p: 0 for p in Placement}
+        for e in self.entries.values():
+            out[e.placement] += e.nbytes
+        return out
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict; ``DeviceMap.from_dict`` reads it back."""
+        return {
+            "version": FORMAT_VERSION,
+            "device": self.device,
+            "strategy": self.strategy,
+            "window": self.window,
+            "components": {n: r.value for n, r in self.components.items()},
+            "entries": [
+                {"path": e.path, "placement": e.placement.value, "bytes": e.nbytes, "dtype": e.dtype}
+                for e in self.entries.values()
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DeviceMap":
+        """Read a map written by ``to_dict``, validating types and values (no code runs, nothing is unpickled).
+
+        Raises:
+            ValueError: a field is missing or of the wrong type, a role or placement is unknown, or a path repeats.
+        """
+        if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
+            raise ValueError(f"not an offload_map device map of version {FORMAT_VERSION}: {str(data)[:80]!r}")
+        comps = _typed(data, "components", dict)
+        for name, role in comps.items():
+            if not isinstance(name, str) or role not in {r.value for r in Role}:
+                raise ValueError(f"device map component {name!r}: unknown role {role!r}; expected one of {[r.value for r in Role]}")
+        dmap = cls(_typed(data, "device", str), comps, {}, _typed(data, "window", int), str(data.get("strategy", "custom")))
+        for i, raw in enumerate(_typed(data, "entries", list)):
+            if not isinstance(raw, dict):
+                raise ValueError(f"device map entry #{i} must be an object, got {raw!r}")
+            path = _typed(raw, "path", str)
+            if path in dmap.entries:
+                raise ValueError(f"device map entry {path!r} appears twice")
+            nbytes = raw.get("bytes", 0)
+            if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+                raise ValueError(f"device map entry {path!r}: bytes must be a non-negative int, got {nbytes!r}")
+            placement = Placement.parse(_typed(raw, "placement", str), f"device map entry {path!r}")
+            dmap.entries[path] = MapEntry(path, placement, nbytes, str(raw.get("dtype", "")))
+        return dmap
+
+    def to_json(self, indent: int | None = 1) -> str:
+        """The map as JSON text."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DeviceMap":
+        """Parse JSON text written by ``to_json``; see ``from_dict`` for the checks."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"device map is not valid JSON: {err}") from None
+        return cls.from_dict(data)
+
+    def save(self, path: "str | Path") -> None:
+        """Write the map as JSON to ``path``."""
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: "str | Path") -> "DeviceMap":
+        """Read a map saved with ``save``."""
+        return cls.from_json(Path(path).read_text())
+
+    def to_accelerate_device_map(self) -> dict[str, dict[str, "int | str"]]:
+        """Per component, accelerate's ``device_map`` form: module path (relative to the component) -> device.
+
+        ``"gpu"`` maps to the device index (or ``"cpu"`` when the target is the CPU); ``"cpu-pinned"`` and
+        ``"layer-window"`` map to ``"cpu"``, where accelerate would offload them. Nested entries are kept as
+        they are, so the inner, more specific key wins as in ``plan.bind``; accelerate's own checks expect
+        disjoint keys, so pass a component's map to accelerate only where its entries do not nest.
+        """
+        gpu = self.device.split(":")[1] if self.device.startswith("cuda:") else ("0" if self.device == "cuda" else None)
+        out: dict[str, dict[str, int | str]] = {name: {} for name in self.components}
+        for e in self.entries.values():
+            comp = owning_component(e.path, self.components)
+            rel = e.path[len(comp) + 1:] if comp and e.path != comp else ("" if e.path == comp else e.path)
+            out[comp][rel] = int(gpu) if e.placement is Placement.GPU and gpu is not None else "cpu"
+        return out
+
+    def __str__(self) -> str:
+        return format_table(self)
+
+
+def check_window(window: object) -> int:
+    """Return ``window`` if it is an int >= 1, else raise a ValueError that says what to pass."""
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"window must be an int >= 1 (device slots per DiT), got {window!r}")
+    return window
+
+
+def owning_component(path: str, components: dict[str, Role]) -> str:
+    """The component that contains module ``path`` (``""`` is the root component of a lone DiT)."""
+    best = None
+    for name in components:
+        if path == name or not name or path.startswith(name + "."):
+            if best is None or len(name) > len(best):
+                best = name
+    if best is None:
+        raise KeyError(f"device map path {path!r} is in no component; components are {list(components)}")
+    return best
+
+
+def _typed(data: dict, key: str, kind: type):
+    value = data.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"device map field {key!r} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def human_bytes(n: int) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+_NUMBERED = re.compile(r"^(.*\.)(\d+)$")
+
+
+def _rows(dmap: DeviceMap) -> list[tuple[str, str, str, str]]:
+    rows: list[list] = []
+    for e in dmap.entries.values():
+        m = _NUMBERED.match(e.path)
+        last = rows[-1] if rows else None
+        if m and last and last[5] == m.group(1) and last[1] is e.placement and last[3] == e.dtype and last[6] + 1 == int(m.group(2)):
+            last[6] = int(m.group(2))
+            last[2] += e.nbytes
+            last[4] += 1
+            continue
+        rows.append([e.path, e.placement, e.nbytes, e.dtype, 1, m.group(1) if m else None, int(m.group(2)) if m else -1])
+    out = []
+    for path, placement, nbytes, dtype, count, prefix, end in rows:
+        if count > 1:
+            path = f"{path}..{end}"
+            size = f"{count} x {human_bytes(nbytes // count)}"
+        else:
+            size = human_bytes(nbytes)
+        out.append((path, placement.value, size, dtype))
+    return out
+
+
+def format_table(dmap: DeviceMap) -> str:
+    """The map as an aligned text table, consecutive numbered blocks collapsed, with totals."""
+    rows = [("module", "placement", "bytes", "dtype"), *_rows(dmap)]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [f"DeviceMap -> {dmap.device} (strategy {dmap.strategy}, window {dmap.window})"]
+    lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    totals = dmap.bytes_by_placement()
+    lines.append("  totals: " + " | ".join(f"{p.value} {human_bytes(totals[p])}" for p in Placement))
+    return "\n".join(lines)

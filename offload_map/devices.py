@@ -1,0 +1,38 @@
+"""Choosing and checking the target device."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def resolve_device(device: "str | int | torch.device | None") -> torch.device:
+    """The target device for ``device``; ``None`` picks this rank's GPU (``LOCAL_RANK``) or the CPU.
+
+    Raises:
+        ValueError: the device string is malformed, names a kind other than ``cuda``/``cpu``, asks for CUDA
+            where there is none, or names a GPU index that does not exist.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    if device is None:
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a device: {err}. Pass e.g. 'cuda:0' or 'cpu'") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise ValueError(f"device {device!r}: offload_map targets 'cuda' or 'cpu', not {dev.type!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine; pass device='cpu' to run the same plan on the CPU")
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) exist (indices 0..{torch.cuda.device_count() - 1})")
+    return torch.device("cuda", index)

@@ -1,0 +1,152 @@
+"""``dispatch_pipeline``: compile, bind and run a pipeline under a device map, and undo it."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from .compiler import check_strategy, compile_device_map, with_sizes
+from .device_map import DeviceMap, check_window
+from .devices import resolve_device
+from .module_collector import ModuleDiscovery
+from .plan import bind
+from .report import Report
+from .runtime import Runtime
+
+logger = logging.getLogger("offload_map")
+
+_HANDLE_ATTR = "_offload_map_handle"
+
+
+class OffloadHandle:
+    """A dispatched pipeline: its device map, a report, and the way back.
+
+    Attributes:
+        device_map: the ``DeviceMap`` in force.
+        pipeline: the dispatched pipeline.
+    """
+
+    def __init__(self, pipeline: object, device_map: DeviceMap, runtime: Runtime, setup_seconds: float) -> None:
+        self.pipeline = pipeline
+        self.device_map = device_map
+        self._runtime = runtime
+        self._report = Report.start(device_map, runtime.slot_bytes, setup_seconds, runtime.stats)
+        self._removed = False
+        if runtime.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(runtime.device)
+
+    def report(self) -> Report:
+        """Placement totals, transfers since dispatch, and peak device memory allocated since dispatch."""
+        if self._runtime.device.type == "cuda" and not self._removed:
+            self._report.peak_device_bytes = torch.cuda.max_memory_allocated(self._runtime.device)
+        return self._report
+
+    def _finish(self, undo) -> None:
+        if self._removed:
+            raise RuntimeError("this dispatch was already removed; the pipeline is back as it was")
+        undo()
+        self._removed = True
+        self.pipeline.__dict__.pop(_HANDLE_ATTR, None)
+
+    def remove(self) -> None:
+        """Put the pipeline back as it was: hooks gone, every tensor on its original device, bit-identical.
+
+        Raises:
+            RuntimeError: called a second time.
+        """
+        self._finish(self._runtime.restore)
+
+    def detach(self) -> None:
+        """Remove the hooks only; modules stay where they are (pinned and streamed weights on the host)."""
+        self._finish(self._runtime.detach)
+
+    def __repr__(self) -> str:
+        state = "removed" if self._removed else "active"
+        return f"<OffloadHandle {self.device_map.strategy} -> {self.device_map.device} ({state})>"
+
+
+def dispatch_pipeline(
+    pipeline: object,
+    strategy: str = "model",
+    device: "str | torch.device | None" = None,
+    *,
+    window: int = 2,
+    device_map: DeviceMap | None = None,
+    pin_memory: bool = True,
+    blocking: bool = False,
+    progress: bool | None = None,
+) -> OffloadHandle:
+    """Place ``pipeline``'s modules by strategy (or by an explicit device map) and hook them to run there.
+
+    Args:
+        pipeline: a diffusers ``DiffusionPipeline``, any object holding ``nn.Module``s, or an ``nn.Module``
+            (a lone DiT is fine).
+        strategy: ``"none"`` (all resident), ``"model"`` (components take turns on the device) or
+            ``"layerwise"`` (DiT blocks streamed through ``window`` device slots; encoders take turns).
+            Ignored when ``device_map`` is given.
+        device: target device; ``None`` picks this rank's GPU (``LOCAL_RANK``), or the CPU without one.
+            On the CPU the same code runs with synchronous copies.
+        window: device slots per streamed DiT, an int >= 1 (default 2: one computing, one loading).
+        device_map: a map from ``compile_device_map`` (possibly edited, or loaded from JSON) to use instead.
+        pin_memory: keep host copies in page-locked memory (fast, asynchronous copies). CUDA only.
+        blocking: make component copies synchronous (for HSDP, where collectives read the weights at once).
+        progress: show a progress bar while packing host weights (default: when it takes over a second).
+
+    Returns:
+        An ``OffloadHandle``; ``handle.remove()`` restores the pipeline.
+
+    Raises:
+        ValueError: unknown strategy, bad window or device, a device map that does not fit the pipeline.
+        RuntimeError: the pipeline is already dispatched, or another offloader's hooks are on it.
+
+    Example:
+        >>> from offload_map import dispatch_pipeline
+        >>> from offload_map.demo import make_tiny_pipeline
+        >>> pipe = make_tiny_pipeline()
+        >>> handle = dispatch_pipeline(pipe, strategy="layerwise", device="cpu", window=2)
+        >>> image = pipe("a cat", steps=2)
+        >>> handle.remove()
+    """
+    start = time.perf_counter()
+    if device_map is None:
+        check_strategy(strategy)
+        check_window(window)
+    resolve_device(device if device_map is None else device_map.device)
+    _check_not_managed(pipeline)
+    if device_map is None:
+        device_map = compile_device_map(pipeline, strategy, device, window)
+    else:
+        device_map = with_sizes(DeviceMap.from_dict(device_map.to_dict()), pipeline)
+    plan = bind(device_map, pipeline)
+    runtime = Runtime(plan, pin_memory=pin_memory, blocking=blocking, progress=progress)
+    handle = OffloadHandle(pipeline, device_map, runtime, time.perf_counter() - start)
+    pipeline.__dict__[_HANDLE_ATTR] = handle
+    logger.info("dispatched %s: %s", type(pipeline).__name__, device_map.strategy)
+    return handle
+
+
+def _check_not_managed(pipeline: object) -> None:
+    existing = getattr(pipeline, _HANDLE_ATTR, None)
+    if existing is not None:
+        raise RuntimeError(
+            f"this {type(pipeline).__name__} is already dispatched ({existing!r}); call remove() on the handle "
+            f"dispatch_pipeline returned (also at pipe.{_HANDLE_ATTR}) before dispatching again"
+        )
+    for comp in ModuleDiscovery.discover(pipeline).components.values():
+        for path, module in comp.module.named_modules():
+            where = f"{comp.name}.{path}".strip(".") or type(pipeline).__name__
+            if hasattr(module, "_hf_hook"):
+                raise RuntimeError(
+                    f"{where} already carries an accelerate hook ({type(module._hf_hook).__name__}), e.g. from "
+                    "enable_model_cpu_offload/enable_sequential_cpu_offload or cpu_offload; remove it first "
+                    "(pipe.remove_all_hooks() or accelerate.hooks.remove_hook_from_module(m, recurse=True))"
+                )
+            registry = getattr(module, "_diffusers_hook", None)
+            names = [n for n in getattr(registry, "hooks", {}) if "offload" in n]
+            if names:
+                raise RuntimeError(
+                    f"{where} is managed by diffusers' {names[0]} hook (enable_group_offload?); remove it first "
+                    "(e.g. rebuild the pipeline, or remove the hooks from the module's _diffusers_hook registry)"
+                )
+

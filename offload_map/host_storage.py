@@ -1,0 +1,149 @@
+"""Host storage: a unit's tensors packed into one flat, optionally pinned, host buffer.
+
+``PackedTensors`` owns one flat ``uint8`` host buffer per unit (a streamed block or a pinned component).
+Each tensor gets an aligned region holding its exact memory layout (strides kept, dtypes mixed), and the
+module's tensors are rebound to views of that region, so the weights exist once on the host: the
+original storage is freed as soon as nothing else refers to it.
+
+Ownership: ``PackedTensors`` allocates the buffer and, on CUDA, page-locks it with ``cudaHostRegister``
+(exact size: torch's pinned allocator rounds each allocation up to a power of two). The registration is
+released by a finalizer when the ``PackedTensors`` goes away, or by ``release()``; the memory itself lives
+as long as any view does. Copies out of the buffer are issued by the slot ring or the pinned swapper on
+their streams; this file issues none.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from .plan import TensorRef
+
+logger = logging.getLogger("offload_map")
+
+# Tensor regions start on the caching allocator's own alignment, so kernels see the same alignment for
+# a view into a slot as for a resident tensor (and choose the same code paths: outputs stay bit-exact).
+ALIGN = 512
+
+
+@dataclass(frozen=True)
+class Region:
+    """Where one tensor lives inside a flat buffer."""
+
+    offset: int
+    span: int  # bytes from the first to one past the last element, strides included
+    shape: torch.Size
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+    def view(self, flat: torch.Tensor) -> torch.Tensor:
+        raw = flat[self.offset:self.offset + self.span].view(self.dtype)
+        return raw.as_strided(self.shape, self.stride)
+
+
+def _span_elements(t: torch.Tensor) -> int:
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+
+
+def layout(tensors: list[torch.Tensor]) -> tuple[list[Region], int]:
+    """Aligned regions for ``tensors`` in one flat buffer, and the buffer's size in bytes."""
+    regions, offset = [], 0
+    for t in tensors:
+        span = _span_elements(t) * t.element_size()
+        regions.append(Region(offset, span, t.shape, tuple(t.stride()), t.dtype))
+        offset += -(-span // ALIGN) * ALIGN
+    return regions, offset
+
+
+def _register(buffer: torch.Tensor) -> bool:
+    cudart = torch.cuda.cudart()
+    err = cudart.cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
+    if int(err) != 0:
+        logger.warning("cudaHostRegister of %d bytes failed (error %s); using torch's pinned allocator", buffer.numel(), int(err))
+        return False
+    return True
+
+
+def _unregister(ptr: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
+class PackedTensors:
+    """The tensors of one unit, packed into one flat host buffer that the module's tensors view.
+
+    Args:
+        refs: the tensor slots to pack, in a fixed order.
+        pin: page-lock the buffer for asynchronous host-to-device copies (CUDA only).
+
+    Example:
+        >>> from torch import nn
+        >>> from offload_map.plan import TensorRef
+        >>> lin = nn.Linear(3, 2)
+        >>> before = lin.weight.detach().clone()
+        >>> packed = PackedTensors([TensorRef(lin, "weight", True, "weight"), TensorRef(lin, "bias", True, "bias")], pin=False)
+        >>> torch.equal(lin.weight, before), packed.flat.numel()
+        (True, 1024)
+    """
+
+    def __init__(self, refs: list[TensorRef], pin: bool) -> None:
+        self.refs = refs
+        self.original_devices = [r.tensor.device for r in refs]
+        tensors = [r.tensor.detach() for r in refs]
+        self.regions, self.nbytes = layout(tensors)
+        self.flat = torch.empty(self.nbytes, dtype=torch.uint8)
+        for region, t in zip(self.regions, tensors):
+            region.view(self.flat).copy_(t)
+        del tensors
+        self.pinned = False
+        if pin and torch.cuda.is_available() and self.nbytes:
+            if _register(self.flat):
+                self.pinned = True
+                self._finalizer = weakref.finalize(self, _unregister, self.flat.data_ptr())
+            else:
+                self.flat = self.flat.pin_memory()
+                self.pinned = True
+        self.host_views = self.views(self.flat)
+        self.bind_host()
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of ``flat`` (a buffer of at least ``nbytes``) laid out like the host buffer."""
+        return [region.view(flat) for region in self.regions]
+
+    def bind(self, views: list[torch.Tensor]) -> None:
+        """Point the module's tensors at ``views`` (from ``views()``)."""
+        for ref, view in zip(self.refs, views):
+            ref.bind(view)
+
+    def bind_host(self) -> None:
+        """Point the module's tensors back at the host buffer (drops any device copy they referred to)."""
+        self.bind(self.host_views)
+
+    def restore(self) -> None:
+        """Give every tensor its own storage on its original device again and let go of the buffer."""
+        for ref, view, device in zip(self.refs, self.host_views, self.original_devices):
+            fresh = torch.empty_strided(view.shape, view.stride(), dtype=view.dtype, device=device)
+            fresh.copy_(view)
+            ref.bind(fresh)
+        self.release()
+
+    def release(self) -> None:
+        """Unregister the page lock now rather than at garbage collection. Safe to call twice."""
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()
+        self.host_views = []
+        self.flat = torch.empty(0, dtype=torch.uint8)
+
+
+def trim_host_heap() -> None:
+    """Return freed heap pages to the OS (glibc keeps small freed tensors' pages, inflating RSS)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -1,0 +1,50 @@
+"""The vocabulary of a device map: where a module lives, and what part it plays in a pipeline."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Placement(str, Enum):
+    """Where a module's weights live while the pipeline runs.
+
+    - ``GPU`` (``"gpu"``): resident on the target device for the whole run.
+    - ``CPU_PINNED`` (``"cpu-pinned"``): lives in pinned host memory; the whole module is copied to the
+      device just before it runs and dropped from it when a module it excludes runs.
+    - ``LAYER_WINDOW`` (``"layer-window"``): one block of a DiT's block list, streamed through a small
+      ring of device slots while the neighbouring blocks compute.
+    """
+
+    GPU = "gpu"
+    CPU_PINNED = "cpu-pinned"
+    LAYER_WINDOW = "layer-window"
+
+    @classmethod
+    def parse(cls, value: "str | Placement", where: str) -> "Placement":
+        """Return the placement named by ``value``; ``where`` names the entry for the error message."""
+        try:
+            return cls(value)
+        except ValueError:
+            valid = ", ".join(repr(p.value) for p in cls)
+            raise ValueError(f"{where}: unknown placement {value!r}; expected one of {valid}") from None
+
+
+class Role(str, Enum):
+    """What a pipeline component does; decides which components may share the device."""
+
+    DIT = "dit"
+    ENCODER = "encoder"
+    VAE = "vae"
+    OTHER = "other"
+
+    def excludes(self, other: "Role") -> bool:
+        """Whether a pinned component of this role must leave the device before one of ``other`` runs.
+
+        Encoders run together (CLIP then T5) and so do VAEs; every DiT runs alone, so Wan2.2's two
+        experts exclude each other. Components of role ``OTHER`` never evict and are never evicted.
+        """
+        if Role.OTHER in (self, other):
+            return False
+        if self is Role.DIT:
+            return True
+        return self is not other

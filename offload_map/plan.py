@@ -1,0 +1,205 @@
+"""Binding a device map to a pipeline: resolve paths, check every rule, and list what moves where.
+
+``bind(dmap, pipeline)`` is the last step before the runtime and the only place that decides which tensor
+belongs to which entry. It reads module structure and tensor metadata only: it never copies data or
+touches a device, so every user error is raised before anything moves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .blocks import get_blocks
+from .device_map import DeviceMap, owning_component
+from .module_collector import ModuleDiscovery
+from .placement import Placement, Role
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A parameter or buffer slot of a module (rebinding its ``.data`` is how weights move)."""
+
+    module: nn.Module
+    name: str
+    is_param: bool
+    qualname: str
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return (self.module._parameters if self.is_param else self.module._buffers)[self.name]
+
+    def bind(self, data: torch.Tensor) -> None:
+        """Point the slot at ``data``; parameters keep their identity (optimizers and LoRA keep working)."""
+        if self.is_param:
+            self.module._parameters[self.name].data = data
+        else:
+            self.module._buffers[self.name] = data
+
+
+@dataclass
+class Unit:
+    """The tensors of one device map entry, moved together."""
+
+    path: str
+    placement: Placement
+    module: nn.Module
+    tensors: list[TensorRef]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.tensor.numel() * t.tensor.element_size() for t in self.tensors)
+
+
+@dataclass
+class Ring:
+    """A DiT's streamed blocks (declaration order) sharing ``window`` device slots."""
+
+    component: str
+    blocks: list[Unit]
+    window: int
+
+
+@dataclass
+class ComponentPlan:
+    name: str
+    module: nn.Module
+    role: Role
+    placement: Placement
+
+
+@dataclass
+class ExecutionPlan:
+    """Everything the runtime needs, resolved to modules and tensors."""
+
+    device: torch.device
+    window: int
+    components: list[ComponentPlan]
+    resident: list[Unit] = field(default_factory=list)
+    pinned: list[Unit] = field(default_factory=list)
+    rings: list[Ring] = field(default_factory=list)
+    units: dict[str, Unit] = field(default_factory=dict)
+
+    def component_of(self, path: str) -> ComponentPlan:
+        names = {c.name: c.role for c in self.components}
+        name = owning_component(path, names)
+        return next(c for c in self.components if c.name == name)
+
+
+def bind(dmap: DeviceMap, pipeline: object) -> ExecutionPlan:
+    """Check ``dmap`` against ``pipeline`` and resolve it into an ``ExecutionPlan``.
+
+    Raises:
+        ValueError: an entry names no module of the pipeline, a tensor is covered by no entry, a placement is
+            not allowed where it stands (``"layer-window"`` off a DiT block, ``"cpu-pinned"`` below a
+            component, entries nested inside a pinned component or a streamed block), a streamed block holds
+            no tensor, or recorded bytes differ from the pipeline's (the map was made for another model).
+    """
+    found = ModuleDiscovery.discover(pipeline)
+    comps = {c.name: c for c in found.components.values()}
+    unknown = sorted(set(dmap.components) ^ set(comps))
+    if unknown:
+        raise ValueError(
+            f"device map components {sorted(dmap.components)} do not match the pipeline's {sorted(comps)} "
+            f"(differ in {unknown}); compile a new map with compile_device_map(pipe)"
+        )
+    modules = {path: _resolve(path, comps, dmap) for path in dmap.entries}
+    units = {path: Unit(path, e.placement, modules[path], []) for path, e in dmap.entries.items()}
+    _assign_tensors(found, dmap, units)
+    plan = ExecutionPlan(torch.device(dmap.device), dmap.window, [], units=units)
+    for name, comp in comps.items():
+        root = dmap.entries.get(name)
+        if root is None:
+            raise ValueError(f"component {name or '<root>'!r} has no entry of its own; add one (e.g. {name!r}: 'gpu')")
+        plan.components.append(ComponentPlan(name, comp.module, dmap.components[name], root.placement))
+    streamed = _check_rules(dmap, comps, units)
+    for path, unit in units.items():
+        if unit.placement is Placement.GPU:
+            plan.resident.append(unit)
+        elif unit.placement is Placement.CPU_PINNED:
+            plan.pinned.append(unit)
+    for comp_name, block_paths in streamed.items():
+        plan.rings.append(Ring(comp_name, [units[p] for p in block_paths], min(dmap.window, len(block_paths))))
+    return plan
+
+
+def _resolve(path: str, comps: dict, dmap: DeviceMap) -> nn.Module:
+    comp = owning_component(path, dmap.components)
+    rel = path[len(comp):].lstrip(".") if comp else path
+    try:
+        return comps[comp].module.get_submodule(rel) if rel else comps[comp].module
+    except AttributeError:
+        raise ValueError(f"device map entry {path!r} names no module of the pipeline (component {comp!r} has no {rel!r})") from None
+
+
+def _assign_tensors(found, dmap: DeviceMap, units: dict[str, Unit]) -> None:
+    seen: set[int] = set()
+    uncovered = []
+    for comp in found.components.values():
+        for mod_path, module in comp.module.named_modules(remove_duplicate=False):
+            base = f"{comp.name}.{mod_path}".strip(".")
+            for is_param, table in ((True, module._parameters), (False, module._buffers)):
+                for name, tensor in table.items():
+                    if tensor is None or id(tensor) in seen:
+                        continue
+                    seen.add(id(tensor))
+                    qual = f"{base}.{name}".lstrip(".")
+                    owner = _longest_prefix(base, units)
+                    if owner is None:
+                        uncovered.append(qual)
+                    else:
+                        units[owner].tensors.append(TensorRef(module, name, is_param, qual))
+    if uncovered:
+        raise ValueError(
+            f"{len(uncovered)} tensors are covered by no device map entry, e.g. {uncovered[:3]}; "
+            "add an entry for their component (or one of its modules)"
+        )
+    for path, unit in units.items():
+        recorded = dmap.entries[path].nbytes
+        if recorded and recorded != unit.nbytes:
+            raise ValueError(
+                f"device map entry {path!r} records {recorded} bytes but the pipeline's module holds {unit.nbytes}; "
+                "the map was made for another model: compile a new one"
+            )
+
+
+def _longest_prefix(path: str, units: dict) -> str | None:
+    while True:
+        if path in units:
+            return path
+        if not path:
+            return None
+        path = path.rpartition(".")[0]
+
+
+def _check_rules(dmap: DeviceMap, comps: dict, units: dict[str, Unit]) -> dict[str, list[str]]:
+    block_paths: dict[str, list[str]] = {}
+    for name, comp in comps.items():
+        if dmap.components[name] is Role.DIT and any(u.placement is Placement.LAYER_WINDOW for p, u in units.items() if owning_component(p, dmap.components) == name):
+            block_paths[name] = [f"{name}.{p}".lstrip(".") for p, _ in get_blocks(comp.module)]
+    streamed: dict[str, list[str]] = {}
+    for path, unit in units.items():
+        comp = owning_component(path, dmap.components)
+        inner = [p for p in units if p != path and (not path or p.startswith(path + "."))]
+        if unit.placement is Placement.CPU_PINNED:
+            if path != comp:
+                raise ValueError(f"device map entry {path!r}: 'cpu-pinned' applies to whole components ({comp!r}), not to a module inside one")
+            if inner:
+                raise ValueError(f"device map entry {inner[0]!r} is inside the 'cpu-pinned' component {path!r}, which moves as a whole; remove the inner entry")
+        elif unit.placement is Placement.LAYER_WINDOW:
+            if path not in block_paths.get(comp, ()):
+                raise ValueError(
+                    f"device map entry {path!r}: 'layer-window' applies only to blocks of a DiT's block lists; "
+                    f"{comp!r} blocks are {block_paths.get(comp, [])[:3]}..."
+                )
+            if inner:
+                raise ValueError(f"device map entry {inner[0]!r} is inside the streamed block {path!r}, which moves as a whole; remove it")
+            if not unit.tensors:
+                raise ValueError(f"block {path!r} holds no parameters or buffers, so it cannot be streamed; place it 'gpu'")
+            if dmap.entries[comp].placement is not Placement.GPU:
+                raise ValueError(f"{path!r} is streamed, so the rest of its DiT {comp!r} must be 'gpu', not {dmap.entries[comp].placement.value!r}")
+    for comp, paths in block_paths.items():
+        streamed[comp] = [p for p in paths if p in units and units[p].placement is Placement.LAYER_WINDOW]
+    return streamed

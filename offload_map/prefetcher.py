@@ -1,0 +1,124 @@
+"""The prefetcher: which block to copy into which slot next, so the copy stream never idles.
+
+State (one ``Prefetcher`` per ``SlotRing``):
+
+- ``order``: the blocks in execution order for one forward of the DiT. Declaration order at first; the
+  first forward's actual sequence replaces it (Flux runs double then single blocks; some models skip or
+  repeat blocks).
+- ``cursor``: the position in ``order`` of the next block expected to run. It wraps, so while the last
+  blocks of a step compute, the first blocks of the next step are already being copied.
+- ``queue``: loads already issued for the next positions, ``(position, slot)`` in order.
+- ``idle``: slots that no queued or running block needs, least recently released first.
+
+A block that runs out of order (only possible after the first forward if the model changes its path) is
+loaded on demand with one warning; the result is still right, only slower. A forward that ends early
+(an exception inside a block, or a skipped tail) is detected when the next forward starts, and the ring
+is reset to the start of the order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+from .slot_ring import Slot, SlotRing
+
+logger = logging.getLogger("offload_map")
+
+
+class Prefetcher:
+    """Drives a ``SlotRing`` from block enter/exit and forward begin/end events (see module docstring)."""
+
+    def __init__(self, ring: SlotRing) -> None:
+        self.ring = ring
+        self.order = list(range(len(ring.blocks)))
+        self.learning = True
+        self.recorded: list[int] = []
+        self.cursor = 0
+        self.queue: deque[tuple[int, Slot]] = deque()
+        self.idle: deque[Slot] = deque(ring.slots)
+        self.running: Slot | None = None
+        self.warned = False
+
+    def begin_forward(self) -> None:
+        """Called before each forward of the DiT."""
+        if self.running is not None:  # the last forward raised inside a block
+            self._release_running()
+        if self.cursor != 0:
+            self._reset()
+        self.recorded = []
+        self._fill()
+
+    def end_forward(self) -> None:
+        """Called after each forward of the DiT; the first one teaches the order."""
+        if self.learning and self.recorded:
+            self.learning = False
+            if self.recorded != self.order:
+                logger.debug("%s: learned block order %s", self.ring.name, self.recorded)
+                self.order = self.recorded
+                self._reset()
+            self._fill()
+
+    def enter(self, block: int) -> Slot:
+        """The block is about to run: return its slot, with the compute stream ordered after its copy."""
+        if self.learning:
+            self.recorded.append(block)
+        if self.queue and self.order[self.queue[0][0]] == block:
+            position, slot = self.queue.popleft()
+            self.cursor = (position + 1) % len(self.order)
+        else:
+            slot = self._on_demand(block)
+        self.running = slot
+        self.ring.before_compute(slot)
+        return slot
+
+    def exit(self) -> None:
+        """The block has been enqueued to run; free its slot for the next copy."""
+        if self.running is not None:
+            self._release_running()
+        self._fill()
+
+    def _release_running(self) -> None:
+        self.ring.after_compute(self.running)
+        self.idle.append(self.running)
+        self.running = None
+
+    def _reset(self) -> None:
+        self.cursor = 0
+        while self.queue:
+            self.idle.append(self.queue.popleft()[1])
+
+    def _on_demand(self, block: int) -> Slot:
+        if not self.learning and not self.warned:
+            self.warned = True
+            logger.warning(
+                "%s: block %s ran out of the learned order; loading it on demand (correct but slower). "
+                "This warning is shown once.", self.ring.name, self.ring.paths[block],
+            )
+        self._reset()
+        slot = self._take_slot(block)
+        if slot.block != block:
+            self.ring.load(slot, block, on_demand=True)
+        if block in self.order:
+            self.cursor = (self.order.index(block) + 1) % len(self.order)
+        return slot
+
+    def _take_slot(self, block: int) -> Slot:
+        for slot in self.idle:
+            if slot.block == block:
+                self.idle.remove(slot)
+                return slot
+        return self.idle.popleft()
+
+    def _fill(self) -> None:
+        while self.idle:
+            position = (self.cursor + len(self.queue)) % len(self.order)
+            block = self.order[position]
+            if any(slot.block == block for _, slot in self.queue) or (self.running and self.running.block == block):
+                return  # a block can sit in one slot only: wait until its earlier use is done
+            if len(self.queue) >= len(self.order):
+                return
+            slot = self._take_slot(block)
+            if slot.block != block:
+                self.ring.load(slot, block)
+            self.queue.append((position, slot))

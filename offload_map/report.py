@@ -1,0 +1,64 @@
+"""Counters the runtime keeps, and the report a dispatch handle prints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .device_map import DeviceMap, human_bytes
+from .placement import Placement
+
+
+@dataclass
+class TransferStats:
+    """Host-to-device traffic since dispatch. Updated by the slot rings and the pinned swapper."""
+
+    bytes_h2d: int = 0
+    block_loads: int = 0
+    on_demand_loads: int = 0
+    component_loads: int = 0
+    component_evictions: int = 0
+
+    def add_block(self, nbytes: int, on_demand: bool) -> None:
+        self.bytes_h2d += nbytes
+        self.block_loads += 1
+        self.on_demand_loads += on_demand
+
+    def add_component(self, nbytes: int) -> None:
+        self.bytes_h2d += nbytes
+        self.component_loads += 1
+
+
+@dataclass
+class Report:
+    """What a dispatch placed where, what it moved, and the device memory it saw.
+
+    ``peak_device_bytes`` is the allocator's peak since dispatch on a CUDA target (None on the CPU);
+    ``slot_bytes`` is the device memory held by the slot rings; ``setup_seconds`` the time dispatch took.
+    """
+
+    device: str
+    strategy: str
+    bytes_by_placement: dict[Placement, int]
+    slot_bytes: int
+    setup_seconds: float
+    stats: TransferStats = field(default_factory=TransferStats)
+    peak_device_bytes: int | None = None
+
+    @classmethod
+    def start(cls, dmap: DeviceMap, slot_bytes: int, setup_seconds: float, stats: TransferStats) -> "Report":
+        return cls(dmap.device, dmap.strategy, dmap.bytes_by_placement(), slot_bytes, setup_seconds, stats)
+
+    def __str__(self) -> str:
+        placed = ", ".join(f"{p.value} {human_bytes(n)}" for p, n in self.bytes_by_placement.items())
+        s = self.stats
+        lines = [
+            f"offload_map report ({self.strategy} -> {self.device})",
+            f"  placed:    {placed}",
+            f"  slots:     {human_bytes(self.slot_bytes)} of device memory for streamed blocks",
+            f"  setup:     {self.setup_seconds:.2f} s",
+            f"  moved:     {human_bytes(s.bytes_h2d)} host->device in {s.block_loads} block loads "
+            f"({s.on_demand_loads} on demand) and {s.component_loads} component loads; {s.component_evictions} evictions",
+        ]
+        if self.peak_device_bytes is not None:
+            lines.append(f"  peak:      {human_bytes(self.peak_device_bytes)} device memory allocated since dispatch")
+        return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""The runtime: carries out an ``ExecutionPlan`` and undoes it.
+
+Build order (each step undone by ``restore`` if a later one fails): pack the host storage of pinned
+components and streamed blocks, allocate the slot rings, move the resident tensors to the device, attach
+the hooks. The runtime decides no policy: placements, window and exclusions all come from the plan.
+
+Ownership: the ``Runtime`` owns the ordering (copy stream), every ``PackedTensors`` (host buffers), every
+``SlotRing`` (device slots and their events) and every ``PinnedComponent`` (device copies of pinned
+components). ``restore`` frees them all; ``detach`` only removes the hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from tqdm.auto import tqdm
+
+from .device_map import human_bytes
+from .hooks import BlockHook, ComponentHook, attach, detach
+from .host_storage import PackedTensors, trim_host_heap
+from .placement import Placement
+from .plan import ExecutionPlan, TensorRef
+from .prefetcher import Prefetcher
+from .report import TransferStats
+from .slot_ring import SlotRing
+from .streams import ordering_for
+from .swapper import PinnedComponent, Swapper
+
+logger = logging.getLogger("offload_map")
+
+
+class Runtime:
+    """The live state of one dispatch (see the module docstring)."""
+
+    def __init__(self, plan: ExecutionPlan, pin_memory: bool = True, blocking: bool = False, progress: bool | None = None) -> None:
+        self.plan = plan
+        self.device = plan.device
+        self.pin = pin_memory and self.device.type == "cuda"
+        self.blocking = blocking
+        self.stats = TransferStats()
+        self.packed: list[PackedTensors] = []
+        self.moved: list[tuple[TensorRef, torch.device]] = []
+        self.rings: list[SlotRing] = []
+        self.prefetchers: dict[str, Prefetcher] = {}
+        self.pinned: dict[str, PinnedComponent] = {}
+        self.hooked: list[torch.nn.Module] = []
+        self.ordering = None
+        try:
+            self._build(progress)
+        except BaseException:
+            self.restore()
+            raise
+
+    @property
+    def slot_bytes(self) -> int:
+        return sum(r.device_bytes for r in self.rings)
+
+    def _build(self, progress: bool | None) -> None:
+        plan = self.plan
+        self.ordering = ordering_for(self.device)
+        host_units = plan.pinned + [u for ring in plan.rings for u in ring.blocks]
+        total = sum(u.nbytes for u in host_units)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="offload_map: packing host weights", delay=1.0, disable=progress is False or not total)
+        with bar:
+            packed = {}
+            for unit in host_units:
+                packed[unit.path] = PackedTensors(unit.tensors, self.pin)
+                self.packed.append(packed[unit.path])
+                bar.update(unit.nbytes)
+        trim_host_heap()
+        roles = {c.name: c.role for c in plan.components}
+        for unit in plan.pinned:
+            name = plan.component_of(unit.path).name
+            self.pinned[name] = PinnedComponent(name, roles[name], packed[unit.path], self.device, self.blocking, self.stats)
+        for ring in plan.rings:
+            self._step(f"allocating {ring.window} slots for {ring.component!r}", self._add_ring, ring, packed)
+        self._step("moving resident modules", self._move_resident)
+        self.swapper = Swapper(roles, self.pinned)
+        for comp in plan.components:
+            prefetchers = [self.prefetchers[comp.name]] if comp.name in self.prefetchers else []
+            self._attach(comp.module, ComponentHook(comp.name, self.device, self.swapper, prefetchers))
+        for ring, prefetcher in zip(plan.rings, self.prefetchers.values()):
+            for index, unit in enumerate(ring.blocks):
+                self._attach(unit.module, BlockHook(prefetcher, index, unit.path))
+
+    def _step(self, what: str, fn, *args) -> None:
+        try:
+            fn(*args)
+        except torch.OutOfMemoryError as err:
+            need = sum(u.nbytes for u in self.plan.resident) + sum(min(r.window, len(r.blocks)) * max(u.nbytes for u in r.blocks) for r in self.plan.rings)
+            raise torch.OutOfMemoryError(
+                f"out of device memory on {self.device} while {what}: this device map needs about "
+                f"{human_bytes(need)} for resident weights and slots, plus activations. Give the device more "
+                f"free memory, use a smaller window, or place more modules 'cpu-pinned'/'layer-window'. ({err})"
+            ) from None
+
+    def _add_ring(self, ring, packed) -> None:
+        storages = [packed[u.path] for u in ring.blocks]
+        slot_ring = SlotRing(ring.component, storages, [u.path for u in ring.blocks], ring.window, self.ordering, self.stats)
+        self.rings.append(slot_ring)
+        self.prefetchers[ring.component] = Prefetcher(slot_ring)
+
+    def _move_resident(self) -> None:
+        for unit in self.plan.resident:
+            for ref in unit.tensors:
+                tensor = ref.tensor
+                if tensor.device != self.device:
+                    self.moved.append((ref, tensor.device))
+                    ref.bind(tensor.detach().to(self.device))
+
+    def _attach(self, module, hook) -> None:
+        attach(module, hook)
+        self.hooked.append(module)
+
+    def detach(self) -> None:
+        """Remove every hook; weights stay where they are (streamed blocks on the host)."""
+        while self.hooked:
+            detach(self.hooked.pop())
+        for ring in self.rings:
+            ring.unbind()
+
+    def restore(self) -> None:
+        """Remove the hooks and put every tensor back on its original device, bit for bit; free everything."""
+        self.detach()
+        for component in self.pinned.values():
+            component.evict()
+        while self.packed:
+            self.packed.pop().restore()
+        while self.moved:
+            ref, device = self.moved.pop()
+            ref.bind(ref.tensor.detach().to(device))
+        self.rings.clear()
+        self.prefetchers.clear()
+        self.pinned.clear()
+        self.ordering = None
+        trim_host_heap()

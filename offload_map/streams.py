@@ -1,0 +1,76 @@
+"""The ordering primitives the runtime uses: a copy stream and events, or their synchronous CPU stand-ins.
+
+``CudaOrdering`` owns the one dedicated copy stream of a dispatched pipeline. Host-to-device copies are
+issued on it; the compute stream is whatever stream is current when a module runs. Work is ordered across
+the two with events only (``record`` / ``wait_event``): nothing here blocks the host.
+
+``SyncOrdering`` runs the same runtime code on the CPU: copies happen at once and events are no-ops, so
+CI exercises the slot ring's bookkeeping (a wrong slot shows up as wrong numbers) without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+class CudaOrdering:
+    """The copy stream (owned here, created once per dispatch) and event helpers for ``device``."""
+
+    asynchronous = True
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        # Orders every host-to-device weight copy of this dispatch, one after another, so the link stays busy.
+        self.copy_stream = torch.cuda.Stream(device)
+
+    def event(self) -> torch.cuda.Event:
+        return torch.cuda.Event()
+
+    def on_copy_stream(self):
+        return torch.cuda.stream(self.copy_stream)
+
+    def record_copy(self, event: torch.cuda.Event) -> None:
+        event.record(self.copy_stream)
+
+    def record_compute(self, event: torch.cuda.Event) -> None:
+        event.record(torch.cuda.current_stream(self.device))
+
+    def copy_waits(self, event: torch.cuda.Event) -> None:
+        self.copy_stream.wait_event(event)
+
+    def compute_waits(self, event: torch.cuda.Event) -> None:
+        torch.cuda.current_stream(self.device).wait_event(event)
+
+
+class SyncOrdering:
+    """Synchronous stand-in for ``CudaOrdering`` (CPU target): same calls, nothing to order."""
+
+    asynchronous = False
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def event(self) -> None:
+        return None
+
+    def on_copy_stream(self):
+        return contextlib.nullcontext()
+
+    def record_copy(self, event: None) -> None:
+        pass
+
+    def record_compute(self, event: None) -> None:
+        pass
+
+    def copy_waits(self, event: None) -> None:
+        pass
+
+    def compute_waits(self, event: None) -> None:
+        pass
+
+
+def ordering_for(device: torch.device) -> "CudaOrdering | SyncOrdering":
+    """The ordering for a target device: streams and events on CUDA, synchronous elsewhere."""
+    return CudaOrdering(device) if device.type == "cuda" else SyncOrdering(device)
