@@ -232,11 +232,19 @@ def setup_resident(model, ctx: Ctx):
     return lambda: model.to("cpu")
 
 
+class TransformerHolder:
+    """A pipeline-like object whose one component is ``transformer`` (for ``--layerwise-via pipeline``)."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        self.transformer = transformer
+
+
 def make_layerwise(window: int):
     def setup_layerwise(model, ctx: Ctx):
         import offload_map
 
-        handle = offload_map.dispatch_pipeline(model, strategy="layerwise", device=ctx.device, window=window)
+        target = model if ctx.args.layerwise_via == "model" else TransformerHolder(model)
+        handle = offload_map.dispatch_pipeline(target, strategy="layerwise", device=ctx.device, window=window)
         return handle.remove
 
     return setup_layerwise
@@ -594,6 +602,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grad-mode", choices=("inference", "no_grad"), default="inference")
     p.add_argument("--retry-no-grad", action=argparse.BooleanOptionalAction, default=True,
                    help="rerun a strategy under no_grad when its forward fails under inference_mode")
+    p.add_argument("--layerwise-via", choices=("model", "pipeline"), default="model",
+                   help="pass the transformer itself to dispatch_pipeline, or a holder with .transformer")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: model's)")
     p.add_argument("--text-len", type=int, default=None, help="text tokens (default: flux 512, sd3 333)")
     p.add_argument("--seed", type=int, default=0)

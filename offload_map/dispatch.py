@@ -42,6 +42,17 @@ class OffloadHandle:
             self._report.peak_device_bytes = torch.cuda.max_memory_allocated(self._runtime.device)
         return self._report
 
+    def on_device(self) -> list[str]:
+        """Names of the components whose weights are on the target device right now (resident or loaded).
+
+        A streamed DiT counts as on the device: its non-block modules are resident.
+        """
+        runtime = self._runtime
+        return [
+            c.name for c in runtime.plan.components
+            if c.name not in runtime.pinned or runtime.pinned[c.name].loaded
+        ]
+
     def _finish(self, undo) -> None:
         if self._removed:
             raise RuntimeError("this dispatch was already removed; the pipeline is back as it was")

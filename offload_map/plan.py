@@ -115,6 +115,7 @@ def bind(dmap: DeviceMap, pipeline: object) -> ExecutionPlan:
             raise ValueError(f"component {name or '<root>'!r} has no entry of its own; add one (e.g. {name!r}: 'gpu')")
         plan.components.append(ComponentPlan(name, comp.module, dmap.components[name], root.placement))
     streamed = _check_rules(dmap, comps, units)
+    _check_sizes(dmap, units)
     for path, unit in units.items():
         if unit.placement is Placement.GPU:
             plan.resident.append(unit)
@@ -156,12 +157,21 @@ def _assign_tensors(found, dmap: DeviceMap, units: dict[str, Unit]) -> None:
             f"{len(uncovered)} tensors are covered by no device map entry, e.g. {uncovered[:3]}; "
             "add an entry for their component (or one of its modules)"
         )
+
+
+def _check_sizes(dmap: DeviceMap, units: dict[str, Unit]) -> None:
+    # Per component, so that splitting an entry (a new nested entry records 0 bytes) stays valid.
+    recorded: dict[str, int] = {}
+    actual: dict[str, int] = {}
     for path, unit in units.items():
-        recorded = dmap.entries[path].nbytes
-        if recorded and recorded != unit.nbytes:
+        comp = owning_component(path, dmap.components)
+        recorded[comp] = recorded.get(comp, 0) + dmap.entries[path].nbytes
+        actual[comp] = actual.get(comp, 0) + unit.nbytes
+    for comp, nbytes in recorded.items():
+        if nbytes and nbytes != actual[comp]:
             raise ValueError(
-                f"device map entry {path!r} records {recorded} bytes but the pipeline's module holds {unit.nbytes}; "
-                "the map was made for another model: compile a new one"
+                f"the device map records {nbytes} bytes for component {comp!r} but the pipeline's holds "
+                f"{actual[comp]}; the map was made for another model: compile a new one"
             )
 
 
@@ -198,8 +208,6 @@ def _check_rules(dmap: DeviceMap, comps: dict, units: dict[str, Unit]) -> dict[s
                 raise ValueError(f"device map entry {inner[0]!r} is inside the streamed block {path!r}, which moves as a whole; remove it")
             if not unit.tensors:
                 raise ValueError(f"block {path!r} holds no parameters or buffers, so it cannot be streamed; place it 'gpu'")
-            if dmap.entries[comp].placement is not Placement.GPU:
-                raise ValueError(f"{path!r} is streamed, so the rest of its DiT {comp!r} must be 'gpu', not {dmap.entries[comp].placement.value!r}")
     for comp, paths in block_paths.items():
         streamed[comp] = [p for p in paths if p in units and units[p].placement is Placement.LAYER_WINDOW]
     return streamed

@@ -1,0 +1,127 @@
+"""The device map: compiled, printed, round-tripped, edited, validated."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from offload_map import DeviceMap, Placement, Role, compile_device_map, dispatch_pipeline
+from offload_map.demo import make_tiny_pipeline
+
+
+@pytest.fixture
+def pipe():
+    return make_tiny_pipeline()
+
+
+def test_layerwise_map_places_blocks_in_the_window_and_the_rest_by_role(pipe):
+    dmap = compile_device_map(pipe, "layerwise", "cpu")
+    assert dmap.components == {"text_encoder": Role.ENCODER, "transformer": Role.DIT, "vae": Role.VAE}
+    assert dmap["transformer"] is Placement.GPU
+    assert dmap.paths(Placement.LAYER_WINDOW) == [f"transformer.double_blocks.{i}" for i in range(2)] + [
+        f"transformer.single_blocks.{i}" for i in range(3)
+    ]
+    assert dmap.paths(Placement.CPU_PINNED) == ["text_encoder", "vae"]
+    total = sum(p.numel() * p.element_size() for p in pipe.parameters()) + sum(b.numel() * b.element_size() for b in pipe.buffers())
+    assert sum(dmap.bytes_by_placement().values()) == total
+    assert dmap.entries["transformer.double_blocks.0"].dtype == "float32"
+
+
+def test_map_prints_a_table_with_collapsed_block_ranges_and_totals(pipe):
+    text = str(compile_device_map(pipe, "layerwise", "cpu"))
+    assert "transformer.single_blocks.0..2  layer-window  3 x" in text
+    assert "totals: gpu" in text and "cpu-pinned" in text
+
+
+def test_map_round_trips_through_json_and_dict(pipe, tmp_path):
+    dmap = compile_device_map(pipe, "model", "cpu")
+    assert DeviceMap.from_json(dmap.to_json()) == dmap
+    assert DeviceMap.from_dict(json.loads(json.dumps(dmap.to_dict()))) == dmap
+    dmap.save(tmp_path / "map.json")
+    assert DeviceMap.load(tmp_path / "map.json") == dmap
+
+
+def test_edited_map_is_honoured_and_stays_bit_exact(pipe):
+    reference = pipe("edit me", steps=2)
+    dmap = compile_device_map(pipe, "layerwise", "cpu")
+    dmap["transformer.double_blocks.1"] = "gpu"
+    dmap["text_encoder"] = Placement.GPU
+    handle = dispatch_pipeline(pipe, device_map=DeviceMap.from_json(dmap.to_json()))
+    assert torch.equal(pipe("edit me", steps=2), reference)
+    assert handle.device_map["transformer.double_blocks.1"] is Placement.GPU
+    assert "text_encoder" in handle.on_device()
+    handle.remove()
+
+
+def test_accelerate_export_maps_gpu_to_the_device_index_and_offloaded_to_cpu(pipe):
+    dmap = compile_device_map(pipe, "layerwise", "cpu")
+    dmap.device = "cuda:1"
+    exported = dmap.to_accelerate_device_map()
+    assert exported["text_encoder"] == {"": "cpu"}
+    assert exported["transformer"][""] == 1
+    assert exported["transformer"]["single_blocks.2"] == "cpu"
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.entries.pop("vae"), r"covered by no device map entry, e.g. \['vae.decoder.0.weight'"),
+        (lambda d: d.__setitem__("transformer.nope", "gpu"), "names no module"),
+        (lambda d: d.__setitem__("transformer.proj_in", "layer-window"), "only to blocks"),
+        (lambda d: d.__setitem__("transformer.proj_in", "cpu-pinned"), "whole components"),
+        (lambda d: d.__setitem__("vae.decoder", "gpu"), "inside the 'cpu-pinned' component"),
+        (lambda d: d.__setitem__("transformer", "cpu-pinned"), "inside the 'cpu-pinned' component 'transformer'"),
+        (lambda d: d.__setitem__("transformer.double_blocks.0.mlp", "gpu"), "inside the streamed block"),
+    ],
+)
+def test_invalid_maps_are_rejected_before_anything_moves(pipe, edit, message):
+    dmap = compile_device_map(pipe, "layerwise", "cpu")
+    edit(dmap)
+    weights = {k: v.clone() for k, v in pipe.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        dispatch_pipeline(pipe, device_map=dmap)
+    assert all(torch.equal(v, weights[k]) for k, v in pipe.state_dict().items())
+    assert not hasattr(pipe, "_offload_map_handle")
+
+
+def test_uncovered_tensors_are_named(pipe):
+    dmap = DeviceMap("cpu", {"text_encoder": "encoder", "transformer": "dit", "vae": "vae"})
+    dmap["text_encoder"] = "gpu"
+    dmap["vae"] = "gpu"
+    dmap["transformer.proj_in"] = "gpu"
+    with pytest.raises(ValueError, match=r"covered by no device map entry, e.g. \['transformer.time.weight'"):
+        dispatch_pipeline(pipe, device_map=dmap)
+
+
+def test_map_for_another_model_is_rejected(pipe):
+    dmap = compile_device_map(pipe, "model", "cpu")
+    other = make_tiny_pipeline()
+    other.vae.decoder[0] = torch.nn.Conv2d(4, 8, 3)
+    other.vae.decoder[2] = torch.nn.Conv2d(8, 3, 3)
+    with pytest.raises(ValueError, match="made for another model"):
+        dispatch_pipeline(other, device_map=dmap)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({}, "not an offload_map device map"),
+        ({"version": 1, "device": "cpu", "window": 2, "components": {"x": "wizard"}, "entries": []}, "unknown role"),
+        ({"version": 1, "device": "cpu", "window": 0, "components": {}, "entries": []}, "window must be an int >= 1"),
+        ({"version": 1, "device": "cpu", "window": 2, "components": {}, "entries": [{"path": "a", "placement": "disk"}]}, "unknown placement 'disk'"),
+        ({"version": 1, "device": "cpu", "window": 2, "components": {}, "entries": [{"path": "a", "placement": "gpu", "bytes": -1}]}, "non-negative"),
+        ({"version": 1, "device": "cpu", "window": 2, "components": {}, "entries": [{"path": "a", "placement": "gpu"}] * 2}, "appears twice"),
+        ({"version": 1, "device": 3, "window": 2, "components": {}, "entries": []}, "'device' must be a str"),
+    ],
+)
+def test_loading_malformed_maps_gives_clear_errors(data, message):
+    with pytest.raises(ValueError, match=message):
+        DeviceMap.from_dict(data)
+
+
+def test_unknown_placement_on_edit_lists_the_valid_ones(pipe):
+    dmap = compile_device_map(pipe, "model", "cpu")
+    with pytest.raises(ValueError, match="expected one of 'gpu', 'cpu-pinned', 'layer-window'"):
+        dmap["vae"] = "disk"

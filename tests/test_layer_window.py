@@ -1,0 +1,129 @@
+"""The layer-window runtime: learned order, on-demand fall-back, blocks of different sizes, faults."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from offload_map import dispatch_pipeline
+from offload_map.demo import TinyBlock
+
+
+class ShuffledDiT(nn.Module):
+    """Runs its blocks in an order unlike their declaration, optionally repeating or skipping some."""
+
+    _layerwise_offload_blocks_attrs = ["blocks"]
+
+    def __init__(self, order, widths=(8, 32, 16, 64, 8)) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(TinyBlock(8, w) for w in widths)
+        self.order = list(order)
+
+    def forward(self, x):
+        context = x[:, :1]
+        for i in self.order:
+            x = self.blocks[i](x, context)
+        return x
+
+
+def _make(order, seed=0):
+    torch.manual_seed(seed)
+    return ShuffledDiT(order).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 4])
+@pytest.mark.parametrize("order", [[4, 0, 3, 1, 2], [0, 1, 1, 2, 3, 4, 0], [2, 2, 2], [4, 3, 2, 1, 0]])
+def test_learned_order_is_followed_without_on_demand_loads(target, order, window):
+    model = _make(order)
+    x = torch.randn(1, 4, 8)
+    with torch.no_grad():
+        reference = model(x)
+        handle = dispatch_pipeline(model, "layerwise", target, window=window)
+        for _ in range(3):
+            assert torch.equal(model(x).cpu(), reference)
+    stats = handle.report().stats
+    assert stats.on_demand_loads <= len(order)  # only while learning the first forward
+    first = stats.on_demand_loads
+    with torch.no_grad():
+        model(x)
+    assert handle.report().stats.on_demand_loads == first, "a forward after learning loaded on demand"
+    handle.remove()
+
+
+def test_departing_from_the_learned_order_warns_once_and_stays_correct(target, caplog):
+    model = _make([0, 1, 2, 3, 4])
+    x = torch.randn(1, 4, 8)
+    with torch.no_grad():
+        handle = dispatch_pipeline(model, "layerwise", target, window=2)
+        model(x)
+        model.order = [3, 1, 4, 0]
+        reference_model = _make([3, 1, 4, 0])
+        with caplog.at_level(logging.WARNING, logger="offload_map"):
+            for _ in range(2):
+                assert torch.equal(model(x).cpu(), reference_model(x))
+    warnings = [r for r in caplog.records if "out of the learned order" in r.message]
+    assert len(warnings) == 1
+    assert handle.report().stats.on_demand_loads > 0
+    handle.remove()
+
+
+def test_an_exception_inside_a_block_leaves_the_next_forward_correct(target):
+    model = _make([0, 1, 2, 3, 4])
+    x = torch.randn(1, 4, 8)
+    with torch.no_grad():
+        reference = model(x)
+        handle = dispatch_pipeline(model, "layerwise", target, window=2)
+        model(x)
+        original = model.blocks[2]._old_forward
+
+        def boom(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        model.blocks[2]._old_forward = boom
+        with pytest.raises(KeyboardInterrupt):
+            model(x)
+        model.blocks[2]._old_forward = original
+        assert torch.equal(model(x).cpu(), reference)
+        assert torch.equal(model(x).cpu(), reference)
+    handle.remove()
+    with torch.no_grad():
+        assert torch.equal(model(x), reference)
+
+
+def test_streamed_blocks_refuse_to_run_with_autograd_on(target):
+    model = _make([0, 1])
+    handle = dispatch_pipeline(model, "layerwise", target)
+    with pytest.raises(RuntimeError, match="inference only.*torch.no_grad"):
+        model(torch.randn(1, 4, 8))
+    handle.remove()
+
+
+def test_blocks_of_different_sizes_share_slots_sized_for_the_largest(target):
+    model = _make([0, 1, 2, 3, 4])
+    handle = dispatch_pipeline(model, "layerwise", target, window=2)
+    sizes = [e.nbytes for p, e in handle.device_map.entries.items() if p.startswith("blocks.")]
+    assert len(set(sizes)) > 1
+    assert handle.report().slot_bytes >= 2 * max(sizes)
+    assert handle.report().slot_bytes < 2 * max(sizes) + 2 * 512 * 16
+    handle.remove()
+
+
+def test_non_contiguous_and_mixed_dtype_tensors_keep_strides_and_values(target):
+    model = _make([0, 1, 2])
+    block = model.blocks[1]
+    block.mlp[0].weight = nn.Parameter(block.mlp[0].weight.detach().t().contiguous().t(), requires_grad=False)
+    block.register_buffer("codes", torch.arange(6, dtype=torch.float16).reshape(2, 3))
+    stride = block.mlp[0].weight.stride()
+    x = torch.randn(1, 4, 8)
+    with torch.no_grad():
+        reference = model(x)
+        handle = dispatch_pipeline(model, "layerwise", target, window=1)
+        assert torch.equal(model(x).cpu(), reference)
+        assert block.mlp[0].weight.stride() == stride
+        assert block.codes.dtype == torch.float16
+    handle.remove()
+    assert block.mlp[0].weight.stride() == stride
+    assert torch.equal(block.codes, torch.arange(6, dtype=torch.float16).reshape(2, 3))
