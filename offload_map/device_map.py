@@ -234,7 +234,7 @@ def _rows(dmap: DeviceMap) -> list[tuple[str, str, str, str]]:
             size = f"{count} x {human_bytes(nbytes // count)}"
         else:
             size = human_bytes(nbytes)
-        out.append((path, placement.value, size, dtype))
+        out.append((path or "(root)", placement.value, size, dtype))
     return out
 
 
