@@ -111,6 +111,12 @@ class RssSampler:
         self.sample()
 
 
+def trim_host_heap() -> None:
+    """Return free heap pages to the OS, so RSS shows live memory, not what malloc keeps for reuse."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def release_host_and_device_memory(cuda: bool) -> None:
     """Collect garbage, drop cached GPU and pinned-host blocks, and give free heap back to the OS."""
     gc.collect()
@@ -120,8 +126,7 @@ def release_host_and_device_memory(cuda: bool) -> None:
         host_empty = getattr(torch._C, "_host_emptyCache", None)  # pinned blocks are cached, not freed
         if host_empty is not None:
             host_empty()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trim_host_heap()
 
 
 def pinned_host_stats() -> dict:
@@ -363,13 +368,14 @@ def timing_summary(warm: list[float], timed: list[float]) -> dict:
     }
 
 
-def run_stages(name: str, model, ctx: Ctx, row: dict, grad_mode: str) -> None:
-    """Setup, warm-up + timing, output check and undo, filling ``row``; raises with row['failed_in'] set."""
+def measure(name: str, model, ctx: Ctx, row: dict, grad_mode: str, undo_box: list) -> None:
+    """Setup, then warm-up + timed forwards and the output check, filling ``row``; undo goes to ``undo_box``."""
     row["failed_in"] = "setup"
     t0 = time.perf_counter()
-    undo = strategy_setup(name)(model, ctx)
+    undo_box.append(strategy_setup(name)(model, ctx))
     ctx.sync()
     row["setup_s"] = time.perf_counter() - t0
+    trim_host_heap()  # not timed; the weights a strategy copied away from may sit in malloc's free lists
     row["rss_after_setup_bytes"] = read_status_bytes("VmRSS")
     row["gpu_alloc_after_setup_bytes"] = torch.cuda.memory_allocated() if ctx.cuda else None
     if ctx.cuda:
@@ -381,31 +387,48 @@ def run_stages(name: str, model, ctx: Ctx, row: dict, grad_mode: str) -> None:
         assert row["output_finite"], "resident output is not finite; lower --weight-std"
         ctx.reference = out.detach().to("cpu")
         row.update(bit_exact=True, max_abs_diff=0.0)
-    del out
-    row["failed_in"] = "undo"
-    undo()
-    row.update(placement_report(model, ctx))
     row["failed_in"] = None
 
 
+def undo_and_check(undo, model, ctx: Ctx, row: dict) -> None:
+    """Run the strategy's own undo and record where the weights ended up."""
+    t0 = time.perf_counter()
+    undo()
+    row["undo_s"] = time.perf_counter() - t0
+    row.update(placement_report(model, ctx))
+
+
+def record_error(row: dict, exc: Exception) -> None:
+    message = f"{type(exc).__name__}: {exc}"
+    row["error"] = f"{row['error']}; then {message}" if row.get("error") else message
+    row["traceback"] = row.get("traceback", "") + traceback.format_exc()
+
+
 def attempt(name: str, model, ctx: Ctx, grad_mode: str) -> dict:
-    """One try of a strategy on ``model``; any exception becomes the row's ``error``."""
+    """One try of a strategy on ``model``; any exception becomes the row's ``error``.
+
+    Host RSS is sampled during setup and the forwards only; the undo runs afterwards.
+    """
     row = {"kind": "strategy", "strategy": name, "grad_mode": grad_mode, "note": smoke_note(name, ctx),
            "rss_before_setup_bytes": read_status_bytes("VmRSS")}
     if ctx.cuda:
         row["gpu_alloc_before_setup_bytes"] = torch.cuda.memory_allocated()
+    undo_box: list = []
     with RssSampler() as sampler:
         try:
-            run_stages(name, model, ctx, row, grad_mode)
-        except BaseException as exc:  # noqa: BLE001 - a failing strategy must not stop the others
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            row["error"] = f"{type(exc).__name__}: {exc}"
-            row["traceback"] = traceback.format_exc()
+            measure(name, model, ctx, row, grad_mode, undo_box)
+        except Exception as exc:  # noqa: BLE001 - a failing strategy must not stop the others
+            record_error(row, exc)
     row["rss_peak_bytes"] = sampler.peak
     row["vmhwm_bytes"] = read_status_bytes("VmHWM")
     if ctx.cuda:
         row.update(pinned_host_stats())
+    if undo_box:
+        try:
+            undo_and_check(undo_box.pop(), model, ctx, row)
+        except Exception as exc:  # noqa: BLE001
+            record_error(row, exc)
+            row["failed_in"] = row["failed_in"] or "undo"
     return row
 
 

@@ -5,9 +5,9 @@ Resolution order for ``get_blocks_attr_names(model)``:
 1. The class attribute ``_layerwise_offload_blocks_attrs`` (vllm-omni's protocol), a list of attribute
    names; the legacy single-string ``_layerwise_offload_blocks_attr`` is read with a deprecation warning.
 2. ``KNOWN_BLOCK_ATTRS``, keyed by class name, for diffusers' transformers and UNets.
-3. The heuristic: among the model's direct children that are ``nn.ModuleList``/``nn.Sequential`` of at
-   least two children all of one type, take the largest (by parameter bytes) until they hold more than
-   half of the model's parameter bytes, then return them in declaration order.
+3. The heuristic: the model's direct children that are ``nn.ModuleList``/``nn.Sequential`` of at least
+   two children all of one type, each holding at least ``HEURISTIC_MIN_SHARE`` of the parameter bytes,
+   in declaration order, provided that together they hold more than half of them (else none).
 
 Every declared or registered name must be a registered child container of the model (seen in
 ``named_children()``): a Python ``@property`` or a plain list is an error, never a silent fall-back to
@@ -42,16 +42,18 @@ KNOWN_BLOCK_ATTRS: dict[str, tuple[str, ...]] = {
     "AllegroTransformer3DModel": ("transformer_blocks",),
     "StableAudioDiTModel": ("transformer_blocks",),
     "WanTransformer3DModel": ("blocks",),
-    "WanVACETransformer3DModel": ("blocks",),
+    "WanVACETransformer3DModel": ("vace_blocks", "blocks"),
     "SkyReelsV2Transformer3DModel": ("blocks",),
-    "Lumina2Transformer2DModel": ("layers",),
-    "UNet2DConditionModel": ("down_blocks", "up_blocks"),
-    "UNet3DConditionModel": ("down_blocks", "up_blocks"),
-    "UNetSpatioTemporalConditionModel": ("down_blocks", "up_blocks"),
-    "UNetMotionModel": ("down_blocks", "up_blocks"),
+    "Lumina2Transformer2DModel": ("context_refiner", "noise_refiner", "layers"),
+    "UNet2DConditionModel": ("down_blocks", "mid_block", "up_blocks"),
+    "UNet3DConditionModel": ("down_blocks", "mid_block", "up_blocks"),
+    "UNetSpatioTemporalConditionModel": ("down_blocks", "mid_block", "up_blocks"),
+    "UNetMotionModel": ("down_blocks", "mid_block", "up_blocks"),
 }
 
 _DECLARED = "_layerwise_offload_blocks_attrs"
+# A list must hold at least this share of the parameters to count as a block list for the heuristic.
+HEURISTIC_MIN_SHARE = 0.1
 _LEGACY = "_layerwise_offload_blocks_attr"
 
 
@@ -81,13 +83,11 @@ def get_blocks_attr_names(model: nn.Module) -> list[str]:
     cls = type(model)
     names = getattr(cls, _DECLARED, None)
     source = f"{cls.__name__}.{_DECLARED}"
-    if names is None and isinstance(getattr(cls, _LEGACY, None), str):
-        warnings.warn(
-            f"{cls.__name__}.{_LEGACY} is deprecated; declare {_DECLARED} = [{getattr(cls, _LEGACY)!r}]",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        names, source = [getattr(cls, _LEGACY)], f"{cls.__name__}.{_LEGACY}"
+    legacy = getattr(cls, _LEGACY, None)
+    if names is None and legacy is not None:
+        legacy = [legacy] if isinstance(legacy, str) else list(legacy)
+        warnings.warn(f"{cls.__name__}.{_LEGACY} is deprecated; declare {_DECLARED} = {legacy!r}", DeprecationWarning, stacklevel=2)
+        names, source = legacy, f"{cls.__name__}.{_LEGACY}"
     if names is None and cls.__name__ in KNOWN_BLOCK_ATTRS:
         names, source = KNOWN_BLOCK_ATTRS[cls.__name__], f"offload_map's registry entry for {cls.__name__}"
     if names is None:
@@ -120,9 +120,10 @@ def get_blocks(model: nn.Module, attr_names: list[str] | None = None) -> list[tu
         ['blocks.0', 'blocks.1']
     """
     names = get_blocks_attr_names(model) if attr_names is None else attr_names
+    children = dict(model.named_children())
     out: list[tuple[str, nn.Module]] = []
     for name in names:
-        container = getattr(model, name)
+        container = children[name]
         if isinstance(container, (nn.ModuleList, nn.Sequential)):
             out.extend((f"{name}.{child}", block) for child, block in container.named_children())
         else:
@@ -136,21 +137,17 @@ def _param_bytes(module: nn.Module) -> int:
 
 def _infer_block_attrs(model: nn.Module) -> list[str]:
     total = _param_bytes(model)
-    candidates = []
-    for index, (name, child) in enumerate(model.named_children()):
-        if not isinstance(child, (nn.ModuleList, nn.Sequential)) or len(child) < 2:
-            continue
-        if len({type(c) for c in child}) != 1:
-            continue
-        candidates.append((_param_bytes(child), index, name))
-    chosen, held = [], 0
-    for size, index, name in sorted(candidates, reverse=True):
-        if total and held * 2 > total:
-            break
-        chosen.append((index, name))
-        held += size
-    if not total or held * 2 <= total:
+    if not total:
         return []
-    names = [name for _, name in sorted(chosen)]
-    logger.info("%s declares no block lists; inferred %s (%.0f%% of its parameters)", type(model).__name__, names, 100 * held / total)
+    chosen = []
+    for name, child in model.named_children():
+        if isinstance(child, (nn.ModuleList, nn.Sequential)) and len(child) >= 2 and len({type(c) for c in child}) == 1:
+            share = _param_bytes(child) / total
+            if share >= HEURISTIC_MIN_SHARE:
+                chosen.append((name, share))
+    held = sum(share for _, share in chosen)
+    if held <= 0.5:
+        return []
+    names = [name for name, _ in chosen]
+    logger.info("%s declares no block lists; inferred %s (%.0f%% of its parameters)", type(model).__name__, names, 100 * held)
     return names

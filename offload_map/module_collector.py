@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .blocks import get_blocks_attr_names
+from .blocks import KNOWN_BLOCK_ATTRS, get_blocks_attr_names
 from .placement import Role
 
 logger = logging.getLogger("offload_map")
@@ -106,17 +106,25 @@ class ModuleDiscovery:
                 if id(module) not in seen:
                     seen.add(id(module))
                     found.components[name] = Component(name, module, Role.OTHER)
-        if not found.components and isinstance(pipeline, nn.Module):
-            found.components[""] = Component("", pipeline, Role.DIT)
-        elif isinstance(pipeline, nn.Module) and all(c.role is Role.OTHER for c in found.components.values()):
-            if get_blocks_attr_names(pipeline):
-                found = PipelineModules({"": Component("", pipeline, Role.DIT)})
+        if isinstance(pipeline, nn.Module) and declared is None and _is_lone_dit(pipeline, found):
+            found = PipelineModules({"": Component("", pipeline, Role.DIT)})
         if not found.components:
             raise TypeError(
                 f"{type(pipeline).__name__} holds no nn.Module: pass a diffusers pipeline, an object whose "
                 "attributes are nn.Modules, or an nn.Module"
             )
         return found
+
+
+def _is_lone_dit(module: nn.Module, found: PipelineModules) -> bool:
+    # A DiT passed on its own: its class declares (or the registry knows) its block lists, or none of its
+    # children looks like a pipeline component and it has block lists or no children at all.
+    cls = type(module)
+    if hasattr(cls, "_layerwise_offload_blocks_attrs") or cls.__name__ in KNOWN_BLOCK_ATTRS:
+        return True
+    if any(c.role is not Role.OTHER for c in found.components.values()):
+        return False
+    return not found.components or bool(get_blocks_attr_names(module))
 
 
 def _named_modules(pipeline: object) -> list[tuple[str, nn.Module]]:
@@ -126,7 +134,7 @@ def _named_modules(pipeline: object) -> list[tuple[str, nn.Module]]:
     elif isinstance(pipeline, nn.Module):
         items = pipeline.named_children()
     else:
-        items = vars(pipeline).items()
+        items = getattr(pipeline, "__dict__", {}).items()
     return [(n, m) for n, m in items if isinstance(m, nn.Module) and not n.startswith("_")]
 
 
