@@ -26,3 +26,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def resident_run(module_or_pipe, run, target: str):
+    """The reference: ``run()`` with everything resident on ``target``, then back to the CPU."""
+    module_or_pipe.to(target)
+    try:
+        out = run()
+        return out.cpu() if isinstance(out, torch.Tensor) else out
+    finally:
+        module_or_pipe.to("cpu")

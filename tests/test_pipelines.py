@@ -7,6 +7,7 @@ import torch
 
 from offload_map import Role, dispatch_pipeline
 from offload_map.demo import make_tiny_pipeline
+from conftest import resident_run
 from tiny_pipelines import make_flux_pipeline, make_wan22_pipeline, run_flux, run_wan22
 
 PIPELINES = {
@@ -17,10 +18,10 @@ PIPELINES = {
 
 
 @pytest.fixture(scope="module", params=sorted(PIPELINES))
-def case(request):
+def case(request, target):
     make, run = PIPELINES[request.param]
     pipe = make()
-    return request.param, pipe, run, run(pipe)
+    return request.param, pipe, run, resident_run(pipe, lambda: run(pipe), target)
 
 
 def _block_count(pipe) -> int:
@@ -85,7 +86,7 @@ def test_model_strategy_is_bit_exact_and_exclusive(case, target):
     assert handle.report().stats.component_loads > 0
     handle.remove()
     _assert_restored(pipe, before)
-    assert torch.equal(run(pipe), reference)
+    assert torch.equal(resident_run(pipe, lambda: run(pipe), target), reference)
 
 
 @pytest.mark.parametrize("window", [1, 2, 3, 100])
@@ -116,4 +117,4 @@ def test_none_strategy_is_bit_exact(case, target):
     handle = dispatch_pipeline(pipe, "none", target)
     assert torch.equal(run(pipe), reference)
     handle.remove()
-    assert torch.equal(run(pipe), reference)
+    assert torch.equal(resident_run(pipe, lambda: run(pipe), target), reference)

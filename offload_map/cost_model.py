@@ -1,0 +1,90 @@
+"""The cost model: predicted copy/compute timeline of one denoising step, from measured numbers.
+
+Pure Python, no torch. Inputs are a ``ModelCost`` (each block's bytes and compute seconds in execution
+order, the non-block weights and compute, an activation allowance) and the pinned host-to-device
+bandwidth. ``simulate`` replays what the runtime does: the copy stream loads streamed blocks one after
+another in execution order, wrapping into the next step; load ``k`` goes into the slot that streamed
+load ``k - window`` used, so it waits until that block has computed; a streamed block computes once its
+load has landed and the previous block is done; a resident block only waits for the previous block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """One block: its module path, weight bytes, and measured compute seconds per forward."""
+
+    path: str
+    nbytes: int
+    compute_s: float
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """What a DiT costs per forward.
+
+    Attributes:
+        blocks: every block, in execution order.
+        other_bytes: weights outside the blocks (always resident).
+        other_compute_s: compute outside the blocks per forward (embeddings, final layers).
+        activation_bytes: device memory a forward needs beyond weights (measured peak minus weights).
+    """
+
+    blocks: tuple[BlockCost, ...]
+    other_bytes: int = 0
+    other_compute_s: float = 0.0
+    activation_bytes: int = 0
+
+    @property
+    def compute_s(self) -> float:
+        return self.other_compute_s + sum(b.compute_s for b in self.blocks)
+
+
+@dataclass
+class Timeline:
+    """Steady-state timeline of one step: per block (copy start, copy end, compute start, compute end)."""
+
+    step_s: float
+    rows: list[tuple[str, bool, float, float, float, float]] = field(default_factory=list)
+    copy_busy_s: float = 0.0
+
+
+def simulate(cost: ModelCost, streamed: frozenset[int], window: int, bandwidth: float, steps: int = 4) -> Timeline:
+    """Predict the steady-state step time with blocks ``streamed`` (indices) through ``window`` slots.
+
+    Runs ``steps`` consecutive forwards and reports the last one, so the wrap-around prefetch of the
+    next step's first blocks is accounted for. ``bandwidth`` is in bytes per second.
+    """
+    n_streamed = len(streamed)
+    copy_free = 0.0  # when the copy stream finishes its last load
+    compute_end = 0.0
+    released: list[float] = []  # compute end of each streamed load, by load number
+    load = 0
+    step_start = rows = None
+    for step in range(steps):
+        step_start, rows = compute_end, []
+        compute_end += cost.other_compute_s
+        for index, block in enumerate(cost.blocks):
+            copy_start = copy_end = None
+            if index in streamed:
+                slot_free = released[load - window] if load >= window else 0.0
+                copy_start = max(copy_free, slot_free)
+                copy_end = copy_free = copy_start + block.nbytes / bandwidth
+                start = max(compute_end, copy_end)
+            else:
+                start = compute_end
+            compute_end = start + block.compute_s
+            if index in streamed:
+                released.append(compute_end)
+                load += 1
+            rows.append((block.path, index in streamed, copy_start, copy_end, start, compute_end))
+    busy = sum(cost.blocks[i].nbytes for i in streamed) / bandwidth if n_streamed else 0.0
+    return Timeline(compute_end - step_start, rows, busy)
+
+
+def floor_s(cost: ModelCost, streamed: frozenset[int], bandwidth: float) -> float:
+    """The physical limit: max(all compute, streamed bytes / bandwidth)."""
+    return max(cost.compute_s, sum(cost.blocks[i].nbytes for i in streamed) / bandwidth)
