@@ -424,6 +424,8 @@ def attempt(name: str, model, ctx: Ctx, grad_mode: str) -> dict:
            "rss_before_setup_bytes": read_status_bytes("VmRSS")}
     if ctx.cuda:
         row["gpu_alloc_before_setup_bytes"] = torch.cuda.memory_allocated()
+        with contextlib.suppress(Exception):  # so pinned_allocated_bytes_peak is this strategy's
+            torch.cuda.reset_peak_host_memory_stats()
     undo_box: list = []
     with RssSampler() as sampler:
         try:

@@ -62,7 +62,7 @@ class BlockHook(ModelHook):
 
     def post_forward(self, module, output):
         self._range.__exit__(None, None, None)
-        self.prefetcher.exit()
+        self.prefetcher.exit(self.index)
         return output
 
 

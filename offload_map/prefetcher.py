@@ -2,11 +2,12 @@
 
 State (one ``Prefetcher`` per ``SlotRing``):
 
-- ``order``: the blocks in execution order for one forward of the DiT. Declaration order at first; the
-  first forward's actual sequence replaces it (Flux runs double then single blocks; some models skip or
-  repeat blocks).
-- ``cursor``: the position in ``order`` of the next block expected to run. It wraps, so while the last
-  blocks of a step compute, the first blocks of the next step are already being copied.
+- ``sequence``: every block in execution order for one forward of the DiT. Declaration order at first;
+  the first forward's actual sequence replaces it (Flux runs double then single blocks; some models
+  skip or repeat blocks).
+- ``order``: the streamed blocks of ``sequence`` (resident blocks need no copy).
+- ``cursor``: the position in ``order`` of the next streamed block expected to run. It wraps, so while
+  the last blocks of a step compute, the first blocks of the next step are already being copied.
 - ``queue``: loads already issued for the next positions, ``(position, slot)`` in order.
 - ``idle``: slots that no queued or running block needs, least recently released first.
 
@@ -14,6 +15,8 @@ A block that runs out of order (only possible after the first forward if the mod
 loaded on demand with one warning; the result is still right, only slower. A forward that ends early
 (an exception inside a block, or a skipped tail) is detected when the next forward starts, and the ring
 is reset to the start of the order.
+
+An optional ``timer`` (``calibration.BlockTimer``) is told when each block starts and ends computing.
 """
 
 from __future__ import annotations
@@ -31,14 +34,21 @@ class Prefetcher:
 
     def __init__(self, ring: SlotRing) -> None:
         self.ring = ring
-        self.order = list(range(len(ring.blocks)))
+        self.sequence = list(range(len(ring.blocks)))
         self.learning = True
         self.recorded: list[int] = []
+        self.warned = False
+        self.timer = None
+        self.running: Slot | None = None
+        self.restart()
+
+    def restart(self) -> None:
+        """Forget issued loads and slot assignments (after the ring's slots or residents changed)."""
+        self.order = [b for b in self.sequence if b not in self.ring.resident]
         self.cursor = 0
         self.queue: deque[tuple[int, Slot]] = deque()
-        self.idle: deque[Slot] = deque(ring.slots)
-        self.running: Slot | None = None
-        self.warned = False
+        self.idle: deque[Slot] = deque(self.ring.slots)
+        self.running = None
 
     def begin_forward(self) -> None:
         """Called before each forward of the DiT."""
@@ -47,33 +57,43 @@ class Prefetcher:
         if self.cursor != 0:
             self._reset()
         self.recorded = []
+        if self.timer is not None:
+            self.timer.forward_start()
         self._fill()
 
     def end_forward(self) -> None:
         """Called after each forward of the DiT; the first one teaches the order."""
         if self.learning and self.recorded:
             self.learning = False
-            if self.recorded != self.order:
+            if self.recorded != self.sequence:
                 logger.debug("%s: learned block order %s", self.ring.name, self.recorded)
-                self.order = self.recorded
+                self.sequence = self.recorded
+                self.order = [b for b in self.sequence if b not in self.ring.resident]
                 self._reset()
             self._fill()
+        if self.timer is not None:
+            timer, self.timer = self.timer, None
+            timer.forward_end(self.sequence)
 
-    def enter(self, block: int) -> Slot:
-        """The block is about to run: return its slot, with the compute stream ordered after its copy."""
+    def enter(self, block: int) -> None:
+        """The block is about to run: make sure its weights are (or will be) in place, ordered before it."""
         if self.learning:
             self.recorded.append(block)
-        if self.queue and self.order[self.queue[0][0]] == block:
-            position, slot = self.queue.popleft()
-            self.cursor = (position + 1) % len(self.order)
-        else:
-            slot = self._on_demand(block)
-        self.running = slot
-        self.ring.before_compute(slot)
-        return slot
+        if block not in self.ring.resident:
+            if self.queue and self.order[self.queue[0][0]] == block:
+                position, slot = self.queue.popleft()
+                self.cursor = (position + 1) % len(self.order)
+            else:
+                slot = self._on_demand(block)
+            self.running = slot
+            self.ring.before_compute(slot)
+        if self.timer is not None:
+            self.timer.block_start(block)
 
-    def exit(self) -> None:
+    def exit(self, block: int) -> None:
         """The block has been enqueued to run; free its slot for the next copy."""
+        if self.timer is not None:
+            self.timer.block_end(block)
         if self.running is not None:
             self._release_running()
         self._fill()
@@ -111,7 +131,7 @@ class Prefetcher:
         return self.idle.popleft()
 
     def _fill(self) -> None:
-        while self.idle:
+        while self.idle and self.order:
             position = (self.cursor + len(self.queue)) % len(self.order)
             block = self.order[position]
             if any(slot.block == block for _, slot in self.queue) or (self.running and self.running.block == block):

@@ -41,7 +41,7 @@ class Runtime:
         self.stats = TransferStats()
         self.packed: list[PackedTensors] = []
         self.moved: list[tuple[TensorRef, torch.device]] = []
-        self.rings: list[SlotRing] = []
+        self.rings: dict[str, SlotRing] = {}
         self.prefetchers: dict[str, Prefetcher] = {}
         self.pinned: dict[str, PinnedComponent] = {}
         self.hooked: list[torch.nn.Module] = []
@@ -54,7 +54,7 @@ class Runtime:
 
     @property
     def slot_bytes(self) -> int:
-        return sum(r.device_bytes for r in self.rings)
+        return sum(r.device_bytes for r in self.rings.values())
 
     def _build(self, progress: bool | None) -> None:
         plan = self.plan
@@ -67,8 +67,10 @@ class Runtime:
             for unit in host_units:
                 packed[unit.path] = PackedTensors(unit.tensors, self.pin)
                 self.packed.append(packed[unit.path])
+                # The unit's original tensors were just freed; return their heap pages now, or RSS holds
+                # both copies until packing ends.
+                trim_host_heap()
                 bar.update(unit.nbytes)
-        trim_host_heap()
         roles = {c.name: c.role for c in plan.components}
         for unit in plan.pinned:
             name = plan.component_of(unit.path).name
@@ -76,7 +78,7 @@ class Runtime:
         for ring in plan.rings:
             self._step(f"allocating {ring.window} slots for {ring.component!r}", self._add_ring, ring, packed)
         self._step("moving resident modules", self._move_resident)
-        self.swapper = Swapper(roles, self.pinned)
+        self.swapper = Swapper(roles, self.pinned, self.rings)
         for comp in plan.components:
             prefetchers = [self.prefetchers[comp.name]] if comp.name in self.prefetchers else []
             self._attach(comp.module, ComponentHook(comp.name, self.device, self.swapper, prefetchers))
@@ -98,7 +100,7 @@ class Runtime:
     def _add_ring(self, ring, packed) -> None:
         storages = [packed[u.path] for u in ring.blocks]
         slot_ring = SlotRing(ring.component, storages, [u.path for u in ring.blocks], ring.window, self.ordering, self.stats)
-        self.rings.append(slot_ring)
+        self.rings[ring.component] = slot_ring
         self.prefetchers[ring.component] = Prefetcher(slot_ring)
 
     def _move_resident(self) -> None:
@@ -109,6 +111,11 @@ class Runtime:
                     self.moved.append((ref, tensor.device))
                     ref.bind(tensor.detach().to(self.device))
 
+    def set_residency(self, name: str, resident: frozenset[int], window: int) -> None:
+        """Keep blocks ``resident`` of DiT ``name`` on the device and stream the rest through ``window`` slots."""
+        self._step(f"re-planning {name!r}", self.rings[name].set_resident, resident, window)
+        self.prefetchers[name].restart()
+
     def _attach(self, module, hook) -> None:
         attach(module, hook)
         self.hooked.append(module)
@@ -117,7 +124,7 @@ class Runtime:
         """Remove every hook; weights stay where they are (streamed blocks on the host)."""
         while self.hooked:
             detach(self.hooked.pop())
-        for ring in self.rings:
+        for ring in self.rings.values():
             ring.unbind()
 
     def restore(self) -> None:

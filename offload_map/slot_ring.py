@@ -10,7 +10,11 @@ Ownership contract (one ``SlotRing`` per streamed DiT):
 - ``Slot.free``: recorded on the compute stream after the block ran; the copy stream waits on it before
   the next copy overwrites the slot. Nothing allocates, calls ``record_stream`` or blocks the host per block.
 - A block's tensors always view a buffer that holds its weights, or will once ``ready`` completes: its
-  slot while it has one, else its host buffer. ``load`` rebinds the block leaving the slot to its host views.
+  slot while it has one, its own device buffer while it is resident, else its host buffer. ``load``
+  rebinds the block leaving the slot to its host views.
+- Resident blocks (``resident``, chosen by the planner) each own one device buffer in
+  ``resident_buffers``, allocated on the compute stream by ``load_residents`` and dropped by
+  ``evict_residents`` when a component the DiT excludes (an encoder) needs the room.
 
 Which block goes into which slot, and when, is the prefetcher's business; this class only moves bytes.
 """
@@ -53,16 +57,54 @@ class SlotRing:
         self.paths = paths
         self.ordering = ordering
         self.stats = stats
-        self.slot_bytes = max(b.nbytes for b in blocks)
-        device = ordering.device
-        self.slots = [
-            Slot(i, torch.empty(self.slot_bytes, dtype=torch.uint8, device=device), ordering.event(), ordering.event())
-            for i in range(window)
-        ]
+        self.resident: frozenset[int] = frozenset()
+        self.resident_buffers: dict[int, torch.Tensor] = {}
+        self.slots: list[Slot] = []
+        self.slot_bytes = 0
+        self.resize(window)
 
     @property
     def device_bytes(self) -> int:
-        return self.slot_bytes * len(self.slots)
+        return self.slot_bytes * len(self.slots) + sum(b.numel() for b in self.resident_buffers.values())
+
+    def resize(self, window: int) -> None:
+        """(Re)allocate ``window`` slots sized for the largest streamed block. Call between forwards only."""
+        self.unbind_slots()
+        if self.ordering.asynchronous and self.slots:
+            # In-flight copies into the old slots must land before the allocator hands their memory out.
+            torch.cuda.current_stream(self.ordering.device).wait_stream(self.ordering.copy_stream)
+        self.slots = []
+        streamed = [b.nbytes for i, b in enumerate(self.blocks) if i not in self.resident]
+        self.slot_bytes = max(streamed, default=0)
+        count = min(window, len(streamed))
+        device = self.ordering.device
+        self.slots = [
+            Slot(i, torch.empty(self.slot_bytes, dtype=torch.uint8, device=device), self.ordering.event(), self.ordering.event())
+            for i in range(count)
+        ]
+
+    def set_resident(self, blocks: frozenset[int], window: int) -> None:
+        """Keep ``blocks`` in their own device buffers from now on and stream the rest through ``window`` slots."""
+        self.evict_residents()
+        self.resident = frozenset(blocks)
+        self.resize(window)
+        self.load_residents()
+
+    def load_residents(self) -> None:
+        """Give every resident block its device buffer (one copy each, on the compute stream). Safe to call twice."""
+        for block in sorted(self.resident - self.resident_buffers.keys()):
+            storage = self.blocks[block]
+            buffer = torch.empty(storage.nbytes, dtype=torch.uint8, device=self.ordering.device)
+            buffer.copy_(storage.flat, non_blocking=storage.pinned)
+            storage.bind(storage.views(buffer))
+            self.resident_buffers[block] = buffer
+            self.stats.add_block(storage.nbytes, on_demand=False)
+
+    def evict_residents(self) -> None:
+        """Point resident blocks back at host memory and drop their device buffers. Safe to call twice."""
+        for block in list(self.resident_buffers):
+            self.blocks[block].bind_host()
+            del self.resident_buffers[block]
 
     def load(self, slot: Slot, block: int, on_demand: bool = False) -> None:
         """Copy ``block`` into ``slot`` (after the slot's last reader finished) and point the block at it."""
@@ -89,10 +131,15 @@ class SlotRing:
         """Mark, on the compute stream, that the block in ``slot`` is done with it."""
         self.ordering.record_compute(slot.free)
 
-    def unbind(self) -> None:
-        """Point every block back at its host buffer (the slots' contents become unreachable)."""
+    def unbind_slots(self) -> None:
+        """Point the blocks in slots back at their host buffers (the slots' contents become unreachable)."""
         for slot in self.slots:
             if slot.block is not None:
                 self.blocks[slot.block].bind_host()
                 slot.block = None
             slot.views.clear()
+
+    def unbind(self) -> None:
+        """Point every block back at its host buffer and drop the resident blocks' device buffers."""
+        self.unbind_slots()
+        self.evict_residents()

@@ -11,6 +11,7 @@ CI exercises the slot ring's bookkeeping (a wrong slot shows up as wrong numbers
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 
@@ -43,6 +44,19 @@ class CudaOrdering:
     def compute_waits(self, event: torch.cuda.Event) -> None:
         torch.cuda.current_stream(self.device).wait_event(event)
 
+    def stamp(self) -> torch.cuda.Event:
+        """A timing mark on the compute stream (calibration only)."""
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def seconds(self, start: torch.cuda.Event, end: torch.cuda.Event) -> float:
+        """Device time between two marks; the caller synchronised on the last mark."""
+        return start.elapsed_time(end) / 1e3
+
+    def wait_for(self, stamp: torch.cuda.Event) -> None:
+        stamp.synchronize()
+
 
 class SyncOrdering:
     """Synchronous stand-in for ``CudaOrdering`` (CPU target): same calls, nothing to order."""
@@ -68,6 +82,15 @@ class SyncOrdering:
         pass
 
     def compute_waits(self, event: None) -> None:
+        pass
+
+    def stamp(self) -> float:
+        return time.perf_counter()
+
+    def seconds(self, start: float, end: float) -> float:
+        return end - start
+
+    def wait_for(self, stamp: float) -> None:
         pass
 
 

@@ -64,22 +64,31 @@ class PinnedComponent:
 class Swapper:
     """Makes room for a component: evicts every loaded pinned component its role excludes, then loads it.
 
+    The resident blocks of a streamed DiT (its ``SlotRing.resident``) count as part of that DiT here:
+    they leave when an encoder runs and come back when the DiT runs again.
+
     Example:
         ``swapper.activate("transformer")`` before the DiT runs evicts the text encoders (and any other
         DiT, e.g. Wan2.2's second expert) and, if the transformer is pinned, loads it.
     """
 
-    def __init__(self, roles: dict[str, Role], pinned: dict[str, PinnedComponent]) -> None:
+    def __init__(self, roles: dict[str, Role], pinned: dict[str, PinnedComponent], rings: dict) -> None:
         self.roles = roles
         self.pinned = pinned
+        self.rings = rings
 
     def activate(self, name: str) -> None:
         role = self.roles[name]
         for other in self.pinned.values():
             if other.name != name and other.loaded and role.excludes(other.role):
                 other.evict()
+        for other, ring in self.rings.items():
+            if other != name and role.excludes(self.roles[other]):
+                ring.evict_residents()
         if name in self.pinned:
             self.pinned[name].load()
+        if name in self.rings:
+            self.rings[name].load_residents()
 
     def evict_all(self) -> None:
         for component in self.pinned.values():

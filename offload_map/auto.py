@@ -1,0 +1,87 @@
+"""Budgets: fit a pipeline into a device memory budget, re-planned from its first real step.
+
+Used by ``dispatch_pipeline`` when a budget is given (``max_memory``/``gpu_budget``), with strategy
+``"auto"`` or ``"layerwise"``. If the whole pipeline fits the budget with ``ACTIVATION_SHARE`` of it left
+for activations, ``"auto"`` keeps everything resident (``"gpu"``) and says so. Otherwise encoders and
+VAEs are ``"cpu-pinned"`` and each DiT starts with every block streamed; its first forward is timed block
+by block (``calibration.BlockTimer``), and from those measurements and the probed bandwidth the planner
+(``planner.plan_blocks``) picks the resident blocks and the window, which the runtime applies between that
+forward and the next. ``AutoPlanner`` holds this policy; the runtime only carries it out.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from .calibration import BlockTimer
+from .cost_model import ModelCost
+from .device_map import DeviceMap, human_bytes
+from .placement import Placement
+from .plan import ExecutionPlan
+from .planner import BlockPlan, BudgetTooSmall, plan_blocks
+from .runtime import Runtime
+
+logger = logging.getLogger("offload_map")
+
+# Share of the budget kept free for activations when deciding that the whole pipeline fits.
+ACTIVATION_SHARE = 0.1
+
+
+def fits_entirely(total_bytes: int, budget: int) -> bool:
+    """Whether the whole pipeline can stay resident within ``budget``."""
+    return total_bytes <= (1 - ACTIVATION_SHARE) * budget
+
+
+def check_minimum(plan: ExecutionPlan, budget: int) -> None:
+    """Raise ``BudgetTooSmall`` if some DiT cannot stream through even one slot within ``budget``."""
+    resident = sum(u.nbytes for u in plan.resident)
+    for ring in plan.rings:
+        largest = max(u.nbytes for u in ring.blocks)
+        if resident + largest > budget:
+            raise BudgetTooSmall(budget, resident + largest)
+
+
+class AutoPlanner:
+    """Re-plans each streamed DiT of ``runtime`` after its first forward, within ``budget`` bytes.
+
+    Attributes:
+        plans: component name -> the ``BlockPlan`` in force (after calibration).
+    """
+
+    def __init__(self, runtime: Runtime, plan: ExecutionPlan, device_map: DeviceMap, budget: int, bandwidth: float) -> None:
+        self.runtime = runtime
+        self.device_map = device_map
+        self.budget = budget
+        self.bandwidth = bandwidth
+        self.plans: dict[str, BlockPlan] = {}
+        self.resident = sum(u.nbytes for u in plan.resident)  # every DiT's non-block weights and the rest
+        for ring in plan.rings:
+            own = sum(u.nbytes for u in plan.resident if plan.component_of(u.path).name == ring.component)
+            slot_ring = runtime.rings[ring.component]
+            runtime.prefetchers[ring.component].timer = BlockTimer(
+                runtime.ordering, slot_ring.paths, [b.nbytes for b in slot_ring.blocks], own,
+                lambda cost, name=ring.component, own=own: self.replan(name, cost, own),
+            )
+
+    def replan(self, name: str, cost: ModelCost, own: int) -> None:
+        """Choose resident blocks and the window for DiT ``name`` from its measured ``cost``, and apply them."""
+        dit_budget = self.budget - (self.resident - own)
+        try:
+            plan = plan_blocks(cost, dit_budget, self.bandwidth)
+        except BudgetTooSmall as err:
+            logger.warning("%s: %s; measured activations need %s. Keeping every block streamed.",
+                           name or "DiT", err, human_bytes(cost.activation_bytes))
+            return
+        ring = self.runtime.rings[name]
+        by_path = {path: index for index, path in enumerate(ring.paths)}
+        resident = frozenset(by_path[cost.blocks[i].path] for i in plan.resident)
+        self.runtime.set_residency(name, resident, plan.window)
+        self.plans[name] = plan
+        for index, path in enumerate(ring.paths):
+            placement = Placement.GPU if index in resident else Placement.LAYER_WINDOW
+            self.device_map.entries[path] = replace(self.device_map.entries[path], placement=placement)
+        self.device_map.window = plan.window
+        logger.info("%s: %d of %d blocks resident, window %d, predicted step %.1f ms within %s",
+                    name or "DiT", len(resident), len(ring.paths), plan.window, plan.step_s * 1e3, human_bytes(dit_budget))
+

@@ -1,0 +1,69 @@
+"""Calibration: timing one forward of a streamed DiT, block by block, into a ``ModelCost``.
+
+A ``BlockTimer`` is armed on a ``Prefetcher`` for one forward. It puts a timing mark on the compute
+stream when the forward starts, when each block starts (after its copy has landed) and ends, and when
+the forward ends; then it waits once for the last mark (the only host synchronisation, and only in this
+forward), turns the marks into per-block compute seconds, measures the activation memory the forward
+needed beyond what was allocated when it began, and hands the ``ModelCost`` to ``on_done``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+
+from .cost_model import BlockCost, ModelCost
+
+
+class BlockTimer:
+    """Times one forward (see the module docstring).
+
+    Args:
+        ordering: the runtime's ordering (``stamp``/``seconds``/``wait_for``).
+        paths: module path of each block, by block index.
+        nbytes: weight bytes of each block, by block index.
+        other_bytes: the DiT's weights outside its blocks.
+        on_done: receives the ``ModelCost`` after the forward.
+    """
+
+    def __init__(self, ordering, paths: list[str], nbytes: list[int], other_bytes: int, on_done: Callable[[ModelCost], None]) -> None:
+        self.ordering = ordering
+        self.paths = paths
+        self.nbytes = nbytes
+        self.other_bytes = other_bytes
+        self.on_done = on_done
+        self.marks: list[tuple[int, object, object]] = []
+        self.pending: dict[int, object] = {}
+        self.start = None
+        self.base_memory = 0
+
+    def forward_start(self) -> None:
+        if self.ordering.asynchronous:
+            torch.cuda.reset_peak_memory_stats(self.ordering.device)
+            self.base_memory = torch.cuda.memory_allocated(self.ordering.device)
+        self.start = self.ordering.stamp()
+
+    def block_start(self, block: int) -> None:
+        self.pending[block] = self.ordering.stamp()
+
+    def block_end(self, block: int) -> None:
+        self.marks.append((block, self.pending.pop(block), self.ordering.stamp()))
+
+    def forward_end(self, sequence: list[int]) -> None:
+        end = self.ordering.stamp()
+        self.ordering.wait_for(end)
+        seconds = self.ordering.seconds
+        compute: dict[int, float] = defaultdict(float)
+        for block, start, stop in self.marks:
+            compute[block] += seconds(start, stop)
+        other = 0.0
+        if self.marks:
+            other = seconds(self.start, self.marks[0][1]) + seconds(self.marks[-1][2], end)
+        activation = 0
+        if self.ordering.asynchronous:
+            activation = max(torch.cuda.max_memory_allocated(self.ordering.device) - self.base_memory, 0)
+        unique = list(dict.fromkeys(sequence))
+        blocks = tuple(BlockCost(self.paths[b], self.nbytes[b], compute[b]) for b in unique)
+        self.on_done(ModelCost(blocks, self.other_bytes, other, activation))
