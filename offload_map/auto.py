@@ -33,15 +33,6 @@ def fits_entirely(total_bytes: int, budget: int) -> bool:
     return total_bytes <= (1 - ACTIVATION_SHARE) * budget
 
 
-def check_minimum(plan: ExecutionPlan, budget: int) -> None:
-    """Raise ``BudgetTooSmall`` if some DiT cannot stream through even one slot within ``budget``."""
-    resident = sum(u.nbytes for u in plan.resident)
-    for ring in plan.rings:
-        largest = max(u.nbytes for u in ring.blocks)
-        if resident + largest > budget:
-            raise BudgetTooSmall(budget, resident + largest)
-
-
 class AutoPlanner:
     """Re-plans each streamed DiT of ``runtime`` after its first forward, within ``budget`` bytes.
 

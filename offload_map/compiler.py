@@ -7,18 +7,24 @@ Strategies:
   encoders, the VAEs and every other DiT); other components and ``_resident_modules`` stay ``"gpu"``.
 - ``"layerwise"``: as ``"model"``, except each DiT is ``"gpu"`` with its blocks ``"layer-window"``,
   streamed through ``window`` slots.
+- ``"auto"`` (needs a budget): everything ``"gpu"`` if the whole pipeline fits the budget, else as
+  ``"layerwise"``; the blocks to keep resident are chosen after the first forward (``auto.AutoPlanner``).
+
+With a budget, the window shrinks (down to 1) until the resident weights and the slots fit in it.
 """
 
 from __future__ import annotations
 
+from .auto import fits_entirely
 from .blocks import get_blocks
 from .devices import resolve_device
 from .device_map import DeviceMap, MapEntry, check_window
 from .module_collector import ModuleDiscovery
 from .placement import Placement, Role
 from .plan import bind
+from .planner import BudgetTooSmall
 
-STRATEGIES = ("none", "model", "layerwise")
+STRATEGIES = ("none", "model", "layerwise", "auto")
 
 
 def check_strategy(strategy: object) -> str:
@@ -29,7 +35,7 @@ def check_strategy(strategy: object) -> str:
     return name
 
 
-def compile_device_map(pipeline: object, strategy: str = "model", device=None, window: int = 2) -> DeviceMap:
+def compile_device_map(pipeline: object, strategy: str = "model", device=None, window: int = 2, budget: int | None = None) -> DeviceMap:
     """Compile ``pipeline`` into a ``DeviceMap`` for ``strategy`` (see the module docstring).
 
     Args:
@@ -37,12 +43,14 @@ def compile_device_map(pipeline: object, strategy: str = "model", device=None, w
         strategy: ``"none"``, ``"model"`` or ``"layerwise"``.
         device: target device; ``None`` picks this rank's GPU, or the CPU without one.
         window: device slots per streamed DiT (``"layerwise"``); more than the blocks means all resident.
+        budget: device bytes the map may use (``"auto"``, ``"layerwise"``), e.g. from ``budget.parse_size``.
 
     Returns:
         The map, with each entry's bytes and dtype filled in. Nothing has moved.
 
     Raises:
         ValueError: unknown strategy, bad window or device, or a DiT without blocks under ``"layerwise"``.
+        BudgetTooSmall: the budget cannot hold the resident weights and one slot.
 
     Example:
         >>> from offload_map.demo import make_tiny_pipeline
@@ -52,9 +60,34 @@ def compile_device_map(pipeline: object, strategy: str = "model", device=None, w
     """
     strategy = check_strategy(strategy)
     check_window(window)
+    if strategy == "auto" and budget is None:
+        raise ValueError("strategy 'auto' needs a budget: pass max_memory={0: '12GiB'} or gpu_budget='12GiB'")
     dev = resolve_device(device)
     found = ModuleDiscovery.discover(pipeline)
-    dmap = DeviceMap(str(dev), {c.name: c.role for c in found.components.values()}, window=window, strategy=strategy)
+    dmap = _place(found, strategy if strategy != "auto" else "layerwise", str(dev), window)
+    dmap.strategy = strategy
+    dmap = with_sizes(dmap, pipeline)
+    if budget is None:
+        return dmap
+    if strategy == "auto" and fits_entirely(sum(dmap.bytes_by_placement().values()), budget):
+        dmap = with_sizes(_place(found, "none", str(dev), window), pipeline)
+        dmap.strategy = "auto"
+        return dmap
+    return _fit_window(dmap, bind(dmap, pipeline), budget)
+
+
+def _fit_window(dmap: DeviceMap, plan, budget: int) -> DeviceMap:
+    resident = sum(u.nbytes for u in plan.resident)
+    largest = max((u.nbytes for ring in plan.rings for u in ring.blocks), default=0)
+    if resident + largest > budget:
+        raise BudgetTooSmall(budget, resident + largest)
+    while dmap.window > 1 and resident + dmap.window * largest > budget:
+        dmap.window -= 1
+    return dmap
+
+
+def _place(found, strategy: str, device: str, window: int) -> DeviceMap:
+    dmap = DeviceMap(device, {c.name: c.role for c in found.components.values()}, window=window, strategy=strategy)
     for comp in found.components.values():
         offloaded = strategy != "none" and comp.role is not Role.OTHER and not comp.resident
         if strategy == "layerwise" and comp.role is Role.DIT and offloaded:
@@ -70,7 +103,7 @@ def compile_device_map(pipeline: object, strategy: str = "model", device=None, w
                 dmap[f"{comp.name}.{path}".lstrip(".")] = Placement.LAYER_WINDOW
         else:
             dmap[comp.name] = Placement.CPU_PINNED if offloaded else Placement.GPU
-    return with_sizes(dmap, pipeline)
+    return dmap
 
 
 def with_sizes(dmap: DeviceMap, pipeline: object) -> DeviceMap:

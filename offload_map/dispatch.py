@@ -6,11 +6,14 @@ import logging
 import time
 
 import torch
+from .auto import AutoPlanner
+from .budget import device_budget
 from .compiler import check_strategy, compile_device_map, with_sizes
 from .device_map import DeviceMap, check_window
 from .devices import resolve_device
 from .module_collector import ModuleDiscovery
 from .plan import bind
+from .profile import bandwidth
 from .report import Report
 from .runtime import Runtime
 
@@ -27,10 +30,11 @@ class OffloadHandle:
         pipeline: the dispatched pipeline.
     """
 
-    def __init__(self, pipeline: object, device_map: DeviceMap, runtime: Runtime, setup_seconds: float) -> None:
+    def __init__(self, pipeline: object, device_map: DeviceMap, runtime: Runtime, setup_seconds: float, planner: AutoPlanner | None = None) -> None:
         self.pipeline = pipeline
         self.device_map = device_map
         self._runtime = runtime
+        self._planner = planner
         self._report = Report.start(device_map, runtime.slot_bytes, setup_seconds, runtime.stats)
         self._removed = False
         if runtime.device.type == "cuda":
@@ -41,6 +45,19 @@ class OffloadHandle:
         if self._runtime.device.type == "cuda" and not self._removed:
             self._report.peak_device_bytes = torch.cuda.max_memory_allocated(self._runtime.device)
         return self._report
+
+    def explain(self) -> str:
+        """The device map, and for each planned DiT its per-block plan and what bounds the step."""
+        parts = [str(self.device_map)]
+        if self._planner is None:
+            if self.device_map.strategy == "auto":
+                parts.append("The whole pipeline fits the budget: everything is resident ('gpu').")
+            return "\n\n".join(parts)
+        for ring in self._runtime.plan.rings:
+            plan = self._planner.plans.get(ring.component)
+            title = f"plan for {ring.component or 'the DiT'}"
+            parts.append(f"{title}:\n{plan.explain()}" if plan else f"{title}: not measured yet; the first forward times every block, then the plan is made")
+        return "\n\n".join(parts)
 
     def on_device(self) -> list[str]:
         """Names of the components whose weights are on the target device right now (resident or loaded).
@@ -84,6 +101,8 @@ def dispatch_pipeline(
     *,
     window: int = 2,
     device_map: DeviceMap | None = None,
+    max_memory: dict | None = None,
+    gpu_budget: "str | int | None" = None,
     pin_memory: bool = True,
     blocking: bool = False,
     progress: bool | None = None,
@@ -93,13 +112,17 @@ def dispatch_pipeline(
     Args:
         pipeline: a diffusers ``DiffusionPipeline``, any object holding ``nn.Module``s, or an ``nn.Module``
             (a lone DiT is fine).
-        strategy: ``"none"`` (all resident), ``"model"`` (components take turns on the device) or
-            ``"layerwise"`` (DiT blocks streamed through ``window`` device slots; encoders take turns).
+        strategy: ``"none"`` (all resident), ``"model"`` (components take turns on the device),
+            ``"layerwise"`` (DiT blocks streamed through ``window`` device slots; encoders take turns) or
+            ``"auto"`` (the fastest predicted map within a budget, re-planned after the first DiT forward).
             Ignored when ``device_map`` is given.
         device: target device; ``None`` picks this rank's GPU (``LOCAL_RANK``), or the CPU without one.
             On the CPU the same code runs with synchronous copies.
         window: device slots per streamed DiT, an int >= 1 (default 2: one computing, one loading).
         device_map: a map from ``compile_device_map`` (possibly edited, or loaded from JSON) to use instead.
+        max_memory: accelerate's convention, ``{0: "12GiB"}``: the device memory the map may use. With
+            ``"layerwise"`` or ``"auto"`` the planner keeps as many blocks resident as pays within it.
+        gpu_budget: shorthand for ``max_memory={<this device>: gpu_budget}``.
         pin_memory: keep host copies in page-locked memory (fast, asynchronous copies). CUDA only.
         blocking: make component copies synchronous (for HSDP, where collectives read the weights at once).
         progress: show a progress bar while packing host weights (default: when it takes over a second).
@@ -108,7 +131,8 @@ def dispatch_pipeline(
         An ``OffloadHandle``; ``handle.remove()`` restores the pipeline.
 
     Raises:
-        ValueError: unknown strategy, bad window or device, a device map that does not fit the pipeline.
+        ValueError: unknown strategy, bad window, device or budget, a device map that does not fit the pipeline.
+        BudgetTooSmall: (a ValueError) the budget is below the minimum, which the message names.
         RuntimeError: the pipeline is already dispatched, or another offloader's hooks are on it.
 
     Example:
@@ -121,17 +145,21 @@ def dispatch_pipeline(
     """
     start = time.perf_counter()
     if device_map is None:
-        check_strategy(strategy)
+        strategy = check_strategy(strategy)
         check_window(window)
-    resolve_device(device if device_map is None else device_map.device)
+    target = resolve_device(device if device_map is None else device_map.device)
+    budget = device_budget(target, max_memory, gpu_budget)
+    if budget is not None and (device_map is not None or strategy not in ("layerwise", "auto")):
+        raise ValueError("a memory budget (max_memory/gpu_budget) applies to strategy 'layerwise' or 'auto' only")
     _check_not_managed(pipeline)
     if device_map is None:
-        device_map = compile_device_map(pipeline, strategy, device, window)
+        device_map = compile_device_map(pipeline, strategy, target, window, budget)
     else:
         device_map = with_sizes(DeviceMap.from_dict(device_map.to_dict()), pipeline)
     plan = bind(device_map, pipeline)
     runtime = Runtime(plan, pin_memory=pin_memory, blocking=blocking, progress=progress)
-    handle = OffloadHandle(pipeline, device_map, runtime, time.perf_counter() - start)
+    planner = AutoPlanner(runtime, plan, device_map, budget, bandwidth(target)) if budget is not None and plan.rings else None
+    handle = OffloadHandle(pipeline, device_map, runtime, time.perf_counter() - start, planner)
     pipeline.__dict__[_HANDLE_ATTR] = handle
     logger.info("dispatched %s: %s", type(pipeline).__name__, device_map.strategy)
     return handle

@@ -1,0 +1,112 @@
+"""The budget planner as pure functions, and strategy 'auto' on real pipelines."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from offload_map import Placement, compile_device_map, dispatch_pipeline
+from offload_map.budget import parse_size
+from offload_map.cost_model import BlockCost, ModelCost, floor_s, simulate
+from offload_map.planner import BudgetTooSmall, minimum_memory, plan_blocks, plan_memory
+from conftest import resident_run
+from test_pipelines import PIPELINES
+
+
+def random_cost(rng: random.Random) -> ModelCost:
+    n = rng.randint(1, 14)
+    kinds = [(rng.randint(1, 50) * 1000, rng.uniform(1e-4, 5e-3)) for _ in range(rng.randint(1, 3))]
+    blocks = tuple(BlockCost(f"blocks.{i}", *rng.choice(kinds)) for i in range(n))
+    return ModelCost(blocks, rng.randint(0, 20_000), rng.uniform(0, 1e-3), rng.randint(0, 30_000))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_plans_respect_the_budget_and_more_budget_is_never_slower(seed):
+    rng = random.Random(seed)
+    cost = random_cost(rng)
+    bandwidth = rng.uniform(1e6, 1e8)
+    low, high = minimum_memory(cost), plan_memory(cost, frozenset(), 1)
+    budgets = sorted({low, high, *(rng.randint(low, high) for _ in range(6))})
+    steps = []
+    for budget in budgets:
+        plan = plan_blocks(cost, budget, bandwidth)
+        assert plan.memory <= budget
+        assert plan.streamed <= frozenset(range(len(cost.blocks)))
+        assert 1 <= plan.window
+        assert plan.step_s >= floor_s(cost, plan.streamed, bandwidth) - 1e-12
+        steps.append(plan.step_s)
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(steps, steps[1:])), steps
+    assert plan_blocks(cost, high, bandwidth).all_resident
+
+
+def test_below_the_minimum_raises_naming_it():
+    cost = ModelCost(tuple(BlockCost(f"b.{i}", 1000, 1e-3) for i in range(4)), other_bytes=500, activation_bytes=100)
+    with pytest.raises(BudgetTooSmall, match="below the minimum of 1.6 KiB"):
+        plan_blocks(cost, 1599, 1e6)
+    assert plan_blocks(cost, 1600, 1e6).streamed == frozenset(range(4))
+
+
+def test_copy_bound_plan_spreads_resident_blocks_to_hide_copies():
+    cost = ModelCost(tuple(BlockCost(f"b.{i}", 1000, 1e-3) for i in range(8)))
+    plan = plan_blocks(cost, 6000, bandwidth=5e5)  # each copy 2 ms, each compute 1 ms
+    assert len(plan.resident) >= 3
+    assert plan.step_s < simulate(cost, frozenset(range(8)), 2, 5e5).step_s
+    assert plan.step_s <= 1.05 * floor_s(cost, plan.streamed, 5e5)
+    text = plan.explain()
+    assert "predicted step 8.0 ms" in text and "Compute bounds the step" in text
+
+
+def test_whole_model_that_fits_is_all_resident_and_says_so():
+    cost = ModelCost(tuple(BlockCost(f"b.{i}", 10, 1e-3) for i in range(3)))
+    plan = plan_blocks(cost, 1000, 1.0)
+    assert plan.all_resident and "every block is resident" in plan.bottleneck()
+
+
+@pytest.mark.parametrize("text, expected", [("12GiB", 12 * 2**30), ("12GB", 12 * 10**9), ("1.5 MiB", 1572864), (4096, 4096)])
+def test_sizes_parse_like_accelerate(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["12 parsecs", "", "-1GB", 0, True, "GiB"])
+def test_bad_sizes_are_rejected(bad):
+    with pytest.raises(ValueError):
+        parse_size(bad)
+
+
+@pytest.fixture(scope="module", params=sorted(PIPELINES))
+def case(request, target):
+    make, run = PIPELINES[request.param]
+    pipe = make()
+    return pipe, run, resident_run(pipe, lambda: run(pipe), target)
+
+
+@pytest.mark.parametrize("share", [0.25, 0.5, 0.8, 2.0])
+def test_auto_is_bit_exact_at_every_budget(case, target, share):
+    pipe, run, reference = case
+    total = sum(compile_device_map(pipe, "none", target).bytes_by_placement().values())
+    try:
+        handle = dispatch_pipeline(pipe, "auto", target, gpu_budget=int(total * share))
+    except BudgetTooSmall:
+        pytest.skip("this share of the weights is below the pipeline's minimum")
+    for _ in range(2):
+        assert torch.equal(run(pipe), reference)
+    if share >= 2.0:
+        assert not handle.device_map.paths(Placement.LAYER_WINDOW)
+    else:
+        assert "plan for" in handle.explain()
+    handle.remove()
+
+
+def test_auto_without_a_budget_and_budget_with_model_strategy_are_refused(target):
+    from offload_map.demo import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline()
+    with pytest.raises(ValueError, match="needs a budget"):
+        dispatch_pipeline(pipe, "auto", target)
+    with pytest.raises(ValueError, match="applies to strategy 'layerwise' or 'auto' only"):
+        dispatch_pipeline(pipe, "model", target, gpu_budget="1GiB")
+    with pytest.raises(ValueError, match="no entry for the target device"):
+        dispatch_pipeline(pipe, "auto", target, max_memory={5: "1GiB"} if target != "cpu" else {0: "1GiB"})
+    assert not hasattr(pipe, "_offload_map_handle")
