@@ -163,6 +163,7 @@ class Ctx:
     inputs: dict = field(default_factory=dict)
     reference: torch.Tensor | None = None
     build_fingerprint: torch.Tensor | None = None
+    handle: object = None  # the offload_map handle of an "auto" strategy, for its plan summary
 
     @property
     def cuda(self) -> bool:
@@ -266,6 +267,35 @@ def make_layerwise(window: int):
     return setup_layerwise
 
 
+def make_auto(budget_gb: float | None):
+    """``strategy="auto"`` within ``budget_gb`` GB (10**9 bytes); None means the device's whole memory."""
+
+    def setup_auto(model, ctx: Ctx):
+        import offload_map
+
+        budget = int(budget_gb * 1e9) if budget_gb else torch.cuda.mem_get_info()[1] if ctx.cuda else 10**15
+        handle = offload_map.dispatch_pipeline(model, strategy="auto", device=ctx.device, gpu_budget=budget)
+        ctx.handle = handle
+        return handle.remove
+
+    return setup_auto
+
+
+def plan_summary(ctx: Ctx) -> dict:
+    """What the auto planner chose and predicted, once the calibration forward has run."""
+    handle = getattr(ctx, "handle", None)
+    ctx.handle = None
+    plan = next(iter(handle.plans.values()), None) if handle is not None else None
+    if plan is None:
+        return {"planned": False, "predicted_step_s": None}
+    return {"planned": True, "budget_bytes": plan.budget, "predicted_step_s": plan.step_s, "window": plan.window,
+            "resident_blocks": len(plan.resident), "streamed_blocks": len(plan.streamed),
+            "streamed_bytes": sum(plan.cost.blocks[i].nbytes for i in plan.streamed),
+            "predicted_peak_bytes": plan.memory, "activation_bytes": plan.cost.activation_bytes,
+            "measured_compute_s": plan.cost.compute_s, "planner_bandwidth_Bps": plan.bandwidth,
+            "explain": plan.explain()}
+
+
 def make_group_offload(offload_type: str):
     def setup_group_offload(model, ctx: Ctx):
         kwargs = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
@@ -307,6 +337,9 @@ def strategy_setup(name: str):
     match = re.fullmatch(r"layerwise-w(\d+)", name)
     if match:
         return make_layerwise(int(match.group(1)))
+    match = re.fullmatch(r"auto-(\d+(?:\.\d+)?)GB|auto-unlimited", name)
+    if match:
+        return make_auto(float(match.group(1)) if match.group(1) else None)
     raise ValueError(f"unknown strategy {name!r}")
 
 
@@ -393,7 +426,7 @@ def measure(name: str, model, ctx: Ctx, row: dict, grad_mode: str, undo_box: lis
         torch.cuda.reset_peak_memory_stats()
     row["failed_in"] = "forward"
     warm, timed, out = time_forwards(model, ctx, grad_mode)
-    row.update(timing_summary(warm, timed), **gpu_peak(ctx), **compare_output(out, ctx))
+    row.update(timing_summary(warm, timed), **gpu_peak(ctx), **compare_output(out, ctx), **plan_summary(ctx))
     if name == "resident":
         assert row["output_finite"], "resident output is not finite; lower --weight-std"
         ctx.reference = out.detach().to("cpu")
@@ -555,6 +588,8 @@ def add_ratios(row: dict, env: dict, rows: list[dict]) -> None:
     """step / floor and step / max(resident step, floor), where those are known."""
     resident = next((r.get("step_s") for r in rows + [row] if r["strategy"] == "resident"), None)
     floor, step = env.get("floor_s"), row.get("step_s")
+    if row.get("streamed_bytes") is not None and env.get("pinned_Bps"):
+        floor = row["streamed_bytes"] / env["pinned_Bps"]  # a plan that keeps blocks resident streams less
     bound = max(x for x in (resident, floor) if x is not None) if (resident or floor) else None
     row["floor_s"] = floor
     row["resident_step_s"] = resident
@@ -575,7 +610,7 @@ def table_line(row: dict) -> str:
     rss = f"{fmt(row.get('rss_after_setup_bytes'), '.1f', GB)} / {fmt(row.get('rss_peak_bytes'), '.1f', GB)}"
     exact = "-" if row.get("bit_exact") is None else ("yes" if row["bit_exact"] else f"no ({row['max_abs_diff']:.3g})")
     cells = [row["strategy"], step, fmt(row.get("x_floor"), ".2f"), fmt(row.get("x_max_resident_floor"), ".2f"),
-             gpu, rss, fmt(row.get("setup_s"), ".2f"), exact]
+             fmt(row.get("predicted_step_s")), gpu, rss, fmt(row.get("setup_s"), ".2f"), exact]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -592,7 +627,8 @@ def env_lines(env: dict) -> list[str]:
         f"- inputs: {json.dumps(env['inputs'])}; {env['grad_mode']}; warmup {env['warmup']}, repeats {env['repeats']}",
         f"- streamed bytes ({' + '.join(env['block_attrs'])}, {env['num_blocks']} blocks): "
         f"{env['block_bytes'] / GB:.2f} GB; H2D {bw}",
-        f"- floor = streamed bytes / pinned bandwidth = {fmt(env['floor_s'])} s",
+        f"- floor = streamed bytes / pinned bandwidth = {fmt(env['floor_s'])} s (for auto-* rows: the bytes that plan "
+        "streams); predicted s: the planner's prediction from the calibration forward",
         "- step s: median of the timed forwards; peak GPU GB: max allocated / reserved after warm-up began; "
         "host RSS GB: after setup / peak during setup + timing",
         "",
@@ -600,8 +636,8 @@ def env_lines(env: dict) -> list[str]:
 
 
 def render_markdown(env: dict, rows: list[dict]) -> str:
-    header = ["| strategy | step s | x floor | x max(resident,floor) | peak GPU GB | host RSS GB | setup s | bit-exact |",
-              "|---|---|---|---|---|---|---|---|"]
+    header = ["| strategy | step s | x floor | x max(resident,floor) | predicted s | peak GPU GB | host RSS GB | setup s | bit-exact |",
+              "|---|---|---|---|---|---|---|---|---|"]
     lines = env_lines(env) + header + [table_line(r) for r in rows]
     notes = [f"- {r['strategy']}: {r['note']}" for r in rows if r.get("note")]
     notes += [f"- {r['strategy']}: ran under no_grad; inference_mode failed: {r['inference_mode_error']}"

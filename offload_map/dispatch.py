@@ -46,6 +46,11 @@ class OffloadHandle:
             self._report.peak_device_bytes = torch.cuda.max_memory_allocated(self._runtime.device)
         return self._report
 
+    @property
+    def plans(self) -> dict:
+        """The planner's ``BlockPlan`` per streamed DiT (with a budget), once that DiT's first forward ran."""
+        return dict(self._planner.plans) if self._planner is not None else {}
+
     def explain(self) -> str:
         """The device map, and for each planned DiT its per-block plan and what bounds the step."""
         parts = [str(self.device_map)]
