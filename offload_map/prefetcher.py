@@ -50,6 +50,12 @@ class Prefetcher:
         self.idle: deque[Slot] = deque(self.ring.slots)
         self.running = None
 
+    def forget_slots(self) -> None:
+        """Drop every reference to the ring's current slots (before the ring replaces them)."""
+        self.queue = deque()
+        self.idle = deque()
+        self.running = None
+
     def begin_forward(self) -> None:
         """Called before each forward of the DiT."""
         if self.running is not None:  # the last forward raised inside a block

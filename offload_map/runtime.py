@@ -113,8 +113,10 @@ class Runtime:
 
     def set_residency(self, name: str, resident: frozenset[int], window: int) -> None:
         """Keep blocks ``resident`` of DiT ``name`` on the device and stream the rest through ``window`` slots."""
+        prefetcher = self.prefetchers[name]
+        prefetcher.forget_slots()  # the old slots' memory must be free before the new plan allocates
         self._step(f"re-planning {name!r}", self.rings[name].set_resident, resident, window)
-        self.prefetchers[name].restart()
+        prefetcher.restart()
 
     def _attach(self, module, hook) -> None:
         attach(module, hook)
