@@ -11,7 +11,7 @@ Usage (no GPU, checks the script itself)::
     python benchmarks/step_time.py --model tiny-flux --out DIR --cpu-smoke
 
 ``--model`` is ``flux-12b``, ``sd35-medium``, ``tiny-flux`` or a diffusers ``config.json`` path (see
-``benchmarks/models.py``). The model is built with random bf16 weights straight into CPU memory, as
+``offload_map/model_zoo.py``). The model is built with random bf16 weights straight into CPU memory, as
 a user's loaded checkpoint would be, and is rebuilt from the same seed before every strategy, so no
 strategy sees another's leftovers. Each strategy's own undo (``.to("cpu")``, ``handle.remove()``,
 hook removal) still runs and its result is recorded (``restored``).
@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import models  # noqa: E402  (benchmarks/models.py)
+from offload_map import model_zoo as models  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_STRATEGIES = (

@@ -1,7 +1,13 @@
 """The ``offload-map`` command line.
 
-``offload-map demo [--device DEV] [--steps N]`` builds a tiny pipeline in code, prints its compiled device
-map, runs it under every strategy and prints each report and whether the output matches the resident run.
+- ``offload-map demo [--device DEV] [--steps N]``: builds a tiny pipeline in code, prints its compiled
+  device map, runs it under every strategy and prints each report and whether the output matches the
+  resident run.
+- ``offload-map profile --model flux-12b --out FILE`` (on a GPU): builds the full-size transformer with
+  random weights, measures the pinned host-to-device bandwidth and each block's compute time in one
+  calibration forward at 1024x1024, and adds them to the device profile FILE.
+- ``offload-map plan --model flux-12b --budget 12GiB [--profile FILE]`` (no GPU needed): prints the plan
+  for that budget from a stored profile (by default the H100 profile shipped with offload_map).
 """
 
 from __future__ import annotations
@@ -10,11 +16,17 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+from .budget import parse_size
 from .compiler import STRATEGIES, compile_device_map
 from .dispatch import dispatch_pipeline
+from .planner import plan_blocks
+from .profile import DeviceProfile, bandwidth, device_name
+
+SHIPPED_PROFILE = Path(__file__).parent / "profiles" / "h100.json"
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -40,6 +52,43 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from . import model_zoo
+
+    device = torch.device(args.device)
+    spec = model_zoo.resolve_spec(args.model)
+    print(f"building {spec.name} ({spec.class_name}) with random weights...", flush=True)
+    model = model_zoo.build_model(spec, seed=0, gen_device=args.device)
+    inputs = model_zoo.make_inputs(spec, model, device, seed=1)
+    total = sum(t.numel() * t.element_size() for t in model.parameters())
+    handle = dispatch_pipeline(model, "auto", device, gpu_budget=total // 2)
+    with torch.inference_mode():
+        model(**inputs, return_dict=False)
+    cost = handle.plans[""].cost
+    handle.remove()
+    path = Path(args.out)
+    profile = DeviceProfile.load(path) if path.exists() else DeviceProfile(device_name(device), bandwidth(device))
+    if profile.device_name != device_name(device):
+        print(f"{path} holds a profile of {profile.device_name}, not {device_name(device)}; use another --out", file=sys.stderr)
+        return 2
+    profile.models[spec.name] = cost
+    profile.save(path)
+    print(f"{spec.name}: {len(cost.blocks)} blocks, compute {cost.compute_s * 1e3:.1f} ms per forward, "
+          f"activations {cost.activation_bytes / 2**30:.2f} GiB; bandwidth {profile.h2d_bytes_per_s / 1e9:.1f} GB/s -> {path}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    profile = DeviceProfile.load(args.profile)
+    if args.model not in profile.models:
+        print(f"profile {args.profile} has no model {args.model!r}; it has {sorted(profile.models)}", file=sys.stderr)
+        return 2
+    plan = plan_blocks(profile.models[args.model], parse_size(args.budget, "--budget"), profile.h2d_bytes_per_s)
+    print(f"{args.model} on {profile.device_name} ({profile.h2d_bytes_per_s / 1e9:.1f} GB/s), budget {args.budget}:\n")
+    print(plan.explain())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``offload-map`` console script."""
     parser = argparse.ArgumentParser(prog="offload-map", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,9 +97,21 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--device", help="target device (default: cuda if available, else cpu)")
     demo.add_argument("--steps", type=int, default=4, help="denoising steps (default 4)")
     demo.add_argument("--window", type=int, default=2, help="layer-window slots (default 2)")
+    profile = sub.add_parser("profile", help="measure a model's per-block costs and the bandwidth on this GPU")
+    profile.add_argument("--model", required=True, help="flux-12b, sd35-medium, tiny-flux or a diffusers config.json")
+    profile.add_argument("--out", required=True, help="device profile JSON to create or extend")
+    profile.add_argument("--device", default="cuda", help="device to profile (default cuda)")
+    plan = sub.add_parser("plan", help="print the plan for a budget from a stored profile (no GPU needed)")
+    plan.add_argument("--model", required=True, help="a model name in the profile, e.g. flux-12b")
+    plan.add_argument("--budget", required=True, help="device memory for the DiT, e.g. 12GiB or 12GB")
+    plan.add_argument("--profile", default=str(SHIPPED_PROFILE), help="device profile JSON (default: the shipped H100 profile)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    return _demo(args)
+    try:
+        return {"demo": _demo, "profile": _profile, "plan": _plan}[args.command](args)
+    except ValueError as err:
+        print(f"offload-map {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

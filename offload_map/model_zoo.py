@@ -1,4 +1,4 @@
-"""Model registry, fast random-weight construction and inputs for the offload benchmarks.
+"""Full-size diffusers transformers with random weights, and their inputs: for benchmarks and profiles.
 
 Models are built without a checkpoint: the module tree is created with its parameters on the meta
 device (buffers that ``__init__`` computes, such as SD3's ``pos_embed``, stay real), then every
@@ -197,7 +197,7 @@ def block_attr_names(model: nn.Module) -> list[str]:
     if known:
         return list(known)
     try:
-        from offload_map.blocks import get_blocks_attr_names
+        from .blocks import get_blocks_attr_names
 
         return list(get_blocks_attr_names(model))
     except Exception:
