@@ -668,7 +668,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--strategies", default=DEFAULT_STRATEGIES, help="comma-separated; default: %(default)s")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=2, help="untimed forwards first (auto-* calibrates on its second)")
     p.add_argument("--device", default="cuda:0")
     p.add_argument("--cpu-smoke", action="store_true", help="run on CPU (checks the script, no timings)")
     p.add_argument("--grad-mode", choices=("inference", "no_grad"), default="inference")

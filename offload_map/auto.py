@@ -3,8 +3,8 @@
 Used by ``dispatch_pipeline`` when a budget is given (``max_memory``/``gpu_budget``), with strategy
 ``"auto"`` or ``"layerwise"``. If the whole pipeline fits the budget with ``ACTIVATION_SHARE`` of it left
 for activations, ``"auto"`` keeps everything resident (``"gpu"``) and says so. Otherwise encoders and
-VAEs are ``"cpu-pinned"`` and each DiT starts with every block streamed; its first forward is timed block
-by block (``calibration.BlockTimer``), and from those measurements and the probed bandwidth the planner
+VAEs are ``"cpu-pinned"`` and each DiT starts with every block streamed; its second forward is timed block
+by block (``calibration.BlockTimer``; the first pays for lazy CUDA initialisation), and from those measurements and the probed bandwidth the planner
 (``planner.plan_blocks``) picks the resident blocks and the window, which the runtime applies between that
 forward and the next. ``AutoPlanner`` holds this policy; the runtime only carries it out.
 """
@@ -34,7 +34,7 @@ def fits_entirely(total_bytes: int, budget: int) -> bool:
 
 
 class AutoPlanner:
-    """Re-plans each streamed DiT of ``runtime`` after its first forward, within ``budget`` bytes.
+    """Re-plans each streamed DiT of ``runtime`` after its second forward, within ``budget`` bytes.
 
     Attributes:
         plans: component name -> the ``BlockPlan`` in force (after calibration).

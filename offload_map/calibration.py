@@ -1,6 +1,7 @@
 """Calibration: timing one forward of a streamed DiT, block by block, into a ``ModelCost``.
 
-A ``BlockTimer`` is armed on a ``Prefetcher`` for one forward. It puts a timing mark on the compute
+A ``BlockTimer`` is armed on a ``Prefetcher``. It lets ``skip`` forwards go by untimed (the first forward
+of a process pays for lazy CUDA initialisation: library handles, kernel loading), then times one. It puts a timing mark on the compute
 stream when the forward starts, when each block starts (after its copy has landed) and ends, and when
 the forward ends; then it waits once for the last mark (the only host synchronisation, and only in this
 forward), turns the marks into per-block compute seconds, measures the activation memory the forward
@@ -26,32 +27,42 @@ class BlockTimer:
         nbytes: weight bytes of each block, by block index.
         other_bytes: the DiT's weights outside its blocks.
         on_done: receives the ``ModelCost`` after the forward.
+        skip: forwards to let go by before the timed one.
     """
 
-    def __init__(self, ordering, paths: list[str], nbytes: list[int], other_bytes: int, on_done: Callable[[ModelCost], None]) -> None:
+    def __init__(self, ordering, paths: list[str], nbytes: list[int], other_bytes: int, on_done: Callable[[ModelCost], None], skip: int = 1) -> None:
         self.ordering = ordering
         self.paths = paths
         self.nbytes = nbytes
         self.other_bytes = other_bytes
         self.on_done = on_done
+        self.skip = skip
         self.marks: list[tuple[int, object, object]] = []
         self.pending: dict[int, object] = {}
         self.start = None
         self.base_memory = 0
 
     def forward_start(self) -> None:
+        if self.skip:
+            return
         if self.ordering.asynchronous:
             torch.cuda.reset_peak_memory_stats(self.ordering.device)
             self.base_memory = torch.cuda.memory_allocated(self.ordering.device)
         self.start = self.ordering.stamp()
 
     def block_start(self, block: int) -> None:
-        self.pending[block] = self.ordering.stamp()
+        if not self.skip:
+            self.pending[block] = self.ordering.stamp()
 
     def block_end(self, block: int) -> None:
-        self.marks.append((block, self.pending.pop(block), self.ordering.stamp()))
+        if not self.skip:
+            self.marks.append((block, self.pending.pop(block), self.ordering.stamp()))
 
-    def forward_end(self, sequence: list[int]) -> None:
+    def forward_end(self, sequence: list[int]) -> bool:
+        """Finish a forward; returns True once the timed forward is done (and ``on_done`` was called)."""
+        if self.skip:
+            self.skip -= 1
+            return False
         end = self.ordering.stamp()
         self.ordering.wait_for(end)
         seconds = self.ordering.seconds
@@ -67,3 +78,4 @@ class BlockTimer:
         unique = list(dict.fromkeys(sequence))
         blocks = tuple(BlockCost(self.paths[b], self.nbytes[b], compute[b]) for b in unique)
         self.on_done(ModelCost(blocks, self.other_bytes, other, activation))
+        return True

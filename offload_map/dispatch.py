@@ -48,7 +48,7 @@ class OffloadHandle:
 
     @property
     def plans(self) -> dict:
-        """The planner's ``BlockPlan`` per streamed DiT (with a budget), once that DiT's first forward ran."""
+        """The planner's ``BlockPlan`` per streamed DiT (with a budget), once that DiT's second forward ran (the timed one)."""
         return dict(self._planner.plans) if self._planner is not None else {}
 
     def explain(self) -> str:
@@ -61,7 +61,7 @@ class OffloadHandle:
         for ring in self._runtime.plan.rings:
             plan = self._planner.plans.get(ring.component)
             title = f"plan for {ring.component or 'the DiT'}"
-            parts.append(f"{title}:\n{plan.explain()}" if plan else f"{title}: not measured yet; the first forward times every block, then the plan is made")
+            parts.append(f"{title}:\n{plan.explain()}" if plan else f"{title}: not measured yet; its second forward times every block, then the plan is made")
         return "\n\n".join(parts)
 
     def on_device(self) -> list[str]:

@@ -79,7 +79,8 @@ class Prefetcher:
             self._fill()
         if self.timer is not None:
             timer, self.timer = self.timer, None
-            timer.forward_end(self.sequence)
+            if not timer.forward_end(self.sequence):
+                self.timer = timer
 
     def enter(self, block: int) -> None:
         """The block is about to run: make sure its weights are (or will be) in place, ordered before it."""

@@ -41,7 +41,7 @@ def test_learned_order_is_followed_without_on_demand_loads(target, order, window
     model = _make(order)
     x = torch.randn(1, 4, 8)
     with torch.no_grad():
-        reference = resident_run(model, lambda: model(x), target)
+        reference = resident_run(model, lambda: model(x.to(target)), target)
         handle = dispatch_pipeline(model, "layerwise", target, window=window)
         for _ in range(3):
             assert torch.equal(model(x).cpu(), reference)
@@ -62,7 +62,7 @@ def test_departing_from_the_learned_order_warns_once_and_stays_correct(target, c
         model(x)
         model.order = [3, 1, 4, 0]
         reference_model = _make([3, 1, 4, 0])
-        reference = resident_run(reference_model, lambda: reference_model(x), target)
+        reference = resident_run(reference_model, lambda: reference_model(x.to(target)), target)
         with caplog.at_level(logging.WARNING, logger="offload_map"):
             for _ in range(2):
                 assert torch.equal(model(x).cpu(), reference)
@@ -76,7 +76,7 @@ def test_an_exception_inside_a_block_leaves_the_next_forward_correct(target):
     model = _make([0, 1, 2, 3, 4])
     x = torch.randn(1, 4, 8)
     with torch.no_grad():
-        reference = resident_run(model, lambda: model(x), target)
+        reference = resident_run(model, lambda: model(x.to(target)), target)
         handle = dispatch_pipeline(model, "layerwise", target, window=2)
         model(x)
         original = model.blocks[2]._old_forward
@@ -92,7 +92,7 @@ def test_an_exception_inside_a_block_leaves_the_next_forward_correct(target):
         assert torch.equal(model(x).cpu(), reference)
     handle.remove()
     with torch.no_grad():
-        assert torch.equal(resident_run(model, lambda: model(x), target), reference)
+        assert torch.equal(resident_run(model, lambda: model(x.to(target)), target), reference)
 
 
 def test_streamed_blocks_refuse_to_run_with_autograd_on(target):
@@ -121,7 +121,7 @@ def test_non_contiguous_and_mixed_dtype_tensors_keep_strides_and_values(target):
     stride = block.mlp[0].weight.stride()
     x = torch.randn(1, 4, 8)
     with torch.no_grad():
-        reference = resident_run(model, lambda: model(x), target)
+        reference = resident_run(model, lambda: model(x.to(target)), target)
         handle = dispatch_pipeline(model, "layerwise", target, window=1)
         assert torch.equal(model(x).cpu(), reference)
         assert block.mlp[0].weight.stride() == stride
