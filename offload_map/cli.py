@@ -37,9 +37,12 @@ def _demo(args: argparse.Namespace) -> int:
     reference = pipe("a red cat", steps=args.steps)
     print(f"tiny pipeline: {sum(p.numel() for p in pipe.parameters()):,} parameters; target device {device}\n")
     print(compile_device_map(pipe, "layerwise", device, window=args.window))
+    total = sum(compile_device_map(pipe, "none", device).bytes_by_placement().values())
     ok = True
     for strategy in STRATEGIES:
-        handle = dispatch_pipeline(pipe, strategy, device, window=args.window)
+        # "auto" gets half the weights as its budget, so that it has something to plan
+        budget = {"gpu_budget": total // 2} if strategy == "auto" else {}
+        handle = dispatch_pipeline(pipe, strategy, device, window=args.window, **budget)
         start = time.perf_counter()
         image = pipe("a red cat", steps=args.steps)
         elapsed = time.perf_counter() - start
@@ -47,6 +50,8 @@ def _demo(args: argparse.Namespace) -> int:
         ok &= same
         print(f"\n== strategy {strategy!r}: {elapsed * 1e3:.1f} ms, output {'identical to' if same else 'DIFFERS from'} the resident run")
         print(handle.report())
+        if strategy == "auto":
+            print(handle.explain().split("\n\n", 1)[-1])
         handle.remove()
     print("\nall strategies bit-identical" if ok else "\nMISMATCH")
     return 0 if ok else 1

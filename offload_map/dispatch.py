@@ -42,8 +42,11 @@ class OffloadHandle:
 
     def report(self) -> Report:
         """Placement totals, transfers since dispatch, and peak device memory allocated since dispatch."""
-        if self._runtime.device.type == "cuda" and not self._removed:
-            self._report.peak_device_bytes = torch.cuda.max_memory_allocated(self._runtime.device)
+        if not self._removed:  # a budget's plan may have changed placements since dispatch
+            self._report.bytes_by_placement = self.device_map.bytes_by_placement()
+            self._report.slot_bytes = self._runtime.slot_bytes
+            if self._runtime.device.type == "cuda":
+                self._report.peak_device_bytes = torch.cuda.max_memory_allocated(self._runtime.device)
         return self._report
 
     @property
