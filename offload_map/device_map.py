@@ -157,24 +157,42 @@ class DeviceMap:
         """Read a map saved with ``save``."""
         return cls.from_json(Path(path).read_text())
 
-    def to_accelerate_device_map(self) -> dict[str, dict[str, "int | str"]]:
-        """Per component, accelerate's ``device_map`` form: module path (relative to the component) -> device.
+    def to_accelerate_device_map(self, pipeline: object) -> dict[str, dict[str, "int | str"]]:
+        """Per component, accelerate's ``device_map`` form: disjoint module or tensor names -> device.
 
-        ``"gpu"`` maps to the device index (or ``"cpu"`` when the target is the CPU); ``"cpu-pinned"`` and
-        ``"layer-window"`` map to ``"cpu"``, where accelerate would offload them. Nested entries are kept as
-        they are, so the inner, more specific key wins as in ``plan.bind``; accelerate's own checks expect
-        disjoint keys, so pass a component's map to accelerate only where its entries do not nest.
+        ``"gpu"`` maps to the device index (``"cpu"`` when the target is the CPU); ``"cpu-pinned"`` and
+        ``"layer-window"`` map to ``"cpu"``, where accelerate would offload them. An entry with entries
+        nested inside it is written as the tensors it owns, so keys never overlap (accelerate's rule).
+        Names are relative to the component, as ``accelerate.dispatch_model(component, device_map=...)``
+        expects. Binding to ``pipeline`` validates the map first.
         """
-        gpu = self.device.split(":")[1] if self.device.startswith("cuda:") else ("0" if self.device == "cuda" else None)
+        from .plan import bind  # plan builds on this module
+
+        plan = bind(self, pipeline)
+        index = self.device.partition(":")[2] or "0"
         out: dict[str, dict[str, int | str]] = {name: {} for name in self.components}
-        for e in self.entries.values():
-            comp = owning_component(e.path, self.components)
-            rel = e.path[len(comp) + 1:] if comp and e.path != comp else ("" if e.path == comp else e.path)
-            out[comp][rel] = int(gpu) if e.placement is Placement.GPU and gpu is not None else "cpu"
+        for path, unit in plan.units.items():
+            comp = owning_component(path, self.components)
+            value = int(index) if unit.placement is Placement.GPU and self.device != "cpu" else "cpu"
+            for name in _disjoint_names(path, unit.module, plan.units):
+                out[comp][name[len(comp):].lstrip(".") if comp else name] = value
         return out
 
     def __str__(self) -> str:
         return format_table(self)
+
+
+def _disjoint_names(path: str, module, units: dict) -> list[str]:
+    # The module itself if no entry is nested in it; else its own tensors and, recursively, its children
+    # that are not entries of their own.
+    join = (lambda name: f"{path}.{name}") if path else (lambda name: name)
+    if not any(other != path and (not path or other.startswith(path + ".")) for other in units):
+        return [path]
+    names = [join(n) for n, t in [*module._parameters.items(), *module._buffers.items()] if t is not None]
+    for child_name, child in module.named_children():
+        if join(child_name) not in units:
+            names += _disjoint_names(join(child_name), child, units)
+    return names
 
 
 def check_window(window: object) -> int:

@@ -65,7 +65,7 @@ class SlotRing:
 
     @property
     def device_bytes(self) -> int:
-        return self.slot_bytes * len(self.slots) + sum(b.numel() for b in self.resident_buffers.values())
+        return self.slot_bytes * len(self.slots)
 
     def resize(self, window: int) -> None:
         """(Re)allocate ``window`` slots sized for the largest streamed block. Call between forwards only."""

@@ -55,13 +55,19 @@ def test_edited_map_is_honoured_and_stays_bit_exact(pipe):
     handle.remove()
 
 
-def test_accelerate_export_maps_gpu_to_the_device_index_and_offloaded_to_cpu(pipe):
+def test_accelerate_export_has_disjoint_keys_that_accelerate_accepts(pipe):
+    from accelerate.utils import check_device_map
+
     dmap = compile_device_map(pipe, "layerwise", "cpu")
     dmap.device = "cuda:1"
-    exported = dmap.to_accelerate_device_map()
+    exported = dmap.to_accelerate_device_map(pipe)
     assert exported["text_encoder"] == {"": "cpu"}
-    assert exported["transformer"][""] == 1
+    assert exported["transformer"]["proj_in"] == 1
     assert exported["transformer"]["single_blocks.2"] == "cpu"
+    for name, component_map in exported.items():
+        check_device_map(getattr(pipe, name), component_map)  # raises if a tensor is uncovered
+        keys = list(component_map)
+        assert not [a for a in keys for b in keys if a != b and (a == "" or b.startswith(a + "."))], "keys overlap"
 
 
 @pytest.mark.parametrize(
