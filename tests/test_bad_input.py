@@ -120,3 +120,30 @@ def test_overlapping_sequential_lists_are_refused(pipe):
     with pytest.raises(ValueError, match="at least one module"):
         apply_sequential_offload([], [], torch.device("cpu"))
     assert not any(hasattr(m, "_hf_hook") for m in pipe.modules())
+
+
+def test_running_out_of_device_memory_during_dispatch_names_the_need_and_rolls_back(pipe, monkeypatch):
+    from offload_map import slot_ring
+
+    reference, weights = pipe("check", steps=2), {k: v.clone() for k, v in pipe.state_dict().items()}
+
+    def no_memory(self, window):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(slot_ring.SlotRing, "resize", no_memory)
+    with pytest.raises(torch.OutOfMemoryError, match="this device map needs about .* smaller window"):
+        dispatch_pipeline(pipe, "layerwise", "cpu")
+    _unchanged(pipe, reference, weights)
+
+
+def test_an_exception_inside_a_pinned_component_leaves_the_next_call_correct(pipe):
+    reference = pipe("check", steps=2)
+    handle = dispatch_pipeline(pipe, "model", "cpu")
+    original = pipe.vae._old_forward
+    pipe.vae._old_forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("decoder failed"))
+    with pytest.raises(RuntimeError, match="decoder failed"):
+        pipe("check", steps=2)
+    pipe.vae._old_forward = original
+    assert torch.equal(pipe("check", steps=2), reference)
+    handle.remove()
+    assert torch.equal(pipe("check", steps=2), reference)

@@ -126,6 +126,24 @@ def _t5_tokenizer(model_max_length: int) -> PreTrainedTokenizerFast:
     )
 
 
+def _t5_config_kwargs(tokenizer, dim: int) -> dict:
+    """A 2-layer T5/UMT5 encoder config of width ``dim`` for ``tokenizer``."""
+    return dict(
+        vocab_size=len(tokenizer),
+        d_model=dim,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
 def _seeded(seed: int, build):
     """Run ``build()`` with the torch RNG seeded to ``seed``, restoring the
     global RNG state afterwards."""
@@ -199,21 +217,7 @@ def make_flux_pipeline(seed: int = 0) -> FluxPipeline:
         return CLIPTextModel(config)
 
     def build_t5():
-        config = T5Config(
-            vocab_size=len(tokenizer_2),
-            d_model=t5_dim,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=32,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=tokenizer_2.pad_token_id,
-            eos_token_id=tokenizer_2.eos_token_id,
-        )
-        return T5EncoderModel(config)
+        return T5EncoderModel(T5Config(**_t5_config_kwargs(tokenizer_2, t5_dim)))
 
     def build_transformer():
         return FluxTransformer2DModel(
@@ -324,21 +328,7 @@ def make_wan22_pipeline(seed: int = 0) -> WanPipeline:
     tokenizer = _t5_tokenizer(512)
 
     def build_umt5():
-        config = UMT5Config(
-            vocab_size=len(tokenizer),
-            d_model=text_dim,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=32,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        return UMT5EncoderModel(config)
+        return UMT5EncoderModel(UMT5Config(**_t5_config_kwargs(tokenizer, text_dim)))
 
     def build_expert(num_layers: int, ffn_dim: int):
         def build():
