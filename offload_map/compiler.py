@@ -55,7 +55,7 @@ def compile_device_map(pipeline: object, strategy: str = "model", device=None, w
     Example:
         >>> from offload_map.demo import make_tiny_pipeline
         >>> dmap = compile_device_map(make_tiny_pipeline(), "layerwise", device="cpu")
-        >>> dmap["transformer.blocks.0"]
+        >>> dmap["transformer.double_blocks.0"]
         <Placement.LAYER_WINDOW: 'layer-window'>
     """
     strategy = check_strategy(strategy)

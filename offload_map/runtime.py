@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .device_map import human_bytes
 from .hooks import BlockHook, ComponentHook, attach, detach
