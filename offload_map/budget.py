@@ -8,6 +8,7 @@ import torch
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+MAX_SIZE = 2**60  # an exabyte: anything larger is a typo
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
 
 
@@ -18,20 +19,17 @@ def parse_size(value: "int | float | str", what: str = "size") -> int:
         >>> parse_size("1.5GiB")
         1610612736
     """
-    if isinstance(value, bool):
-        raise ValueError(f"{what} must be a size like '12GiB' or a number of bytes, got {value!r}")
-    if isinstance(value, (int, float)):
-        if value <= 0:
-            raise ValueError(f"{what} must be positive, got {value!r}")
-        return int(value)
-    match = _SIZE.match(value) if isinstance(value, str) else None
-    unit = match.group(2).upper() if match else None
-    if not match or unit not in _UNITS:
-        raise ValueError(f"{what} {value!r} is not a size; write e.g. '12GiB', '12GB' or '512MiB'")
-    size = int(float(match.group(1)) * _UNITS[unit])
-    if size <= 0:
-        raise ValueError(f"{what} must be positive, got {value!r}")
-    return size
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{what} must be a size like '12GiB' or a number of bytes, got {value!r:.40}")
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        unit = match.group(2).upper() if match else None
+        if unit not in _UNITS:
+            raise ValueError(f"{what} {value!r:.40} is not a size; write e.g. '12GiB', '12GB' or '512MiB'")
+        value = float(match.group(1)) * _UNITS[unit]
+    if not (1 <= value <= MAX_SIZE):  # NaN fails both comparisons; ints compare exactly, however large
+        raise ValueError(f"{what} must be between 1 byte and {MAX_SIZE:.0e} bytes, got {value!r:.40}")
+    return int(value)
 
 
 def device_budget(device: torch.device, max_memory: dict | None, gpu_budget) -> int | None:

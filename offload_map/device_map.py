@@ -115,16 +115,20 @@ class DeviceMap:
         Raises:
             ValueError: a field is missing or of the wrong type, a role or placement is unknown, or a path repeats.
         """
-        if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
-            raise ValueError(f"not an offload_map device map of version {FORMAT_VERSION}: {str(data)[:80]!r}")
+        version = data.get("version") if isinstance(data, dict) else None
+        if type(version) is not int or version != FORMAT_VERSION:
+            raise ValueError(f"not an offload_map device map of version {FORMAT_VERSION} (a {type(data).__name__} with version {version!r:.40})")
         comps = _typed(data, "components", dict)
         for name, role in comps.items():
-            if not isinstance(name, str) or role not in {r.value for r in Role}:
-                raise ValueError(f"device map component {name!r}: unknown role {role!r}; expected one of {[r.value for r in Role]}")
-        dmap = cls(_typed(data, "device", str), comps, {}, _typed(data, "window", int), str(data.get("strategy", "custom")))
+            if not isinstance(name, str) or not isinstance(role, str) or role not in {r.value for r in Role}:
+                raise ValueError(f"device map component {name!r:.80}: unknown role {role!r:.80}; expected one of {[r.value for r in Role]}")
+        strategy = data.get("strategy", "custom")
+        if not isinstance(strategy, str):
+            raise ValueError(f"device map field 'strategy' must be a str, got a {type(strategy).__name__}")
+        dmap = cls(_typed(data, "device", str), comps, {}, _typed(data, "window", int), strategy)
         for i, raw in enumerate(_typed(data, "entries", list)):
             if not isinstance(raw, dict):
-                raise ValueError(f"device map entry #{i} must be an object, got {raw!r}")
+                raise ValueError(f"device map entry #{i} must be an object, got a {type(raw).__name__}")
             path = _typed(raw, "path", str)
             if path in dmap.entries:
                 raise ValueError(f"device map entry {path!r} appears twice")
@@ -142,11 +146,7 @@ class DeviceMap:
     @classmethod
     def from_json(cls, text: str) -> "DeviceMap":
         """Parse JSON text written by ``to_json``; see ``from_dict`` for the checks."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"device map is not valid JSON: {err}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(parse_json(text, "device map"))
 
     def save(self, path: "str | Path") -> None:
         """Write the map as JSON to ``path``."""
@@ -214,10 +214,18 @@ def owning_component(path: str, components: dict[str, Role]) -> str:
     return best
 
 
+def parse_json(text: str, what: str):
+    """``json.loads`` whose every failure, nesting too deep included, is a ValueError naming ``what``."""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{what} is not valid JSON: {type(err).__name__}: {str(err)[:200]}") from None
+
+
 def _typed(data: dict, key: str, kind: type):
     value = data.get(key)
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise ValueError(f"device map field {key!r} must be a {kind.__name__}, got {value!r}")
+        raise ValueError(f"device map field {key!r} must be a {kind.__name__}, got {value!r:.80}")
     return value
 
 

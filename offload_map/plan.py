@@ -127,8 +127,13 @@ def bind(dmap: DeviceMap, pipeline: object) -> ExecutionPlan:
 
 
 def _resolve(path: str, comps: dict, dmap: DeviceMap) -> nn.Module:
-    comp = owning_component(path, dmap.components)
-    rel = path[len(comp):].lstrip(".") if comp else path
+    if path and "" in path.split("."):
+        raise ValueError(f"device map entry {path!r} has an empty name between dots; write module paths like 'transformer.blocks.0'")
+    try:
+        comp = owning_component(path, dmap.components)
+    except KeyError as err:
+        raise ValueError(err.args[0]) from None
+    rel = path[len(comp) + 1:] if comp else path
     try:
         return comps[comp].module.get_submodule(rel) if rel else comps[comp].module
     except AttributeError:

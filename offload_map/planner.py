@@ -13,12 +13,15 @@ activation allowance.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .cost_model import ModelCost, Timeline, floor_s, simulate
 from .device_map import human_bytes
 
 WINDOWS = (1, 2, 3, 4)
+# Slower "links" are corrupt profiles; they would overflow the simulated timeline.
+MIN_BANDWIDTH = 1e3
 
 
 class BudgetTooSmall(ValueError):
@@ -111,6 +114,7 @@ def plan_blocks(cost: ModelCost, budget: int, bandwidth: float) -> BlockPlan:
 
     Raises:
         BudgetTooSmall: ``budget`` is below ``minimum_memory(cost)``.
+        ValueError: ``bandwidth`` is not a finite number of at least ``MIN_BANDWIDTH`` bytes/s.
 
     Example:
         >>> from offload_map.cost_model import BlockCost
@@ -118,8 +122,9 @@ def plan_blocks(cost: ModelCost, budget: int, bandwidth: float) -> BlockPlan:
         >>> plan_blocks(cost, 10_000, bandwidth=1e5).all_resident
         True
     """
+    if not math.isfinite(bandwidth) or bandwidth < MIN_BANDWIDTH:
+        raise ValueError(f"bandwidth must be a finite number of at least {MIN_BANDWIDTH:g} bytes/s, got {bandwidth!r}")
     n = len(cost.blocks)
-    everything = frozenset(range(n))
     if plan_memory(cost, frozenset(), 1) <= budget:
         return BlockPlan(cost, bandwidth, budget, 1, frozenset(), simulate(cost, frozenset(), 1, bandwidth))
     if minimum_memory(cost) > budget:

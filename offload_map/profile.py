@@ -9,6 +9,7 @@ validates every field; nothing is executed or unpickled.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -17,9 +18,13 @@ from pathlib import Path
 
 import torch
 
+from .budget import MAX_SIZE
 from .cost_model import BlockCost, ModelCost
+from .device_map import parse_json
 
 PROBE_BYTES = 256 << 20
+# Bandwidths below this are corrupt data, not a link (and would overflow the planner's timeline).
+MIN_BANDWIDTH = 1e3
 
 
 @dataclass
@@ -43,7 +48,9 @@ class DeviceProfile:
         if not isinstance(data, dict):
             raise ValueError(f"a device profile must be a JSON object, got {type(data).__name__}")
         name = _field(data, "device_name", str)
-        bandwidth = _number(data, "h2d_bytes_per_s", positive=True)
+        bandwidth = _number(data, "h2d_bytes_per_s")
+        if bandwidth < MIN_BANDWIDTH:
+            raise ValueError(f"profile.h2d_bytes_per_s must be at least {MIN_BANDWIDTH:g} bytes/s, got {bandwidth!r}")
         models = _field(data, "models", dict)
         return cls(name, bandwidth, {str(k): _cost_from_dict(v, f"models[{k!r}]") for k, v in models.items()})
 
@@ -52,11 +59,7 @@ class DeviceProfile:
 
     @classmethod
     def load(cls, path: "str | Path") -> "DeviceProfile":
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"device profile {path} is not valid JSON: {err}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(parse_json(Path(path).read_text(), f"device profile {path}"))
 
 
 def _cost_to_dict(cost: ModelCost) -> dict:
@@ -75,14 +78,14 @@ def _cost_from_dict(data: object, where: str) -> ModelCost:
     for i, raw in enumerate(_field(data, "blocks", list, where)):
         if not isinstance(raw, dict):
             raise ValueError(f"{where}.blocks[{i}] must be an object")
-        blocks.append(BlockCost(_field(raw, "path", str, where), int(_number(raw, "bytes", where=where)), _number(raw, "compute_s", where=where)))
+        blocks.append(BlockCost(_field(raw, "path", str, where), _count(raw, "bytes", where), _number(raw, "compute_s", where=where)))
     if not blocks:
         raise ValueError(f"{where}.blocks is empty")
     return ModelCost(
         tuple(blocks),
-        int(_number(data, "other_bytes", where=where)),
+        _count(data, "other_bytes", where),
         _number(data, "other_compute_s", where=where),
-        int(_number(data, "activation_bytes", where=where)),
+        _count(data, "activation_bytes", where),
     )
 
 
@@ -93,13 +96,22 @@ def _field(data: dict, key: str, kind: type, where: str = "profile"):
     return value
 
 
-def _number(data: dict, key: str, positive: bool = False, where: str = "profile") -> float:
+def _number(data: dict, key: str, where: str = "profile") -> float:
     value = data.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0 or value == float("inf"):
-        raise ValueError(f"{where}.{key} must be a finite non-negative number, got {value!r}")
-    if positive and value == 0:
-        raise ValueError(f"{where}.{key} must be positive")
-    return float(value)
+    try:
+        number = float(value) if not isinstance(value, bool) and isinstance(value, (int, float)) else math.nan
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{where}.{key} must be a finite non-negative number, got {value!r:.40}")
+    return number
+
+
+def _count(data: dict, key: str, where: str) -> int:
+    value = data.get(key)
+    if type(value) is not int or not 0 <= value <= MAX_SIZE:
+        raise ValueError(f"{where}.{key} must be an int between 0 and {MAX_SIZE}, got {value!r:.40}")
+    return value
 
 
 def device_name(device: torch.device) -> str:

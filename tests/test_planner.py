@@ -41,6 +41,13 @@ def test_plans_respect_the_budget_and_more_budget_is_never_slower(seed):
     assert plan_blocks(cost, high, bandwidth).all_resident
 
 
+@pytest.mark.parametrize("bandwidth", [0.0, -1.0, float("nan"), float("inf"), 1e-300])
+def test_nonsense_bandwidth_is_refused(bandwidth):
+    cost = ModelCost((BlockCost("b.0", 10, 1e-3),))
+    with pytest.raises(ValueError, match="bandwidth must be a finite number"):
+        plan_blocks(cost, 100, bandwidth)
+
+
 def test_below_the_minimum_raises_naming_it():
     cost = ModelCost(tuple(BlockCost(f"b.{i}", 1000, 1e-3) for i in range(4)), other_bytes=500, activation_bytes=100)
     with pytest.raises(BudgetTooSmall, match="below the minimum of 1.6 KiB"):
@@ -60,7 +67,7 @@ def test_copy_bound_plan_spreads_resident_blocks_to_hide_copies():
 
 def test_whole_model_that_fits_is_all_resident_and_says_so():
     cost = ModelCost(tuple(BlockCost(f"b.{i}", 10, 1e-3) for i in range(3)))
-    plan = plan_blocks(cost, 1000, 1.0)
+    plan = plan_blocks(cost, 1000, 1e6)
     assert plan.all_resident and "every block is resident" in plan.bottleneck()
 
 
