@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
+import torch
+
 from .calibration import BlockTimer
 from .cost_model import ModelCost
 from .device_map import DeviceMap, human_bytes
@@ -67,7 +69,11 @@ class AutoPlanner:
         ring = self.runtime.rings[name]
         by_path = {path: index for index, path in enumerate(ring.paths)}
         resident = frozenset(by_path[cost.blocks[i].path] for i in plan.resident)
-        self.runtime.set_residency(name, resident, plan.window)
+        try:
+            self.runtime.set_residency(name, resident, plan.window)
+        except torch.OutOfMemoryError as err:
+            logger.warning("%s: %s. Streaming every block through one slot instead.", name or "DiT", err)
+            return
         self.plans[name] = plan
         for index, path in enumerate(ring.paths):
             placement = Placement.GPU if index in resident else Placement.LAYER_WINDOW

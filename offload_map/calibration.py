@@ -2,7 +2,7 @@
 
 A ``BlockTimer`` is armed on a ``Prefetcher``. It lets ``skip`` forwards go by untimed (the first forward
 of a process pays for lazy CUDA initialisation: library handles, kernel loading), then times one. It puts a timing mark on the compute
-stream when the forward starts, when each block starts (after its copy has landed) and ends, and when
+stream when the forward starts (resetting the allocator's peak counter, once), when each block starts (after its copy has landed) and ends, and when
 the forward ends; then it waits once for the last mark (the only host synchronisation, and only in this
 forward), turns the marks into per-block compute seconds, measures the activation memory the forward
 needed beyond what was allocated when it began, and hands the ``ModelCost`` to ``on_done``.
@@ -45,6 +45,7 @@ class BlockTimer:
     def forward_start(self) -> None:
         if self.skip:
             return
+        self.marks, self.pending = [], {}  # a forward that raised must not leave marks behind
         if self.ordering.asynchronous:
             torch.cuda.reset_peak_memory_stats(self.ordering.device)
             self.base_memory = torch.cuda.memory_allocated(self.ordering.device)

@@ -41,7 +41,8 @@ class OffloadHandle:
             torch.cuda.reset_peak_memory_stats(runtime.device)
 
     def report(self) -> Report:
-        """Placement totals, transfers since dispatch, and peak device memory allocated since dispatch."""
+        """Placement totals, transfers since dispatch, and peak device memory allocated since dispatch (with a
+        budget, since the calibration forward, which resets the allocator's peak counter once)."""
         if not self._removed:  # a budget's plan may have changed placements since dispatch
             self._report.bytes_by_placement = self.device_map.bytes_by_placement()
             self._report.slot_bytes = self._runtime.slot_bytes
@@ -94,7 +95,9 @@ class OffloadHandle:
         self._finish(self._runtime.restore)
 
     def detach(self) -> None:
-        """Remove the hooks only; modules stay where they are (pinned and streamed weights on the host)."""
+        """Remove the hooks; streamed blocks point at their host buffers, every other tensor stays where it is
+        now (a pinned component that is loaded stays on the device). Unlike ``remove()``, nothing goes back
+        to its original device; slots are freed with the handle."""
         self._finish(self._runtime.detach)
 
     def __repr__(self) -> str:

@@ -40,9 +40,18 @@ class Region:
     stride: tuple[int, ...]
     dtype: torch.dtype
 
+    def raw(self, flat: torch.Tensor) -> torch.Tensor:
+        """The region's elements as stored: 1-D, every element of the tensor's memory span once."""
+        return flat[self.offset:self.offset + self.span].view(self.dtype)
+
     def view(self, flat: torch.Tensor) -> torch.Tensor:
-        raw = flat[self.offset:self.offset + self.span].view(self.dtype)
-        return raw.as_strided(self.shape, self.stride)
+        return self.raw(flat).as_strided(self.shape, self.stride)
+
+
+def _storage_span(t: torch.Tensor) -> torch.Tensor:
+    # The tensor's memory from its first to its last element, as stored: copying this (not the tensor
+    # element by element) keeps any layout, including broadcast (stride-0) buffers that overlap themselves.
+    return t.as_strided((_span_elements(t),), (1,), t.storage_offset())
 
 
 def _span_elements(t: torch.Tensor) -> int:
@@ -98,7 +107,7 @@ class PackedTensors:
         self.regions, self.nbytes = layout(tensors)
         self.flat = torch.empty(self.nbytes, dtype=torch.uint8)
         for region, t in zip(self.regions, tensors):
-            region.view(self.flat).copy_(t)
+            region.raw(self.flat).copy_(_storage_span(t))
         del tensors
         self.pinned = False
         if pin and torch.cuda.is_available() and self.nbytes:
@@ -126,10 +135,11 @@ class PackedTensors:
 
     def restore(self) -> None:
         """Give every tensor its own storage on its original device again and let go of the buffer."""
-        for ref, view, device in zip(self.refs, self.host_views, self.original_devices):
-            fresh = torch.empty_strided(view.shape, view.stride(), dtype=view.dtype, device=device)
-            fresh.copy_(view)
-            ref.bind(fresh)
+        for ref, region, device in zip(self.refs, self.regions, self.original_devices):
+            raw = region.raw(self.flat)
+            fresh = torch.empty(raw.numel(), dtype=raw.dtype, device=device)
+            fresh.copy_(raw)
+            ref.bind(fresh.as_strided(region.shape, region.stride))
         self.release()
 
     def release(self) -> None:

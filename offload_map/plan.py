@@ -18,25 +18,31 @@ from .module_collector import ModuleDiscovery
 from .placement import Placement, Role
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TensorRef:
-    """A parameter or buffer slot of a module (rebinding its ``.data`` is how weights move)."""
+    """A parameter or buffer slot of a module (rebinding its ``.data`` is how weights move).
+
+    ``aliases`` are the other ``(module, name, is_param)`` slots holding the same tensor (a buffer shared by
+    two modules, a tied weight); they are rebound together, so the tie survives dispatch and ``remove()``.
+    """
 
     module: nn.Module
     name: str
     is_param: bool
     qualname: str
+    aliases: list = field(default_factory=list)
 
     @property
     def tensor(self) -> torch.Tensor:
         return (self.module._parameters if self.is_param else self.module._buffers)[self.name]
 
     def bind(self, data: torch.Tensor) -> None:
-        """Point the slot at ``data``; parameters keep their identity (optimizers and LoRA keep working)."""
-        if self.is_param:
-            self.module._parameters[self.name].data = data
-        else:
-            self.module._buffers[self.name] = data
+        """Point the slot (and its aliases) at ``data``; parameters keep their identity (optimizers, LoRA)."""
+        for module, name, is_param in [(self.module, self.name, self.is_param), *self.aliases]:
+            if is_param:
+                module._parameters[name].data = data
+            else:
+                module._buffers[name] = data
 
 
 @dataclass
@@ -141,27 +147,48 @@ def _resolve(path: str, comps: dict, dmap: DeviceMap) -> nn.Module:
 
 
 def _assign_tensors(found, dmap: DeviceMap, units: dict[str, Unit]) -> None:
-    seen: set[int] = set()
+    seen: dict[int, TensorRef | None] = {}
     uncovered = []
     for comp in found.components.values():
         for mod_path, module in comp.module.named_modules(remove_duplicate=False):
             base = f"{comp.name}.{mod_path}".strip(".")
             for is_param, table in ((True, module._parameters), (False, module._buffers)):
                 for name, tensor in table.items():
-                    if tensor is None or id(tensor) in seen:
+                    if tensor is None:
                         continue
-                    seen.add(id(tensor))
+                    if id(tensor) in seen:  # the same tensor again: one copy, bound everywhere it appears
+                        _share(seen[id(tensor)], module, name, is_param, _longest_prefix(base, units), units)
+                        continue
                     qual = f"{base}.{name}".lstrip(".")
                     owner = _longest_prefix(base, units)
-                    if owner is None:
+                    ref = None if owner is None else TensorRef(module, name, is_param, qual)
+                    seen[id(tensor)] = ref
+                    if ref is None:
                         uncovered.append(qual)
                     else:
-                        units[owner].tensors.append(TensorRef(module, name, is_param, qual))
+                        units[owner].tensors.append(ref)
     if uncovered:
         raise ValueError(
             f"{len(uncovered)} tensors are covered by no device map entry, e.g. {uncovered[:3]}; "
             "add an entry for their component (or one of its modules)"
         )
+
+
+def _share(ref: TensorRef | None, module: nn.Module, name: str, is_param: bool, path: str | None, units: dict) -> None:
+    if ref is None or any(m is module and n == name for m, n, _ in [(ref.module, ref.name, ref.is_param), *ref.aliases]):
+        return
+    ref.aliases.append((module, name, is_param))
+    owner = next(p for p, u in units.items() if any(t is ref for t in u.tensors))
+    if path is None or path == owner or units[owner].placement is Placement.GPU:
+        return
+    if units[path].placement is Placement.GPU:  # a resident copy serves both places
+        units[owner].tensors.remove(ref)
+        units[path].tensors.append(ref)
+        return
+    raise ValueError(
+        f"{ref.qualname} is shared with {path!r} ({name}), but {owner!r} is {units[owner].placement.value!r} and "
+        f"{path!r} is {units[path].placement.value!r}: a shared tensor can only move once. Place one of them 'gpu'"
+    )
 
 
 def _check_sizes(dmap: DeviceMap, units: dict[str, Unit]) -> None:

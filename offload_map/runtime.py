@@ -113,17 +113,25 @@ class Runtime:
 
     def set_residency(self, name: str, resident: frozenset[int], window: int) -> None:
         """Keep blocks ``resident`` of DiT ``name`` on the device and stream the rest through ``window`` slots."""
-        prefetcher = self.prefetchers[name]
+        prefetcher, ring = self.prefetchers[name], self.rings[name]
         prefetcher.forget_slots()  # the old slots' memory must be free before the new plan allocates
-        self._step(f"re-planning {name!r}", self.rings[name].set_resident, resident, window)
-        prefetcher.restart()
+        try:
+            self._step(f"re-planning {name!r}", ring.set_resident, resident, window)
+        except BaseException:
+            ring.set_resident(frozenset(), 1)  # the smallest plan, which dispatch checked fits
+            raise
+        finally:
+            prefetcher.restart()
 
     def _attach(self, module, hook) -> None:
         attach(module, hook)
         self.hooked.append(module)
 
     def detach(self) -> None:
-        """Remove every hook; weights stay where they are (streamed blocks on the host)."""
+        """Remove every hook and point streamed blocks at their host buffers; other weights stay where they are."""
+        if self.ordering is not None:
+            # Prefetches of the next step may still be in flight; nothing is freed before they land.
+            self.ordering.drain()
         while self.hooked:
             detach(self.hooked.pop())
         for ring in self.rings.values():

@@ -44,6 +44,11 @@ class CudaOrdering:
     def compute_waits(self, event: torch.cuda.Event) -> None:
         torch.cuda.current_stream(self.device).wait_event(event)
 
+    def drain(self) -> None:
+        """Wait, on the host, for every copy issued so far; before slots or host buffers are freed."""
+        torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        self.copy_stream.synchronize()
+
     def stamp(self) -> torch.cuda.Event:
         """A timing mark on the compute stream (calibration only)."""
         event = torch.cuda.Event(enable_timing=True)
@@ -82,6 +87,9 @@ class SyncOrdering:
         pass
 
     def compute_waits(self, event: None) -> None:
+        pass
+
+    def drain(self) -> None:
         pass
 
     def stamp(self) -> float:

@@ -78,6 +78,7 @@ class Swapper:
         self.rings = rings
 
     def activate(self, name: str) -> None:
+        """Before component ``name`` runs: evict what its role excludes, then load it (and its resident blocks)."""
         role = self.roles[name]
         for other in self.pinned.values():
             if other.name != name and other.loaded and role.excludes(other.role):
@@ -89,7 +90,3 @@ class Swapper:
             self.pinned[name].load()
         if name in self.rings:
             self.rings[name].load_residents()
-
-    def evict_all(self) -> None:
-        for component in self.pinned.values():
-            component.evict()

@@ -129,3 +129,50 @@ def test_non_contiguous_and_mixed_dtype_tensors_keep_strides_and_values(target):
     handle.remove()
     assert block.mlp[0].weight.stride() == stride
     assert torch.equal(block.codes, torch.arange(6, dtype=torch.float16).reshape(2, 3))
+
+
+class TiedDiT(nn.Module):
+    """Blocks that share a buffer with the DiT, hold a broadcast (stride-0) buffer, and a tied output weight."""
+
+    _layerwise_offload_blocks_attrs = ["blocks"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        shared = torch.linspace(0.5, 1.5, 8)
+        self.register_buffer("freqs", shared)
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        for block in self.blocks:
+            block.register_buffer("freqs", shared)
+            block.register_buffer("bias_grid", torch.arange(8.0).expand(4, 8))
+        self.out = nn.Linear(8, 8)
+        self.out.weight = self.blocks[1].weight
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x) * block.freqs + block.bias_grid[0]
+        return self.out(x * self.freqs)
+
+
+@pytest.mark.parametrize("strategy", ["model", "layerwise"])
+def test_shared_tied_and_broadcast_tensors_stay_one_tensor_and_bit_exact(target, strategy):
+    model = TiedDiT().eval().requires_grad_(False)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        reference = resident_run(model, lambda: model(x.to(target)), target)
+        handle = dispatch_pipeline(model, strategy, target, window=1)
+        for _ in range(2):
+            assert torch.equal(model(x).cpu(), reference)
+    handle.remove()
+    assert model.blocks[0].freqs is model.blocks[2].freqs is model.freqs
+    assert model.out.weight is model.blocks[1].weight
+    assert model.blocks[0].bias_grid.stride() == (0, 1)
+
+
+def test_a_tensor_shared_by_two_streamed_blocks_is_refused_with_the_fix():
+    model = TiedDiT()
+    model.out.weight = nn.Parameter(torch.randn(8, 8))
+    model.blocks[2].weight = model.blocks[0].weight
+    with pytest.raises(ValueError, match=r"blocks.0.weight is shared with 'blocks.2'.*Place one of them 'gpu'"):
+        dispatch_pipeline(model, "layerwise", "cpu")
+    assert not hasattr(model.blocks[0], "_hf_hook")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
@@ -126,3 +127,48 @@ def test_auto_without_a_budget_and_budget_with_model_strategy_are_refused(target
     with pytest.raises(ValueError, match="no entry for the target device"):
         dispatch_pipeline(pipe, "auto", target, max_memory={5: "1GiB"} if target != "cpu" else {0: "1GiB"})
     assert not hasattr(pipe, "_offload_map_handle")
+
+
+def test_a_failed_replan_falls_back_to_streaming_and_keeps_running(target, monkeypatch, caplog):
+    from offload_map import slot_ring
+    from offload_map.demo import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline()
+    reference = resident_run(pipe, lambda: pipe("replan", steps=2), target)
+    original = slot_ring.SlotRing.load_residents
+
+    def no_memory(self):
+        if self.resident:
+            raise torch.OutOfMemoryError("simulated")
+        original(self)
+
+    monkeypatch.setattr(slot_ring.SlotRing, "load_residents", no_memory)
+    monkeypatch.setattr("offload_map.dispatch.bandwidth", lambda device: 1e4)  # copy-bound: residents pay
+    total = sum(compile_device_map(pipe, "none", target).bytes_by_placement().values())
+    handle = dispatch_pipeline(pipe, "auto", target, gpu_budget=int(total * 0.6))
+    with caplog.at_level(logging.WARNING, logger="offload_map"):
+        for _ in range(3):
+            assert torch.equal(pipe("replan", steps=2).cpu(), reference)
+    assert "Streaming every block through one slot instead" in caplog.text
+    assert handle.report().slot_bytes > 0 and not handle.plans
+    handle.remove()
+
+
+def test_calibration_after_a_failed_forward_measures_only_the_clean_one(target):
+    from offload_map.demo import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline()
+    total = sum(compile_device_map(pipe, "none", target).bytes_by_placement().values())
+    handle = dispatch_pipeline(pipe, "auto", target, gpu_budget=int(total * 0.6))
+    block = pipe.transformer.single_blocks[1]
+    original = block._old_forward
+    with torch.no_grad():
+        pipe.transformer(torch.randn(1, 4, 4), torch.tensor(0.5), torch.randn(1, 3, 32))  # the skipped warm-up
+        block._old_forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+        with pytest.raises(RuntimeError, match="boom"):
+            pipe.transformer(torch.randn(1, 4, 4), torch.tensor(0.5), torch.randn(1, 3, 32))
+        block._old_forward = original
+        pipe.transformer(torch.randn(1, 4, 4), torch.tensor(0.5), torch.randn(1, 3, 32))
+    cost = handle.plans["transformer"].cost
+    assert cost.other_compute_s >= 0 and len(cost.blocks) == 5
+    handle.remove()
