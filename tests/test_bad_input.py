@@ -147,3 +147,14 @@ def test_an_exception_inside_a_pinned_component_leaves_the_next_call_correct(pip
     assert torch.equal(pipe("check", steps=2), reference)
     handle.remove()
     assert torch.equal(pipe("check", steps=2), reference)
+
+
+def test_diffusers_group_offloading_is_refused_naming_it():
+    from tiny_pipelines import make_flux_pipeline
+
+    pipe = make_flux_pipeline()
+    pipe.transformer.enable_group_offload(torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1)
+    with pytest.raises(RuntimeError, match="managed by diffusers' .*offload.* hook"):
+        dispatch_pipeline(pipe, "layerwise", "cpu")
+    assert not hasattr(pipe, "_offload_map_handle")
+    assert not any(hasattr(m, "_hf_hook") for c in pipe.components.values() if isinstance(c, nn.Module) for m in c.modules())
