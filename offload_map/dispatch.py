@@ -68,6 +68,20 @@ class OffloadHandle:
             parts.append(f"{title}:\n{plan.explain()}" if plan else f"{title}: not measured yet; its second forward times every block, then the plan is made")
         return "\n\n".join(parts)
 
+    def refresh(self) -> None:
+        """Call after changing weights in place while dispatched (``load_state_dict``, fusing a LoRA, edits).
+
+        Weights of streamed blocks and pinned components that currently sit on the device were changed there
+        only; this copies them into the host storage, so every later load brings the new values. Weights on
+        the host, and resident ("gpu") ones, need nothing.
+
+        Raises:
+            ValueError: a tensor changed shape or dtype (remove and dispatch again).
+        """
+        if self._removed:
+            raise RuntimeError("this dispatch was already removed; the pipeline is back as it was")
+        self._runtime.refresh()
+
     def on_device(self) -> list[str]:
         """Names of the components whose weights are on the target device right now (resident or loaded).
 

@@ -133,6 +133,23 @@ class PackedTensors:
         """Point the module's tensors back at the host buffer (drops any device copy they referred to)."""
         self.bind(self.host_views)
 
+    def sync_from_module(self) -> None:
+        """Copy tensors that do not view the host buffer (a device copy, or a replaced tensor) into it.
+
+        Raises:
+            ValueError: a tensor's shape, strides or dtype changed since packing (re-dispatch instead).
+        """
+        for ref, region in zip(self.refs, self.regions):
+            tensor = ref.tensor.detach()
+            if tensor.device.type == "cpu" and tensor.data_ptr() == self.flat.data_ptr() + region.offset:
+                continue  # the host view itself: in-place edits already landed here
+            if (tensor.shape, tuple(tensor.stride()), tensor.dtype) != (region.shape, region.stride, region.dtype):
+                raise ValueError(
+                    f"{ref.qualname} changed from {tuple(region.shape)} {region.dtype} to {tuple(tensor.shape)} "
+                    f"{tensor.dtype} since dispatch; remove() and dispatch again to repack it"
+                )
+            region.raw(self.flat).copy_(_storage_span(tensor))
+
     def restore(self) -> None:
         """Give every tensor its own storage on its original device again and let go of the buffer."""
         for ref, region, device in zip(self.refs, self.regions, self.original_devices):

@@ -123,6 +123,12 @@ class Runtime:
         finally:
             prefetcher.restart()
 
+    def refresh(self) -> None:
+        """Bring the host storage up to date with the module's current weights (see ``OffloadHandle.refresh``)."""
+        self.ordering.drain()
+        for packed in self.packed:
+            packed.sync_from_module()
+
     def _attach(self, module, hook) -> None:
         attach(module, hook)
         self.hooked.append(module)

@@ -176,3 +176,28 @@ def test_a_tensor_shared_by_two_streamed_blocks_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"blocks.0.weight is shared with 'blocks.2'.*Place one of them 'gpu'"):
         dispatch_pipeline(model, "layerwise", "cpu")
     assert not hasattr(model.blocks[0], "_hf_hook")
+
+
+@pytest.mark.parametrize("strategy", ["layerwise", "model"])
+def test_weights_loaded_while_dispatched_are_used_after_refresh(target, strategy):
+    model, changed = _make([0, 1, 2, 3, 4]), _make([0, 1, 2, 3, 4], seed=1)
+    x = torch.randn(1, 4, 8)
+    with torch.no_grad():
+        expected = resident_run(changed, lambda: changed(x.to(target)), target)
+        handle = dispatch_pipeline(model, strategy, target, window=2)
+        model(x)  # leaves the first blocks of the next step in slots (or the model loaded)
+        model.load_state_dict(changed.state_dict())
+        handle.refresh()
+        for _ in range(2):
+            assert torch.equal(model(x).cpu(), expected)
+    handle.remove()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), changed.state_dict().values()))
+
+
+def test_refresh_refuses_a_tensor_that_changed_shape():
+    model = _make([0, 1])
+    handle = dispatch_pipeline(model, "layerwise", "cpu")
+    model.blocks[1].scale = torch.ones(3)
+    with pytest.raises(ValueError, match=r"blocks.1.scale changed from \(8,\).*dispatch again"):
+        handle.refresh()
+    handle.remove()
