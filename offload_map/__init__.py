@@ -19,10 +19,12 @@ from .factory import get_offload_backend
 from .layerwise_backend import LayerWiseOffloadBackend
 from .module_collector import ModuleDiscovery, PipelineModules
 from .placement import Placement, Role
+from .planner import BudgetTooSmall
 from .sequential_backend import ModelLevelOffloadBackend, apply_sequential_offload, remove_sequential_offload
 
 __all__ = [
     "STRATEGIES",
+    "BudgetTooSmall",
     "DeviceMap",
     "LayerWiseOffloadBackend",
     "MapEntry",
