@@ -201,3 +201,27 @@ def test_refresh_refuses_a_tensor_that_changed_shape():
     with pytest.raises(ValueError, match=r"blocks.1.scale changed from \(8,\).*dispatch again"):
         handle.refresh()
     handle.remove()
+
+
+@pytest.mark.parametrize("strategy", ["layerwise", "model"])
+def test_many_steps_leak_nothing_and_stay_exact(target, strategy):
+    import gc
+
+    model = _make([0, 1, 2, 3, 4])
+    x = torch.randn(1, 4, 8)
+
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    with torch.no_grad():
+        reference = resident_run(model, lambda: model(x.to(target)), target)
+        handle = dispatch_pipeline(model, strategy, target, window=2)
+        for _ in range(3):
+            out = model(x)
+        before = live_tensors()
+        for _ in range(200):
+            out = model(x)
+        assert live_tensors() == before
+        assert torch.equal(out.cpu(), reference)
+    handle.remove()
