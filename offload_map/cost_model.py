@@ -58,30 +58,25 @@ def simulate(cost: ModelCost, streamed: frozenset[int], window: int, bandwidth: 
     Runs ``steps`` consecutive forwards and reports the last one, so the wrap-around prefetch of the
     next step's first blocks is accounted for. ``bandwidth`` is in bytes per second.
     """
-    n_streamed = len(streamed)
     copy_free = 0.0  # when the copy stream finishes its last load
     compute_end = 0.0
     released: list[float] = []  # compute end of each streamed load, by load number
-    load = 0
-    step_start = rows = None
-    for step in range(steps):
+    for _ in range(steps):
         step_start, rows = compute_end, []
         compute_end += cost.other_compute_s
         for index, block in enumerate(cost.blocks):
             copy_start = copy_end = None
+            start = compute_end
             if index in streamed:
-                slot_free = released[load - window] if load >= window else 0.0
-                copy_start = max(copy_free, slot_free)
+                load = len(released)
+                copy_start = max(copy_free, released[load - window] if load >= window else 0.0)
                 copy_end = copy_free = copy_start + block.nbytes / bandwidth
-                start = max(compute_end, copy_end)
-            else:
-                start = compute_end
+                start = max(start, copy_end)
             compute_end = start + block.compute_s
             if index in streamed:
                 released.append(compute_end)
-                load += 1
             rows.append((block.path, index in streamed, copy_start, copy_end, start, compute_end))
-    busy = sum(cost.blocks[i].nbytes for i in streamed) / bandwidth if n_streamed else 0.0
+    busy = sum(cost.blocks[i].nbytes for i in streamed) / bandwidth
     return Timeline(compute_end - step_start, rows, busy)
 
 

@@ -30,7 +30,7 @@ class BudgetTooSmall(ValueError):
     def __init__(self, budget: int, minimum: int) -> None:
         super().__init__(
             f"a device budget of {human_bytes(budget)} is below the minimum of {human_bytes(minimum)} "
-            "(non-block weights + one slot for the largest block + activations); give at least that much"
+            "(resident weights + one slot for the largest block, + activations where measured); give at least that much"
         )
         self.budget = budget
         self.minimum = minimum

@@ -19,7 +19,6 @@ from tqdm import tqdm
 from .device_map import human_bytes
 from .hooks import BlockHook, ComponentHook, attach, detach
 from .host_storage import PackedTensors, trim_host_heap
-from .placement import Placement
 from .plan import ExecutionPlan, TensorRef
 from .prefetcher import Prefetcher
 from .report import TransferStats

@@ -75,7 +75,9 @@ def test_another_offloaders_hooks_are_refused(pipe):
     cpu_offload(pipe.transformer, execution_device=torch.device("cpu"))
     with pytest.raises(RuntimeError, match="transformer.* accelerate hook"):
         dispatch_pipeline(pipe, "model", "cpu")
+    assert not hasattr(pipe, "_offload_map_handle")
     remove_hook_from_module(pipe.transformer, recurse=True)
+    assert torch.equal(pipe("check", steps=2), reference)
 
 
 def test_a_dit_without_blocks_names_the_class_and_the_declaration():
