@@ -8,21 +8,30 @@ Strategies:
 - ``"layerwise"``: as ``"model"``, except each DiT is ``"gpu"`` with its blocks ``"layer-window"``,
   streamed through ``window`` slots.
 - ``"auto"`` (needs a budget): everything ``"gpu"`` if the whole pipeline fits the budget, else as
-  ``"layerwise"``; the blocks to keep resident are chosen after the first forward (``auto.AutoPlanner``).
+  ``"layerwise"``; the blocks to keep resident are chosen after the second forward (``auto.AutoPlanner``).
 
-With a budget, the window shrinks (down to 1) until the resident weights and the slots fit in it.
+With a budget (``"auto"`` or ``"layerwise"``), encoders and VAEs are placed one by one: smallest first,
+each stays ``"gpu"`` while it fits beside the largest DiT held entirely resident (a resident encoder saves a
+load per prompt, a resident block saves a copy per step, so blocks come first); the rest are
+``"cpu-pinned"``. The window then shrinks (down to 1) until the resident weights and the slots fit. A
+pinned component too large to run within the budget beside what stays resident is reported with a
+warning (it still runs; streaming encoders is not supported).
 """
 
 from __future__ import annotations
 
-from .auto import fits_entirely
+import logging
+
+from .auto import ACTIVATION_SHARE, fits_entirely
 from .blocks import get_blocks
 from .devices import resolve_device
-from .device_map import DeviceMap, MapEntry, check_window
+from .device_map import DeviceMap, MapEntry, check_window, human_bytes, owning_component
 from .module_collector import ModuleDiscovery
 from .placement import Placement, Role
 from .plan import bind
 from .planner import BudgetTooSmall
+
+logger = logging.getLogger("offload_map")
 
 STRATEGIES = ("none", "model", "layerwise", "auto")
 
@@ -73,7 +82,31 @@ def compile_device_map(pipeline: object, strategy: str = "model", device=None, w
         dmap = with_sizes(_place(found, "none", str(dev), window), pipeline)
         dmap.strategy = "auto"
         return dmap
-    return _fit_window(dmap, bind(dmap, pipeline), budget)
+    _keep_encoders(dmap, budget)
+    dmap = _fit_window(dmap, bind(dmap, pipeline), budget)
+    _warn_pinned_over_budget(dmap, bind(dmap, pipeline), budget)
+    return dmap
+
+
+def _component_bytes(dmap: DeviceMap) -> dict[str, int]:
+    out = dict.fromkeys(dmap.components, 0)
+    for entry in dmap.entries.values():
+        out[owning_component(entry.path, dmap.components)] += entry.nbytes
+    return out
+
+
+def _keep_encoders(dmap: DeviceMap, budget: int) -> None:
+    sizes = _component_bytes(dmap)
+    dits = [sizes[n] for n, role in dmap.components.items() if role is Role.DIT]
+    held = max(dits, default=0) + sum(
+        sizes[n] for n, role in dmap.components.items() if role is not Role.DIT and dmap[n] is Placement.GPU
+    )
+    pinned = [n for n in dmap.components if dmap[n] is Placement.CPU_PINNED and dmap.components[n] is not Role.DIT]
+    for name in sorted(pinned, key=lambda n: sizes[n]):
+        if held + sizes[name] > (1 - ACTIVATION_SHARE) * budget:
+            break
+        dmap[name] = Placement.GPU
+        held += sizes[name]
 
 
 def _fit_window(dmap: DeviceMap, plan, budget: int) -> DeviceMap:
@@ -84,6 +117,26 @@ def _fit_window(dmap: DeviceMap, plan, budget: int) -> DeviceMap:
     while dmap.window > 1 and resident + dmap.window * largest > budget:
         dmap.window -= 1
     return dmap
+
+
+def _warn_pinned_over_budget(dmap: DeviceMap, plan, budget: int) -> None:
+    # While pinned components run, a DiT's resident blocks leave but its non-block weights and slots stay;
+    # components of one role (CLIP and T5) are on the device together.
+    floor = sum(u.nbytes for u in plan.resident) + sum(dmap.window * max(u.nbytes for u in r.blocks) for r in plan.rings)
+    together: dict[Role, list[str]] = {}
+    for comp in plan.components:
+        if comp.placement is Placement.CPU_PINNED and comp.role is not Role.DIT:
+            together.setdefault(comp.role, []).append(comp.name)
+    sizes = _component_bytes(dmap)
+    for role, names in together.items():
+        peak = floor + sum(sizes[n] for n in names)
+        if peak > budget:
+            logger.warning(
+                "%s (%s, cpu-pinned) will hold %s of device memory while %s, above the budget of %s: "
+                "give at least %s, or run %s elsewhere", ", ".join(names), human_bytes(sum(sizes[n] for n in names)),
+                human_bytes(peak), "they run" if len(names) > 1 else "it runs", human_bytes(budget), human_bytes(peak),
+                "them" if len(names) > 1 else "it",
+            )
 
 
 def _place(found, strategy: str, device: str, window: int) -> DeviceMap:

@@ -172,3 +172,28 @@ def test_calibration_after_a_failed_forward_measures_only_the_clean_one(target):
     cost = handle.plans["transformer"].cost
     assert cost.other_compute_s >= 0 and len(cost.blocks) == 5
     handle.remove()
+
+
+def test_a_budget_keeps_the_encoders_that_fit_beside_the_dit_and_warns_about_the_rest(target, caplog):
+    from tiny_pipelines import make_flux_pipeline, run_flux
+
+    pipe = make_flux_pipeline()
+    reference = resident_run(pipe, lambda: run_flux(pipe), target)
+    dit = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters())
+    clip = sum(p.numel() * p.element_size() for p in pipe.text_encoder.parameters())
+    t5 = sum(p.numel() * p.element_size() for p in pipe.text_encoder_2.parameters())
+    assert clip < t5 < sum(p.numel() * p.element_size() for p in pipe.vae.parameters())
+    budget = int((dit + clip + t5 // 2) / 0.9)  # the DiT and CLIP fit; T5 would not
+    handle = dispatch_pipeline(pipe, "auto", target, gpu_budget=budget)
+    assert handle.device_map["text_encoder"] is Placement.GPU
+    assert handle.device_map["text_encoder_2"] is Placement.CPU_PINNED
+    assert handle.device_map["vae"] is Placement.CPU_PINNED
+    for _ in range(2):
+        assert torch.equal(run_flux(pipe).cpu(), reference)
+    handle.remove()
+    # Half the DiT: the VAE cannot run beside the DiT's non-block weights and slots within the budget.
+    with caplog.at_level(logging.WARNING, logger="offload_map"):
+        handle = dispatch_pipeline(pipe, "auto", target, gpu_budget=dit // 2)
+    assert "vae (170.4 KiB, cpu-pinned) will hold" in caplog.text and "above the budget" in caplog.text
+    assert torch.equal(run_flux(pipe).cpu(), reference)
+    handle.remove()
