@@ -4,6 +4,7 @@ Public API (see README.md):
 
 - ``dispatch_pipeline(pipe, strategy=..., device=..., window=...)`` -> ``OffloadHandle``
 - ``compile_device_map(pipe, strategy=..., device=...)`` -> ``DeviceMap``; ``Placement``, ``Role``
+- ``empty_model(cls, path)`` and ``dispatch_pipeline(..., weights={name: path})``: load safetensors in place
 - vllm-omni's offloader contract: ``OffloadBackend``, ``ModelLevelOffloadBackend``,
   ``LayerWiseOffloadBackend``, ``OffloadConfig``, ``OffloadStrategy``, ``get_offload_backend``,
   ``apply_sequential_offload``, ``remove_sequential_offload``; submodules ``base``,
@@ -11,6 +12,7 @@ Public API (see README.md):
 """
 
 from .base import OffloadBackend
+from .checkpoint import CheckpointError
 from .compiler import STRATEGIES, compile_device_map
 from .config import OffloadConfig, OffloadStrategy
 from .device_map import DeviceMap, MapEntry
@@ -21,10 +23,12 @@ from .module_collector import ModuleDiscovery, PipelineModules
 from .placement import Placement, Role
 from .planner import BudgetTooSmall
 from .sequential_backend import ModelLevelOffloadBackend, apply_sequential_offload, remove_sequential_offload
+from .weights import empty_model
 
 __all__ = [
     "STRATEGIES",
     "BudgetTooSmall",
+    "CheckpointError",
     "DeviceMap",
     "LayerWiseOffloadBackend",
     "MapEntry",
@@ -40,6 +44,7 @@ __all__ = [
     "apply_sequential_offload",
     "compile_device_map",
     "dispatch_pipeline",
+    "empty_model",
     "get_offload_backend",
     "remove_sequential_offload",
 ]

@@ -8,7 +8,8 @@ import torch
 
 
 def resolve_device(device: "str | int | torch.device | None") -> torch.device:
-    """The target device for ``device``; ``None`` picks this rank's GPU (``LOCAL_RANK``) or the CPU.
+    """The target device for ``device``; ``None`` picks this rank's GPU (``LOCAL_RANK``, modulo the GPUs
+    present, so ranks may share one) or the CPU.
 
     Raises:
         ValueError: the device string is malformed, names a kind other than ``cuda``/``cpu``, asks for CUDA
@@ -21,7 +22,8 @@ def resolve_device(device: "str | int | torch.device | None") -> torch.device:
     if device is None:
         if not torch.cuda.is_available():
             return torch.device("cpu")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+        rank = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+        return torch.device("cuda", rank % torch.cuda.device_count())
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:

@@ -16,6 +16,7 @@ from .plan import bind
 from .profile import bandwidth
 from .report import Report
 from .runtime import Runtime
+from .weights import WeightSource
 
 logger = logging.getLogger("offload_map")
 
@@ -128,6 +129,8 @@ def dispatch_pipeline(
     device_map: DeviceMap | None = None,
     max_memory: dict | None = None,
     gpu_budget: "str | int | None" = None,
+    weights: dict | None = None,
+    share_host_copy: bool | None = None,
     pin_memory: bool = True,
     blocking: bool = False,
     progress: bool | None = None,
@@ -148,6 +151,14 @@ def dispatch_pipeline(
         max_memory: accelerate's convention, ``{0: "12GiB"}``: the device memory the map may use. With
             ``"layerwise"`` or ``"auto"`` the planner keeps as many blocks resident as pays within it.
         gpu_budget: shorthand for ``max_memory={<this device>: gpu_budget}``.
+        weights: ``{component: path}`` for components built on the meta device (``empty_model``): each
+            tensor is read from the safetensors checkpoint at ``path`` (a model directory or a file) straight
+            into its pinned host buffer or onto the device, with no full CPU copy first. ``remove()`` leaves
+            these weights on the CPU.
+        share_host_copy: under ``accelerate launch``/torchrun, keep one host copy of the offloaded weights
+            for all ranks of a host (``shared_host``). ``None`` (default): share when several ranks of one host
+            dispatch the same model; ``False``: every rank packs its own. The call is then collective: every
+            rank must dispatch.
         pin_memory: keep host copies in page-locked memory (fast, asynchronous copies). CUDA only.
         blocking: make component copies synchronous (for HSDP, where collectives read the weights at once).
         progress: show a progress bar while packing host weights (default: when it takes over a second).
@@ -157,6 +168,8 @@ def dispatch_pipeline(
 
     Raises:
         ValueError: unknown strategy, bad window, device or budget, a device map that does not fit the pipeline.
+        CheckpointError: (a ValueError) a checkpoint in ``weights`` is missing, pickle-based, corrupt, truncated
+            or does not match its component, or a meta component has none. Nothing is allocated.
         BudgetTooSmall: (a ValueError) the budget is below the minimum, which the message names.
         RuntimeError: the pipeline is already dispatched, or another offloader's hooks are on it.
 
@@ -182,7 +195,9 @@ def dispatch_pipeline(
     else:
         device_map = with_sizes(DeviceMap.from_dict(device_map.to_dict()), pipeline)
     plan = bind(device_map, pipeline)
-    runtime = Runtime(plan, pin_memory=pin_memory, blocking=blocking, progress=progress)
+    source = WeightSource(plan, weights)
+    runtime = Runtime(plan, pin_memory=pin_memory, blocking=blocking, progress=progress,
+                      source=source or None, share_host_copy=share_host_copy)
     planner = AutoPlanner(runtime, plan, device_map, budget, bandwidth(target)) if budget is not None and plan.rings else None
     handle = OffloadHandle(pipeline, device_map, runtime, time.perf_counter() - start, planner)
     pipeline.__dict__[_HANDLE_ATTR] = handle

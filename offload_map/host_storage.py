@@ -70,6 +70,11 @@ def layout(tensors: list[torch.Tensor]) -> tuple[list[Region], int]:
     return regions, offset
 
 
+def packed_size(refs: list[TensorRef]) -> int:
+    """Bytes of the flat buffer ``PackedTensors(refs, ...)`` needs."""
+    return layout([r.tensor for r in refs])[1]
+
+
 def _register(buffer: torch.Tensor) -> bool:
     cudart = torch.cuda.cudart()
     err = cudart.cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
@@ -89,6 +94,10 @@ class PackedTensors:
     Args:
         refs: the tensor slots to pack, in a fixed order.
         pin: page-lock the buffer for asynchronous host-to-device copies (CUDA only).
+        flat: a host region of at least ``packed_size(refs)`` bytes to pack into (a slice of a region shared
+            between ranks); default: a buffer of its own. A region that cannot be page-locked stays pageable.
+        fill: write the weights (``False`` where another rank fills a shared region).
+        source: a ``weights.WeightSource`` that reads the meta tensors it covers from their checkpoint.
 
     Example:
         >>> from torch import nn
@@ -100,21 +109,26 @@ class PackedTensors:
         (True, 1024)
     """
 
-    def __init__(self, refs: list[TensorRef], pin: bool) -> None:
+    def __init__(self, refs: list[TensorRef], pin: bool, flat: torch.Tensor | None = None, fill: bool = True, source=None) -> None:
         self.refs = refs
         self.original_devices = [r.tensor.device for r in refs]
         tensors = [r.tensor.detach() for r in refs]
         self.regions, self.nbytes = layout(tensors)
-        self.flat = torch.empty(self.nbytes, dtype=torch.uint8)
-        for region, t in zip(self.regions, tensors):
-            region.raw(self.flat).copy_(_storage_span(t))
+        owned = flat is None
+        self.flat = torch.empty(self.nbytes, dtype=torch.uint8) if owned else flat[:self.nbytes]
+        if fill:
+            for ref, region, t in zip(refs, self.regions, tensors):
+                if source is not None and source.covers(ref):
+                    source.read_into(ref, region.view(self.flat))
+                else:
+                    region.raw(self.flat).copy_(_storage_span(t))
         del tensors
         self.pinned = False
         if pin and torch.cuda.is_available() and self.nbytes:
             if _register(self.flat):
                 self.pinned = True
                 self._finalizer = weakref.finalize(self, _unregister, self.flat.data_ptr())
-            else:
+            elif owned:
                 self.flat = self.flat.pin_memory()
                 self.pinned = True
         self.host_views = self.views(self.flat)
@@ -150,10 +164,16 @@ class PackedTensors:
                 )
             region.raw(self.flat).copy_(_storage_span(tensor))
 
-    def restore(self) -> None:
-        """Give every tensor its own storage on its original device again and let go of the buffer."""
+    def restore(self, loaded: bool = True) -> None:
+        """Give every tensor its own storage on its original device again and let go of the buffer.
+
+        Tensors read from a checkpoint (originally on the meta device) go to the CPU when ``loaded``, else
+        back to the meta device (a dispatch that failed while loading keeps nothing).
+        """
         for ref, region, device in zip(self.refs, self.regions, self.original_devices):
             raw = region.raw(self.flat)
+            if device.type == "meta" and loaded:
+                device = torch.device("cpu")
             fresh = torch.empty(raw.numel(), dtype=raw.dtype, device=device)
             fresh.copy_(raw)
             ref.bind(fresh.as_strided(region.shape, region.stride))

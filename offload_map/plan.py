@@ -37,12 +37,20 @@ class TensorRef:
         return (self.module._parameters if self.is_param else self.module._buffers)[self.name]
 
     def bind(self, data: torch.Tensor) -> None:
-        """Point the slot (and its aliases) at ``data``; parameters keep their identity (optimizers, LoRA)."""
+        """Point the slot (and its aliases) at ``data``; parameters keep their identity (optimizers, LoRA),
+        except across the meta device, which ``.data`` cannot cross: one new ``Parameter`` then takes every slot."""
+        fresh = None
         for module, name, is_param in [(self.module, self.name, self.is_param), *self.aliases]:
-            if is_param:
-                module._parameters[name].data = data
-            else:
+            if not is_param:
                 module._buffers[name] = data
+                continue
+            param = module._parameters[name]
+            if param.is_meta == data.is_meta:
+                param.data = data
+                continue
+            if fresh is None:
+                fresh = nn.Parameter(data, requires_grad=param.requires_grad)
+            module._parameters[name] = fresh
 
 
 @dataclass

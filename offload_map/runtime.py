@@ -1,8 +1,12 @@
 """The runtime: carries out an ``ExecutionPlan`` and undoes it.
 
 Build order (each step undone by ``restore`` if a later one fails): pack the host storage of pinned
-components and streamed blocks, allocate the slot rings, move the resident tensors to the device, attach
-the hooks. The runtime decides no policy: placements, window and exclusions all come from the plan.
+components and streamed blocks (several units at once, on threads: copies and file reads release the
+GIL), allocate the slot rings, move the resident tensors to the device, attach the hooks. Tensors on the
+meta device are read from their checkpoint (``weights.WeightSource``) into their place. With a
+``shared_host.HostCopy``, host units are page-aligned slices of the region this host's ranks share and only
+its creator writes them. The runtime decides no policy: placements, window and exclusions all come from
+the plan.
 
 Ownership: the ``Runtime`` owns the ordering (copy stream), every ``PackedTensors`` (host buffers), every
 ``SlotRing`` (device slots and their events) and every ``PinnedComponent`` (device copies of pinned
@@ -11,29 +15,40 @@ components). ``restore`` frees them all; ``detach`` only removes the hooks.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from tqdm import tqdm
 
 from .device_map import human_bytes
 from .hooks import BlockHook, ComponentHook, attach, detach
-from .host_storage import PackedTensors, trim_host_heap
-from .plan import ExecutionPlan, TensorRef
+from .host_storage import PackedTensors, packed_size, trim_host_heap
+from .plan import ExecutionPlan, TensorRef, Unit
 from .prefetcher import Prefetcher
 from .report import TransferStats
+from .shared_host import HostCopy
 from .slot_ring import SlotRing
 from .streams import ordering_for
 from .swapper import PinnedComponent, Swapper
 
 logger = logging.getLogger("offload_map")
 
+# Host units packed at once; page-aligned slices, so each can be page-locked on its own.
+PACK_THREADS = min(8, os.cpu_count() or 1)
+PAGE = 4096
+
 
 class Runtime:
     """The live state of one dispatch (see the module docstring)."""
 
-    def __init__(self, plan: ExecutionPlan, pin_memory: bool = True, blocking: bool = False, progress: bool | None = None) -> None:
+    def __init__(self, plan: ExecutionPlan, pin_memory: bool = True, blocking: bool = False, progress: bool | None = None,
+                 source=None, share_host_copy: bool | None = False) -> None:
         self.plan = plan
+        self.source = source
+        self.host_copy: HostCopy | None = None
         self.device = plan.device
         self.pin = pin_memory and self.device.type == "cuda"
         self.blocking = blocking
@@ -45,31 +60,57 @@ class Runtime:
         self.pinned: dict[str, PinnedComponent] = {}
         self.hooked: list[torch.nn.Module] = []
         self.ordering = None
+        self.built = False
         try:
-            self._build(progress)
+            self._build(progress, share_host_copy)
         except BaseException:
             self.restore()
             raise
+        self.built = True
 
     @property
     def slot_bytes(self) -> int:
         return sum(r.device_bytes for r in self.rings.values())
 
-    def _build(self, progress: bool | None) -> None:
+    def _build(self, progress: bool | None, share_host_copy: bool | None) -> None:
         plan = self.plan
         self.ordering = ordering_for(self.device)
         host_units = plan.pinned + [u for ring in plan.rings for u in ring.blocks]
-        total = sum(u.nbytes for u in host_units)
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="offload_map: packing host weights", delay=1.0, disable=progress is False or not total)
-        with bar:
+        offsets, total = _page_aligned([packed_size(u.tensors) for u in host_units])
+        self.host_copy = HostCopy.open(total, _fingerprint(host_units), share_host_copy)
+        region = self.host_copy.flat if self.host_copy is not None else None
+        fills = self.host_copy is None or self.host_copy.fills
+        what = "reading weights into host memory" if self.source else "packing host weights"
+        desc = f"offload_map: {what}" if fills else "offload_map: mapping the host copy shared by this host's ranks"
+        bar = tqdm(total=sum(u.nbytes for u in host_units), unit="B", unit_scale=True, desc=desc, delay=1.0,
+                   disable=progress is False or not host_units)
+
+        def pack(unit: Unit, offset: int) -> PackedTensors:
+            flat = None if region is None else region[offset:]
+            packed = PackedTensors(unit.tensors, self.pin, flat, fills, self.source)
+            # The unit's original tensors were just freed; return their heap pages now, or RSS holds
+            # both copies until packing ends.
+            trim_host_heap()
+            bar.update(unit.nbytes)
+            return packed
+
+        with bar, ThreadPoolExecutor(PACK_THREADS) as pool:
+            futures = [pool.submit(pack, unit, offset) for unit, offset in zip(host_units, offsets)]
+            error = None
             packed = {}
-            for unit in host_units:
-                packed[unit.path] = PackedTensors(unit.tensors, self.pin)
-                self.packed.append(packed[unit.path])
-                # The unit's original tensors were just freed; return their heap pages now, or RSS holds
-                # both copies until packing ends.
-                trim_host_heap()
-                bar.update(unit.nbytes)
+            for unit, future in zip(host_units, futures):
+                try:  # collect every unit that was packed, so that a failure restores them all
+                    packed[unit.path] = future.result()
+                    self.packed.append(packed[unit.path])
+                except BaseException as err:
+                    if error is None:
+                        error = err
+                        for other in futures:
+                            other.cancel()
+            if error is not None:
+                raise error
+        if self.host_copy is not None:
+            self.host_copy.ready()
         roles = {c.name: c.role for c in plan.components}
         for unit in plan.pinned:
             name = plan.component_of(unit.path).name
@@ -105,10 +146,14 @@ class Runtime:
     def _move_resident(self) -> None:
         for unit in self.plan.resident:
             for ref in unit.tensors:
-                tensor = ref.tensor
-                if tensor.device != self.device:
-                    self.moved.append((ref, tensor.device))
-                    ref.bind(tensor.detach().to(self.device))
+                tensor = ref.tensor.detach()
+                if tensor.device == self.device:
+                    continue
+                self.moved.append((ref, tensor.device))
+                if self.source is not None and self.source.covers(ref):
+                    tensor = torch.empty(tensor.shape, dtype=tensor.dtype)  # one tensor-sized host buffer
+                    self.source.read_into(ref, tensor)
+                ref.bind(tensor.to(self.device))
 
     def set_residency(self, name: str, resident: frozenset[int], window: int) -> None:
         """Keep blocks ``resident`` of DiT ``name`` on the device and stream the rest through ``window`` slots."""
@@ -148,12 +193,33 @@ class Runtime:
         for component in self.pinned.values():
             component.evict()
         while self.packed:
-            self.packed.pop().restore()
+            self.packed.pop().restore(loaded=self.built)
         while self.moved:
             ref, device = self.moved.pop()
+            if device.type == "meta" and self.built:
+                device = torch.device("cpu")  # weights read from a checkpoint stay usable
             ref.bind(ref.tensor.detach().to(device))
+        self.host_copy = None
         self.rings.clear()
         self.prefetchers.clear()
         self.pinned.clear()
         self.ordering = None
         trim_host_heap()
+
+
+def _page_aligned(sizes: list[int]) -> tuple[list[int], int]:
+    offsets, total = [], 0
+    for size in sizes:
+        offsets.append(total)
+        total += -(-size // PAGE) * PAGE
+    return offsets, total
+
+
+def _fingerprint(units: list[Unit]) -> str:
+    # Ranks share a host copy only if they would lay it out identically.
+    digest = hashlib.sha256()
+    for unit in units:
+        for ref in unit.tensors:
+            tensor = ref.tensor
+            digest.update(f"{ref.qualname}:{tuple(tensor.shape)}:{tensor.stride()}:{tensor.dtype};".encode())
+    return digest.hexdigest()

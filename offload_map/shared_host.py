@@ -1,0 +1,121 @@
+"""One host copy of the offloaded weights for all ranks of a host (``accelerate launch``, torchrun).
+
+The copy is an anonymous shared-memory file (``memfd_create``): it has no name in ``/dev/shm`` or anywhere
+else, so nothing can be left behind, whatever happens to the ranks; the kernel frees it when the last
+process that maps it exits or unmaps it, killed ones included. Other ranks of the same user reach it
+through ``/proc/<creator pid>/fd/<fd>`` while the creator holds that descriptor open, which is only
+during dispatch; other users cannot open it (the same check as for ptrace).
+
+Protocol (collective: every rank of the process group calls ``HostCopy.open`` and, later, ``ready``):
+
+1. ranks exchange (host name, layout fingerprint); ranks of one host with the same layout form a group,
+   the lowest rank of each group creates the region;
+2. the creator sizes and maps it and offers (pid, fd); the others open and map it;
+3. the creator fills it while every rank builds its views on it (and page-locks them for its device);
+4. ``ready()``: a barrier; then the creator closes its descriptor.
+
+Ownership: ``HostCopy`` owns the mapping (``flat``); every ``PackedTensors`` of the dispatch holds a view of
+it, and the mapping stays alive until the last view goes. A rank that cannot map the region (no
+``memfd_create``, no ``/proc``, not enough memory) gets ``flat = None``, packs its own copy, and warns.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("offload_map")
+
+
+class HostCopy:
+    """This rank's view of the host copy shared with the other ranks of its host.
+
+    Attributes:
+        flat: the shared region as a ``uint8`` tensor, or ``None`` where this rank packs its own copy.
+        creator: whether this rank created (and fills) the shared region.
+        ranks: the global ranks of this host with the same layout.
+    """
+
+    def __init__(self, flat: torch.Tensor | None, creator: bool, ranks: list[int], fd: int | None) -> None:
+        self.flat = flat
+        self.creator = creator
+        self.ranks = ranks
+        self._fd = fd
+
+    @classmethod
+    def open(cls, nbytes: int, fingerprint: str, share: bool | None) -> "HostCopy | None":
+        """Map the region shared by this host's ranks (collective); ``None`` where nothing is shared.
+
+        Args:
+            nbytes: the region's size.
+            fingerprint: identifies the layout; only ranks with equal fingerprints share.
+            share: ``True`` requires sharing (warns where impossible), ``None`` shares when several ranks of
+                one host run, ``False`` never shares (no collective call is made).
+
+        Raises:
+            ValueError: ``share=True`` without an initialised process group.
+        """
+        if share is False or nbytes == 0:
+            return None
+        if not (dist.is_available() and dist.is_initialized()):
+            if share:
+                raise ValueError("share_host_copy=True needs torch.distributed initialised (run under accelerate launch "
+                                 "or torchrun and create accelerate's PartialState() first)")
+            return None
+        world, rank = dist.get_world_size(), dist.get_rank()
+        me = (socket.gethostname(), fingerprint, nbytes)
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, me)
+        ranks = [r for r, other in enumerate(everyone) if other == me]
+        creator = ranks[0] == rank
+        flat, fd, offer = None, None, None
+        if creator and len(ranks) > 1:
+            try:
+                fd = os.memfd_create("offload_map", os.MFD_CLOEXEC)
+                os.ftruncate(fd, nbytes)
+                flat = _map(fd, nbytes)
+                offer = (os.getpid(), fd)
+            except (OSError, AttributeError) as err:
+                if fd is not None:
+                    os.close(fd)
+                flat, fd = None, None
+                logger.warning("offload_map: cannot create a shared host copy (%s); every rank keeps its own", err)
+        offers: list = [None] * world
+        dist.all_gather_object(offers, offer)
+        if not creator and offers[ranks[0]] is not None:
+            pid, their_fd = offers[ranks[0]]
+            try:
+                own = os.open(f"/proc/{pid}/fd/{their_fd}", os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    flat = _map(own, nbytes)
+                finally:
+                    os.close(own)
+            except OSError as err:
+                logger.warning("offload_map: rank %d cannot map the host copy of rank %d (%s); it keeps its own", rank, ranks[0], err)
+        if flat is None and len(ranks) > 1 and share:
+            logger.warning("offload_map: rank %d packs its own host copy of the weights", rank)
+        if len(ranks) == 1 and share:
+            logger.warning("offload_map: rank %d is alone on its host with this model; nothing to share", rank)
+        return cls(flat, creator and flat is not None, ranks, fd)
+
+    @property
+    def fills(self) -> bool:
+        """Whether this rank writes weights: it created the region, or packs its own copy."""
+        return self.creator or self.flat is None
+
+    def ready(self) -> None:
+        """Wait until the creator has filled the region (collective); then the creator lets go of its descriptor."""
+        dist.barrier()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _map(fd: int, nbytes: int) -> torch.Tensor:
+    region = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    return torch.frombuffer(region, dtype=torch.uint8)

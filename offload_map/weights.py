@@ -1,0 +1,116 @@
+"""Which checkpoint fills which tensor: weights for components built on the meta device.
+
+A component built without weights (``empty_model``, or accelerate's ``init_empty_weights``) has its
+parameters on the ``meta`` device. ``dispatch_pipeline(..., weights={"transformer": path})`` names a
+safetensors checkpoint for it; ``WeightSource`` checks, before anything is allocated, that every meta
+tensor of those components is in its checkpoint with the right shape, and later reads each tensor
+straight into its destination (a pinned host region, or a device tensor through one tensor-sized host
+buffer). Tensors that are not on the meta device (buffers kept on the CPU) are packed as usual.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .checkpoint import Checkpoint, CheckpointError
+from .plan import ExecutionPlan, TensorRef
+
+
+class WeightSource:
+    """The checkpoint key of every meta tensor in ``plan``, validated against ``weights``.
+
+    Args:
+        plan: the bound execution plan.
+        weights: component name -> checkpoint path (a ``.safetensors`` file or a model directory).
+
+    Raises:
+        CheckpointError: a meta tensor has no checkpoint, a checkpoint names no meta component, or a
+            checkpoint does not match its component (missing tensor, other shape, corrupt or truncated).
+    """
+
+    def __init__(self, plan: ExecutionPlan, weights: "dict[str, str | os.PathLike] | None") -> None:
+        weights = dict(weights or {})
+        names = {c.name for c in plan.components}
+        unknown = sorted(set(weights) - names)
+        if unknown:
+            raise CheckpointError(f"weights names {unknown}, which are not components of the pipeline {sorted(names)}")
+        self.keys: dict[int, tuple[Checkpoint, str]] = {}
+        expected: dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
+        refs: dict[str, list[TensorRef]] = {}
+        for unit in plan.units.values():
+            comp = plan.component_of(unit.path).name
+            for ref in unit.tensors:
+                tensor = ref.tensor
+                if tensor.is_meta:
+                    key = ref.qualname[len(comp) + 1:] if comp else ref.qualname
+                    expected.setdefault(comp, {})[key] = (tuple(tensor.shape), tensor.dtype)
+                    refs.setdefault(comp, []).append(ref)
+        for comp in sorted(set(expected) - set(weights)):
+            raise CheckpointError(
+                f"{comp or 'the model'} has {len(expected[comp])} tensors on the meta device (e.g. "
+                f"{next(iter(expected[comp]))!r}) and no checkpoint; pass weights={{{comp!r}: '<model directory or .safetensors>'}}"
+            )
+        for comp in sorted(set(weights) - set(expected)):
+            raise CheckpointError(
+                f"weights[{comp!r}] is given, but {comp or 'the model'} already holds its weights; build it on the meta "
+                "device (offload_map.empty_model) to load it in place, or drop the entry"
+            )
+        for comp, path in weights.items():
+            checkpoint = Checkpoint(path)
+            checkpoint.check(expected[comp], comp or "the model")
+            for ref in refs[comp]:
+                key = ref.qualname[len(comp) + 1:] if comp else ref.qualname
+                self.keys[id(ref)] = (checkpoint, key)
+
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
+    def covers(self, ref: TensorRef) -> bool:
+        """Whether ``ref`` is read from a checkpoint (it is on the meta device)."""
+        return id(ref) in self.keys
+
+    def read_into(self, ref: TensorRef, out: torch.Tensor) -> None:
+        """Read ``ref``'s weights into ``out`` (a contiguous CPU tensor of its shape)."""
+        checkpoint, key = self.keys[id(ref)]
+        checkpoint.read_into(key, out)
+
+
+def empty_model(model_class: type, path: "str | os.PathLike", dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A diffusers (or transformers) model built from ``path``'s ``config.json`` with every parameter on the meta
+    device: no memory for weights. Pass it to ``dispatch_pipeline(..., weights={name: path})``.
+
+    Args:
+        model_class: e.g. ``diffusers.FluxTransformer2DModel`` (anything with ``load_config``/``from_config``,
+            or transformers' ``config_class``/``_from_config``).
+        path: the model directory (``config.json`` beside the safetensors shards).
+        dtype: the parameters' dtype (the checkpoint's is converted on load); default: the class's default.
+
+    Raises:
+        CheckpointError: ``path`` has no ``config.json``.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from torch import nn
+        >>> class Tiny(nn.Module):
+        ...     @classmethod
+        ...     def load_config(cls, path): return {"width": 4}
+        ...     @classmethod
+        ...     def from_config(cls, config): m = cls(); m.lin = nn.Linear(config["width"], 2); return m
+        >>> d = tempfile.mkdtemp(); open(d + "/config.json", "w").write("{}")
+        2
+        >>> empty_model(Tiny, d).lin.weight.device
+        device(type='meta')
+    """
+    from accelerate import init_empty_weights
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CheckpointError(f"{path} has no config.json; build the model on the meta device yourself "
+                              "(accelerate.init_empty_weights) and pass its safetensors file")
+    with init_empty_weights():
+        if hasattr(model_class, "load_config"):
+            model = model_class.from_config(model_class.load_config(path))
+        else:
+            model = model_class._from_config(model_class.config_class.from_pretrained(path))
+    return model.to(dtype) if dtype is not None else model

@@ -1,0 +1,169 @@
+"""Loading safetensors straight into place: a DiT built on the meta device, its weights read into their
+pinned blocks (or onto the device), outputs bit-identical to the model loaded the usual way; every bad
+checkpoint refused with a clear error and nothing left allocated."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+
+from offload_map import CheckpointError, dispatch_pipeline, empty_model
+from offload_map.checkpoint import Checkpoint
+from conftest import resident_run
+from tiny_pipelines import make_flux_pipeline, run_flux
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """The tiny Flux pipeline, its resident output, and its transformer saved three ways."""
+    pipe = make_flux_pipeline()
+    root = tmp_path_factory.mktemp("ckpt")
+    pipe.transformer.save_pretrained(root / "single")
+    pipe.transformer.save_pretrained(root / "sharded", max_shard_size="100KB")
+    assert len(list((root / "sharded").glob("*.safetensors"))) > 1
+    assert list((root / "sharded").glob("*.index.json"))
+    return pipe, root
+
+
+@pytest.fixture
+def meta_pipe(saved):
+    pipe, root = saved
+    original = pipe.transformer
+    pipe.transformer = empty_model(FluxTransformer2DModel, root / "single")
+    yield pipe, root, original
+    handle = getattr(pipe, "_offload_map_handle", None)
+    if handle is not None:
+        handle.remove()
+    pipe.transformer = original
+
+
+def _is_meta(module) -> bool:
+    return all(p.is_meta for p in module.parameters())
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded", "file"])
+@pytest.mark.parametrize("strategy", ["layerwise", "model", "none"])
+def test_loaded_in_place_runs_bit_identical_to_the_usual_load(meta_pipe, target, strategy, layout):
+    pipe, root, original = meta_pipe
+    pipe.transformer, loaded = original, pipe.transformer
+    reference = resident_run(pipe, lambda: run_flux(pipe), target)
+    pipe.transformer = loaded
+    assert _is_meta(pipe.transformer)
+    path = root / "single" / "diffusion_pytorch_model.safetensors" if layout == "file" else root / layout
+    handle = dispatch_pipeline(pipe, strategy, target, weights={"transformer": path})
+    assert not any(p.is_meta for p in pipe.transformer.parameters())
+    for _ in range(2):
+        assert torch.equal(run_flux(pipe).cpu(), reference)
+    handle.remove()
+    for (name, mine), theirs in zip(pipe.transformer.state_dict().items(), original.state_dict().values()):
+        assert mine.device.type == "cpu" and torch.equal(mine, theirs), name
+
+
+def test_a_float32_checkpoint_loads_at_the_model_dtype(meta_pipe, target):
+    pipe, root, original = meta_pipe
+    pipe.transformer = empty_model(FluxTransformer2DModel, root / "single", dtype=torch.bfloat16)
+    handle = dispatch_pipeline(pipe, "layerwise", target, weights={"transformer": root / "single"})
+    handle.remove()
+    for (name, mine), theirs in zip(pipe.transformer.state_dict().items(), original.state_dict().values()):
+        assert mine.dtype == torch.bfloat16 and torch.equal(mine, theirs.to(torch.bfloat16)), name
+
+
+def _corrupt(root, tmp_path, how: str):
+    src = root / "single"
+    dst = tmp_path / how
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    data = (src / "diffusion_pytorch_model.safetensors").read_bytes()
+    if how == "truncated":
+        data = data[: len(data) - 1000]
+    elif how == "garbage-header":
+        data = struct.pack("<Q", 40) + b"{not json at all, just some bytes....}" + data[48:]
+    elif how == "huge-header":
+        data = struct.pack("<Q", 2**62) + data[8:]
+    elif how == "bad-shape":  # same header length: one digit of the first shape changes
+        at = data.index(b'"shape":[') + len(b'"shape":[')
+        data = data[:at] + (b"8" if data[at:at + 1] == b"9" else b"9") + data[at + 1:]
+    if how == "missing-shard":
+        sharded = root / "sharded"
+        for f in sharded.iterdir():
+            (dst / f.name).write_bytes(f.read_bytes())
+        next(dst.glob("*-00002-of-*.safetensors")).unlink()
+        return dst
+    if how == "pickle":
+        (dst / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+        return dst
+    (dst / "diffusion_pytorch_model.safetensors").write_bytes(data)
+    return dst
+
+
+@pytest.mark.parametrize("how, message", [
+    ("truncated", "truncated"),
+    ("garbage-header", "not valid JSON"),
+    ("huge-header", "not a safetensors file, or is truncated"),
+    ("bad-shape", "the file is corrupt"),
+    ("missing-shard", "lists shard\\(s\\) that do not exist"),
+    ("pickle", "pickle-based"),
+])
+def test_a_bad_checkpoint_is_refused_and_nothing_is_allocated(meta_pipe, target, tmp_path, how, message):
+    pipe, root, _ = meta_pipe
+    bad = _corrupt(root, tmp_path, how)
+    with pytest.raises(CheckpointError, match=message):
+        dispatch_pipeline(pipe, "layerwise", target, weights={"transformer": bad})
+    assert _is_meta(pipe.transformer) and not hasattr(pipe, "_offload_map_handle")
+    assert not any(hasattr(m, "_hf_hook") for m in pipe.transformer.modules())
+
+
+def test_a_pickle_file_path_is_never_opened(tmp_path):
+    path = tmp_path / "model.bin"  # does not even exist: refused by name
+    with pytest.raises(CheckpointError, match="only reads safetensors"):
+        Checkpoint(path)
+
+
+def test_a_config_that_does_not_match_the_checkpoint_is_refused(saved, target, tmp_path):
+    pipe, root = saved
+    config = json.loads((root / "single" / "config.json").read_text())
+    config["joint_attention_dim"] *= 2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    original = pipe.transformer
+    pipe.transformer = empty_model(FluxTransformer2DModel, tmp_path)
+    try:
+        with pytest.raises(CheckpointError, match="the model's config does not match the checkpoint"):
+            dispatch_pipeline(pipe, "layerwise", target, weights={"transformer": root / "single"})
+        assert _is_meta(pipe.transformer)
+    finally:
+        pipe.transformer = original
+
+
+def test_a_read_failing_midway_leaves_every_tensor_on_the_meta_device(meta_pipe, target, monkeypatch):
+    pipe, root, _ = meta_pipe
+    calls = {"n": 0}
+    real = Checkpoint.read_into
+
+    def flaky(self, name, out):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise CheckpointError("simulated: disk went away")
+        real(self, name, out)
+
+    monkeypatch.setattr(Checkpoint, "read_into", flaky)
+    with pytest.raises(CheckpointError, match="disk went away"):
+        dispatch_pipeline(pipe, "layerwise", target, weights={"transformer": root / "single"})
+    assert _is_meta(pipe.transformer) and not hasattr(pipe, "_offload_map_handle")
+    assert not any(hasattr(m, "_hf_hook") for m in pipe.transformer.modules())
+
+
+def test_weights_must_match_meta_components(meta_pipe, target):
+    pipe, root, _ = meta_pipe
+    with pytest.raises(CheckpointError, match="on the meta device .* and no checkpoint; pass weights="):
+        dispatch_pipeline(pipe, "layerwise", target)
+    with pytest.raises(CheckpointError, match="not components of the pipeline"):
+        dispatch_pipeline(pipe, "layerwise", target, weights={"transformer": root / "single", "unet": root})
+    with pytest.raises(CheckpointError, match="already holds its weights"):
+        dispatch_pipeline(pipe, "layerwise", target, weights={"transformer": root / "single", "vae": root / "single"})
+    with pytest.raises(CheckpointError, match="does not exist"):
+        dispatch_pipeline(pipe, "layerwise", target, weights={"transformer": root / "nowhere"})
+    assert _is_meta(pipe.transformer)
