@@ -83,6 +83,12 @@ class OffloadHandle:
             raise RuntimeError("this dispatch was already removed; the pipeline is back as it was")
         self._runtime.refresh()
 
+    @property
+    def host_copy(self):
+        """The ``shared_host.HostCopy`` this rank streams from when ranks share one (``None`` when it packs its own):
+        ``host_copy.ranks`` share it, ``host_copy.creator`` says whether this rank filled it."""
+        return self._runtime.host_copy
+
     def on_device(self) -> list[str]:
         """Names of the components whose weights are on the target device right now (resident or loaded).
 

@@ -14,6 +14,9 @@ Protocol (collective: every rank of the process group calls ``HostCopy.open`` an
 3. the creator fills it while every rank builds its views on it (and page-locks them for its device);
 4. ``ready()``: a barrier; then the creator closes its descriptor.
 
+The exchange runs on a gloo group of its own: it moves Python objects, and it works whatever the default
+backend is (NCCL refuses two ranks on one GPU, which is how ranks share the lent H100).
+
 Ownership: ``HostCopy`` owns the mapping (``flat``); every ``PackedTensors`` of the dispatch holds a view of
 it, and the mapping stays alive until the last view goes. A rank that cannot map the region (no
 ``memfd_create``, no ``/proc``, not enough memory) gets ``flat = None``, packs its own copy, and warns.
@@ -41,11 +44,12 @@ class HostCopy:
         ranks: the global ranks of this host with the same layout.
     """
 
-    def __init__(self, flat: torch.Tensor | None, creator: bool, ranks: list[int], fd: int | None) -> None:
+    def __init__(self, flat: torch.Tensor | None, creator: bool, ranks: list[int], fd: int | None, group) -> None:
         self.flat = flat
         self.creator = creator
         self.ranks = ranks
         self._fd = fd
+        self._group = group
 
     @classmethod
     def open(cls, nbytes: int, fingerprint: str, share: bool | None) -> "HostCopy | None":
@@ -68,9 +72,10 @@ class HostCopy:
                                  "or torchrun and create accelerate's PartialState() first)")
             return None
         world, rank = dist.get_world_size(), dist.get_rank()
+        group = dist.new_group(backend="gloo")
         me = (socket.gethostname(), fingerprint, nbytes)
         everyone: list = [None] * world
-        dist.all_gather_object(everyone, me)
+        dist.all_gather_object(everyone, me, group=group)
         ranks = [r for r, other in enumerate(everyone) if other == me]
         creator = ranks[0] == rank
         flat, fd, offer = None, None, None
@@ -86,7 +91,7 @@ class HostCopy:
                 flat, fd = None, None
                 logger.warning("offload_map: cannot create a shared host copy (%s); every rank keeps its own", err)
         offers: list = [None] * world
-        dist.all_gather_object(offers, offer)
+        dist.all_gather_object(offers, offer, group=group)
         if not creator and offers[ranks[0]] is not None:
             pid, their_fd = offers[ranks[0]]
             try:
@@ -101,7 +106,7 @@ class HostCopy:
             logger.warning("offload_map: rank %d packs its own host copy of the weights", rank)
         if len(ranks) == 1 and share:
             logger.warning("offload_map: rank %d is alone on its host with this model; nothing to share", rank)
-        return cls(flat, creator and flat is not None, ranks, fd)
+        return cls(flat, creator and flat is not None, ranks, fd, group)
 
     @property
     def fills(self) -> bool:
@@ -110,7 +115,7 @@ class HostCopy:
 
     def ready(self) -> None:
         """Wait until the creator has filled the region (collective); then the creator lets go of its descriptor."""
-        dist.barrier()
+        dist.barrier(group=self._group)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -1,0 +1,56 @@
+"""One rank of ``test_ranks.py``, run under ``accelerate launch --cpu --num_processes 2``.
+
+Usage: rank_worker.py OUT_DIR CHECKPOINT_DIR MODE   (MODE: "run", or "kill" to SIGKILL rank 1 mid-step)
+
+Each rank builds the tiny Flux pipeline with its transformer on the meta device, dispatches it layer-wise
+with the transformer read from CHECKPOINT_DIR into the host copy its host shares, generates, and writes
+OUT_DIR/rank<N>.pt: its output and what it saw of the shared region.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from diffusers import FluxTransformer2DModel
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_pipelines import make_flux_pipeline, run_flux  # noqa: E402
+
+from offload_map import dispatch_pipeline, empty_model  # noqa: E402
+
+
+def memfd_inodes() -> set[str]:
+    with open("/proc/self/maps") as maps:
+        return {line.split()[4] for line in maps if "memfd:offload_map" in line}
+
+
+def main(out: Path, checkpoint: Path, mode: str) -> None:
+    state = PartialState(cpu=True)
+    pipe = make_flux_pipeline()
+    pipe.transformer = empty_model(FluxTransformer2DModel, checkpoint)
+    handle = dispatch_pipeline(pipe, "layerwise", "cpu", weights={"transformer": checkpoint})
+    copy = handle.host_copy
+    seen = {
+        "rank": state.process_index,
+        "creator": copy.creator,
+        "shared": copy.flat is not None,
+        "ranks": copy.ranks,
+        "inodes": sorted(memfd_inodes()),
+        "shm_names": sorted(p for p in os.listdir("/dev/shm") if "offload" in p),
+    }
+    if mode == "kill" and state.process_index == 1:
+        block = pipe.transformer.single_transformer_blocks[1]
+        block.register_forward_pre_hook(lambda *_: os.kill(os.getpid(), signal.SIGKILL))
+    seen["output"] = run_flux(pipe)
+    seen["second"] = run_flux(pipe)
+    handle.remove()
+    torch.save(seen, out / f"rank{state.process_index}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])

@@ -1,0 +1,76 @@
+"""Ranks of one host under ``accelerate launch``: one shared host copy, outputs equal to one rank, and
+nothing left in shared memory when a rank is killed."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny_pipelines import make_flux_pipeline, run_flux
+
+WORKER = Path(__file__).parent / "rank_worker.py"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    pipe = make_flux_pipeline()
+    path = tmp_path_factory.mktemp("ranks") / "transformer"
+    pipe.transformer.save_pretrained(path)
+    return path, run_flux(pipe)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out: Path, checkpoint: Path, mode: str) -> subprocess.CompletedProcess:
+    # accelerate's --cpu launches through mpirun; --multi_gpu goes through torchrun, and the worker asks
+    # PartialState(cpu=True) for gloo.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(WORKER), str(out), str(checkpoint), mode]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def memfd_holders() -> list[str]:
+    holders = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                if any("memfd:offload_map" in line for line in maps):
+                    holders.append(pid)
+        except OSError:
+            continue
+    return holders
+
+
+def test_two_ranks_share_one_host_copy_and_match_one_rank(checkpoint, tmp_path):
+    path, reference = checkpoint
+    done = launch(tmp_path, path, "run")
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for rank in seen:
+        assert torch.equal(rank["output"], reference) and torch.equal(rank["second"], reference)
+        assert rank["shared"] and rank["ranks"] == [0, 1]
+        assert rank["shm_names"] == []  # the region has no name anywhere
+    assert [rank["creator"] for rank in seen] == [True, False]  # created once
+    assert seen[0]["inodes"] and seen[0]["inodes"] == seen[1]["inodes"]  # both map the same memory
+    assert not memfd_holders()
+
+
+def test_a_rank_killed_mid_step_leaves_no_shared_memory(checkpoint, tmp_path):
+    path, _ = checkpoint
+    before = set(os.listdir("/dev/shm"))
+    done = launch(tmp_path, path, "kill")
+    assert done.returncode != 0 and not (tmp_path / "rank1.pt").exists()
+    assert not memfd_holders()
+    assert set(os.listdir("/dev/shm")) <= before
