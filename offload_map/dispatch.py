@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -135,7 +136,7 @@ def dispatch_pipeline(
     device_map: DeviceMap | None = None,
     max_memory: dict | None = None,
     gpu_budget: "str | int | None" = None,
-    weights: dict | None = None,
+    weights: "dict | str | os.PathLike | None" = None,
     share_host_copy: bool | None = None,
     pin_memory: bool = True,
     blocking: bool = False,
@@ -159,8 +160,8 @@ def dispatch_pipeline(
         gpu_budget: shorthand for ``max_memory={<this device>: gpu_budget}``.
         weights: ``{component: path}`` for components built on the meta device (``empty_model``): each
             tensor is read from the safetensors checkpoint at ``path`` (a model directory or a file) straight
-            into its pinned host buffer or onto the device, with no full CPU copy first. ``remove()`` leaves
-            these weights on the CPU.
+            into its pinned host buffer or onto the device, with no full CPU copy first. One path will do
+            for a lone DiT. ``remove()`` leaves these weights on the CPU.
         share_host_copy: under ``accelerate launch``/torchrun, keep one host copy of the offloaded weights
             for all ranks of a host (``shared_host``). ``None`` (default): share when several ranks of one host
             dispatch the same model; ``False``: every rank packs its own. The call is then collective: every

@@ -23,46 +23,42 @@ class WeightSource:
 
     Args:
         plan: the bound execution plan.
-        weights: component name -> checkpoint path (a ``.safetensors`` file or a model directory).
+        weights: component name -> checkpoint path (a ``.safetensors`` file or a model directory), or one
+            path for the only component on the meta device (a lone DiT).
 
     Raises:
         CheckpointError: a meta tensor has no checkpoint, a checkpoint names no meta component, or a
             checkpoint does not match its component (missing tensor, other shape, corrupt or truncated).
     """
 
-    def __init__(self, plan: ExecutionPlan, weights: "dict[str, str | os.PathLike] | None") -> None:
-        weights = dict(weights or {})
+    def __init__(self, plan: ExecutionPlan, weights: "dict[str, str | os.PathLike] | str | os.PathLike | None") -> None:
         names = {c.name for c in plan.components}
+        meta = _meta_tensors(plan)
+        if isinstance(weights, (str, os.PathLike)):
+            if len(meta) != 1:
+                raise CheckpointError(f"weights={str(weights)!r} is one path, but {len(meta)} components are on the meta "
+                                      f"device ({sorted(meta)}); pass a dict {{component: path}}")
+            weights = {next(iter(meta)): weights}
+        weights = dict(weights or {})
         unknown = sorted(set(weights) - names)
         if unknown:
             raise CheckpointError(f"weights names {unknown}, which are not components of the pipeline {sorted(names)}")
-        self.keys: dict[int, tuple[Checkpoint, str]] = {}
-        expected: dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
-        refs: dict[str, list[TensorRef]] = {}
-        for unit in plan.units.values():
-            comp = plan.component_of(unit.path).name
-            for ref in unit.tensors:
-                tensor = ref.tensor
-                if tensor.is_meta:
-                    key = ref.qualname[len(comp) + 1:] if comp else ref.qualname
-                    expected.setdefault(comp, {})[key] = (tuple(tensor.shape), tensor.dtype)
-                    refs.setdefault(comp, []).append(ref)
-        for comp in sorted(set(expected) - set(weights)):
+        for comp in sorted(set(meta) - set(weights)):
             raise CheckpointError(
-                f"{comp or 'the model'} has {len(expected[comp])} tensors on the meta device (e.g. "
-                f"{next(iter(expected[comp]))!r}) and no checkpoint; pass weights={{{comp!r}: '<model directory or .safetensors>'}}"
+                f"{comp or 'the model'} has {len(meta[comp])} tensors on the meta device (e.g. {next(iter(meta[comp]))!r}) "
+                f"and no checkpoint; pass weights={{{comp!r}: '<model directory or .safetensors>'}}"
             )
-        for comp in sorted(set(weights) - set(expected)):
+        for comp in sorted(set(weights) - set(meta)):
             raise CheckpointError(
                 f"weights[{comp!r}] is given, but {comp or 'the model'} already holds its weights; build it on the meta "
                 "device (offload_map.empty_model) to load it in place, or drop the entry"
             )
+        self.keys: dict[int, tuple[Checkpoint, str]] = {}
         for comp, path in weights.items():
             checkpoint = Checkpoint(path)
-            checkpoint.check(expected[comp], comp or "the model")
-            for ref in refs[comp]:
-                key = ref.qualname[len(comp) + 1:] if comp else ref.qualname
-                self.keys[id(ref)] = (checkpoint, key)
+            checkpoint.check({key: (tuple(ref.tensor.shape), ref.tensor.dtype) for key, ref in meta[comp].items()},
+                             comp or "the model")
+            self.keys.update({id(ref): (checkpoint, key) for key, ref in meta[comp].items()})
 
     def __bool__(self) -> bool:
         return bool(self.keys)
@@ -75,6 +71,17 @@ class WeightSource:
         """Read ``ref``'s weights into ``out`` (a contiguous CPU tensor of its shape)."""
         checkpoint, key = self.keys[id(ref)]
         checkpoint.read_into(key, out)
+
+
+def _meta_tensors(plan: ExecutionPlan) -> dict[str, dict[str, TensorRef]]:
+    # component -> checkpoint key (the tensor's name inside its component) -> its slot
+    out: dict[str, dict[str, TensorRef]] = {}
+    for unit in plan.units.values():
+        comp = plan.component_of(unit.path).name
+        for ref in unit.tensors:
+            if ref.tensor.is_meta:
+                out.setdefault(comp, {})[ref.qualname[len(comp) + 1:] if comp else ref.qualname] = ref
+    return out
 
 
 def empty_model(model_class: type, path: "str | os.PathLike", dtype: torch.dtype | None = None) -> torch.nn.Module:

@@ -167,3 +167,19 @@ def test_weights_must_match_meta_components(meta_pipe, target):
     with pytest.raises(CheckpointError, match="does not exist"):
         dispatch_pipeline(pipe, "layerwise", target, weights={"transformer": root / "nowhere"})
     assert _is_meta(pipe.transformer)
+
+
+def test_a_lone_dit_takes_one_path(saved, target):
+    pipe, root = saved
+    inputs = dict(hidden_states=torch.randn(1, 16, pipe.transformer.config.in_channels, generator=torch.Generator().manual_seed(0)),
+                  encoder_hidden_states=torch.randn(1, 8, pipe.transformer.config.joint_attention_dim),
+                  pooled_projections=torch.randn(1, pipe.transformer.config.pooled_projection_dim),
+                  timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3))
+    if pipe.transformer.config.guidance_embeds:
+        inputs["guidance"] = torch.tensor([3.5])
+    with torch.no_grad():
+        reference = resident_run(pipe.transformer, lambda: pipe.transformer(**{k: v.to(target) for k, v in inputs.items()}).sample, target)
+        model = empty_model(FluxTransformer2DModel, root / "sharded")
+        handle = dispatch_pipeline(model, "layerwise", target, weights=str(root / "sharded"))
+        assert torch.equal(model(**{k: v.to(target) for k, v in inputs.items()}).sample.cpu(), reference)
+    handle.remove()
