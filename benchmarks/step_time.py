@@ -24,6 +24,7 @@ Strategies:
   num_blocks_per_group=1, use_stream=True)``
 * ``diffusers-leaf``   the same with ``offload_type="leaf_level"``
 * ``accelerate-cpu``   ``accelerate.cpu_offload(model, execution_device=device)``
+* ``<any>-compiled``   the same after ``model.compile_repeated_blocks()`` (inductor; the warm-up forwards compile)
 
 Per strategy: setup seconds, the median/min/all of ``--repeats`` timed forwards after ``--warmup``
 untimed ones, peak GPU memory (allocated and reserved, peak reset before warm-up), host RSS after
@@ -324,8 +325,23 @@ def setup_accelerate(model, ctx: Ctx):
     return undo
 
 
+def compiled(setup):
+    """``setup`` after diffusers' regional compilation (``compile_repeated_blocks``, inductor)."""
+
+    def setup_compiled(model, ctx: Ctx):
+        torch._dynamo.reset()
+        model.compile_repeated_blocks()
+        undo = setup(model, ctx)
+        return lambda: (undo(), torch._dynamo.reset())
+
+    return setup_compiled
+
+
 def strategy_setup(name: str):
-    """The setup function for a strategy name; it returns the undo callable."""
+    """The setup function for a strategy name (``<name>-compiled``: after regional compilation); it returns
+    the undo callable."""
+    if name.endswith("-compiled"):
+        return compiled(strategy_setup(name.removesuffix("-compiled")))
     fixed = {
         "resident": setup_resident,
         "diffusers-block": make_group_offload("block_level"),

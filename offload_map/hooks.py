@@ -6,6 +6,12 @@
   ``_hf_hook.pre_forward`` from ``decode``/``encode`` too, so a pinned VAE is loaded for those.
 - ``BlockHook`` sits on every streamed block: it asks the prefetcher for the block's slot before the
   block runs and releases it after.
+
+Both stay out of ``torch.compile`` graphs (``torch.compiler.disable``): they move bytes, record events and
+rebind parameters, which a graph must not capture. With regional compilation (diffusers'
+``compile_repeated_blocks``, before or after dispatch) a block's own forward is compiled and the hooks run
+eagerly around it; parameters rebound to another slot keep their shape, dtype and strides, so the compiled
+block is reused without recompiling.
 """
 
 from __future__ import annotations
@@ -27,12 +33,14 @@ class ComponentHook(ModelHook):
         self.swapper = swapper
         self.prefetchers = prefetchers
 
+    @torch.compiler.disable
     def pre_forward(self, module, *args, **kwargs):
         self.swapper.activate(self.name)
         for prefetcher in self.prefetchers:
             prefetcher.begin_forward()
         return _to_device(args, self.execution_device), {k: _to_device((v,), self.execution_device)[0] for k, v in kwargs.items()}
 
+    @torch.compiler.disable
     def post_forward(self, module, output):
         for prefetcher in self.prefetchers:
             prefetcher.end_forward()
@@ -48,6 +56,7 @@ class BlockHook(ModelHook):
         self.path = path
         self._range = None
 
+    @torch.compiler.disable
     def pre_forward(self, module, *args, **kwargs):
         if torch.is_grad_enabled():
             raise RuntimeError(
@@ -60,6 +69,7 @@ class BlockHook(ModelHook):
         self._range.__enter__()
         return args, kwargs
 
+    @torch.compiler.disable
     def post_forward(self, module, output):
         self._range.__exit__(None, None, None)
         self.prefetcher.exit(self.index)
