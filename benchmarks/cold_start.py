@@ -147,8 +147,13 @@ def timed_steps(model, spec, device: str) -> list[float]:
 def load_offload_map(spec, ckpt: Path, device: str) -> tuple[torch.nn.Module, object]:
     import diffusers
 
+    start = time.perf_counter()
     model = empty_model(getattr(diffusers, spec.class_name), ckpt, dtype=models.DTYPE)
-    return model, dispatch_pipeline(model, "layerwise", device, weights=ckpt, progress=False)
+    built = time.perf_counter() - start
+    handle = dispatch_pipeline(model, "layerwise", device, weights=ckpt, progress=False)
+    handle.breakdown = {"empty_model_s": built, "dispatch_s": handle.report().setup_seconds,
+                        **{k: v for k, v in vars(handle.report().setup_times).items()}}
+    return model, handle
 
 
 def load_diffusers(spec, ckpt: Path, device: str) -> tuple[torch.nn.Module, None]:
@@ -167,12 +172,12 @@ def single(phase: str, spec, ckpt: Path, device: str) -> dict:
         torch.cuda.init()
     with RssSampler() as sampler:
         start = time.perf_counter()
-        model, _ = (load_offload_map if phase == "offload_map" else load_diffusers)(spec, ckpt, device)
+        model, handle = (load_offload_map if phase == "offload_map" else load_diffusers)(spec, ckpt, device)
         ready = time.perf_counter() - start
         after = sampler.sample()
         steps = timed_steps(model, spec, device)
     return {"phase": phase, "ready_s": ready, "rss_after_gb": after / GB, "rss_peak_gb": sampler.peak / GB,
-            "step_s": statistics.median(steps), "steps": steps}
+            "step_s": statistics.median(steps), "steps": steps, "breakdown": getattr(handle, "breakdown", None)}
 
 
 def pss() -> int:

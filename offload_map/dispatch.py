@@ -37,7 +37,7 @@ class OffloadHandle:
         self.device_map = device_map
         self._runtime = runtime
         self._planner = planner
-        self._report = Report.start(device_map, runtime.slot_bytes, setup_seconds, runtime.stats)
+        self._report = Report.start(device_map, runtime.slot_bytes, setup_seconds, runtime.stats, runtime.setup_times)
         self._removed = False
         if runtime.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(runtime.device)

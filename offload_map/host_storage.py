@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -115,6 +116,7 @@ class PackedTensors:
         tensors = [r.tensor.detach() for r in refs]
         self.regions, self.nbytes = layout(tensors)
         owned = flat is None
+        start = time.perf_counter()
         self.flat = torch.empty(self.nbytes, dtype=torch.uint8) if owned else flat[:self.nbytes]
         if fill:
             for ref, region, t in zip(refs, self.regions, tensors):
@@ -123,6 +125,7 @@ class PackedTensors:
                 else:
                     region.raw(self.flat).copy_(_storage_span(t))
         del tensors
+        self.fill_seconds = time.perf_counter() - start  # with pin_seconds: where dispatch time goes
         self.pinned = False
         if pin and torch.cuda.is_available() and self.nbytes:
             if _register(self.flat):
@@ -131,6 +134,7 @@ class PackedTensors:
             elif owned:
                 self.flat = self.flat.pin_memory()
                 self.pinned = True
+        self.pin_seconds = time.perf_counter() - start - self.fill_seconds
         self.host_views = self.views(self.flat)
         self.bind_host()
 

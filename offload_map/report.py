@@ -29,6 +29,21 @@ class TransferStats:
 
 
 @dataclass
+class SetupTimes:
+    """Where dispatch time went: packing host storage (wall), and, summed over the packing threads, writing
+    the weights into it (copies or checkpoint reads) and page-locking it."""
+
+    pack_wall_s: float = 0.0
+    fill_s: float = 0.0
+    pin_s: float = 0.0
+    threads: int = 1
+
+    def __str__(self) -> str:
+        return (f"host storage {self.pack_wall_s:.2f} s wall ({self.threads} threads: writing weights {self.fill_s:.2f} s, "
+                f"page-locking {self.pin_s:.2f} s, summed over threads)")
+
+
+@dataclass
 class Report:
     """What a dispatch placed where, what it moved, and the device memory it saw.
 
@@ -43,10 +58,11 @@ class Report:
     setup_seconds: float
     stats: TransferStats = field(default_factory=TransferStats)
     peak_device_bytes: int | None = None
+    setup_times: SetupTimes = field(default_factory=SetupTimes)
 
     @classmethod
-    def start(cls, dmap: DeviceMap, slot_bytes: int, setup_seconds: float, stats: TransferStats) -> "Report":
-        return cls(dmap.device, dmap.strategy, dmap.bytes_by_placement(), slot_bytes, setup_seconds, stats)
+    def start(cls, dmap: DeviceMap, slot_bytes: int, setup_seconds: float, stats: TransferStats, times: SetupTimes) -> "Report":
+        return cls(dmap.device, dmap.strategy, dmap.bytes_by_placement(), slot_bytes, setup_seconds, stats, setup_times=times)
 
     def __str__(self) -> str:
         placed = ", ".join(f"{p.value} {human_bytes(n)}" for p, n in self.bytes_by_placement.items())
@@ -55,7 +71,7 @@ class Report:
             f"offload_map report ({self.strategy} -> {self.device})",
             f"  placed:    {placed}",
             f"  slots:     {human_bytes(self.slot_bytes)} of device memory for streamed blocks",
-            f"  setup:     {self.setup_seconds:.2f} s",
+            f"  setup:     {self.setup_seconds:.2f} s, of which {self.setup_times}",
             f"  moved:     {human_bytes(s.bytes_h2d)} host->device in {s.block_loads} block loads "
             f"({s.on_demand_loads} on demand) and {s.component_loads} component loads; {s.component_evictions} evictions",
         ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -28,7 +29,7 @@ from .hooks import BlockHook, ComponentHook, attach, detach
 from .host_storage import PackedTensors, packed_size, trim_host_heap
 from .plan import ExecutionPlan, TensorRef, Unit
 from .prefetcher import Prefetcher
-from .report import TransferStats
+from .report import SetupTimes, TransferStats
 from .shared_host import HostCopy
 from .slot_ring import SlotRing
 from .streams import ordering_for
@@ -53,6 +54,7 @@ class Runtime:
         self.pin = pin_memory and self.device.type == "cuda"
         self.blocking = blocking
         self.stats = TransferStats()
+        self.setup_times = SetupTimes(threads=PACK_THREADS)
         self.packed: list[PackedTensors] = []
         self.moved: list[tuple[TensorRef, torch.device]] = []
         self.rings: dict[str, SlotRing] = {}
@@ -94,6 +96,7 @@ class Runtime:
             bar.update(unit.nbytes)
             return packed
 
+        start = time.perf_counter()
         with bar, ThreadPoolExecutor(PACK_THREADS) as pool:
             futures = [pool.submit(pack, unit, offset) for unit, offset in zip(host_units, offsets)]
             error = None
@@ -109,6 +112,10 @@ class Runtime:
                             other.cancel()
             if error is not None:
                 raise error
+        times = self.setup_times
+        times.pack_wall_s = time.perf_counter() - start
+        times.fill_s = sum(p.fill_seconds for p in self.packed)
+        times.pin_s = sum(p.pin_seconds for p in self.packed)
         if self.host_copy is not None:
             self.host_copy.ready()
         roles = {c.name: c.role for c in plan.components}
