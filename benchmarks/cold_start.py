@@ -144,11 +144,9 @@ def timed_steps(model, spec, device: str) -> list[float]:
     return times[1:]
 
 
-def load_offload_map(spec, ckpt: Path, device: str) -> tuple[torch.nn.Module, object]:
-    import diffusers
-
+def load_offload_map(cls, ckpt: Path, device: str) -> tuple[torch.nn.Module, object]:
     start = time.perf_counter()
-    model = empty_model(getattr(diffusers, spec.class_name), ckpt, dtype=models.DTYPE)
+    model = empty_model(cls, ckpt, dtype=models.DTYPE)
     built = time.perf_counter() - start
     handle = dispatch_pipeline(model, "layerwise", device, weights=ckpt, progress=False)
     handle.breakdown = {"empty_model_s": built, "dispatch_s": handle.report().setup_seconds,
@@ -156,23 +154,27 @@ def load_offload_map(spec, ckpt: Path, device: str) -> tuple[torch.nn.Module, ob
     return model, handle
 
 
-def load_diffusers(spec, ckpt: Path, device: str) -> tuple[torch.nn.Module, None]:
-    import diffusers
-
-    model = getattr(diffusers, spec.class_name).from_pretrained(ckpt, torch_dtype=models.DTYPE)
+def load_diffusers(cls, ckpt: Path, device: str) -> tuple[torch.nn.Module, None]:
+    model = cls.from_pretrained(ckpt, torch_dtype=models.DTYPE)
     model.enable_group_offload(torch.device(device), offload_type="block_level", num_blocks_per_group=1,
                                use_stream=device != "cpu")
     return model, None
 
 
-def single(phase: str, spec, ckpt: Path, device: str) -> dict:
-    import diffusers  # noqa: F401  (imported before the clock starts, for both loaders alike)
+def model_class(spec):
+    """The diffusers class, imported before any clock starts (importing it takes seconds, for both loaders alike)."""
+    import diffusers
 
+    return getattr(diffusers, spec.class_name)
+
+
+def single(phase: str, spec, ckpt: Path, device: str) -> dict:
+    cls = model_class(spec)
     if device != "cpu":
         torch.cuda.init()
     with RssSampler() as sampler:
         start = time.perf_counter()
-        model, handle = (load_offload_map if phase == "offload_map" else load_diffusers)(spec, ckpt, device)
+        model, handle = (load_offload_map if phase == "offload_map" else load_diffusers)(cls, ckpt, device)
         ready = time.perf_counter() - start
         after = sampler.sample()
         steps = timed_steps(model, spec, device)
@@ -192,9 +194,9 @@ def rank_worker(spec, ckpt: Path, out: Path) -> None:
     cuda = torch.cuda.is_available()
     state = PartialState(cpu=not cuda, backend="gloo")
     device = f"cuda:{state.local_process_index % torch.cuda.device_count()}" if cuda else "cpu"
-    import diffusers  # noqa: F401
+    cls = model_class(spec)
     start = time.perf_counter()
-    model, handle = load_offload_map(spec, ckpt, device)
+    model, handle = load_offload_map(cls, ckpt, device)
     ready = time.perf_counter() - start
     copy = handle.host_copy
     dist.barrier()  # time the steps of all ranks together

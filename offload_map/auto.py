@@ -1,10 +1,12 @@
-"""Budgets: fit a pipeline into a device memory budget, re-planned from its first real step.
+"""Budgets: fit a pipeline into a device memory budget, re-planned after its DiT's second forward.
 
 Used by ``dispatch_pipeline`` when a budget is given (``max_memory``/``gpu_budget``), with strategy
 ``"auto"`` or ``"layerwise"``. If the whole pipeline fits the budget with ``ACTIVATION_SHARE`` of it left
-for activations, ``"auto"`` keeps everything resident (``"gpu"``) and says so. Otherwise encoders and
-VAEs are ``"cpu-pinned"`` and each DiT starts with every block streamed; its second forward is timed block
-by block (``calibration.BlockTimer``; the first pays for lazy CUDA initialisation), and from those measurements and the probed bandwidth the planner
+for activations, ``"auto"`` keeps everything resident (``"gpu"``) and says so. Otherwise the encoders and
+VAEs that do not fit beside the DiT are ``"cpu-pinned"`` (``compiler``) and each DiT starts with every
+block streamed; its second forward is timed block
+by block (``calibration.BlockTimer``; the first pays for lazy CUDA initialisation), and from those measurements and the
+lower of the probed bandwidth and the one its copies achieved beside compute, the planner
 (``planner.plan_blocks``) picks the resident blocks and the window, which the runtime applies between that
 forward and the next. ``AutoPlanner`` holds this policy; the runtime only carries it out.
 """
@@ -60,8 +62,10 @@ class AutoPlanner:
     def replan(self, name: str, cost: ModelCost, own: int) -> None:
         """Choose resident blocks and the window for DiT ``name`` from its measured ``cost``, and apply them."""
         dit_budget = self.budget - (self.resident - own)
+        # Copies beside compute run slower than the idle probe measured; plan with what they achieved.
+        bandwidth = min(self.bandwidth, cost.copy_bandwidth or self.bandwidth)
         try:
-            plan = plan_blocks(cost, dit_budget, self.bandwidth)
+            plan = plan_blocks(cost, dit_budget, bandwidth)
         except BudgetTooSmall as err:
             logger.warning("%s: %s; measured activations need %s. Keeping every block streamed.",
                            name or "DiT", err, human_bytes(cost.activation_bytes))

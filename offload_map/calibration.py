@@ -3,9 +3,11 @@
 A ``BlockTimer`` is armed on a ``Prefetcher``. It lets ``skip`` forwards go by untimed (the first forward
 of a process pays for lazy CUDA initialisation: library handles, kernel loading), then times one. It puts a timing mark on the compute
 stream when the forward starts (resetting the allocator's peak counter, once), when each block starts (after its copy has landed) and ends, and when
-the forward ends; then it waits once for the last mark (the only host synchronisation, and only in this
-forward), turns the marks into per-block compute seconds, measures the activation memory the forward
-needed beyond what was allocated when it began, and hands the ``ModelCost`` to ``on_done``.
+the forward ends, and marks each block copy the forward issues on the copy stream; then it waits once for
+the last mark (the only host synchronisation, and only in this forward), turns the marks into per-block
+compute seconds and the bandwidth the copies achieved while compute ran beside them (lower than an idle
+probe's: the planner uses the lower), measures the activation memory the forward needed beyond what was
+allocated when it began, and hands the ``ModelCost`` to ``on_done``.
 """
 
 from __future__ import annotations
@@ -39,13 +41,19 @@ class BlockTimer:
         self.skip = skip
         self.marks: list[tuple[int, object, object]] = []
         self.pending: dict[int, object] = {}
+        self.copies: list[tuple[int, object, object]] = []  # filled by SlotRing.load while timing
         self.start = None
         self.base_memory = 0
+
+    @property
+    def timing(self) -> bool:
+        """Whether the timed forward is under way."""
+        return not self.skip and self.start is not None
 
     def forward_start(self) -> None:
         if self.skip:
             return
-        self.marks, self.pending = [], {}  # a forward that raised must not leave marks behind
+        self.marks, self.pending, self.copies = [], {}, []  # a forward that raised must not leave marks behind
         if self.ordering.asynchronous:
             torch.cuda.reset_peak_memory_stats(self.ordering.device)
             self.base_memory = torch.cuda.memory_allocated(self.ordering.device)
@@ -76,7 +84,10 @@ class BlockTimer:
         activation = 0
         if self.ordering.asynchronous:
             activation = max(torch.cuda.max_memory_allocated(self.ordering.device) - self.base_memory, 0)
+        copy_seconds = sum(seconds(start, stop) for _, start, stop in self.copies)
+        copied = sum(n for n, _, _ in self.copies)
+        bandwidth = copied / copy_seconds if copied and copy_seconds > 0 else None
         unique = list(dict.fromkeys(sequence))
         blocks = tuple(BlockCost(self.paths[b], self.nbytes[b], compute[b]) for b in unique)
-        self.on_done(ModelCost(blocks, self.other_bytes, other, activation))
+        self.on_done(ModelCost(blocks, self.other_bytes, other, activation, bandwidth))
         return True

@@ -31,12 +31,15 @@ class ModelCost:
         other_bytes: weights outside the blocks (always resident).
         other_compute_s: compute outside the blocks per forward (embeddings, final layers).
         activation_bytes: device memory a forward needs beyond weights (measured peak minus weights).
+        copy_bandwidth: bytes/s the block copies achieved during the calibration forward, beside compute
+            (None if not measured).
     """
 
     blocks: tuple[BlockCost, ...]
     other_bytes: int = 0
     other_compute_s: float = 0.0
     activation_bytes: int = 0
+    copy_bandwidth: float | None = None
 
     @property
     def compute_s(self) -> float:

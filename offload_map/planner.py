@@ -88,7 +88,7 @@ class BlockPlan:
         floor = floor_s(self.cost, self.streamed, self.bandwidth)
         lines += [
             f"window {self.window}; {len(self.streamed)} of {len(self.cost.blocks)} blocks streamed "
-            f"({human_bytes(sum(self.cost.blocks[i].nbytes for i in self.streamed))})",
+            f"({human_bytes(sum(self.cost.blocks[i].nbytes for i in self.streamed))}) at {self.bandwidth / 1e9:.1f} GB/s",
             f"predicted step {self.step_s * 1e3:.1f} ms (floor {floor * 1e3:.1f} ms); predicted peak "
             f"{human_bytes(self.memory)} of the {human_bytes(self.budget)} budget "
             f"(activation allowance {human_bytes(self.cost.activation_bytes)})",

@@ -105,6 +105,9 @@ class Prefetcher:
             self._release_running()
         self._fill()
 
+    def _timed_copies(self) -> list | None:
+        return self.timer.copies if self.timer is not None and self.timer.timing else None
+
     def _release_running(self) -> None:
         self.ring.after_compute(self.running)
         self.idle.append(self.running)
@@ -125,7 +128,7 @@ class Prefetcher:
         self._reset()
         slot = self._take_slot(block)
         if slot.block != block:
-            self.ring.load(slot, block, on_demand=True)
+            self.ring.load(slot, block, on_demand=True, timed=self._timed_copies())
         if block in self.order:
             self.cursor = (self.order.index(block) + 1) % len(self.order)
         return slot
@@ -147,5 +150,5 @@ class Prefetcher:
                 return
             slot = self._take_slot(block)
             if slot.block != block:
-                self.ring.load(slot, block)
+                self.ring.load(slot, block, timed=self._timed_copies())
             self.queue.append((position, slot))

@@ -106,16 +106,20 @@ class SlotRing:
             self.blocks[block].bind_host()
             del self.resident_buffers[block]
 
-    def load(self, slot: Slot, block: int, on_demand: bool = False) -> None:
-        """Copy ``block`` into ``slot`` (after the slot's last reader finished) and point the block at it."""
+    def load(self, slot: Slot, block: int, on_demand: bool = False, timed: list | None = None) -> None:
+        """Copy ``block`` into ``slot`` (after the slot's last reader finished) and point the block at it.
+        With ``timed`` (calibration), append ``(bytes, start mark, end mark)`` of the copy, marked on the copy stream."""
         if slot.block is not None and slot.block != block:
             self.blocks[slot.block].bind_host()
         storage = self.blocks[block]
         with torch.profiler.record_function(f"offload_map::load {self.paths[block]}"):
             self.ordering.copy_waits(slot.free)
             with self.ordering.on_copy_stream():
+                start = self.ordering.stamp() if timed is not None else None
                 slot.buffer[:storage.nbytes].copy_(storage.flat, non_blocking=storage.pinned)
                 self.ordering.record_copy(slot.ready)
+                if timed is not None:
+                    timed.append((storage.nbytes, start, self.ordering.stamp()))
         slot.block = block
         views = slot.views.get(block)
         if views is None:

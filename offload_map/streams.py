@@ -50,7 +50,7 @@ class CudaOrdering:
         self.copy_stream.synchronize()
 
     def stamp(self) -> torch.cuda.Event:
-        """A timing mark on the compute stream (calibration only)."""
+        """A timing mark on the current stream: compute, or the copy stream inside ``on_copy_stream`` (calibration only)."""
         event = torch.cuda.Event(enable_timing=True)
         event.record(torch.cuda.current_stream(self.device))
         return event

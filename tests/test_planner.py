@@ -197,3 +197,20 @@ def test_a_budget_keeps_the_encoders_that_fit_beside_the_dit_and_warns_about_the
     assert "vae (170.4 KiB, cpu-pinned) will hold" in caplog.text and "above the budget" in caplog.text
     assert torch.equal(run_flux(pipe).cpu(), reference)
     handle.remove()
+
+
+def test_calibration_measures_the_bandwidth_copies_achieved_and_plans_with_the_lower(target, monkeypatch):
+    from offload_map.demo import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline()
+    probe = 1e15  # an idle probe far faster than any copy: the measured bandwidth must win
+    monkeypatch.setattr("offload_map.dispatch.bandwidth", lambda device: probe)
+    total = sum(compile_device_map(pipe, "none", target).bytes_by_placement().values())
+    handle = dispatch_pipeline(pipe, "auto", target, gpu_budget=int(total * 0.6))
+    for _ in range(2):
+        pipe("bandwidth", steps=1)
+    plan = handle.plans["transformer"]
+    assert 0 < plan.cost.copy_bandwidth < probe
+    assert plan.bandwidth == plan.cost.copy_bandwidth
+    assert f"at {plan.bandwidth / 1e9:.1f} GB/s" in handle.explain()
+    handle.remove()
