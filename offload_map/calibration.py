@@ -74,6 +74,8 @@ class BlockTimer:
             return False
         end = self.ordering.stamp()
         self.ordering.wait_for(end)
+        if self.copies:  # prefetches of the next forward may still be landing
+            self.ordering.wait_for(self.copies[-1][2])
         seconds = self.ordering.seconds
         compute: dict[int, float] = defaultdict(float)
         for block, start, stop in self.marks:

@@ -156,10 +156,10 @@ class TiedDiT(nn.Module):
 
 @pytest.mark.parametrize("strategy", ["model", "layerwise"])
 def test_shared_tied_and_broadcast_tensors_stay_one_tensor_and_bit_exact(target, strategy):
-    model = TiedDiT().eval().requires_grad_(False)
+    model, twin = (TiedDiT().eval().requires_grad_(False) for _ in range(2))
     x = torch.randn(2, 8)
-    with torch.no_grad():
-        reference = resident_run(model, lambda: model(x.to(target)), target)
+    with torch.no_grad():  # module.to() would untie buffers and densify the broadcast one: the twin goes there
+        reference = resident_run(twin, lambda: twin(x.to(target)), target)
         handle = dispatch_pipeline(model, strategy, target, window=1)
         for _ in range(2):
             assert torch.equal(model(x).cpu(), reference)

@@ -145,7 +145,8 @@ def test_a_failed_replan_falls_back_to_streaming_and_keeps_running(target, monke
     monkeypatch.setattr(slot_ring.SlotRing, "load_residents", no_memory)
     monkeypatch.setattr("offload_map.dispatch.bandwidth", lambda device: 1e4)  # copy-bound: residents pay
     total = sum(compile_device_map(pipe, "none", target).bytes_by_placement().values())
-    handle = dispatch_pipeline(pipe, "auto", target, gpu_budget=int(total * 0.6))
+    # Not everything fits (auto keeps 10% for activations), but the DiT's minimum does, with CUDA's activations.
+    handle = dispatch_pipeline(pipe, "auto", target, gpu_budget=int(total * 1.1))
     with caplog.at_level(logging.WARNING, logger="offload_map"):
         for _ in range(3):
             assert torch.equal(pipe("replan", steps=2).cpu(), reference)
@@ -206,7 +207,7 @@ def test_calibration_measures_the_bandwidth_copies_achieved_and_plans_with_the_l
     probe = 1e15  # an idle probe far faster than any copy: the measured bandwidth must win
     monkeypatch.setattr("offload_map.dispatch.bandwidth", lambda device: probe)
     total = sum(compile_device_map(pipe, "none", target).bytes_by_placement().values())
-    handle = dispatch_pipeline(pipe, "auto", target, gpu_budget=int(total * 0.6))
+    handle = dispatch_pipeline(pipe, "auto", target, gpu_budget=int(total * 1.1))
     for _ in range(2):
         pipe("bandwidth", steps=1)
     plan = handle.plans["transformer"]
