@@ -32,13 +32,18 @@ STYLE = {  # prefix -> (label, marker, colour)
 
 
 def load(model: str) -> tuple[dict, list[dict]]:
-    env, rows = {}, []
+    """The first env row and, per strategy, its first row with a step time, over the result files in name
+    order (a strategy measured in two runs is drawn once). Compiled variants are left out: the plot compares
+    offload policies at eager speed."""
+    env, rows, seen = {}, [], set()
     for path in sorted(glob.glob(os.path.join(RESULTS, f"step_time_{model}*.jsonl"))):
         for line in open(path):
             row = json.loads(line)
             if row.get("kind") == "env":
                 env = env or row
-            elif row.get("step_s") and row.get("peak_gpu_alloc_bytes"):
+            elif (row.get("step_s") and row.get("peak_gpu_alloc_bytes") and row["strategy"] not in seen
+                  and not row["strategy"].endswith("-compiled")):
+                seen.add(row["strategy"])
                 rows.append(row)
     return env, rows
 

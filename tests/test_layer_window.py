@@ -131,6 +131,13 @@ def test_non_contiguous_and_mixed_dtype_tensors_keep_strides_and_values(target):
     assert torch.equal(block.codes, torch.arange(6, dtype=torch.float16).reshape(2, 3))
 
 
+class TiedBlock(nn.Linear):
+    """Uses its buffers inside its own forward: a streamed block's tensors are on the device only then."""
+
+    def forward(self, x):
+        return super().forward(x) * self.freqs + self.bias_grid[0]
+
+
 class TiedDiT(nn.Module):
     """Blocks that share a buffer with the DiT, hold a broadcast (stride-0) buffer, and a tied output weight."""
 
@@ -141,7 +148,7 @@ class TiedDiT(nn.Module):
         torch.manual_seed(0)
         shared = torch.linspace(0.5, 1.5, 8)
         self.register_buffer("freqs", shared)
-        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.blocks = nn.ModuleList(TiedBlock(8, 8) for _ in range(3))
         for block in self.blocks:
             block.register_buffer("freqs", shared)
             block.register_buffer("bias_grid", torch.arange(8.0).expand(4, 8))
@@ -150,7 +157,7 @@ class TiedDiT(nn.Module):
 
     def forward(self, x):
         for block in self.blocks:
-            x = block(x) * block.freqs + block.bias_grid[0]
+            x = block(x)
         return self.out(x * self.freqs)
 
 
