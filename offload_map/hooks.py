@@ -16,6 +16,8 @@ block is reused without recompiling.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
 from torch import nn
@@ -74,6 +76,46 @@ class BlockHook(ModelHook):
         self._range.__exit__(None, None, None)
         self.prefetcher.exit(self.index)
         return output
+
+
+class OneThreadGuard:
+    """Refuses a forward of a component while another thread is inside one: slots, loaded components and the
+    prefetch order serve one forward at a time, and two interleaved forwards would compute with each other's
+    weights. Plain torch forward hooks (the post hook with ``always_call``, so a forward that raised still
+    leaves), attached next to the accelerate hooks; ``remove`` takes them off."""
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name = name
+        self.owner: int | None = None
+        self.depth = 0
+        self._lock = threading.Lock()
+        self._handles = [
+            module.register_forward_pre_hook(self._enter),
+            module.register_forward_hook(self._leave, always_call=True),
+        ]
+
+    def _enter(self, module, args) -> None:
+        me = threading.get_ident()
+        with self._lock:
+            if self.owner not in (None, me):
+                raise RuntimeError(
+                    f"{self.name or type(module).__name__} is already running on another thread; a dispatched pipeline "
+                    "serves one call at a time (its device slots and loaded components are shared). Call it from one "
+                    "thread, or serialise the calls with a lock, or dispatch one pipeline per thread"
+                )
+            self.owner, self.depth = me, self.depth + 1
+
+    def _leave(self, module, args, output) -> None:
+        with self._lock:
+            if self.owner == threading.get_ident():
+                self.depth -= 1
+                if not self.depth:
+                    self.owner = None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 def _to_device(values: tuple, device: torch.device) -> tuple:

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from .device_map import human_bytes
-from .hooks import BlockHook, ComponentHook, attach, detach
+from .hooks import BlockHook, ComponentHook, OneThreadGuard, attach, detach
 from .host_storage import PackedTensors, packed_size, trim_host_heap
 from .plan import ExecutionPlan, TensorRef, Unit
 from .prefetcher import Prefetcher
@@ -61,6 +61,7 @@ class Runtime:
         self.prefetchers: dict[str, Prefetcher] = {}
         self.pinned: dict[str, PinnedComponent] = {}
         self.hooked: list[torch.nn.Module] = []
+        self.guards: list[OneThreadGuard] = []
         self.ordering = None
         self.built = False
         try:
@@ -129,6 +130,8 @@ class Runtime:
         for comp in plan.components:
             prefetchers = [self.prefetchers[comp.name]] if comp.name in self.prefetchers else []
             self._attach(comp.module, ComponentHook(comp.name, self.device, self.swapper, prefetchers))
+            if prefetchers or comp.name in self.pinned:
+                self.guards.append(OneThreadGuard(comp.name, comp.module))
         for ring, prefetcher in zip(plan.rings, self.prefetchers.values()):
             for index, unit in enumerate(ring.blocks):
                 self._attach(unit.module, BlockHook(prefetcher, index, unit.path))
@@ -191,6 +194,8 @@ class Runtime:
             self.ordering.drain()
         while self.hooked:
             detach(self.hooked.pop())
+        while self.guards:
+            self.guards.pop().remove()
         for ring in self.rings.values():
             ring.unbind()
 
