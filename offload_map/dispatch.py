@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
 
 import torch
 from .auto import AutoPlanner
@@ -32,11 +33,13 @@ class OffloadHandle:
         pipeline: the dispatched pipeline.
     """
 
-    def __init__(self, pipeline: object, device_map: DeviceMap, runtime: Runtime, setup_seconds: float, planner: AutoPlanner | None = None) -> None:
+    def __init__(self, pipeline: object, device_map: DeviceMap, runtime: Runtime, setup_seconds: float,
+                 planner: AutoPlanner | None = None, rebuild=None) -> None:
         self.pipeline = pipeline
         self.device_map = device_map
         self._runtime = runtime
         self._planner = planner
+        self._rebuild = rebuild
         self._report = Report.start(device_map, runtime.slot_bytes, setup_seconds, runtime.stats, runtime.setup_times)
         self._removed = False
         if runtime.device.type == "cuda":
@@ -71,18 +74,30 @@ class OffloadHandle:
         return "\n\n".join(parts)
 
     def refresh(self) -> None:
-        """Call after changing weights in place while dispatched (``load_state_dict``, fusing a LoRA, edits).
+        """Call after changing the weights while dispatched.
 
-        Weights of streamed blocks and pinned components that currently sit on the device were changed there
-        only; this copies them into the host storage, so every later load brings the new values. Weights on
-        the host, and resident ("gpu") ones, need nothing.
+        - In place (``load_state_dict``, ``fuse_lora``/``unfuse_lora``, edits): weights of streamed blocks and
+          pinned components that sit on the device were changed there only; they are copied into the host
+          storage, so every later load brings the new values.
+        - New or removed modules (``load_lora_weights``, ``add_adapter``, ``unload_lora_weights``,
+          ``delete_adapters``): the pipeline is put back and dispatched again under the same device map
+          (placements, window, budget), so the new tensors get their host buffers. Until then its forwards
+          are refused with a message pointing here.
 
         Raises:
-            ValueError: a tensor changed shape or dtype (remove and dispatch again).
+            ValueError: a tensor changed shape or dtype in place (remove and dispatch again).
         """
         if self._removed:
             raise RuntimeError("this dispatch was already removed; the pipeline is back as it was")
-        self._runtime.refresh()
+        if self._runtime.modules_changed():
+            self._runtime.restore()
+            for path, entry in self.device_map.entries.items():  # sizes are re-read from the changed modules
+                self.device_map.entries[path] = replace(entry, nbytes=0)
+            self._runtime, self._planner = self._rebuild()
+            self._report = Report.start(self.device_map, self._runtime.slot_bytes, self._report.setup_seconds,
+                                        self._runtime.stats, self._runtime.setup_times)
+        else:
+            self._runtime.refresh()
 
     @property
     def host_copy(self):
@@ -201,12 +216,17 @@ def dispatch_pipeline(
         device_map = compile_device_map(pipeline, strategy, target, window, budget)
     else:
         device_map = with_sizes(DeviceMap.from_dict(device_map.to_dict()), pipeline)
-    plan = bind(device_map, pipeline)
-    source = WeightSource(plan, weights)
-    runtime = Runtime(plan, pin_memory=pin_memory, blocking=blocking, progress=progress,
-                      source=source or None, share_host_copy=share_host_copy)
-    planner = AutoPlanner(runtime, plan, device_map, budget, bandwidth(target)) if budget is not None and plan.rings else None
-    handle = OffloadHandle(pipeline, device_map, runtime, time.perf_counter() - start, planner)
+
+    def build(weights=None):
+        plan = bind(with_sizes(device_map, pipeline), pipeline)
+        source = WeightSource(plan, weights)
+        runtime = Runtime(plan, pin_memory=pin_memory, blocking=blocking, progress=progress,
+                          source=source or None, share_host_copy=share_host_copy)
+        planner = AutoPlanner(runtime, plan, device_map, budget, bandwidth(target)) if budget is not None and plan.rings else None
+        return runtime, planner
+
+    runtime, planner = build(weights)
+    handle = OffloadHandle(pipeline, device_map, runtime, time.perf_counter() - start, planner, rebuild=build)
     pipeline.__dict__[_HANDLE_ATTR] = handle
     logger.info("dispatched %s: %s", type(pipeline).__name__, device_map.strategy)
     return handle

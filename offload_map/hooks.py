@@ -78,14 +78,22 @@ class BlockHook(ModelHook):
         return output
 
 
-class OneThreadGuard:
-    """Refuses a forward of a component while another thread is inside one: slots, loaded components and the
-    prefetch order serve one forward at a time, and two interleaved forwards would compute with each other's
-    weights. Plain torch forward hooks (the post hook with ``always_call``, so a forward that raised still
-    leaves), attached next to the accelerate hooks; ``remove`` takes them off."""
+class ComponentGuard:
+    """Refuses a forward of an offloaded component that would compute with the wrong weights:
+
+    - while another thread is inside one: slots, loaded components and the prefetch order serve one forward
+      at a time, and two interleaved forwards would compute with each other's weights;
+    - after its module tree changed (a LoRA loaded or unloaded through diffusers/peft replaces modules): the
+      new tensors are in no host buffer or slot. ``handle.refresh()`` re-packs the pipeline with them.
+
+    Plain torch forward hooks (the post hook with ``always_call``, so a forward that raised still leaves),
+    attached next to the accelerate hooks; ``remove`` takes them off.
+    """
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
+        self.module = module
+        self.tensors = _tensor_names(module)  # counted every forward: about a millisecond for a 12B DiT
         self.owner: int | None = None
         self.depth = 0
         self._lock = threading.Lock()
@@ -94,7 +102,20 @@ class OneThreadGuard:
             module.register_forward_hook(self._leave, always_call=True),
         ]
 
+    def changed(self) -> bool:
+        """Whether the module's tensors (by name) differ from those at dispatch."""
+        return _tensor_names(self.module) != self.tensors
+
     def _enter(self, module, args) -> None:
+        if sum(1 for _ in module.parameters()) + sum(1 for _ in module.buffers()) != len(self.tensors):
+            now = _tensor_names(module)
+            changed = sorted(now - self.tensors) or sorted(self.tensors - now)
+            raise RuntimeError(
+                f"{self.name or type(module).__name__}'s modules changed since dispatch ({len(now - self.tensors)} tensors "
+                f"added, {len(self.tensors - now)} removed, e.g. {changed[0]!r}): loading, unloading or deleting a LoRA "
+                "replaces modules. Call handle.refresh() (the handle dispatch_pipeline returned, also at "
+                "pipe._offload_map_handle) to re-pack the pipeline with them"
+            )
         me = threading.get_ident()
         with self._lock:
             if self.owner not in (None, me):
@@ -116,6 +137,10 @@ class OneThreadGuard:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _tensor_names(module: nn.Module) -> frozenset[str]:
+    return frozenset(n for n, _ in module.named_parameters()) | frozenset(n for n, _ in module.named_buffers())
 
 
 def _to_device(values: tuple, device: torch.device) -> tuple:

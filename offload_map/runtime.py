@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from .device_map import human_bytes
-from .hooks import BlockHook, ComponentHook, OneThreadGuard, attach, detach
+from .hooks import BlockHook, ComponentHook, ComponentGuard, attach, detach
 from .host_storage import PackedTensors, packed_size, trim_host_heap
 from .plan import ExecutionPlan, TensorRef, Unit
 from .prefetcher import Prefetcher
@@ -61,7 +61,7 @@ class Runtime:
         self.prefetchers: dict[str, Prefetcher] = {}
         self.pinned: dict[str, PinnedComponent] = {}
         self.hooked: list[torch.nn.Module] = []
-        self.guards: list[OneThreadGuard] = []
+        self.guards: list[ComponentGuard] = []
         self.ordering = None
         self.built = False
         try:
@@ -131,7 +131,7 @@ class Runtime:
             prefetchers = [self.prefetchers[comp.name]] if comp.name in self.prefetchers else []
             self._attach(comp.module, ComponentHook(comp.name, self.device, self.swapper, prefetchers))
             if prefetchers or comp.name in self.pinned:
-                self.guards.append(OneThreadGuard(comp.name, comp.module))
+                self.guards.append(ComponentGuard(comp.name, comp.module))
         for ring, prefetcher in zip(plan.rings, self.prefetchers.values()):
             for index, unit in enumerate(ring.blocks):
                 self._attach(unit.module, BlockHook(prefetcher, index, unit.path))
@@ -176,6 +176,10 @@ class Runtime:
             raise
         finally:
             prefetcher.restart()
+
+    def modules_changed(self) -> bool:
+        """Whether an offloaded component gained or lost tensors since the build (a LoRA was loaded or removed)."""
+        return any(guard.changed() for guard in self.guards)
 
     def refresh(self) -> None:
         """Bring the host storage up to date with the module's current weights (see ``OffloadHandle.refresh``)."""
