@@ -1,6 +1,7 @@
 """One rank of ``test_ranks.py``, run under ``accelerate launch --cpu --num_processes 2``.
 
-Usage: rank_worker.py OUT_DIR CHECKPOINT_DIR MODE   (MODE: "run", or "kill" to SIGKILL rank 1 mid-step)
+Usage: rank_worker.py OUT_DIR CHECKPOINT_DIR MODE   (MODE: "run"; "kill" to SIGKILL rank 1 mid-step;
+"nomemfd" where ``memfd_create`` fails, so ranks fall back to their own copies)
 
 Each rank builds the tiny Flux pipeline with its transformer on the meta device, dispatches it layer-wise
 with the transformer read from CHECKPOINT_DIR into the host copy its host shares, generates, and writes
@@ -9,6 +10,7 @@ OUT_DIR/rank<N>.pt: its output and what it saw of the shared region.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -24,6 +26,20 @@ from tiny_pipelines import make_flux_pipeline, run_flux  # noqa: E402
 from offload_map import dispatch_pipeline, empty_model  # noqa: E402
 
 
+class warnings_to:
+    """Copies offload_map's log records into a file while dispatching (the test reads the fallback warning)."""
+
+    def __init__(self, path: Path) -> None:
+        self.handler = logging.FileHandler(path)
+
+    def __enter__(self):
+        logging.getLogger("offload_map").addHandler(self.handler)
+
+    def __exit__(self, *exc):
+        logging.getLogger("offload_map").removeHandler(self.handler)
+        self.handler.close()
+
+
 def memfd_inodes() -> set[str]:
     with open("/proc/self/maps") as maps:
         return {line.split()[4] for line in maps if "memfd:offload_map" in line}
@@ -31,9 +47,15 @@ def memfd_inodes() -> set[str]:
 
 def main(out: Path, checkpoint: Path, mode: str) -> None:
     state = PartialState(cpu=True)
+    if mode == "nomemfd":
+        def refuse(*args):
+            raise OSError(38, "Function not implemented")
+
+        os.memfd_create = refuse
     pipe = make_flux_pipeline()
     pipe.transformer = empty_model(FluxTransformer2DModel, checkpoint)
-    handle = dispatch_pipeline(pipe, "layerwise", "cpu", weights={"transformer": checkpoint})
+    with warnings_to(out / f"log{state.process_index}.txt"):
+        handle = dispatch_pipeline(pipe, "layerwise", "cpu", weights={"transformer": checkpoint})
     copy = handle.host_copy
     seen = {
         "rank": state.process_index,

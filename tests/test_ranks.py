@@ -74,3 +74,13 @@ def test_a_rank_killed_mid_step_leaves_no_shared_memory(checkpoint, tmp_path):
     assert done.returncode != 0 and not (tmp_path / "rank1.pt").exists()
     assert not memfd_holders()
     assert set(os.listdir("/dev/shm")) <= before
+
+
+def test_without_memfd_every_rank_keeps_its_own_copy_and_says_so(checkpoint, tmp_path):
+    path, reference = checkpoint
+    done = launch(tmp_path, path, "nomemfd")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        seen = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.equal(seen["output"], reference) and not seen["shared"] and not seen["inodes"]
+    assert "cannot create a shared host copy" in (tmp_path / "log0.txt").read_text()
