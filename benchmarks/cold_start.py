@@ -23,6 +23,8 @@ Phases, each in a fresh process (so host memory is its own):
                    model with the shared host copy, then timing steps at the same time; the host memory of
                    all ranks together is the machine's used memory (MemTotal - MemAvailable) above the
                    baseline before launch, sampled at 20 Hz, and the sum of the ranks' PSS.
+                   ``ranksN-sharded``: the same with ``shard_copies=True`` (each rank streams 1/N of every
+                   block and the ranks all-gather the rest; meant for N GPUs of one host).
 
 ``--cache cold`` (default) evicts the shards from the page cache before each phase
 (``posix_fadvise(DONTNEED)`` after ``fsync``), so reads come from the disk; ``warm`` reads them from memory.
@@ -144,11 +146,11 @@ def timed_steps(model, spec, device: str) -> list[float]:
     return times[1:]
 
 
-def load_offload_map(cls, ckpt: Path, device: str) -> tuple[torch.nn.Module, object]:
+def load_offload_map(cls, ckpt: Path, device: str, shard: bool = False) -> tuple[torch.nn.Module, object]:
     start = time.perf_counter()
     model = empty_model(cls, ckpt, dtype=models.DTYPE)
     built = time.perf_counter() - start
-    handle = dispatch_pipeline(model, "layerwise", device, weights=ckpt, progress=False)
+    handle = dispatch_pipeline(model, "layerwise", device, weights=ckpt, progress=False, shard_copies=shard)
     handle.breakdown = {"empty_model_s": built, "dispatch_s": handle.report().setup_seconds,
                         **{k: v for k, v in vars(handle.report().setup_times).items()}}
     return model, handle
@@ -187,7 +189,7 @@ def pss() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("Pss:")) * 1024
 
 
-def rank_worker(spec, ckpt: Path, out: Path) -> None:
+def rank_worker(spec, ckpt: Path, out: Path, shard: bool) -> None:
     import torch.distributed as dist
     from accelerate import PartialState
 
@@ -196,12 +198,12 @@ def rank_worker(spec, ckpt: Path, out: Path) -> None:
     device = f"cuda:{state.local_process_index % torch.cuda.device_count()}" if cuda else "cpu"
     cls = model_class(spec)
     start = time.perf_counter()
-    model, handle = load_offload_map(cls, ckpt, device)
+    model, handle = load_offload_map(cls, ckpt, device, shard)
     ready = time.perf_counter() - start
     copy = handle.host_copy
     dist.barrier()  # time the steps of all ranks together
     steps = timed_steps(model, spec, device)
-    row = {"phase": f"ranks{state.num_processes}", "rank": state.process_index, "device": device, "ready_s": ready,
+    row = {"phase": f"ranks{state.num_processes}" + ("-sharded" if shard else ""), "rank": state.process_index, "device": device, "ready_s": ready,
            "shared": copy is not None and copy.flat is not None, "creator": bool(copy and copy.creator),
            "pss_gb": pss() / GB, "rss_gb": read_status_bytes("VmRSS") / GB, "step_s": statistics.median(steps), "steps": steps}
     dist.barrier()
@@ -218,8 +220,9 @@ def used_memory() -> int:
     return info["MemTotal"] - info["MemAvailable"]
 
 
-def ranks(n: int, args, out: Path) -> dict:
-    rows = out.with_suffix(f".ranks{n}.jsonl")
+def ranks(n: int, shard: bool, args, out: Path) -> dict:
+    name = f"ranks{n}" + ("-sharded" if shard else "")
+    rows = out.with_suffix(f".{name}.jsonl")
     rows.unlink(missing_ok=True)
     base, peak, stop = used_memory(), [0], threading.Event()
 
@@ -230,15 +233,15 @@ def ranks(n: int, args, out: Path) -> dict:
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(29600 + n),
-           __file__, "--model", args.model, "--ckpt", str(args.ckpt), "--rank-worker", str(rows)]
+           __file__, "--model", args.model, "--ckpt", str(args.ckpt), "--rank-worker", str(rows)] + (["--shard"] if shard else [])
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     stop.set()
     thread.join()
     if done.returncode:
-        return {"phase": f"ranks{n}", "error": done.stderr[-2000:]}
+        return {"phase": name, "error": done.stderr[-2000:]}
     per_rank = [json.loads(line) for line in rows.read_text().splitlines()]
-    return {"phase": f"ranks{n}", "wall_s": time.perf_counter() - start, "host_used_peak_gb": peak[0] / GB,
+    return {"phase": name, "wall_s": time.perf_counter() - start, "host_used_peak_gb": peak[0] / GB,
             "pss_sum_gb": sum(r["pss_gb"] for r in per_rank), "per_rank": per_rank}
 
 
@@ -269,12 +272,13 @@ def main() -> None:
     parser.add_argument("--cpu-smoke", action="store_true")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--rank-worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--shard", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     spec = models.resolve_spec(args.model)
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     device = "cuda:0" if cuda else "cpu"
     if args.rank_worker:
-        return rank_worker(spec, args.ckpt, args.rank_worker)
+        return rank_worker(spec, args.ckpt, args.rank_worker, args.shard)
     if args.phase:  # one phase, in this fresh process
         row = read(args.ckpt) if args.phase == "read" else single(args.phase, spec, args.ckpt, device)
         print(json.dumps(row))
@@ -288,7 +292,8 @@ def main() -> None:
         if phase == "write":
             row = write(spec, args.ckpt, cuda)
         elif phase.startswith("ranks"):
-            row = ranks(int(phase[5:]), args, out)
+            count, _, sharded = phase[5:].partition("-")
+            row = ranks(int(count), sharded == "sharded", args, out)
         else:
             cmd = [sys.executable, __file__, "--model", args.model, "--ckpt", str(args.ckpt), "--phase", phase]
             done = subprocess.run(cmd + (["--cpu-smoke"] if args.cpu_smoke else []), capture_output=True, text=True)

@@ -58,6 +58,9 @@ def main() -> None:
     parser.add_argument("--prompt", action="append", default=[], help="repeatable; split between the ranks")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--window", type=int, default=2)
+    parser.add_argument("--shard", action="store_true",
+                        help="each rank streams 1/N of every block over its own link; the ranks all-gather the rest "
+                             "(one GPU per rank; all ranks must get the same number of prompts)")
     parser.add_argument("--out", default="images")
     args = parser.parse_args()
     if not args.demo and not args.pipeline:
@@ -68,7 +71,7 @@ def main() -> None:
     state = PartialState(cpu=not torch.cuda.is_available(), backend="gloo")
     device = "cpu" if not torch.cuda.is_available() else f"cuda:{state.local_process_index % torch.cuda.device_count()}"
     pipe, weights = load(args)
-    handle = dispatch_pipeline(pipe, "layerwise", device, window=args.window, weights=weights)
+    handle = dispatch_pipeline(pipe, "layerwise", device, window=args.window, weights=weights, shard_copies=args.shard)
     copy = handle.host_copy
     shared = f"shared by ranks {copy.ranks}" if copy is not None and copy.flat is not None else "private"
     print(f"rank {state.process_index}: {device}, host copy {shared}, PSS {pss_gb():.2f} GB", flush=True)

@@ -153,6 +153,7 @@ def dispatch_pipeline(
     gpu_budget: "str | int | None" = None,
     weights: "dict | str | os.PathLike | None" = None,
     share_host_copy: bool | None = None,
+    shard_copies: bool = False,
     pin_memory: bool = True,
     blocking: bool = False,
     progress: bool | None = None,
@@ -181,6 +182,10 @@ def dispatch_pipeline(
             for all ranks of a host (``shared_host``). ``None`` (default): share when several ranks of one host
             dispatch the same model; ``False``: every rank packs its own. The call is then collective: every
             rank must dispatch.
+        shard_copies: under ``accelerate launch``/torchrun, each rank of a host copies one N-th of every streamed
+            block over its own link and the ranks all-gather the rest (``sharded_copy``): N links at once. The
+            ranks must then run the same steps in lockstep (data parallel, same shapes); a rank that stops makes
+            the others fail within a minute instead of hanging.
         pin_memory: keep host copies in page-locked memory (fast, asynchronous copies). CUDA only.
         blocking: make component copies synchronous (for HSDP, where collectives read the weights at once).
         progress: show a progress bar while packing host weights (default: when it takes over a second).
@@ -221,7 +226,7 @@ def dispatch_pipeline(
         plan = bind(with_sizes(device_map, pipeline), pipeline)
         source = WeightSource(plan, weights)
         runtime = Runtime(plan, pin_memory=pin_memory, blocking=blocking, progress=progress,
-                          source=source or None, share_host_copy=share_host_copy)
+                          source=source or None, share_host_copy=share_host_copy, shard_copies=shard_copies)
         planner = AutoPlanner(runtime, plan, device_map, budget, bandwidth(target)) if budget is not None and plan.rings else None
         return runtime, planner
 

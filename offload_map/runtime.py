@@ -31,6 +31,7 @@ from .plan import ExecutionPlan, TensorRef, Unit
 from .prefetcher import Prefetcher
 from .report import SetupTimes, TransferStats
 from .shared_host import HostCopy
+from .sharded_copy import DirectCopy, ShardedCopy
 from .slot_ring import SlotRing
 from .streams import ordering_for
 from .swapper import PinnedComponent, Swapper
@@ -46,7 +47,7 @@ class Runtime:
     """The live state of one dispatch (see the module docstring)."""
 
     def __init__(self, plan: ExecutionPlan, pin_memory: bool = True, blocking: bool = False, progress: bool | None = None,
-                 source=None, share_host_copy: bool | None = False) -> None:
+                 source=None, share_host_copy: bool | None = False, shard_copies: bool = False) -> None:
         self.plan = plan
         self.source = source
         self.host_copy: HostCopy | None = None
@@ -65,7 +66,7 @@ class Runtime:
         self.ordering = None
         self.built = False
         try:
-            self._build(progress, share_host_copy)
+            self._build(progress, share_host_copy, shard_copies)
         except BaseException:
             self.restore()
             raise
@@ -75,12 +76,14 @@ class Runtime:
     def slot_bytes(self) -> int:
         return sum(r.device_bytes for r in self.rings.values())
 
-    def _build(self, progress: bool | None, share_host_copy: bool | None) -> None:
+    def _build(self, progress: bool | None, share_host_copy: bool | None, shard_copies: bool) -> None:
         plan = self.plan
         self.ordering = ordering_for(self.device)
         host_units = plan.pinned + [u for ring in plan.rings for u in ring.blocks]
         offsets, total = _page_aligned([packed_size(u.tensors) for u in host_units])
-        self.host_copy = HostCopy.open(total, _fingerprint(host_units), share_host_copy)
+        backend = ("nccl" if self.device.type == "cuda" else "gloo") if shard_copies else None
+        self.host_copy = HostCopy.open(total, _fingerprint(host_units), share_host_copy, backend)
+        self.copier = _copier(self.host_copy)
         region = self.host_copy.flat if self.host_copy is not None else None
         fills = self.host_copy is None or self.host_copy.fills
         what = "reading weights into host memory" if self.source else "packing host weights"
@@ -149,7 +152,8 @@ class Runtime:
 
     def _add_ring(self, ring, packed) -> None:
         storages = [packed[u.path] for u in ring.blocks]
-        slot_ring = SlotRing(ring.component, storages, [u.path for u in ring.blocks], ring.window, self.ordering, self.stats)
+        slot_ring = SlotRing(ring.component, storages, [u.path for u in ring.blocks], ring.window, self.ordering, self.stats,
+                             self.copier)
         self.rings[ring.component] = slot_ring
         self.prefetchers[ring.component] = Prefetcher(slot_ring)
 
@@ -221,6 +225,14 @@ class Runtime:
         self.pinned.clear()
         self.ordering = None
         trim_host_heap()
+
+
+def _copier(host_copy: HostCopy | None):
+    if host_copy is None or host_copy.shard_group is None or len(host_copy.ranks) < 2:
+        return DirectCopy()
+    import torch.distributed as dist
+
+    return ShardedCopy(host_copy.shard_group, host_copy.ranks.index(dist.get_rank()), len(host_copy.ranks))
 
 
 def _page_aligned(sizes: list[int]) -> tuple[list[int], int]:

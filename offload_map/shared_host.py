@@ -28,11 +28,15 @@ import logging
 import mmap
 import os
 import socket
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 logger = logging.getLogger("offload_map")
+
+# A sharded load waits for every rank of the host; a rank that stopped must not leave the others hanging.
+COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 
 
 class HostCopy:
@@ -44,32 +48,35 @@ class HostCopy:
         ranks: the global ranks of this host with the same layout.
     """
 
-    def __init__(self, flat: torch.Tensor | None, creator: bool, ranks: list[int], fd: int | None, group) -> None:
+    def __init__(self, flat: torch.Tensor | None, creator: bool, ranks: list[int], fd: int | None, group, shard_group=None) -> None:
         self.flat = flat
         self.creator = creator
         self.ranks = ranks
         self._fd = fd
         self._group = group
+        self.shard_group = shard_group  # the host's ranks, for sharded block loads (``sharded_copy``), or None
 
     @classmethod
-    def open(cls, nbytes: int, fingerprint: str, share: bool | None) -> "HostCopy | None":
+    def open(cls, nbytes: int, fingerprint: str, share: bool | None, shard_backend: str | None = None) -> "HostCopy | None":
         """Map the region shared by this host's ranks (collective); ``None`` where nothing is shared.
 
         Args:
             nbytes: the region's size.
             fingerprint: identifies the layout; only ranks with equal fingerprints share.
             share: ``True`` requires sharing (warns where impossible), ``None`` shares when several ranks of
-                one host run, ``False`` never shares (no collective call is made).
+                one host run, ``False`` never shares (no collective call is made unless sharding).
+            shard_backend: also make a group of this host's ranks, on this backend (``"nccl"``, ``"gloo"``),
+                for sharded block loads.
 
         Raises:
             ValueError: ``share=True`` without an initialised process group.
         """
-        if share is False or nbytes == 0:
+        if (share is False and not shard_backend) or nbytes == 0:
             return None
         if not (dist.is_available() and dist.is_initialized()):
-            if share:
-                raise ValueError("share_host_copy=True needs torch.distributed initialised (run under accelerate launch "
-                                 "or torchrun and create accelerate's PartialState() first)")
+            if share or shard_backend:
+                raise ValueError("share_host_copy=True and shard_copies=True need torch.distributed initialised (run "
+                                 "under accelerate launch or torchrun and create accelerate's PartialState() first)")
             return None
         world, rank = dist.get_world_size(), dist.get_rank()
         group = dist.new_group(backend="gloo")
@@ -77,6 +84,9 @@ class HostCopy:
         everyone: list = [None] * world
         dist.all_gather_object(everyone, me, group=group)
         ranks = [r for r, other in enumerate(everyone) if other == me]
+        shard_group = _host_groups(everyone, rank, shard_backend) if shard_backend else None
+        if share is False:
+            return cls(None, False, ranks, None, group, shard_group)
         creator = ranks[0] == rank
         flat, fd, offer = None, None, None
         if creator and len(ranks) > 1:
@@ -106,7 +116,7 @@ class HostCopy:
             logger.warning("offload_map: rank %d packs its own host copy of the weights", rank)
         if len(ranks) == 1 and share:
             logger.warning("offload_map: rank %d is alone on its host with this model; nothing to share", rank)
-        return cls(flat, creator and flat is not None, ranks, fd, group)
+        return cls(flat, creator and flat is not None, ranks, fd, group, shard_group)
 
     @property
     def fills(self) -> bool:
@@ -119,6 +129,17 @@ class HostCopy:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _host_groups(everyone: list, rank: int, backend: str):
+    # new_group is collective over the whole world: every rank creates every host's group, in one order.
+    mine = None
+    for key in dict.fromkeys(everyone):
+        members = [r for r, other in enumerate(everyone) if other == key]
+        group = dist.new_group(members, backend=backend, timeout=COLLECTIVE_TIMEOUT)
+        if rank in members:
+            mine = group
+    return mine
 
 
 def _map(fd: int, nbytes: int) -> torch.Tensor:

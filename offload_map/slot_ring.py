@@ -27,6 +27,7 @@ import torch
 
 from .host_storage import PackedTensors
 from .report import TransferStats
+from .sharded_copy import DirectCopy
 
 
 @dataclass
@@ -48,11 +49,14 @@ class SlotRing:
         paths: each block's module path.
         window: number of slots (<= number of blocks).
         ordering: ``CudaOrdering`` or ``SyncOrdering`` for the target device.
-        stats: transfer counters to update.
+        stats: transfer counters to update (host bytes this rank read).
+        copier: how a block reaches its slot (``sharded_copy``): whole, or shared out between ranks.
     """
 
-    def __init__(self, name, blocks: list[PackedTensors], paths: list[str], window: int, ordering, stats: TransferStats) -> None:
+    def __init__(self, name, blocks: list[PackedTensors], paths: list[str], window: int, ordering, stats: TransferStats,
+                 copier=None) -> None:
         self.name = name
+        self.copier = copier or DirectCopy()
         self.blocks = blocks
         self.paths = paths
         self.ordering = ordering
@@ -75,7 +79,7 @@ class SlotRing:
             torch.cuda.current_stream(self.ordering.device).wait_stream(self.ordering.copy_stream)
         self.slots = []
         streamed = [b.nbytes for i, b in enumerate(self.blocks) if i not in self.resident]
-        self.slot_bytes = max(streamed, default=0)
+        self.slot_bytes = self.copier.slot_bytes(max(streamed, default=0))
         count = min(window, len(streamed))
         device = self.ordering.device
         self.slots = [
@@ -116,7 +120,7 @@ class SlotRing:
             self.ordering.copy_waits(slot.free)
             with self.ordering.on_copy_stream():
                 start = self.ordering.stamp() if timed is not None else None
-                slot.buffer[:storage.nbytes].copy_(storage.flat, non_blocking=storage.pinned)
+                self.copier(slot.buffer, storage, self.paths[block])
                 self.ordering.record_copy(slot.ready)
                 if timed is not None:
                     timed.append((storage.nbytes, start, self.ordering.stamp()))
@@ -125,7 +129,7 @@ class SlotRing:
         if views is None:
             views = slot.views[block] = storage.views(slot.buffer)
         storage.bind(views)
-        self.stats.add_block(storage.nbytes, on_demand)
+        self.stats.add_block(self.copier.host_bytes(storage.nbytes), on_demand)
 
     def before_compute(self, slot: Slot) -> None:
         """Make the compute stream wait for the slot's copy."""

@@ -1,7 +1,8 @@
 """One rank of ``test_ranks.py``, run under ``accelerate launch --cpu --num_processes 2``.
 
 Usage: rank_worker.py OUT_DIR CHECKPOINT_DIR MODE   (MODE: "run"; "kill" to SIGKILL rank 1 mid-step;
-"nomemfd" where ``memfd_create`` fails, so ranks fall back to their own copies)
+"nomemfd" where ``memfd_create`` fails, so ranks fall back to their own copies; "shard" to stream each block
+as halves gathered between the ranks; "diverge": sharded, and rank 1 stops calling after one generation)
 
 Each rank builds the tiny Flux pipeline with its transformer on the meta device, dispatches it layer-wise
 with the transformer read from CHECKPOINT_DIR into the host copy its host shares, generates, and writes
@@ -13,6 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
+from datetime import timedelta
 import sys
 from pathlib import Path
 
@@ -23,7 +26,7 @@ from diffusers import FluxTransformer2DModel
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_pipelines import make_flux_pipeline, run_flux  # noqa: E402
 
-from offload_map import dispatch_pipeline, empty_model  # noqa: E402
+from offload_map import dispatch_pipeline, empty_model, shared_host  # noqa: E402
 
 
 class warnings_to:
@@ -54,8 +57,11 @@ def main(out: Path, checkpoint: Path, mode: str) -> None:
         os.memfd_create = refuse
     pipe = make_flux_pipeline()
     pipe.transformer = empty_model(FluxTransformer2DModel, checkpoint)
+    if mode == "diverge":  # fail fast: the test waits for the survivor's error
+        shared_host.COLLECTIVE_TIMEOUT = timedelta(seconds=5)
     with warnings_to(out / f"log{state.process_index}.txt"):
-        handle = dispatch_pipeline(pipe, "layerwise", "cpu", weights={"transformer": checkpoint})
+        handle = dispatch_pipeline(pipe, "layerwise", "cpu", weights={"transformer": checkpoint},
+                                   shard_copies=mode in ("shard", "diverge"))
     copy = handle.host_copy
     seen = {
         "rank": state.process_index,
@@ -69,7 +75,16 @@ def main(out: Path, checkpoint: Path, mode: str) -> None:
         block = pipe.transformer.single_transformer_blocks[1]
         block.register_forward_pre_hook(lambda *_: os.kill(os.getpid(), signal.SIGKILL))
     seen["output"] = run_flux(pipe)
-    seen["second"] = run_flux(pipe)
+    if mode == "diverge" and state.process_index == 1:
+        time.sleep(15)  # alive, but no longer loading blocks
+        return
+    try:
+        seen["second"] = run_flux(pipe)
+    except RuntimeError as err:
+        seen["error"] = str(err)
+        torch.save(seen, out / f"rank{state.process_index}.pt")
+        return
+    seen["host_bytes"] = handle.report().stats.bytes_h2d
     handle.remove()
     torch.save(seen, out / f"rank{state.process_index}.pt")
 

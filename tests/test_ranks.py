@@ -84,3 +84,26 @@ def test_without_memfd_every_rank_keeps_its_own_copy_and_says_so(checkpoint, tmp
         seen = torch.load(tmp_path / f"rank{rank}.pt")
         assert torch.equal(seen["output"], reference) and not seen["shared"] and not seen["inodes"]
     assert "cannot create a shared host copy" in (tmp_path / "log0.txt").read_text()
+
+
+def test_sharded_streaming_reads_half_of_each_block_per_rank_and_matches_one_rank(checkpoint, tmp_path):
+    path, reference = checkpoint
+    done = launch(tmp_path, path, "shard")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (tmp_path / "direct").mkdir()
+    direct = launch(tmp_path / "direct", path, "run")
+    assert direct.returncode == 0, direct.stderr[-3000:]
+    whole = torch.load(tmp_path / "direct" / "rank0.pt")["host_bytes"]
+    for rank in (0, 1):
+        seen = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.equal(seen["output"], reference) and torch.equal(seen["second"], reference)
+        assert 0.4 * whole < seen["host_bytes"] < 0.6 * whole  # half of every block from this rank's host copy
+
+
+def test_a_rank_that_stops_makes_the_other_fail_with_a_clear_error_not_hang(checkpoint, tmp_path):
+    path, reference = checkpoint
+    done = launch(tmp_path, path, "diverge")
+    survivor = torch.load(tmp_path / "rank0.pt")
+    assert torch.equal(survivor["output"], reference)
+    assert "another rank stopped or the ranks diverged" in survivor["error"], survivor["error"]
+    assert not memfd_holders() and done.returncode == 0

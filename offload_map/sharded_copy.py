@@ -1,0 +1,88 @@
+"""How a streamed block gets from host memory into its slot: one copy, or 1/N per rank and an all-gather.
+
+``DirectCopy`` copies the whole block over this rank's host-to-device link. ``ShardedCopy`` is for N
+data-parallel ranks of one host that run the same DiT in lockstep (same blocks, same order): each rank
+copies one N-th of the block (``chunk`` bytes at ``index * chunk``) from its host copy, and an all-gather
+over the ranks' group fills the rest of the slot from the other ranks, so the block crosses N links at
+once. The slot's first ``nbytes`` then hold exactly the host bytes, as a direct copy would: outputs are
+bit-identical. Slots are padded to ``N * chunk`` bytes; the padding receives the unused tail of the last
+rank's chunk and is never viewed.
+
+Ownership: the copier owns nothing but its group; ``SlotRing.load`` calls it on the copy stream (the
+collective is ordered there too), the slot's ``ready`` event is recorded after it. A collective that fails
+or times out (another rank stopped, or the ranks diverged) raises a ``RuntimeError`` naming the block.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.distributed as dist
+
+from .host_storage import ALIGN, PackedTensors
+
+
+class DirectCopy:
+    """The whole block over this rank's link."""
+
+    def slot_bytes(self, largest: int) -> int:
+        return largest
+
+    def host_bytes(self, nbytes: int) -> int:
+        """Bytes this rank reads from host memory for a block of ``nbytes``."""
+        return nbytes
+
+    def __call__(self, buffer: torch.Tensor, storage: PackedTensors, path: str) -> None:
+        buffer[:storage.nbytes].copy_(storage.flat, non_blocking=storage.pinned)
+
+
+class ShardedCopy:
+    """One N-th of the block per rank, then an all-gather (see the module docstring).
+
+    Args:
+        group: the process group of the ranks that share the work (all of them call every load).
+        index: this rank's position in ``group``.
+        size: the number of ranks in ``group``.
+    """
+
+    def __init__(self, group, index: int, size: int) -> None:
+        self.group = group
+        self.index = index
+        self.size = size
+
+    def chunk(self, nbytes: int) -> int:
+        return -(-nbytes // (self.size * ALIGN)) * ALIGN
+
+    def slot_bytes(self, largest: int) -> int:
+        return self.chunk(largest) * self.size
+
+    def host_bytes(self, nbytes: int) -> int:
+        chunk = self.chunk(nbytes)
+        return max(0, min(nbytes, (self.index + 1) * chunk) - self.index * chunk)
+
+    def __call__(self, buffer: torch.Tensor, storage: PackedTensors, path: str) -> None:
+        chunk = self.chunk(storage.nbytes)
+        parts = [buffer[i * chunk:(i + 1) * chunk] for i in range(self.size)]
+        start = self.index * chunk
+        mine = self.host_bytes(storage.nbytes)
+        if mine:
+            parts[self.index][:mine].copy_(storage.flat[start:start + mine], non_blocking=storage.pinned)
+        try:
+            if buffer.device.type == "cpu":
+                self._check_same_block(storage.nbytes, path)
+            dist.all_gather(parts, parts[self.index].clone(), group=self.group)
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"the all-gather of {path} across the ranks of this host failed: another rank stopped or the ranks "
+                f"diverged (sharded streaming needs every rank to run the same steps). {str(err)[:300]}"
+            ) from err
+
+    def _check_same_block(self, nbytes: int, path: str) -> None:
+        # Collectives pair up by order, not content: ranks that diverged would swap chunks of different
+        # blocks. Where reading the check costs no device synchronisation (the CPU), every load checks it.
+        mine = torch.tensor([nbytes, zlib.crc32(path.encode())])
+        theirs = [torch.empty_like(mine) for _ in range(self.size)]
+        dist.all_gather(theirs, mine, group=self.group)
+        if any(not torch.equal(t, mine) for t in theirs):
+            raise RuntimeError(f"the ranks diverged: this rank loads {path}, another rank a different block")
