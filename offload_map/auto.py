@@ -25,6 +25,7 @@ from .placement import Placement
 from .plan import ExecutionPlan
 from .planner import BlockPlan, BudgetTooSmall, plan_blocks
 from .runtime import Runtime
+from .sharded_copy import ShardedCopy
 
 logger = logging.getLogger("offload_map")
 
@@ -62,8 +63,13 @@ class AutoPlanner:
     def replan(self, name: str, cost: ModelCost, own: int) -> None:
         """Choose resident blocks and the window for DiT ``name`` from its measured ``cost``, and apply them."""
         dit_budget = self.budget - (self.resident - own)
-        # Copies beside compute run slower than the idle probe measured; plan with what they achieved.
+        if isinstance(self.runtime.copier, ShardedCopy):
+            cost = self.runtime.copier.agree(cost)  # one plan for all ranks, or their loads would diverge
+        # Copies beside compute run slower than the idle probe measured; plan with what they achieved. Sharded
+        # loads (1/N per rank, then an all-gather) may beat the one link the probe measured: theirs counts alone.
         bandwidth = min(self.bandwidth, cost.copy_bandwidth or self.bandwidth)
+        if cost.copy_bandwidth and isinstance(self.runtime.copier, ShardedCopy):
+            bandwidth = cost.copy_bandwidth
         try:
             plan = plan_blocks(cost, dit_budget, bandwidth)
         except BudgetTooSmall as err:

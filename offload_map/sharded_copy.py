@@ -78,6 +78,13 @@ class ShardedCopy:
                 f"diverged (sharded streaming needs every rank to run the same steps). {str(err)[:300]}"
             ) from err
 
+    def agree(self, value):
+        """The first rank's ``value`` on every rank of the group (collective): ranks that stream in lockstep must
+        make the same choices, e.g. the same plan from the same measurements."""
+        box = [value]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return box[0]
+
     def _check_same_block(self, nbytes: int, path: str) -> None:
         # Collectives pair up by order, not content: ranks that diverged would swap chunks of different
         # blocks. Where reading the check costs no device synchronisation (the CPU), every load checks it.

@@ -2,7 +2,8 @@
 
 Usage: rank_worker.py OUT_DIR CHECKPOINT_DIR MODE   (MODE: "run"; "kill" to SIGKILL rank 1 mid-step;
 "nomemfd" where ``memfd_create`` fails, so ranks fall back to their own copies; "shard" to stream each block
-as halves gathered between the ranks; "diverge": sharded, and rank 1 stops calling after one generation)
+as halves gathered between the ranks; "shard-auto": the same under a budget, with an idle probe of 10 kB/s;
+"diverge": sharded, and rank 1 stops calling after one generation)
 
 Each rank builds the tiny Flux pipeline with its transformer on the meta device, dispatches it layer-wise
 with the transformer read from CHECKPOINT_DIR into the host copy its host shares, generates, and writes
@@ -59,9 +60,17 @@ def main(out: Path, checkpoint: Path, mode: str) -> None:
     pipe.transformer = empty_model(FluxTransformer2DModel, checkpoint)
     if mode == "diverge":  # fail fast: the test waits for the survivor's error
         shared_host.COLLECTIVE_TIMEOUT = timedelta(seconds=5)
+    options = {}
+    if mode == "shard-auto":  # a probe far below what the sharded loads reach: the plan must use theirs
+        import offload_map.dispatch
+
+        offload_map.dispatch.bandwidth = lambda device: 1e4
+        total = sum(p.numel() * p.element_size() for c in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae)
+                    for p in c.parameters())
+        options = {"strategy": "auto", "gpu_budget": int(total * 1.1)}
     with warnings_to(out / f"log{state.process_index}.txt"):
-        handle = dispatch_pipeline(pipe, "layerwise", "cpu", weights={"transformer": checkpoint},
-                                   shard_copies=mode in ("shard", "diverge"))
+        handle = dispatch_pipeline(pipe, options.pop("strategy", "layerwise"), "cpu", weights={"transformer": checkpoint},
+                                   shard_copies=mode in ("shard", "shard-auto", "diverge"), **options)
     copy = handle.host_copy
     seen = {
         "rank": state.process_index,
@@ -85,6 +94,10 @@ def main(out: Path, checkpoint: Path, mode: str) -> None:
         torch.save(seen, out / f"rank{state.process_index}.pt")
         return
     seen["host_bytes"] = handle.report().stats.bytes_h2d
+    if handle.plans:
+        plan = handle.plans["transformer"]
+        seen["plan_bandwidth"], seen["measured_bandwidth"] = plan.bandwidth, plan.cost.copy_bandwidth
+        seen["plan"] = (sorted(plan.resident), plan.window)
     handle.remove()
     torch.save(seen, out / f"rank{state.process_index}.pt")
 

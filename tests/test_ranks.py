@@ -107,3 +107,14 @@ def test_a_rank_that_stops_makes_the_other_fail_with_a_clear_error_not_hang(chec
     assert torch.equal(survivor["output"], reference)
     assert "another rank stopped or the ranks diverged" in survivor["error"], survivor["error"]
     assert not memfd_holders() and done.returncode == 0
+
+
+def test_a_budget_under_sharded_streaming_plans_with_the_bandwidth_the_sharded_loads_reached(checkpoint, tmp_path):
+    path, reference = checkpoint
+    done = launch(tmp_path, path, "shard-auto")
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    for rank in seen:
+        assert torch.equal(rank["output"], reference) and torch.equal(rank["second"], reference)
+        assert rank["plan_bandwidth"] == rank["measured_bandwidth"] > 1e4
+    assert seen[0]["plan"] == seen[1]["plan"] and seen[0]["measured_bandwidth"] == seen[1]["measured_bandwidth"]
