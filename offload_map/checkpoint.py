@@ -48,7 +48,8 @@ class Checkpoint:
     """The tensors of a safetensors checkpoint, by name, read from the headers only.
 
     Args:
-        path: a ``.safetensors`` file, or a directory with safetensors shards (and optionally their index).
+        path: a ``.safetensors`` file, a directory with safetensors shards (and optionally their index), or the
+            ``*.safetensors.index.json`` to use where a directory holds several (precision variants).
 
     Raises:
         CheckpointError: see the module docstring; the message names the file and the tensor.
@@ -128,12 +129,16 @@ def _shard_files(path: Path) -> list[Path]:
     if path.suffix in _PICKLE_SUFFIXES:
         raise CheckpointError(f"{path} is a pickle-based checkpoint; offload_map only reads safetensors (pickle can run code). "
                               "Convert it once, e.g. with safetensors.torch.save_file(torch.load(...), 'model.safetensors')")
-    if path.is_file():
+    if path.is_file() and not path.name.endswith(".safetensors.index.json"):
         return [path]
-    if not path.is_dir():
+    if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    indexes = sorted(path.glob("*.safetensors.index.json"))
+    indexes = [path] if path.is_file() else sorted(path.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise CheckpointError(f"{path} holds several indexes ({[i.name for i in indexes]}, e.g. precision variants); "
+                              "pass the path of the one to load")
     if indexes:
+        path = indexes[0].parent
         index = _json(indexes[0].read_text(), f"checkpoint index {indexes[0]}")
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -172,6 +177,12 @@ def _read_header(file: Path) -> dict[str, StoredTensor]:
         if name == "__metadata__":
             continue
         out[name] = _stored(file, name, info, data_start, size)
+    end = data_start  # as safetensors requires: the data is tiled by the tensors, no overlap, no hole
+    for name, stored in sorted(out.items(), key=lambda item: (item[1].offset, item[1].nbytes)):
+        if stored.offset != end:
+            raise CheckpointError(f"{file}: tensor {name!r} starts at byte {stored.offset}, expected {end} "
+                                  "(tensors overlap or leave a hole); the file is corrupt")
+        end += stored.nbytes
     return out
 
 
@@ -181,7 +192,7 @@ def _stored(file: Path, name: str, info: object, data_start: int, size: int) -> 
 
     if not isinstance(info, dict):
         raise bad("no description")
-    dtype = DTYPES.get(info.get("dtype"))
+    dtype = DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
     shape, offsets = info.get("shape"), info.get("data_offsets")
     if dtype is None:
         raise bad(f"an unsupported dtype {info.get('dtype')!r}")

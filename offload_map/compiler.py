@@ -122,7 +122,8 @@ def _fit_window(dmap: DeviceMap, plan, budget: int) -> DeviceMap:
 def _warn_pinned_over_budget(dmap: DeviceMap, plan, budget: int) -> None:
     # While pinned components run, a DiT's resident blocks leave but its non-block weights and slots stay;
     # components of one role (CLIP and T5) are on the device together.
-    floor = sum(u.nbytes for u in plan.resident) + sum(dmap.window * max(u.nbytes for u in r.blocks) for r in plan.rings)
+    floor = sum(u.nbytes for u in plan.resident) + sum(min(dmap.window, len(r.blocks)) * max(u.nbytes for u in r.blocks)
+                                                      for r in plan.rings)
     together: dict[Role, list[str]] = {}
     for comp in plan.components:
         if comp.placement is Placement.CPU_PINNED and comp.role is not Role.DIT:

@@ -82,7 +82,9 @@ class OffloadHandle:
         - New or removed modules (``load_lora_weights``, ``add_adapter``, ``unload_lora_weights``,
           ``delete_adapters``): the pipeline is put back and dispatched again under the same device map
           (placements, window, budget), so the new tensors get their host buffers. Until then its forwards
-          are refused with a message pointing here.
+          are refused with a message pointing here. With a host copy shared between ranks this is collective:
+          every rank changes its modules and calls ``refresh()``. If dispatching again fails, the pipeline is
+          left as ``remove()`` leaves it and the error is raised.
 
         Raises:
             ValueError: a tensor changed shape or dtype in place (remove and dispatch again).
@@ -93,7 +95,12 @@ class OffloadHandle:
             self._runtime.restore()
             for path, entry in self.device_map.entries.items():  # sizes are re-read from the changed modules
                 self.device_map.entries[path] = replace(entry, nbytes=0)
-            self._runtime, self._planner = self._rebuild()
+            try:
+                self._runtime, self._planner = self._rebuild()
+            except BaseException:
+                self._removed = True  # restored and not dispatched again: the pipeline is as remove() leaves it
+                self.pipeline.__dict__.pop(_HANDLE_ATTR, None)
+                raise
             self._report = Report.start(self.device_map, self._runtime.slot_bytes, self._report.setup_seconds,
                                         self._runtime.stats, self._runtime.setup_times)
         else:

@@ -83,7 +83,7 @@ class ComponentGuard:
 
     - while another thread is inside one: slots, loaded components and the prefetch order serve one forward
       at a time, and two interleaved forwards would compute with each other's weights;
-    - after its module tree changed (a LoRA loaded or unloaded through diffusers/peft replaces modules): the
+    - after its parameters changed (a LoRA loaded or unloaded through diffusers/peft replaces modules): the
       new tensors are in no host buffer or slot. ``handle.refresh()`` re-packs the pipeline with them.
 
     Plain torch forward hooks (the post hook with ``always_call``, so a forward that raised still leaves),
@@ -93,7 +93,8 @@ class ComponentGuard:
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
         self.module = module
-        self.tensors = _tensor_names(module)  # counted every forward: about a millisecond for a 12B DiT
+        self.tensors = _tensor_names(module)
+        self.signature = _signature(module)  # checked every forward: about a millisecond for a 12B DiT
         self.owner: int | None = None
         self.depth = 0
         self._lock = threading.Lock()
@@ -103,13 +104,14 @@ class ComponentGuard:
         ]
 
     def changed(self) -> bool:
-        """Whether the module's tensors (by name) differ from those at dispatch."""
-        return _tensor_names(self.module) != self.tensors
+        """Whether the module's parameters differ from those at dispatch (by count or identity)."""
+        return _signature(self.module) != self.signature
 
+    @torch.compiler.disable
     def _enter(self, module, args) -> None:
-        if sum(1 for _ in module.parameters()) + sum(1 for _ in module.buffers()) != len(self.tensors):
+        if _signature(module) != self.signature:
             now = _tensor_names(module)
-            changed = sorted(now - self.tensors) or sorted(self.tensors - now)
+            changed = sorted(now - self.tensors) or sorted(self.tensors - now) or ["parameters replaced under their names"]
             raise RuntimeError(
                 f"{self.name or type(module).__name__}'s modules changed since dispatch ({len(now - self.tensors)} tensors "
                 f"added, {len(self.tensors - now)} removed, e.g. {changed[0]!r}): loading, unloading or deleting a LoRA "
@@ -126,6 +128,7 @@ class ComponentGuard:
                 )
             self.owner, self.depth = me, self.depth + 1
 
+    @torch.compiler.disable
     def _leave(self, module, args, output) -> None:
         with self._lock:
             if self.owner == threading.get_ident():
@@ -137,6 +140,13 @@ class ComponentGuard:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _signature(module: nn.Module) -> tuple[int, int]:
+    # Parameters only, by count and identity (an adapter swapped for another keeps the count); buffers are
+    # left out, since some modules register caches lazily during a forward.
+    params = list(module.parameters())
+    return len(params), sum(id(p) for p in params)
 
 
 def _tensor_names(module: nn.Module) -> frozenset[str]:

@@ -99,6 +99,7 @@ class PackedTensors:
             between ranks); default: a buffer of its own. A region that cannot be page-locked stays pageable.
         fill: write the weights (``False`` where another rank fills a shared region).
         source: a ``weights.WeightSource`` that reads the meta tensors it covers from their checkpoint.
+        bind: point the module's tensors at the buffer now (else ``bind_host()`` later, once it is filled).
 
     Example:
         >>> from torch import nn
@@ -110,7 +111,8 @@ class PackedTensors:
         (True, 1024)
     """
 
-    def __init__(self, refs: list[TensorRef], pin: bool, flat: torch.Tensor | None = None, fill: bool = True, source=None) -> None:
+    def __init__(self, refs: list[TensorRef], pin: bool, flat: torch.Tensor | None = None, fill: bool = True, source=None,
+                 bind: bool = True) -> None:
         self.refs = refs
         self.original_devices = [r.tensor.device for r in refs]
         tensors = [r.tensor.detach() for r in refs]
@@ -136,7 +138,9 @@ class PackedTensors:
                 self.pinned = True
         self.pin_seconds = time.perf_counter() - start - self.fill_seconds
         self.host_views = self.views(self.flat)
-        self.bind_host()
+        self.bound = False
+        if bind:
+            self.bind_host()
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Views of ``flat`` (a buffer of at least ``nbytes``) laid out like the host buffer."""
@@ -150,6 +154,7 @@ class PackedTensors:
     def bind_host(self) -> None:
         """Point the module's tensors back at the host buffer (drops any device copy they referred to)."""
         self.bind(self.host_views)
+        self.bound = True
 
     def sync_from_module(self) -> None:
         """Copy tensors that do not view the host buffer (a device copy, or a replaced tensor) into it.
@@ -174,7 +179,7 @@ class PackedTensors:
         Tensors read from a checkpoint (originally on the meta device) go to the CPU when ``loaded``, else
         back to the meta device (a dispatch that failed while loading keeps nothing).
         """
-        for ref, region, device in zip(self.refs, self.regions, self.original_devices):
+        for ref, region, device in zip(self.refs if self.bound else [], self.regions, self.original_devices):
             raw = region.raw(self.flat)
             if device.type == "meta" and loaded:
                 device = torch.device("cpu")

@@ -19,7 +19,7 @@ import hashlib
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 import torch
 from tqdm import tqdm
@@ -86,42 +86,20 @@ class Runtime:
         self.copier = _copier(self.host_copy)
         region = self.host_copy.flat if self.host_copy is not None else None
         fills = self.host_copy is None or self.host_copy.fills
-        what = "reading weights into host memory" if self.source else "packing host weights"
-        desc = f"offload_map: {what}" if fills else "offload_map: mapping the host copy shared by this host's ranks"
-        bar = tqdm(total=sum(u.nbytes for u in host_units), unit="B", unit_scale=True, desc=desc, delay=1.0,
-                   disable=progress is False or not host_units)
-
-        def pack(unit: Unit, offset: int) -> PackedTensors:
-            flat = None if region is None else region[offset:]
-            packed = PackedTensors(unit.tensors, self.pin, flat, fills, self.source)
-            # The unit's original tensors were just freed; return their heap pages now, or RSS holds
-            # both copies until packing ends.
-            trim_host_heap()
-            bar.update(unit.nbytes)
-            return packed
-
-        start = time.perf_counter()
-        with bar, ThreadPoolExecutor(PACK_THREADS) as pool:
-            futures = [pool.submit(pack, unit, offset) for unit, offset in zip(host_units, offsets)]
-            error = None
-            packed = {}
-            for unit, future in zip(host_units, futures):
-                try:  # collect every unit that was packed, so that a failure restores them all
-                    packed[unit.path] = future.result()
-                    self.packed.append(packed[unit.path])
-                except BaseException as err:
-                    if error is None:
-                        error = err
-                        for other in futures:
-                            other.cancel()
-            if error is not None:
-                raise error
-        times = self.setup_times
-        times.pack_wall_s = time.perf_counter() - start
-        times.fill_s = sum(p.fill_seconds for p in self.packed)
-        times.pin_s = sum(p.pin_seconds for p in self.packed)
+        try:
+            packed = self._pack(host_units, offsets, region, fills, progress)
+        except BaseException:
+            if self.host_copy is not None:
+                try:
+                    self.host_copy.ready(ok=False)  # the other ranks fail too, rather than wait
+                except Exception:  # noqa: BLE001  (they may be gone already; this rank's own error matters)
+                    logger.debug("could not tell the other ranks that packing failed", exc_info=True)
+            raise
         if self.host_copy is not None:
-            self.host_copy.ready()
+            self.host_copy.ready(ok=True)
+            if region is not None and not fills:  # the region holds the weights now: let go of our own
+                for storage in self.packed:
+                    storage.bind_host()
         roles = {c.name: c.role for c in plan.components}
         for unit in plan.pinned:
             name = plan.component_of(unit.path).name
@@ -138,6 +116,53 @@ class Runtime:
         for ring, prefetcher in zip(plan.rings, self.prefetchers.values()):
             for index, unit in enumerate(ring.blocks):
                 self._attach(unit.module, BlockHook(prefetcher, index, unit.path))
+
+    def _pack(self, host_units: list[Unit], offsets: list[int], region, fills: bool, progress: bool | None) -> dict:
+        what = "reading weights into host memory" if self.source else "packing host weights"
+        desc = f"offload_map: {what}" if fills else "offload_map: mapping the host copy shared by this host's ranks"
+        bar = tqdm(total=sum(u.nbytes for u in host_units), unit="B", unit_scale=True, desc=desc, delay=1.0,
+                   disable=progress is False or not host_units)
+
+        def pack(unit: Unit, offset: int) -> PackedTensors:
+            if self.device.type == "cuda":  # page-locking registers with the current device; a new thread's is 0
+                torch.cuda.set_device(self.device)
+            # A rank that does not fill a shared region binds to it only once the filler is done (``ready``):
+            # until then its own tensors are the only copy of the weights.
+            packed = PackedTensors(unit.tensors, self.pin, None if region is None else region[offset:], fills,
+                                   self.source, bind=fills)
+            # The unit's original tensors were just freed; return their heap pages now, or RSS holds
+            # both copies until packing ends.
+            trim_host_heap()
+            bar.update(unit.nbytes)
+            return packed
+
+        start = time.perf_counter()
+        with bar, ThreadPoolExecutor(PACK_THREADS) as pool:
+            futures = [pool.submit(pack, unit, offset) for unit, offset in zip(host_units, offsets)]
+            error = None
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException as err:  # an interrupt while waiting
+                error = err
+            for future in futures:
+                future.cancel()
+            wait(futures)  # units already packing finish: none may bind after a restore began
+            packed = {}
+            for unit, future in zip(host_units, futures):  # every unit that was packed, so a failure restores them all
+                if future.cancelled():
+                    continue
+                if future.exception() is None:
+                    packed[unit.path] = future.result()
+                    self.packed.append(packed[unit.path])
+                elif error is None:
+                    error = future.exception()
+            if error is not None:
+                raise error
+        times = self.setup_times
+        times.pack_wall_s = time.perf_counter() - start
+        times.fill_s = sum(p.fill_seconds for p in self.packed)
+        times.pin_s = sum(p.pin_seconds for p in self.packed)
+        return packed
 
     def _step(self, what: str, fn, *args) -> None:
         try:
@@ -219,6 +244,8 @@ class Runtime:
             if device.type == "meta" and self.built:
                 device = torch.device("cpu")  # weights read from a checkpoint stay usable
             ref.bind(ref.tensor.detach().to(device))
+        if self.host_copy is not None:
+            self.host_copy.close()
         self.host_copy = None
         self.rings.clear()
         self.prefetchers.clear()

@@ -37,6 +37,7 @@ logger = logging.getLogger("offload_map")
 
 # A sharded load waits for every rank of the host; a rank that stopped must not leave the others hanging.
 COLLECTIVE_TIMEOUT = timedelta(seconds=60)
+PACK_TIMEOUT = timedelta(minutes=15)
 
 
 class HostCopy:
@@ -71,7 +72,7 @@ class HostCopy:
         Raises:
             ValueError: ``share=True`` without an initialised process group.
         """
-        if (share is False and not shard_backend) or nbytes == 0:
+        if share is False and not shard_backend:
             return None
         if not (dist.is_available() and dist.is_initialized()):
             if share or shard_backend:
@@ -79,7 +80,8 @@ class HostCopy:
                                  "under accelerate launch or torchrun and create accelerate's PartialState() first)")
             return None
         world, rank = dist.get_world_size(), dist.get_rank()
-        group = dist.new_group(backend="gloo")
+        # Packing a model can take minutes (a slow disk): the exchange waits as long as that, and no longer.
+        group = dist.new_group(backend="gloo", timeout=PACK_TIMEOUT)
         me = (socket.gethostname(), fingerprint, nbytes)
         everyone: list = [None] * world
         dist.all_gather_object(everyone, me, group=group)
@@ -89,7 +91,7 @@ class HostCopy:
             return cls(None, False, ranks, None, group, shard_group)
         creator = ranks[0] == rank
         flat, fd, offer = None, None, None
-        if creator and len(ranks) > 1:
+        if creator and len(ranks) > 1 and nbytes:  # an empty map still joins every collective
             try:
                 fd = os.memfd_create("offload_map", os.MFD_CLOEXEC)
                 os.ftruncate(fd, nbytes)
@@ -123,9 +125,22 @@ class HostCopy:
         """Whether this rank writes weights: it created the region, or packs its own copy."""
         return self.creator or self.flat is None
 
-    def ready(self) -> None:
-        """Wait until the creator has filled the region (collective); then the creator lets go of its descriptor."""
-        dist.barrier(group=self._group)
+    def ready(self, ok: bool) -> None:
+        """Wait until every rank has packed (the creator: filled the region), collectively; then the creator lets
+        go of its descriptor.
+
+        Raises:
+            RuntimeError: another rank failed while packing (this one passed ``ok=True``); it reports its own error.
+        """
+        states: list = [None] * dist.get_world_size()
+        dist.all_gather_object(states, ok, group=self._group)
+        self.close()
+        failed = [rank for rank, state in enumerate(states) if not state]
+        if ok and failed:
+            raise RuntimeError(f"rank(s) {failed} failed while packing their host copy (see their error); this rank stops too")
+
+    def close(self) -> None:
+        """Close the creator's descriptor (the mapping stays while views of it live). Safe to call twice."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -3,7 +3,8 @@
 Usage: rank_worker.py OUT_DIR CHECKPOINT_DIR MODE   (MODE: "run"; "kill" to SIGKILL rank 1 mid-step;
 "nomemfd" where ``memfd_create`` fails, so ranks fall back to their own copies; "shard" to stream each block
 as halves gathered between the ranks; "shard-auto": the same under a budget, with an idle probe of 10 kB/s;
-"diverge": sharded, and rank 1 stops calling after one generation)
+"diverge": sharded, and rank 1 stops calling after one generation; "fail-pack": rank 0, which fills the shared
+copy, fails while reading the checkpoint)
 
 Each rank builds the tiny Flux pipeline with its transformer on the meta device, dispatches it layer-wise
 with the transformer read from CHECKPOINT_DIR into the host copy its host shares, generates, and writes
@@ -27,7 +28,8 @@ from diffusers import FluxTransformer2DModel
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_pipelines import make_flux_pipeline, run_flux  # noqa: E402
 
-from offload_map import dispatch_pipeline, empty_model, shared_host  # noqa: E402
+from offload_map import CheckpointError, dispatch_pipeline, empty_model, shared_host  # noqa: E402
+from offload_map.checkpoint import Checkpoint  # noqa: E402
 
 
 class warnings_to:
@@ -68,6 +70,19 @@ def main(out: Path, checkpoint: Path, mode: str) -> None:
         total = sum(p.numel() * p.element_size() for c in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae)
                     for p in c.parameters())
         options = {"strategy": "auto", "gpu_budget": int(total * 1.1)}
+    if mode == "fail-pack":
+        if state.process_index == 0:
+            def broken(self, name, out):
+                raise CheckpointError("simulated: the disk went away")
+
+            Checkpoint.read_into = broken
+        try:
+            dispatch_pipeline(pipe, "layerwise", "cpu", weights={"transformer": checkpoint})
+        except (CheckpointError, RuntimeError) as err:
+            seen = {"error": str(err), "meta": all(p.is_meta for p in pipe.transformer.parameters()),
+                    "hooked": any(hasattr(m, "_hf_hook") for m in pipe.transformer.modules())}
+            torch.save(seen, out / f"rank{state.process_index}.pt")
+        return
     with warnings_to(out / f"log{state.process_index}.txt"):
         handle = dispatch_pipeline(pipe, options.pop("strategy", "layerwise"), "cpu", weights={"transformer": checkpoint},
                                    shard_copies=mode in ("shard", "shard-auto", "diverge"), **options)

@@ -183,3 +183,51 @@ def test_a_lone_dit_takes_one_path(saved, target):
         handle = dispatch_pipeline(model, "layerwise", target, weights=str(root / "sharded"))
         assert torch.equal(model(**{k: v.to(target) for k, v in inputs.items()}).sample.cpu(), reference)
     handle.remove()
+
+
+def _write_safetensors(path, header: dict, data: bytes) -> None:
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+@pytest.mark.parametrize("header, message", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
+     "tensors overlap or leave a hole"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, "tensors overlap or leave a hole"),
+    ({"a": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}, "unsupported dtype"),
+    ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, "malformed shape"),
+])
+def test_headers_that_safetensors_itself_would_refuse_are_refused(tmp_path, header, message):
+    path = tmp_path / "bad.safetensors"
+    _write_safetensors(path, header, bytes(16))
+    with pytest.raises(CheckpointError, match=message):
+        Checkpoint(path)
+
+
+def test_a_refresh_whose_dispatch_fails_leaves_the_pipeline_removed_and_usable(meta_pipe, target):
+    pipe, root, original = meta_pipe
+    pipe.transformer = original
+    reference = resident_run(pipe, lambda: run_flux(pipe), target)
+    handle = dispatch_pipeline(pipe, "layerwise", target)
+    pipe.transformer.transformer_blocks[0].extra = torch.nn.Linear(2, 2)  # the modules changed
+    handle._rebuild = lambda: (_ for _ in ()).throw(RuntimeError("simulated"))
+    with pytest.raises(RuntimeError, match="simulated"):
+        handle.refresh()
+    assert not hasattr(pipe, "_offload_map_handle")
+    with pytest.raises(RuntimeError, match="already removed"):
+        handle.remove()
+    del pipe.transformer.transformer_blocks[0].extra
+    handle = dispatch_pipeline(pipe, "layerwise", target)
+    assert torch.equal(run_flux(pipe).cpu(), reference)
+    handle.remove()
+
+
+def test_several_indexes_are_refused_unless_one_is_named(saved, tmp_path):
+    _, root = saved
+    for f in (root / "sharded").iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    index = next(tmp_path.glob("*.index.json"))
+    (tmp_path / index.name.replace("model.", "model.fp16.")).write_text(index.read_text())
+    with pytest.raises(CheckpointError, match="several indexes"):
+        Checkpoint(tmp_path)
+    assert Checkpoint(index).tensors.keys() == Checkpoint(root / "sharded").tensors.keys()

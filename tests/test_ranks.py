@@ -118,3 +118,15 @@ def test_a_budget_under_sharded_streaming_plans_with_the_bandwidth_the_sharded_l
         assert torch.equal(rank["output"], reference) and torch.equal(rank["second"], reference)
         assert rank["plan_bandwidth"] == rank["measured_bandwidth"] > 1e4
     assert seen[0]["plan"] == seen[1]["plan"] and seen[0]["measured_bandwidth"] == seen[1]["measured_bandwidth"]
+
+
+def test_when_the_rank_filling_the_shared_copy_fails_the_others_fail_at_once_and_keep_their_model(checkpoint, tmp_path):
+    path, _ = checkpoint
+    done = launch(tmp_path, path, "fail-pack")
+    assert done.returncode == 0, done.stderr[-3000:]
+    filler, other = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
+    assert "the disk went away" in filler["error"]
+    assert "rank(s) [0] failed while packing" in other["error"]
+    for rank in (filler, other):
+        assert rank["meta"] and not rank["hooked"]  # nothing loaded, nothing left hooked
+    assert not memfd_holders()
