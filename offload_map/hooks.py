@@ -16,6 +16,7 @@ block is reused without recompiling.
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import torch
@@ -86,8 +87,9 @@ class ComponentGuard:
     - after its parameters changed (a LoRA loaded or unloaded through diffusers/peft replaces modules): the
       new tensors are in no host buffer or slot. ``handle.refresh()`` re-packs the pipeline with them.
 
-    Plain torch forward hooks (the post hook with ``always_call``, so a forward that raised still leaves),
-    attached next to the accelerate hooks; ``remove`` takes them off.
+    Plain torch forward hooks (the post hook with ``always_call``, so a forward that raised still leaves; one
+    interrupted by ``KeyboardInterrupt`` skips it, so a thread found holding the guard without being inside the
+    module gives it up), attached next to the accelerate hooks; ``remove`` takes them off.
     """
 
     def __init__(self, name: str, module: nn.Module) -> None:
@@ -120,6 +122,8 @@ class ComponentGuard:
             )
         me = threading.get_ident()
         with self._lock:
+            if self.owner not in (None, me) and not _running_in(self.owner, module):
+                self.owner, self.depth = None, 0  # left by a KeyboardInterrupt, which skips the post hook
             if self.owner not in (None, me):
                 raise RuntimeError(
                     f"{self.name or type(module).__name__} is already running on another thread; a dispatched pipeline "
@@ -140,6 +144,16 @@ class ComponentGuard:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _running_in(thread: int, module: nn.Module) -> bool:
+    # Only on contention: whether that thread's stack is inside a call of ``module``.
+    frame = sys._current_frames().get(thread)
+    while frame is not None:
+        if frame.f_locals.get("self") is module:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _signature(module: nn.Module) -> tuple[int, int]:

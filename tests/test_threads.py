@@ -65,3 +65,25 @@ def test_a_forward_that_raised_does_not_lock_the_pipeline_to_its_thread(target):
     other.join(30)
     assert out and torch.equal(out[0].cpu(), reference)
     handle.remove()
+
+
+def test_a_forward_interrupted_by_ctrl_c_does_not_lock_out_other_threads(target):
+    pipe = make_tiny_pipeline()
+    reference = resident_run(pipe, lambda: pipe("interrupt", steps=2), target)
+    handle = dispatch_pipeline(pipe, "layerwise", target)
+    block = pipe.transformer.double_blocks[0]
+    original = block._old_forward
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    block._old_forward = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        pipe("interrupt", steps=2)
+    block._old_forward = original
+    out = []
+    other = threading.Thread(target=lambda: out.append(pipe("interrupt", steps=2)))
+    other.start()
+    other.join(30)
+    assert out and torch.equal(out[0].cpu(), reference)
+    handle.remove()
