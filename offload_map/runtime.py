@@ -245,7 +245,7 @@ class Runtime:
                 device = torch.device("cpu")  # weights read from a checkpoint stay usable
             ref.bind(ref.tensor.detach().to(device))
         if self.host_copy is not None:
-            self.host_copy.close()
+            self.host_copy.release()
         self.host_copy = None
         self.rings.clear()
         self.prefetchers.clear()

@@ -145,6 +145,14 @@ class HostCopy:
             os.close(self._fd)
             self._fd = None
 
+    def release(self) -> None:
+        """After the dispatch ends: close the descriptor and destroy this dispatch's process groups (local)."""
+        self.close()
+        for group in (self._group, self.shard_group):
+            if group is not None and dist.is_initialized():
+                dist.destroy_process_group(group)
+        self._group = self.shard_group = None
+
 
 def _host_groups(everyone: list, rank: int, backend: str):
     # new_group is collective over the whole world: every rank creates every host's group, in one order.
