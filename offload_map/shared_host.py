@@ -90,30 +90,11 @@ class HostCopy:
         if share is False:
             return cls(None, False, ranks, None, group, shard_group)
         creator = ranks[0] == rank
-        flat, fd, offer = None, None, None
-        if creator and len(ranks) > 1 and nbytes:  # an empty map still joins every collective
-            try:
-                fd = os.memfd_create("offload_map", os.MFD_CLOEXEC)
-                os.ftruncate(fd, nbytes)
-                flat = _map(fd, nbytes)
-                offer = (os.getpid(), fd)
-            except (OSError, AttributeError) as err:
-                if fd is not None:
-                    os.close(fd)
-                flat, fd = None, None
-                logger.warning("offload_map: cannot create a shared host copy (%s); every rank keeps its own", err)
+        flat, fd = _create(nbytes) if creator and len(ranks) > 1 and nbytes else (None, None)  # empty maps still join
         offers: list = [None] * world
-        dist.all_gather_object(offers, offer, group=group)
+        dist.all_gather_object(offers, (os.getpid(), fd) if fd is not None else None, group=group)
         if not creator and offers[ranks[0]] is not None:
-            pid, their_fd = offers[ranks[0]]
-            try:
-                own = os.open(f"/proc/{pid}/fd/{their_fd}", os.O_RDWR | os.O_CLOEXEC)
-                try:
-                    flat = _map(own, nbytes)
-                finally:
-                    os.close(own)
-            except OSError as err:
-                logger.warning("offload_map: rank %d cannot map the host copy of rank %d (%s); it keeps its own", rank, ranks[0], err)
+            flat = _join(*offers[ranks[0]], nbytes, rank, ranks[0])
         if flat is None and len(ranks) > 1 and share:
             logger.warning("offload_map: rank %d packs its own host copy of the weights", rank)
         if len(ranks) == 1 and share:
@@ -152,6 +133,31 @@ class HostCopy:
             if group is not None and dist.is_initialized():
                 dist.destroy_process_group(group)
         self._group = self.shard_group = None
+
+
+def _create(nbytes: int) -> tuple[torch.Tensor | None, int | None]:
+    fd = None
+    try:
+        fd = os.memfd_create("offload_map", os.MFD_CLOEXEC)
+        os.ftruncate(fd, nbytes)
+        return _map(fd, nbytes), fd
+    except (OSError, AttributeError) as err:
+        if fd is not None:
+            os.close(fd)
+        logger.warning("offload_map: cannot create a shared host copy (%s); every rank keeps its own", err)
+        return None, None
+
+
+def _join(pid: int, fd: int, nbytes: int, rank: int, creator: int) -> torch.Tensor | None:
+    try:
+        own = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            return _map(own, nbytes)
+        finally:
+            os.close(own)
+    except OSError as err:
+        logger.warning("offload_map: rank %d cannot map the host copy of rank %d (%s); it keeps its own", rank, creator, err)
+        return None
 
 
 def _host_groups(everyone: list, rank: int, backend: str):
