@@ -19,6 +19,7 @@ shared pages counted once across ranks).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -67,8 +68,10 @@ def main() -> None:
         parser.error("pass --pipeline DIR, or --demo")
     prompts = args.prompt or ["a red cat", "a blue bird", "a green tree", "a white house"]
 
-    # gloo: ranks exchange only Python objects, and NCCL refuses two ranks on one GPU.
-    state = PartialState(cpu=not torch.cuda.is_available(), backend="gloo")
+    # gloo: ranks exchange only Python objects, and NCCL refuses two ranks on one GPU. Run alone (no
+    # launcher), there is no process group to make.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    state = PartialState(cpu=not torch.cuda.is_available(), **({"backend": "gloo"} if launched else {}))
     device = "cpu" if not torch.cuda.is_available() else f"cuda:{state.local_process_index % torch.cuda.device_count()}"
     pipe, weights = load(args)
     handle = dispatch_pipeline(pipe, "layerwise", device, window=args.window, weights=weights, shard_copies=args.shard)
