@@ -4,10 +4,9 @@ Used by ``dispatch_pipeline`` when a budget is given (``max_memory``/``gpu_budge
 ``"auto"`` or ``"layerwise"``. If the whole pipeline fits the budget with ``ACTIVATION_SHARE`` of it left
 for activations, ``"auto"`` keeps everything resident (``"gpu"``) and says so. Otherwise the encoders and
 VAEs that do not fit beside the DiT are ``"cpu-pinned"`` (``compiler``) and each DiT starts with every
-block streamed; its second forward is timed block
-by block (``calibration.BlockTimer``; the first pays for lazy CUDA initialisation), and from those measurements and the
-lower of the probed bandwidth and the one its copies achieved beside compute, the planner
-(``planner.plan_blocks``) picks the resident blocks and the window, which the runtime applies between that
+block streamed; its second forward is timed block by block (``calibration.BlockTimer``; the first pays for
+lazy CUDA initialisation), and from those measurements and the lower of the probed bandwidth and the one
+its copies achieved beside compute, the planner (``planner.plan_blocks``) picks the resident blocks and the window, which the runtime applies between that
 forward and the next. ``AutoPlanner`` holds this policy; the runtime only carries it out.
 """
 
@@ -63,13 +62,16 @@ class AutoPlanner:
     def replan(self, name: str, cost: ModelCost, own: int) -> None:
         """Choose resident blocks and the window for DiT ``name`` from its measured ``cost``, and apply them."""
         dit_budget = self.budget - (self.resident - own)
-        if isinstance(self.runtime.copier, ShardedCopy):
+        sharded = isinstance(self.runtime.copier, ShardedCopy)
+        if sharded:
             cost = self.runtime.copier.agree(cost)  # one plan for all ranks, or their loads would diverge
-        # Copies beside compute run slower than the idle probe measured; plan with what they achieved. Sharded
-        # loads (1/N per rank, then an all-gather) may beat the one link the probe measured: theirs counts alone.
-        bandwidth = min(self.bandwidth, cost.copy_bandwidth or self.bandwidth)
-        if cost.copy_bandwidth and isinstance(self.runtime.copier, ShardedCopy):
-            bandwidth = cost.copy_bandwidth
+        # Copies beside compute run slower than the idle probe measured: plan with what they achieved. Sharded
+        # loads (1/N per rank, then an all-gather) may beat the one link the probe measured: theirs alone count.
+        measured = cost.copy_bandwidth
+        if measured is None:
+            bandwidth = self.bandwidth
+        else:
+            bandwidth = measured if sharded else min(self.bandwidth, measured)
         try:
             plan = plan_blocks(cost, dit_budget, bandwidth)
         except BudgetTooSmall as err:

@@ -83,8 +83,9 @@ def compile_device_map(pipeline: object, strategy: str = "model", device=None, w
         dmap.strategy = "auto"
         return dmap
     _keep_encoders(dmap, budget)
-    dmap = _fit_window(dmap, bind(dmap, pipeline), budget)
-    _warn_pinned_over_budget(dmap, bind(dmap, pipeline), budget)
+    plan = bind(dmap, pipeline)  # placements are final here; only the window changes below
+    dmap = _fit_window(dmap, plan, budget)
+    _warn_pinned_over_budget(dmap, plan, budget)
     return dmap
 
 

@@ -40,7 +40,7 @@ class OffloadHandle:
         self._runtime = runtime
         self._planner = planner
         self._rebuild = rebuild
-        self._report = Report.start(device_map, runtime.slot_bytes, setup_seconds, runtime.stats, runtime.setup_times)
+        self._report = self._start_report(setup_seconds)
         self._removed = False
         if runtime.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(runtime.device)
@@ -96,15 +96,19 @@ class OffloadHandle:
             for path, entry in self.device_map.entries.items():  # sizes are re-read from the changed modules
                 self.device_map.entries[path] = replace(entry, nbytes=0)
             try:
+                with_sizes(self.device_map, self.pipeline)
                 self._runtime, self._planner = self._rebuild()
             except BaseException:
                 self._removed = True  # restored and not dispatched again: the pipeline is as remove() leaves it
                 self.pipeline.__dict__.pop(_HANDLE_ATTR, None)
                 raise
-            self._report = Report.start(self.device_map, self._runtime.slot_bytes, self._report.setup_seconds,
-                                        self._runtime.stats, self._runtime.setup_times)
+            self._report = self._start_report(self._report.setup_seconds)
         else:
             self._runtime.refresh()
+
+    def _start_report(self, setup_seconds: float) -> Report:
+        runtime = self._runtime
+        return Report.start(self.device_map, runtime.slot_bytes, setup_seconds, runtime.stats, runtime.setup_times)
 
     @property
     def host_copy(self):
@@ -230,7 +234,7 @@ def dispatch_pipeline(
         device_map = with_sizes(DeviceMap.from_dict(device_map.to_dict()), pipeline)
 
     def build(weights=None):
-        plan = bind(with_sizes(device_map, pipeline), pipeline)
+        plan = bind(device_map, pipeline)
         source = WeightSource(plan, weights)
         runtime = Runtime(plan, pin_memory=pin_memory, blocking=blocking, progress=progress,
                           source=source or None, share_host_copy=share_host_copy, shard_copies=shard_copies)

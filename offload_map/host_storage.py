@@ -71,6 +71,12 @@ def layout(tensors: list[torch.Tensor]) -> tuple[list[Region], int]:
     return regions, offset
 
 
+def home_device(device: torch.device, loaded: bool) -> torch.device:
+    """Where a tensor goes back to on restore: its original device, except that a tensor read from a checkpoint
+    (originally on the meta device) stays usable on the CPU once the dispatch had loaded it."""
+    return torch.device("cpu") if device.type == "meta" and loaded else device
+
+
 def packed_size(refs: list[TensorRef]) -> int:
     """Bytes of the flat buffer ``PackedTensors(refs, ...)`` needs."""
     return layout([r.tensor for r in refs])[1]
@@ -181,9 +187,7 @@ class PackedTensors:
         """
         for ref, region, device in zip(self.refs if self.bound else [], self.regions, self.original_devices):
             raw = region.raw(self.flat)
-            if device.type == "meta" and loaded:
-                device = torch.device("cpu")
-            fresh = torch.empty(raw.numel(), dtype=raw.dtype, device=device)
+            fresh = torch.empty(raw.numel(), dtype=raw.dtype, device=home_device(device, loaded))
             fresh.copy_(raw)
             ref.bind(fresh.as_strided(region.shape, region.stride))
         self.release()

@@ -22,11 +22,12 @@ import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from .device_map import human_bytes
 from .hooks import BlockHook, ComponentHook, ComponentGuard, attach, detach
-from .host_storage import PackedTensors, packed_size, trim_host_heap
+from .host_storage import PackedTensors, home_device, packed_size, trim_host_heap
 from .plan import ExecutionPlan, TensorRef, Unit
 from .prefetcher import Prefetcher
 from .report import SetupTimes, TransferStats
@@ -207,7 +208,7 @@ class Runtime:
             prefetcher.restart()
 
     def modules_changed(self) -> bool:
-        """Whether an offloaded component gained or lost tensors since the build (a LoRA was loaded or removed)."""
+        """Whether an offloaded component's parameters changed since the build (a LoRA was loaded or removed)."""
         return any(guard.changed() for guard in self.guards)
 
     def refresh(self) -> None:
@@ -241,9 +242,7 @@ class Runtime:
             self.packed.pop().restore(loaded=self.built)
         while self.moved:
             ref, device = self.moved.pop()
-            if device.type == "meta" and self.built:
-                device = torch.device("cpu")  # weights read from a checkpoint stay usable
-            ref.bind(ref.tensor.detach().to(device))
+            ref.bind(ref.tensor.detach().to(home_device(device, self.built)))
         if self.host_copy is not None:
             self.host_copy.release()
         self.host_copy = None
@@ -257,8 +256,6 @@ class Runtime:
 def _copier(host_copy: HostCopy | None):
     if host_copy is None or host_copy.shard_group is None or len(host_copy.ranks) < 2:
         return DirectCopy()
-    import torch.distributed as dist
-
     return ShardedCopy(host_copy.shard_group, host_copy.ranks.index(dist.get_rank()), len(host_copy.ranks))
 
 

@@ -41,6 +41,13 @@ def launch(out: Path, checkpoint: Path, mode: str) -> subprocess.CompletedProces
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
+def both_ranks(out: Path, checkpoint: Path, mode: str) -> list[dict]:
+    """Launch two ranks in ``mode``, require a clean exit, and return what each rank saw."""
+    done = launch(out, checkpoint, mode)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [torch.load(out / f"rank{rank}.pt") for rank in (0, 1)]
+
+
 def memfd_holders() -> list[str]:
     holders = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -55,9 +62,7 @@ def memfd_holders() -> list[str]:
 
 def test_two_ranks_share_one_host_copy_and_match_one_rank(checkpoint, tmp_path):
     path, reference = checkpoint
-    done = launch(tmp_path, path, "run")
-    assert done.returncode == 0, done.stderr[-3000:]
-    seen = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    seen = both_ranks(tmp_path, path, "run")
     for rank in seen:
         assert torch.equal(rank["output"], reference) and torch.equal(rank["second"], reference)
         assert rank["shared"] and rank["ranks"] == [0, 1]
@@ -78,24 +83,17 @@ def test_a_rank_killed_mid_step_leaves_no_shared_memory(checkpoint, tmp_path):
 
 def test_without_memfd_every_rank_keeps_its_own_copy_and_says_so(checkpoint, tmp_path):
     path, reference = checkpoint
-    done = launch(tmp_path, path, "nomemfd")
-    assert done.returncode == 0, done.stderr[-3000:]
-    for rank in (0, 1):
-        seen = torch.load(tmp_path / f"rank{rank}.pt")
+    for seen in both_ranks(tmp_path, path, "nomemfd"):
         assert torch.equal(seen["output"], reference) and not seen["shared"] and not seen["inodes"]
     assert "cannot create a shared host copy" in (tmp_path / "log0.txt").read_text()
 
 
 def test_sharded_streaming_reads_half_of_each_block_per_rank_and_matches_one_rank(checkpoint, tmp_path):
     path, reference = checkpoint
-    done = launch(tmp_path, path, "shard")
-    assert done.returncode == 0, done.stderr[-3000:]
+    sharded = both_ranks(tmp_path, path, "shard")
     (tmp_path / "direct").mkdir()
-    direct = launch(tmp_path / "direct", path, "run")
-    assert direct.returncode == 0, direct.stderr[-3000:]
-    whole = torch.load(tmp_path / "direct" / "rank0.pt")["host_bytes"]
-    for rank in (0, 1):
-        seen = torch.load(tmp_path / f"rank{rank}.pt")
+    whole = both_ranks(tmp_path / "direct", path, "run")[0]["host_bytes"]
+    for seen in sharded:
         assert torch.equal(seen["output"], reference) and torch.equal(seen["second"], reference)
         assert 0.4 * whole < seen["host_bytes"] < 0.6 * whole  # half of every block from this rank's host copy
 
@@ -111,9 +109,7 @@ def test_a_rank_that_stops_makes_the_other_fail_with_a_clear_error_not_hang(chec
 
 def test_a_budget_under_sharded_streaming_plans_with_the_bandwidth_the_sharded_loads_reached(checkpoint, tmp_path):
     path, reference = checkpoint
-    done = launch(tmp_path, path, "shard-auto")
-    assert done.returncode == 0, done.stderr[-3000:]
-    seen = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    seen = both_ranks(tmp_path, path, "shard-auto")
     for rank in seen:
         assert torch.equal(rank["output"], reference) and torch.equal(rank["second"], reference)
         assert rank["plan_bandwidth"] == rank["measured_bandwidth"] > 1e4
@@ -122,9 +118,7 @@ def test_a_budget_under_sharded_streaming_plans_with_the_bandwidth_the_sharded_l
 
 def test_when_the_rank_filling_the_shared_copy_fails_the_others_fail_at_once_and_keep_their_model(checkpoint, tmp_path):
     path, _ = checkpoint
-    done = launch(tmp_path, path, "fail-pack")
-    assert done.returncode == 0, done.stderr[-3000:]
-    filler, other = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
+    filler, other = both_ranks(tmp_path, path, "fail-pack")
     assert "the disk went away" in filler["error"]
     assert "rank(s) [0] failed while packing" in other["error"]
     for rank in (filler, other):

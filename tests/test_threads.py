@@ -13,6 +13,15 @@ from offload_map.demo import make_tiny_pipeline
 from conftest import resident_run
 
 
+def on_another_thread(call):
+    """``call()`` run on a thread of its own; its result (``None`` if it raised)."""
+    out = []
+    thread = threading.Thread(target=lambda: out.append(call()))
+    thread.start()
+    thread.join(30)
+    return out[0] if out else None
+
+
 @pytest.mark.parametrize("strategy", ["layerwise", "model"])
 def test_a_second_thread_is_refused_while_the_first_runs(target, strategy):
     pipe = make_tiny_pipeline()
@@ -20,17 +29,15 @@ def test_a_second_thread_is_refused_while_the_first_runs(target, strategy):
     handle = dispatch_pipeline(pipe, strategy, target)
     inside, release = threading.Event(), threading.Event()
     block = pipe.transformer.double_blocks[1]
-    original = block._old_forward if hasattr(block, "_old_forward") else block.forward
+    attr = "_old_forward" if hasattr(block, "_old_forward") else "forward"  # streamed (hooked) or inside a pinned DiT
+    original = getattr(block, attr)
 
     def slow(*args, **kwargs):  # holds the first thread inside the DiT
         inside.set()
         assert release.wait(30)
         return original(*args, **kwargs)
 
-    if hasattr(block, "_old_forward"):
-        block._old_forward = slow
-    else:
-        block.forward = slow
+    setattr(block, attr, slow)
     results = {}
     first = threading.Thread(target=lambda: results.setdefault("first", pipe("threads", steps=2)))
     first.start()
@@ -40,15 +47,9 @@ def test_a_second_thread_is_refused_while_the_first_runs(target, strategy):
     release.set()
     first.join(30)
     assert torch.equal(results["first"].cpu(), reference)
-    if hasattr(block, "_old_forward"):
-        block._old_forward = original
-    else:
-        del block.forward
-    out = []
-    later = threading.Thread(target=lambda: out.append(pipe("threads", steps=2)))
-    later.start()
-    later.join(30)
-    assert torch.equal(out[0].cpu(), reference)
+    setattr(block, attr, original)
+    out = on_another_thread(lambda: pipe("threads", steps=2))
+    assert out is not None and torch.equal(out.cpu(), reference)
     handle.remove()
     assert not pipe.transformer._forward_pre_hooks and not pipe.transformer._forward_hooks
 
@@ -59,11 +60,8 @@ def test_a_forward_that_raised_does_not_lock_the_pipeline_to_its_thread(target):
     handle = dispatch_pipeline(pipe, "layerwise", target)
     with pytest.raises(TypeError):
         pipe.transformer("not a tensor", torch.tensor(0.5), torch.randn(1, 3, 32))
-    out = []
-    other = threading.Thread(target=lambda: out.append(pipe("raise", steps=2)))
-    other.start()
-    other.join(30)
-    assert out and torch.equal(out[0].cpu(), reference)
+    out = on_another_thread(lambda: pipe("raise", steps=2))
+    assert out is not None and torch.equal(out.cpu(), reference)
     handle.remove()
 
 
@@ -81,9 +79,6 @@ def test_a_forward_interrupted_by_ctrl_c_does_not_lock_out_other_threads(target)
     with pytest.raises(KeyboardInterrupt):
         pipe("interrupt", steps=2)
     block._old_forward = original
-    out = []
-    other = threading.Thread(target=lambda: out.append(pipe("interrupt", steps=2)))
-    other.start()
-    other.join(30)
-    assert out and torch.equal(out[0].cpu(), reference)
+    out = on_another_thread(lambda: pipe("interrupt", steps=2))
+    assert out is not None and torch.equal(out.cpu(), reference)
     handle.remove()
