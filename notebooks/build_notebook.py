@@ -655,11 +655,13 @@ code("memory-code", """
         \"\"\"The planner's memory account of ``plan``, drawn over the step's predicted timeline.\"\"\"
         cost = plan.cost
         name, unit, power = byte_unit(plan.budget)
-        largest = max((cost.blocks[i].nbytes for i in plan.streamed), default=0)
+        largest = max((cost.blocks[i].nbytes - plan.kept.get(i, 0) for i in plan.streamed), default=0)
+        kept = sum(plan.kept.values())
         layers = [
             ("non-block weights", cost.other_bytes, "tab:gray"),
-            (f"{len(plan.resident)} resident blocks", sum(cost.blocks[i].nbytes for i in plan.resident), "tab:green"),
-            (f"{plan.window} window slots x {largest / unit:.3g} {name} (the largest streamed block)",
+            (f"{len(plan.resident)} resident blocks" + (f" and parts of {len(plan.kept)} more" if kept else ""),
+             sum(cost.blocks[i].nbytes for i in plan.resident) + kept, "tab:green"),
+            (f"{plan.window} window slots x {largest / unit:.3g} {name} (the largest streamed part)",
              plan.window * largest, "tab:orange"),
             ("activation allowance", cost.activation_bytes, "tab:blue"),
         ]

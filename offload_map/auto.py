@@ -19,7 +19,7 @@ import torch
 
 from .calibration import BlockTimer
 from .cost_model import ModelCost
-from .device_map import DeviceMap, human_bytes
+from .device_map import DeviceMap, MapEntry, human_bytes
 from .placement import Placement
 from .plan import ExecutionPlan
 from .planner import BlockPlan, BudgetTooSmall, plan_blocks
@@ -55,7 +55,8 @@ class AutoPlanner:
             own = sum(u.nbytes for u in plan.resident if plan.component_of(u.path).name == ring.component)
             slot_ring = runtime.rings[ring.component]
             runtime.prefetchers[ring.component].timer = BlockTimer(
-                runtime.ordering, slot_ring.paths, [b.nbytes for b in slot_ring.blocks], own,
+                runtime.ordering, slot_ring.paths, [b.nbytes for b in slot_ring.blocks],
+                [b.split_points(path) for b, path in zip(slot_ring.blocks, slot_ring.paths)], own,
                 lambda cost, name=ring.component, own=own: self.replan(name, cost, own),
             )
 
@@ -81,16 +82,38 @@ class AutoPlanner:
         ring = self.runtime.rings[name]
         by_path = {path: index for index, path in enumerate(ring.paths)}
         resident = frozenset(by_path[cost.blocks[i].path] for i in plan.resident)
+        kept = {by_path[cost.blocks[i].path]: size for i, size in plan.kept.items()}
         try:
-            self.runtime.set_residency(name, resident, plan.window)
+            self.runtime.set_residency(name, resident, plan.window, kept)
         except torch.OutOfMemoryError as err:
             logger.warning("%s: %s. Streaming every block through one slot instead.", name or "DiT", err)
             return
         self.plans[name] = plan
         for index, path in enumerate(ring.paths):
-            placement = Placement.GPU if index in resident else Placement.LAYER_WINDOW
-            self.device_map.entries[path] = replace(self.device_map.entries[path], placement=placement)
+            self._place(path, ring.blocks[index], Placement.GPU if index in resident else Placement.LAYER_WINDOW, kept.get(index, 0))
         self.device_map.window = plan.window
-        logger.info("%s: %d of %d blocks resident, window %d, predicted step %.1f ms within %s",
-                    name or "DiT", len(resident), len(ring.paths), plan.window, plan.step_s * 1e3, human_bytes(dit_budget))
+        logger.info("%s: %d of %d blocks resident, %d in part, window %d, predicted step %.1f ms within %s", name or "DiT",
+                    len(resident), len(ring.paths), len(kept), plan.window, plan.step_s * 1e3, human_bytes(dit_budget))
 
+    def _place(self, path: str, storage, placement: Placement, kept: int) -> None:
+        # A block streamed in part is written as the block ("layer-window") with its kept submodules nested
+        # right after it as "gpu" entries: a map saved from here and dispatched again keeps the same bytes on
+        # the device.
+        children: dict[str, int] = {}
+        total = 0
+        for ref, region in zip(storage.refs, storage.regions):
+            nbytes = ref.tensor.numel() * ref.tensor.element_size()
+            total += nbytes
+            if region.offset < kept:
+                child = f"{path}.{ref.qualname[len(path) + 1:].partition('.')[0]}"
+                children[child] = children.get(child, 0) + nbytes
+        entries = {}
+        for key, entry in self.device_map.entries.items():
+            if key.startswith(path + "."):
+                continue
+            if key == path:
+                entry = replace(entry, placement=placement, nbytes=total - sum(children.values()))
+            entries[key] = entry
+            if key == path:
+                entries.update((child, MapEntry(child, Placement.GPU, n, entry.dtype)) for child, n in children.items())
+        self.device_map.entries = entries

@@ -27,15 +27,18 @@ class BlockTimer:
         ordering: the runtime's ordering (``stamp``/``seconds``/``wait_for``).
         paths: module path of each block, by block index.
         nbytes: weight bytes of each block, by block index.
+        splits: where each block's bytes may be cut (``PackedTensors.split_points``), by block index.
         other_bytes: the DiT's weights outside its blocks.
         on_done: receives the ``ModelCost`` after the forward.
         skip: forwards to let go by before the timed one.
     """
 
-    def __init__(self, ordering, paths: list[str], nbytes: list[int], other_bytes: int, on_done: Callable[[ModelCost], None], skip: int = 1) -> None:
+    def __init__(self, ordering, paths: list[str], nbytes: list[int], splits: list[tuple[int, ...]], other_bytes: int,
+                 on_done: Callable[[ModelCost], None], skip: int = 1) -> None:
         self.ordering = ordering
         self.paths = paths
         self.nbytes = nbytes
+        self.splits = splits
         self.other_bytes = other_bytes
         self.on_done = on_done
         self.skip = skip
@@ -90,6 +93,6 @@ class BlockTimer:
         copied = sum(n for n, _, _ in self.copies)
         bandwidth = copied / copy_seconds if copied and copy_seconds > 0 else None
         unique = list(dict.fromkeys(sequence))
-        blocks = tuple(BlockCost(self.paths[b], self.nbytes[b], compute[b]) for b in unique)
+        blocks = tuple(BlockCost(self.paths[b], self.nbytes[b], compute[b], self.splits[b]) for b in unique)
         self.on_done(ModelCost(blocks, self.other_bytes, other, activation, bandwidth))
         return True

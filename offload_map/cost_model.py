@@ -2,24 +2,28 @@
 
 Pure Python, no torch. Inputs are a ``ModelCost`` (each block's bytes and compute seconds in execution
 order, the non-block weights and compute, an activation allowance) and the pinned host-to-device
-bandwidth. ``simulate`` replays what the runtime does: the copy stream loads streamed blocks one after
-another in execution order, wrapping into the next step; load ``k`` goes into the slot that streamed
+bandwidth. ``simulate`` replays what the runtime does: the copy stream loads streamed blocks (or, for a block
+whose first ``kept`` bytes stay on the device, the rest of it) one after another in execution order,
+wrapping into the next step; load ``k`` goes into the slot that streamed
 load ``k - window`` used, so it waits until that block has computed; a streamed block computes once its
 load has landed and the previous block is done; a resident block only waits for the previous block.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class BlockCost:
-    """One block: its module path, weight bytes, and measured compute seconds per forward."""
+    """One block: its module path, weight bytes, measured compute seconds per forward, and ``splits``: the byte
+    counts of leading whole submodules that may stay on the device while the rest streams (ascending)."""
 
     path: str
     nbytes: int
     compute_s: float
+    splits: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -55,8 +59,15 @@ class Timeline:
     copy_busy_s: float = 0.0
 
 
-def simulate(cost: ModelCost, streamed: frozenset[int], window: int, bandwidth: float, steps: int = 4) -> Timeline:
-    """Predict the steady-state step time with blocks ``streamed`` (indices) through ``window`` slots.
+def load_bytes(cost: ModelCost, index: int, kept: Mapping[int, int] | None) -> int:
+    """Bytes of block ``index`` that a load copies: all of it, less what ``kept`` keeps on the device."""
+    return cost.blocks[index].nbytes - (kept or {}).get(index, 0)
+
+
+def simulate(cost: ModelCost, streamed: frozenset[int], window: int, bandwidth: float, steps: int = 4,
+             kept: Mapping[int, int] | None = None) -> Timeline:
+    """Predict the steady-state step time with blocks ``streamed`` (indices) through ``window`` slots, of which
+    the first ``kept[i]`` bytes of block ``i`` stay on the device.
 
     Runs ``steps`` consecutive forwards and reports the last one, so the wrap-around prefetch of the
     next step's first blocks is accounted for. ``bandwidth`` is in bytes per second.
@@ -73,16 +84,16 @@ def simulate(cost: ModelCost, streamed: frozenset[int], window: int, bandwidth: 
             if index in streamed:
                 load = len(released)
                 copy_start = max(copy_free, released[load - window] if load >= window else 0.0)
-                copy_end = copy_free = copy_start + block.nbytes / bandwidth
+                copy_end = copy_free = copy_start + load_bytes(cost, index, kept) / bandwidth
                 start = max(start, copy_end)
             compute_end = start + block.compute_s
             if index in streamed:
                 released.append(compute_end)
             rows.append((block.path, index in streamed, copy_start, copy_end, start, compute_end))
-    busy = sum(cost.blocks[i].nbytes for i in streamed) / bandwidth
+    busy = sum(load_bytes(cost, i, kept) for i in streamed) / bandwidth
     return Timeline(compute_end - step_start, rows, busy)
 
 
-def floor_s(cost: ModelCost, streamed: frozenset[int], bandwidth: float) -> float:
+def floor_s(cost: ModelCost, streamed: frozenset[int], bandwidth: float, kept: Mapping[int, int] | None = None) -> float:
     """The physical limit: max(all compute, streamed bytes / bandwidth)."""
-    return max(cost.compute_s, sum(cost.blocks[i].nbytes for i in streamed) / bandwidth)
+    return max(cost.compute_s, sum(load_bytes(cost, i, kept) for i in streamed) / bandwidth)

@@ -41,12 +41,13 @@ class Region:
     stride: tuple[int, ...]
     dtype: torch.dtype
 
-    def raw(self, flat: torch.Tensor) -> torch.Tensor:
-        """The region's elements as stored: 1-D, every element of the tensor's memory span once."""
-        return flat[self.offset:self.offset + self.span].view(self.dtype)
+    def raw(self, flat: torch.Tensor, base: int = 0) -> torch.Tensor:
+        """The region's elements as stored: 1-D, every element of the tensor's memory span once. ``flat`` holds
+        the layout's bytes from ``base`` on."""
+        return flat[self.offset - base:self.offset - base + self.span].view(self.dtype)
 
-    def view(self, flat: torch.Tensor) -> torch.Tensor:
-        return self.raw(flat).as_strided(self.shape, self.stride)
+    def view(self, flat: torch.Tensor, base: int = 0) -> torch.Tensor:
+        return self.raw(flat, base).as_strided(self.shape, self.stride)
 
 
 def _storage_span(t: torch.Tensor) -> torch.Tensor:
@@ -80,6 +81,26 @@ def home_device(device: torch.device, loaded: bool) -> torch.device:
 def packed_size(refs: list[TensorRef]) -> int:
     """Bytes of the flat buffer ``PackedTensors(refs, ...)`` needs."""
     return layout([r.tensor for r in refs])[1]
+
+
+def split_points(qualnames: list[str], regions: list[Region], path: str) -> tuple[int, ...]:
+    """Byte offsets where the layout (``regions`` of the tensors ``qualnames``) of block ``path`` can be cut so that
+    everything before the cut is whole direct submodules of the block: the part a plan may keep on the device
+    while the rest streams."""
+    children = []
+    for qualname in qualnames:
+        rel = qualname[len(path) + 1:] if qualname.startswith(path + ".") else ""
+        child, dot, _ = rel.partition(".")
+        children.append(child if dot else "")  # "" : the block's own tensor, or one it shares with another module
+    last = {child: i for i, child in enumerate(children)}
+    points, reach = [], -1
+    for i, child in enumerate(children[:-1]):
+        if not child:
+            break
+        reach = max(reach, last[child])
+        if reach == i:  # every submodule begun so far ends here
+            points.append(regions[i + 1].offset)
+    return tuple(points)
 
 
 def _register(buffer: torch.Tensor) -> bool:
@@ -148,14 +169,24 @@ class PackedTensors:
         if bind:
             self.bind_host()
 
-    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """Views of ``flat`` (a buffer of at least ``nbytes``) laid out like the host buffer."""
-        return [region.view(flat) for region in self.regions]
+    def views(self, flat: torch.Tensor, start: int = 0, stop: int | None = None) -> list[torch.Tensor]:
+        """Views of the tensors stored in bytes ``start:stop`` of the layout (both at tensor boundaries, e.g. from
+        ``split_points``), in a buffer ``flat`` that holds those bytes from its own offset 0."""
+        stop = self.nbytes if stop is None else stop
+        return [region.view(flat, start) for region in self.regions if start <= region.offset < stop]
 
-    def bind(self, views: list[torch.Tensor]) -> None:
-        """Point the module's tensors at ``views`` (from ``views()``)."""
-        for ref, view in zip(self.refs, views):
+    def first_at(self, offset: int) -> int:
+        """Index of the first tensor stored at or after byte ``offset``."""
+        return sum(region.offset < offset for region in self.regions)
+
+    def bind(self, views: list[torch.Tensor], first: int = 0) -> None:
+        """Point the module's tensors ``first``, ``first + 1``, ... at ``views`` (from ``views()``)."""
+        for ref, view in zip(self.refs[first:], views):
             ref.bind(view)
+
+    def split_points(self, path: str) -> tuple[int, ...]:
+        """Where block ``path``'s layout can be cut (see the module function ``split_points``)."""
+        return split_points([ref.qualname for ref in self.refs], self.regions, path)
 
     def bind_host(self) -> None:
         """Point the module's tensors back at the host buffer (drops any device copy they referred to)."""

@@ -108,7 +108,8 @@ def bind(dmap: DeviceMap, pipeline: object) -> ExecutionPlan:
     Raises:
         ValueError: an entry names no module of the pipeline, a tensor is covered by no entry, a placement is
             not allowed where it stands (``"layer-window"`` off a DiT block, ``"cpu-pinned"`` below a
-            component, entries nested inside a pinned component or a streamed block), a streamed block holds
+            component, entries nested inside a pinned component, entries other than ``"gpu"`` nested in a
+            streamed block), a streamed block holds
             no tensor, or recorded bytes differ from the pipeline's (the map was made for another model).
     """
     found = ModuleDiscovery.discover(pipeline)
@@ -136,8 +137,32 @@ def bind(dmap: DeviceMap, pipeline: object) -> ExecutionPlan:
         elif unit.placement is Placement.CPU_PINNED:
             plan.pinned.append(unit)
     for comp_name, block_paths in streamed.items():
+        for path in block_paths:
+            unit = units[path]
+            order = block_order([r.qualname for r in unit.tensors], [r.tensor.nbytes for r in unit.tensors], path)
+            unit.tensors[:] = [unit.tensors[i] for i in order]
         plan.rings.append(Ring(comp_name, [units[p] for p in block_paths], min(dmap.window, len(block_paths))))
     return plan
+
+
+def block_order(qualnames: list[str], sizes: list[int], path: str) -> list[int]:
+    """The order in which block ``path`` packs its tensors (``qualnames``, of ``sizes`` bytes): grouped by direct
+    submodule, largest submodule first, the block's own tensors last.
+
+    A plan may keep a leading run of whole submodules on the device and stream the rest
+    (``PackedTensors.split_points``); largest first leaves the finest choice of streamed sizes at the small end,
+    where a part is about what the link moves while the block computes.
+    """
+    child = []
+    for qualname in qualnames:
+        name, dot, _ = qualname[len(path) + 1:].partition(".")
+        child.append(name if dot else None)
+    total: dict[str, int] = {}
+    for name, size in zip(child, sizes):
+        if name is not None:
+            total[name] = total.get(name, 0) + size
+    first = {name: i for i, name in reversed(list(enumerate(child)))}
+    return sorted(range(len(qualnames)), key=lambda i: (child[i] is None, -total.get(child[i], 0), first.get(child[i], 0), i))
 
 
 def _resolve(path: str, comps: dict, dmap: DeviceMap) -> nn.Module:
@@ -244,8 +269,12 @@ def _check_rules(dmap: DeviceMap, comps: dict, units: dict[str, Unit]) -> dict[s
                     f"device map entry {path!r}: 'layer-window' applies only to blocks of a DiT's block lists; "
                     f"{comp!r} blocks are {block_paths.get(comp, [])[:3]}..."
                 )
-            if inner:
-                raise ValueError(f"device map entry {inner[0]!r} is inside the streamed block {path!r}, which moves as a whole; remove it")
+            moving = [p for p in inner if units[p].placement is not Placement.GPU]
+            if moving:
+                raise ValueError(
+                    f"device map entry {moving[0]!r} is inside the streamed block {path!r}: only 'gpu' entries (parts "
+                    "of the block kept on the device while the rest streams) may be nested in a block; place it 'gpu'"
+                )
             if not unit.tensors:
                 raise ValueError(f"block {path!r} holds no parameters or buffers, so it cannot be streamed; place it 'gpu'")
     for comp, paths in block_paths.items():

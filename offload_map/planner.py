@@ -1,25 +1,38 @@
 """The budget planner: which blocks stay resident, and how many slots, for the fastest predicted step.
 
-Pure Python on a ``ModelCost`` and a bandwidth (no torch, no device). For each window size it walks a
-greedy path from "every block streamed" towards "every block resident", each step making resident the
-block that shortens the predicted step most per byte it costs (spreading residents so their compute
-hides the copies of their streamed neighbours). The plan for a budget is the fastest point of any path
-whose memory fits; because the paths do not depend on the budget, more budget never predicts a slower
-step.
+Pure Python on a ``ModelCost`` and a bandwidth (no torch, no device). Two families of candidate plans,
+for each window size:
 
-Memory of a plan = non-block weights + resident blocks + window x the largest streamed block +
-activation allowance.
+- whole blocks: a greedy path from "every block streamed" towards "every block resident", each step
+  making resident the block that shortens the predicted step most per byte it costs (spreading residents
+  so their compute hides the copies of their streamed neighbours);
+- split blocks: for a cap on the part of a block that streams, every block keeps on the device the least
+  (whole submodules, at one of its ``BlockCost.splits``) that leaves a part within the cap; then more is
+  kept, one split point at a time, of the block whose streamed part outlasts its compute the most. A slot only needs to hold the
+  largest streamed part, not the largest block, so at a tight budget the room saved on slots keeps more
+  weights resident (Flux-12B in 12 GiB: two 680 MB slots become two 302 MB ones), and the streamed
+  parts spread evenly under the compute.
+
+The plan for a budget is the fastest candidate whose memory fits; because no candidate depends on the
+budget, more budget never predicts a slower step.
+
+Memory of a plan = non-block weights + resident blocks and kept parts + window x the largest streamed
+part + activation allowance.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-from .cost_model import ModelCost, Timeline, floor_s, simulate
+from .cost_model import ModelCost, Timeline, floor_s, load_bytes, simulate
 from .device_map import human_bytes
 
 WINDOWS = (1, 2, 3, 4)
+# Split-block levels: a block's streamed part aims at level x (bytes the link moves during its compute).
+# Geometric and fine (1% apart), from copies far under compute to every block streamed whole.
+LEVELS = tuple(0.02 * 1.01**k for k in range(800))
 # Slower "links" are corrupt profiles; they would overflow the simulated timeline.
 MIN_BANDWIDTH = 1e3
 
@@ -46,6 +59,7 @@ class BlockPlan:
     window: int
     streamed: frozenset[int]
     timeline: Timeline
+    kept: Mapping[int, int] = field(default_factory=dict)  # streamed block -> leading bytes kept on the device
 
     @property
     def resident(self) -> list[int]:
@@ -57,7 +71,12 @@ class BlockPlan:
 
     @property
     def memory(self) -> int:
-        return plan_memory(self.cost, self.streamed, self.window)
+        return plan_memory(self.cost, self.streamed, self.window, self.kept)
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes copied per step."""
+        return sum(load_bytes(self.cost, i, self.kept) for i in self.streamed)
 
     @property
     def all_resident(self) -> bool:
@@ -78,17 +97,19 @@ class BlockPlan:
 
     def explain(self) -> str:
         """Per block: placement, bytes, predicted copy and compute time and which bounds it; then totals."""
-        lines = [f"{'block':<40} {'placement':<12} {'bytes':>10} {'copy ms':>8} {'compute ms':>10}  bound"]
+        lines = [f"{'block':<40} {'placement':<12} {'bytes':>10} {'kept':>10} {'copy ms':>8} {'compute ms':>10}  bound"]
         for index, (path, streamed, c0, c1, s0, s1) in enumerate(self.timeline.rows):
             block = self.cost.blocks[index]
-            copy_ms = block.nbytes / self.bandwidth * 1e3 if streamed else 0.0
+            copy_ms = load_bytes(self.cost, index, self.kept) / self.bandwidth * 1e3 if streamed else 0.0
+            kept = self.kept.get(index, 0) if streamed else block.nbytes
             bound = "copy" if streamed and copy_ms > block.compute_s * 1e3 else "compute"
             lines.append(f"{path:<40} {'layer-window' if streamed else 'gpu':<12} {human_bytes(block.nbytes):>10} "
-                         f"{copy_ms:>8.2f} {block.compute_s * 1e3:>10.2f}  {bound}")
-        floor = floor_s(self.cost, self.streamed, self.bandwidth)
+                         f"{human_bytes(kept) if kept else '-':>10} {copy_ms:>8.2f} {block.compute_s * 1e3:>10.2f}  {bound}")
+        floor = floor_s(self.cost, self.streamed, self.bandwidth, self.kept)
+        split = f", {len(self.kept)} of them in part" if self.kept else ""
         lines += [
-            f"window {self.window}; {len(self.streamed)} of {len(self.cost.blocks)} blocks streamed "
-            f"({human_bytes(sum(self.cost.blocks[i].nbytes for i in self.streamed))}) at {self.bandwidth / 1e9:.1f} GB/s",
+            f"window {self.window}; {len(self.streamed)} of {len(self.cost.blocks)} blocks streamed{split} "
+            f"({human_bytes(self.streamed_bytes)} per step) at {self.bandwidth / 1e9:.1f} GB/s",
             f"predicted step {self.step_s * 1e3:.1f} ms (floor {floor * 1e3:.1f} ms); predicted peak "
             f"{human_bytes(self.memory)} of the {human_bytes(self.budget)} budget "
             f"(activation allowance {human_bytes(self.cost.activation_bytes)})",
@@ -97,10 +118,11 @@ class BlockPlan:
         return "\n".join(lines)
 
 
-def plan_memory(cost: ModelCost, streamed: frozenset[int], window: int) -> int:
+def plan_memory(cost: ModelCost, streamed: frozenset[int], window: int, kept: Mapping[int, int] | None = None) -> int:
     """Device bytes a plan holds at its peak (see the module docstring)."""
-    resident = sum(b.nbytes for i, b in enumerate(cost.blocks) if i not in streamed)
-    slots = window * max((cost.blocks[i].nbytes for i in streamed), default=0) if streamed else 0
+    loads = [load_bytes(cost, i, kept) for i in streamed]
+    resident = sum(b.nbytes for b in cost.blocks) - sum(loads)
+    slots = window * max(loads, default=0)
     return cost.other_bytes + resident + slots + cost.activation_bytes
 
 
@@ -129,21 +151,45 @@ def plan_blocks(cost: ModelCost, budget: int, bandwidth: float) -> BlockPlan:
         return BlockPlan(cost, bandwidth, budget, 1, frozenset(), simulate(cost, frozenset(), 1, bandwidth))
     if minimum_memory(cost) > budget:
         raise BudgetTooSmall(budget, minimum_memory(cost))
-    best: tuple[float, int, int, frozenset[int]] | None = None
+    best = None
+    split = _split_candidates(cost, bandwidth)
     for window in WINDOWS:
         if window > n:
             break
-        for streamed in _greedy_path(cost, window, bandwidth):
-            memory = plan_memory(cost, streamed, window)
+        for streamed, kept in [*((streamed, {}) for streamed in _greedy_path(cost, window, bandwidth)), *split]:
+            memory = plan_memory(cost, streamed, window, kept)
             if memory > budget:
                 continue
-            step = simulate(cost, streamed, window, bandwidth).step_s
-            key = (round(step, 9), memory, window, streamed)
-            if best is None or key[:3] < best[:3]:
-                best = key
+            step = simulate(cost, streamed, window, bandwidth, kept=kept).step_s
+            key = (round(step, 9), memory, window)
+            if best is None or key < best[0]:
+                best = (key, streamed, kept)
     assert best is not None  # the all-streamed, window-1 point fits
-    _, _, window, streamed = best
-    return BlockPlan(cost, bandwidth, budget, window, streamed, simulate(cost, streamed, window, bandwidth))
+    (_, _, window), streamed, kept = best
+    return BlockPlan(cost, bandwidth, budget, window, streamed, simulate(cost, streamed, window, bandwidth, kept=kept), kept)
+
+
+def _split_candidates(cost: ModelCost, bandwidth: float) -> list[tuple[frozenset[int], dict[int, int]]]:
+    # At each level, a block's streamed part aims at level x its compute time's worth of link bytes. A block can
+    # only stream what a split point leaves, so the part is rounded to the nearest option and the rounding error
+    # carried to the next block (error diffusion): consecutive blocks alternate between the options around
+    # their aim, and every stretch of the step streams its share. Window and budget do not enter.
+    out, seen = [], set()
+    options = [sorted({0, *(b.nbytes - p for p in (0, *b.splits))}) for b in cost.blocks]
+    for level in LEVELS:
+        error, parts = 0.0, []
+        for block, opts in zip(cost.blocks, options):
+            aim = level * block.compute_s * bandwidth + error
+            part = min(opts, key=lambda o: (abs(o - aim), o))
+            error = max(-opts[-1], min(opts[-1], aim - part))  # a block that cannot stream more does not bank it
+            parts.append(part)
+        key = tuple(parts)
+        if key in seen:
+            continue
+        seen.add(key)
+        streamed = frozenset(i for i, part in enumerate(parts) if part)
+        out.append((streamed, {i: cost.blocks[i].nbytes - parts[i] for i in streamed if parts[i] < cost.blocks[i].nbytes}))
+    return out
 
 
 def _greedy_path(cost: ModelCost, window: int, bandwidth: float):

@@ -1,7 +1,7 @@
 """Device profiles: the measured numbers the planner needs, probed once and kept on disk.
 
 A profile is JSON: the device's name, its pinned host-to-device bandwidth, and optionally per-model
-costs (each block's bytes and compute seconds, non-block bytes and compute, activation bytes) recorded
+costs (each block's bytes, compute seconds and split points, non-block bytes and compute, activation bytes) recorded
 by ``offload-map profile`` on a real GPU, so that ``offload-map plan`` can plan without one. Loading
 validates every field; nothing is executed or unpickled.
 """
@@ -64,7 +64,7 @@ class DeviceProfile:
 
 def _cost_to_dict(cost: ModelCost) -> dict:
     return {
-        "blocks": [{"path": b.path, "bytes": b.nbytes, "compute_s": b.compute_s} for b in cost.blocks],
+        "blocks": [{"path": b.path, "bytes": b.nbytes, "compute_s": b.compute_s, "splits": list(b.splits)} for b in cost.blocks],
         "other_bytes": cost.other_bytes,
         "other_compute_s": cost.other_compute_s,
         "activation_bytes": cost.activation_bytes,
@@ -78,7 +78,11 @@ def _cost_from_dict(data: object, where: str) -> ModelCost:
     for i, raw in enumerate(_field(data, "blocks", list, where)):
         if not isinstance(raw, dict):
             raise ValueError(f"{where}.blocks[{i}] must be an object")
-        blocks.append(BlockCost(_field(raw, "path", str, where), _count(raw, "bytes", where), _number(raw, "compute_s", where=where)))
+        nbytes = _count(raw, "bytes", where)
+        splits = raw.get("splits", [])  # optional: profiles recorded before split blocks have none
+        if not isinstance(splits, list) or any(type(p) is not int or not 0 < p < nbytes for p in splits) or splits != sorted(set(splits)):
+            raise ValueError(f"{where}.blocks[{i}].splits must be ascending ints between 0 and the block's bytes, got {splits!r:.80}")
+        blocks.append(BlockCost(_field(raw, "path", str, where), nbytes, _number(raw, "compute_s", where=where), tuple(splits)))
     if not blocks:
         raise ValueError(f"{where}.blocks is empty")
     return ModelCost(

@@ -195,12 +195,13 @@ class Runtime:
                     self.source.read_into(ref, tensor)
                 ref.bind(tensor.to(self.device))
 
-    def set_residency(self, name: str, resident: frozenset[int], window: int) -> None:
-        """Keep blocks ``resident`` of DiT ``name`` on the device and stream the rest through ``window`` slots."""
+    def set_residency(self, name: str, resident: frozenset[int], window: int, kept: dict[int, int] | None = None) -> None:
+        """Keep blocks ``resident`` of DiT ``name``, and the first ``kept[i]`` bytes of block ``i``, on the device and
+        stream the rest through ``window`` slots."""
         prefetcher, ring = self.prefetchers[name], self.rings[name]
         prefetcher.forget_slots()  # the old slots' memory must be free before the new plan allocates
         try:
-            self._step(f"re-planning {name!r}", ring.set_resident, resident, window)
+            self._step(f"re-planning {name!r}", ring.set_resident, resident, window, kept)
         except BaseException:
             ring.set_resident(frozenset(), 1)  # the smallest plan, which dispatch checked fits
             raise

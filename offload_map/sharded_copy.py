@@ -20,7 +20,7 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from .host_storage import ALIGN, PackedTensors
+from .host_storage import ALIGN
 
 
 class DirectCopy:
@@ -33,8 +33,9 @@ class DirectCopy:
         """Bytes this rank reads from host memory for a block of ``nbytes``."""
         return nbytes
 
-    def __call__(self, buffer: torch.Tensor, storage: PackedTensors, path: str) -> None:
-        buffer[:storage.nbytes].copy_(storage.flat, non_blocking=storage.pinned)
+    def __call__(self, buffer: torch.Tensor, src: torch.Tensor, pinned: bool, path: str) -> None:
+        """Copy the host bytes ``src`` (the streamed part of block ``path``) to the start of ``buffer``."""
+        buffer[:src.numel()].copy_(src, non_blocking=pinned)
 
 
 class ShardedCopy:
@@ -61,16 +62,17 @@ class ShardedCopy:
         chunk = self.chunk(nbytes)
         return max(0, min(nbytes, (self.index + 1) * chunk) - self.index * chunk)
 
-    def __call__(self, buffer: torch.Tensor, storage: PackedTensors, path: str) -> None:
-        chunk = self.chunk(storage.nbytes)
+    def __call__(self, buffer: torch.Tensor, src: torch.Tensor, pinned: bool, path: str) -> None:
+        nbytes = src.numel()
+        chunk = self.chunk(nbytes)
         parts = [buffer[i * chunk:(i + 1) * chunk] for i in range(self.size)]
         start = self.index * chunk
-        mine = self.host_bytes(storage.nbytes)
+        mine = self.host_bytes(nbytes)
         if mine:
-            parts[self.index][:mine].copy_(storage.flat[start:start + mine], non_blocking=storage.pinned)
+            parts[self.index][:mine].copy_(src[start:start + mine], non_blocking=pinned)
         try:
             if buffer.device.type == "cpu":
-                self._check_same_block(storage.nbytes, path)
+                self._check_same_block(nbytes, path)
             dist.all_gather(parts, parts[self.index].clone(), group=self.group)
         except RuntimeError as err:
             raise RuntimeError(

@@ -607,10 +607,12 @@ def planner_cases(draw):
     n = draw(st.integers(1, 30))
     uniform = draw(st.booleans())
     first = (draw(block_bytes), draw(block_compute))
-    blocks = tuple(
-        BlockCost(f"blocks.{i}", *(first if uniform and draw(st.integers(0, 3)) else (draw(block_bytes), draw(block_compute))))
-        for i in range(n)
-    )
+    blocks = []
+    for i in range(n):
+        nbytes, compute = first if uniform and draw(st.integers(0, 3)) else (draw(block_bytes), draw(block_compute))
+        splits = sorted(set(draw(st.lists(st.integers(1, nbytes - 1), max_size=4)))) if nbytes > 1 else []
+        blocks.append(BlockCost(f"blocks.{i}", nbytes, compute, tuple(splits)))
+    blocks = tuple(blocks)
     cost = ModelCost(
         blocks,
         draw(st.one_of(st.just(0), st.integers(0, 10**9))),
@@ -641,15 +643,18 @@ def _check_plan(cost: ModelCost, budget: int, bandwidth: float):
     assert plan.budget == budget and plan.cost is cost
     assert plan.streamed <= frozenset(range(n))
     assert plan.window in WINDOWS and (plan.all_resident or plan.window <= n)
-    assert plan.memory == plan_memory(cost, plan.streamed, plan.window) <= budget
+    assert set(plan.kept) <= plan.streamed and all(size in cost.blocks[i].splits for i, size in plan.kept.items())
+    assert plan.memory == plan_memory(cost, plan.streamed, plan.window, plan.kept) <= budget
     assert math.isfinite(plan.step_s) and plan.step_s >= 0
-    floor = floor_s(cost, plan.streamed, bandwidth)
+    floor = floor_s(cost, plan.streamed, bandwidth, plan.kept)
     assert plan.step_s >= floor * (1 - 1e-9) - 1e-12, (plan.step_s, floor, sorted(plan.streamed), plan.window)
     if plan_memory(cost, frozenset(), 1) <= budget:
         assert plan.all_resident
-    assert math.isclose(plan.step_s, simulate(cost, plan.streamed, plan.window, bandwidth).step_s, rel_tol=1e-12)
+    assert math.isclose(plan.step_s, simulate(cost, plan.streamed, plan.window, bandwidth, kept=plan.kept).step_s, rel_tol=1e-12)
     assert isinstance(plan.explain(), str)
     event("all resident" if plan.all_resident else "all streamed" if len(plan.streamed) == n else "mixed")
+    if plan.kept:
+        event("split")
     return plan
 
 

@@ -1,0 +1,106 @@
+"""Blocks streamed in part: their first whole submodules stay on the device and only the rest goes through a slot."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import offload_map.auto
+from offload_map import DeviceMap, Placement, compile_device_map, dispatch_pipeline
+from offload_map.cost_model import BlockCost, ModelCost, simulate
+from offload_map.planner import BlockPlan, plan_blocks, plan_memory
+from conftest import resident_run
+from test_pipelines import PIPELINES, _assert_restored, _state
+
+
+@pytest.fixture(scope="module", params=["flux", "wan22"])
+def case(request, target):
+    make, run = PIPELINES[request.param]
+    pipe = make()
+    return pipe, run, resident_run(pipe, lambda: run(pipe), target)
+
+
+def _rings(handle):
+    return handle._runtime.rings
+
+
+def test_split_points_cut_only_between_whole_submodules(case, target):
+    pipe, _, _ = case
+    handle = dispatch_pipeline(pipe, "layerwise", target)
+    try:
+        for ring in _rings(handle).values():
+            for storage, path in zip(ring.blocks, ring.paths):
+                points = storage.split_points(path)
+                assert points, f"{path}: a block of several submodules can be cut"
+                assert list(points) == sorted(set(points)) and 0 < points[0] and points[-1] < storage.nbytes
+                for point in points:
+                    before = {r.qualname[len(path) + 1:].split(".")[0] for r, g in zip(storage.refs, storage.regions) if g.offset < point}
+                    after = {r.qualname[len(path) + 1:].split(".")[0] for r, g in zip(storage.refs, storage.regions) if g.offset >= point}
+                    assert before and after and not before & after, (path, point, before, after)
+    finally:
+        handle.remove()
+
+
+def test_blocks_kept_in_part_are_bit_exact_and_stream_only_the_rest(case, target):
+    pipe, run, reference = case
+    before = _state(pipe)
+    handle = dispatch_pipeline(pipe, "layerwise", target, window=2)
+    try:
+        for name, ring in _rings(handle).items():
+            kept = {i: s.split_points(p)[0] for i, (s, p) in enumerate(zip(ring.blocks, ring.paths)) if i % 3 != 2}
+            resident = frozenset(i for i in range(len(ring.blocks)) if i % 3 == 2)
+            handle._runtime.set_residency(name, resident, 2, kept)
+            parts = [ring.blocks[i].nbytes - kept[i] for i in kept]
+            assert ring.slot_bytes == max(parts) < max(s.nbytes for s in ring.blocks)
+        for _ in range(3):  # across the wrap-around, and with encoders evicting the kept parts in between
+            assert torch.equal(run(pipe).cpu(), reference)
+        for name, ring in _rings(handle).items():  # back to every block streamed whole
+            handle._runtime.set_residency(name, frozenset(), 2)
+            assert ring.slot_bytes == max(s.nbytes for s in ring.blocks)
+        assert torch.equal(run(pipe).cpu(), reference)
+    finally:
+        handle.remove()
+    _assert_restored(pipe, before)
+
+
+def test_planner_keeps_part_of_each_block_when_whole_slots_cost_too_much():
+    # Four 1000-byte blocks, 1 ms of compute each, 500 bytes copy in 1 ms; 3000 bytes of budget.
+    whole = ModelCost(tuple(BlockCost(f"b.{i}", 1000, 1e-3) for i in range(4)))
+    split = ModelCost(tuple(BlockCost(f"b.{i}", 1000, 1e-3, (500,)) for i in range(4)))
+    without = plan_blocks(whole, 3000, 5e5)
+    plan = plan_blocks(split, 3000, 5e5)
+    assert plan.kept and set(plan.kept.values()) == {500} and set(plan.kept) <= plan.streamed
+    assert plan.memory == plan_memory(split, plan.streamed, plan.window, plan.kept) <= 3000
+    assert plan.step_s < without.step_s
+    assert plan.streamed_bytes == sum(1000 - plan.kept.get(i, 0) for i in plan.streamed)
+    assert "in part" in plan.explain() and "500 B" in plan.explain()
+
+
+def test_auto_writes_a_split_plan_into_the_map_and_the_saved_map_dispatches_again(case, target, monkeypatch):
+    pipe, run, reference = case
+
+    def keep_first_part(cost: ModelCost, budget: int, bandwidth: float) -> BlockPlan:
+        kept = {i: b.splits[0] for i, b in enumerate(cost.blocks)}
+        streamed = frozenset(range(len(cost.blocks)))
+        return BlockPlan(cost, bandwidth, budget, 2, streamed, simulate(cost, streamed, 2, bandwidth, kept=kept), kept)
+
+    monkeypatch.setattr(offload_map.auto, "plan_blocks", keep_first_part)
+    total = sum(compile_device_map(pipe, "none", target).bytes_by_placement().values())
+    handle = dispatch_pipeline(pipe, "auto", target, gpu_budget=int(0.8 * total))
+    for _ in range(3):
+        assert torch.equal(run(pipe).cpu(), reference)
+    assert handle.plans and all(plan.kept for plan in handle.plans.values())
+    dmap = handle.device_map
+    nested = {p: e for p, e in dmap.entries.items() if e.placement is Placement.GPU and any(
+        p.startswith(b + ".") for b in dmap.paths(Placement.LAYER_WINDOW))}
+    assert nested, "kept submodules appear as 'gpu' entries inside their blocks"
+    text = dmap.to_json()
+    streamed_before = {n: [s.nbytes for s in r.blocks] for n, r in _rings(handle).items()}
+    handle.remove()
+    again = dispatch_pipeline(pipe, device_map=DeviceMap.from_json(text))
+    try:
+        for name, ring in _rings(again).items():
+            assert all(s.nbytes < whole for s, whole in zip(ring.blocks, streamed_before[name]))
+        assert torch.equal(run(pipe).cpu(), reference)
+    finally:
+        again.remove()
