@@ -76,6 +76,7 @@ DEFAULT_STRATEGIES = (
     "resident,layerwise-w1,layerwise-w2,layerwise-w3,layerwise-w4,diffusers-block,diffusers-leaf,accelerate-cpu"
 )
 GB = 1e9
+GIB = 2**30
 
 
 # ----------------------------------------------------------------------------- host memory
@@ -268,14 +269,14 @@ def make_layerwise(window: int):
     return setup_layerwise
 
 
-def make_auto(budget_gb: float | None):
-    """``strategy="auto"`` within ``budget_gb`` GB (10**9 bytes); None means the device's whole memory."""
+def make_auto(budget: str | None):
+    """``strategy="auto"`` within ``budget`` (e.g. ``"12GiB"``, ``"12GB"``); None means the device's whole memory."""
 
     def setup_auto(model, ctx: Ctx):
         import offload_map
 
-        budget = int(budget_gb * 1e9) if budget_gb else torch.cuda.mem_get_info()[1] if ctx.cuda else 10**15
-        handle = offload_map.dispatch_pipeline(model, strategy="auto", device=ctx.device, gpu_budget=budget)
+        size = budget or (torch.cuda.mem_get_info()[1] if ctx.cuda else 10**15)
+        handle = offload_map.dispatch_pipeline(model, strategy="auto", device=ctx.device, gpu_budget=size)
         ctx.handle = handle
         return handle.remove
 
@@ -291,7 +292,7 @@ def plan_summary(ctx: Ctx) -> dict:
         return {"planned": False, "predicted_step_s": None}
     return {"planned": True, "budget_bytes": plan.budget, "predicted_step_s": plan.step_s, "window": plan.window,
             "resident_blocks": len(plan.resident), "streamed_blocks": len(plan.streamed),
-            "streamed_bytes": sum(plan.cost.blocks[i].nbytes for i in plan.streamed),
+            "streamed_bytes": plan.streamed_bytes, "kept_blocks": len(plan.kept),
             "predicted_peak_bytes": plan.memory, "activation_bytes": plan.cost.activation_bytes,
             "measured_compute_s": plan.cost.compute_s, "planner_bandwidth_Bps": plan.bandwidth,
             "explain": plan.explain()}
@@ -353,9 +354,9 @@ def strategy_setup(name: str):
     match = re.fullmatch(r"layerwise-w(\d+)", name)
     if match:
         return make_layerwise(int(match.group(1)))
-    match = re.fullmatch(r"auto-(\d+(?:\.\d+)?)GB|auto-unlimited", name)
+    match = re.fullmatch(r"auto-(\d+(?:\.\d+)?(?:GB|GiB))|auto-unlimited", name)
     if match:
-        return make_auto(float(match.group(1)) if match.group(1) else None)
+        return make_auto(match.group(1))
     raise ValueError(f"unknown strategy {name!r}")
 
 
@@ -378,17 +379,47 @@ def forward(model, ctx: Ctx) -> torch.Tensor:
     return model(**ctx.inputs, return_dict=False)[0]
 
 
-def time_forwards(model, ctx: Ctx, grad_mode: str) -> tuple[list[float], list[float], torch.Tensor]:
-    """Warm-up then timed forwards; each wall time is bracketed by device synchronisation."""
-    warm, timed, out = [], [], None
+def time_forwards(model, ctx: Ctx, grad_mode: str) -> tuple[list[float], list[float], list[float], torch.Tensor]:
+    """Warm-up forwards, then ``repeats`` forwards back to back as a denoising loop runs them (no host
+    synchronisation between steps, so one step's prefetch of the next step's first blocks overlaps that step),
+    each timed between device events at consecutive forward starts; then ``repeats`` more, each bracketed by
+    device synchronisation (what a loop that waits for every step, e.g. to print a latent statistic, sees)."""
+    warm, looped, synced, out = [], [], [], None
     with grad_context(grad_mode):
-        for i in range(ctx.args.warmup + ctx.args.repeats):
+        for _ in range(ctx.args.warmup):
             ctx.sync()
             t0 = time.perf_counter()
             out = forward(model, ctx)
             ctx.sync()
-            (warm if i < ctx.args.warmup else timed).append(time.perf_counter() - t0)
-    return warm, timed, out
+            warm.append(time.perf_counter() - t0)
+        ctx.sync()
+        marks = []
+        for _ in range(ctx.args.repeats):
+            marks.append(device_mark(ctx))
+            out = forward(model, ctx)
+        marks.append(device_mark(ctx))
+        ctx.sync()
+        looped = [mark_seconds(a, b) for a, b in zip(marks, marks[1:])]
+        for _ in range(ctx.args.repeats):
+            ctx.sync()
+            t0 = time.perf_counter()
+            out = forward(model, ctx)
+            ctx.sync()
+            synced.append(time.perf_counter() - t0)
+    return warm, looped, synced, out
+
+
+def device_mark(ctx: Ctx):
+    """A point in time on the device's queue (an event on CUDA), or the host clock on the CPU."""
+    if not ctx.cuda:
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def mark_seconds(start, end) -> float:
+    return start.elapsed_time(end) / 1e3 if isinstance(start, torch.cuda.Event) else end - start
 
 
 def gpu_peak(ctx: Ctx) -> dict:
@@ -419,11 +450,13 @@ def placement_report(model, ctx: Ctx) -> dict:
             "restored": devices == ["cpu"] and hooks == 0 and intact}
 
 
-def timing_summary(warm: list[float], timed: list[float]) -> dict:
+def timing_summary(warm: list[float], timed: list[float], synced: list[float]) -> dict:
     return {
         "step_s": statistics.median(timed) if timed else None,
         "step_min_s": min(timed) if timed else None,
         "step_times_s": timed,
+        "step_synced_s": statistics.median(synced) if synced else None,
+        "step_synced_times_s": synced,
         "warmup_times_s": warm,
     }
 
@@ -441,8 +474,8 @@ def measure(name: str, model, ctx: Ctx, row: dict, grad_mode: str, undo_box: lis
     if ctx.cuda:
         torch.cuda.reset_peak_memory_stats()
     row["failed_in"] = "forward"
-    warm, timed, out = time_forwards(model, ctx, grad_mode)
-    row.update(timing_summary(warm, timed), **gpu_peak(ctx), **compare_output(out, ctx), **plan_summary(ctx))
+    warm, timed, synced, out = time_forwards(model, ctx, grad_mode)
+    row.update(timing_summary(warm, timed, synced), **gpu_peak(ctx), **compare_output(out, ctx), **plan_summary(ctx))
     if name == "resident":
         assert row["output_finite"], "resident output is not finite; lower --weight-std"
         ctx.reference = out.detach().to("cpu")
@@ -622,10 +655,11 @@ def table_line(row: dict) -> str:
         step = f"ERROR in {row.get('failed_in')}"
     else:
         step = fmt(row.get("step_s"))
-    gpu = f"{fmt(row.get('peak_gpu_alloc_bytes'), '.1f', GB)} / {fmt(row.get('peak_gpu_reserved_bytes'), '.1f', GB)}"
+    gpu = f"{fmt(row.get('peak_gpu_alloc_bytes'), '.2f', GIB)} / {fmt(row.get('peak_gpu_reserved_bytes'), '.2f', GIB)}"
     rss = f"{fmt(row.get('rss_after_setup_bytes'), '.1f', GB)} / {fmt(row.get('rss_peak_bytes'), '.1f', GB)}"
     exact = "-" if row.get("bit_exact") is None else ("yes" if row["bit_exact"] else f"no ({row['max_abs_diff']:.3g})")
-    cells = [row["strategy"], step, fmt(row.get("x_floor"), ".2f"), fmt(row.get("x_max_resident_floor"), ".2f"),
+    cells = [row["strategy"], step, fmt(row.get("step_synced_s")), fmt(row.get("x_floor"), ".2f"),
+             fmt(row.get("x_max_resident_floor"), ".2f"),
              fmt(row.get("predicted_step_s")), gpu, rss, fmt(row.get("setup_s"), ".2f"), exact]
     return "| " + " | ".join(cells) + " |"
 
@@ -645,15 +679,17 @@ def env_lines(env: dict) -> list[str]:
         f"{env['block_bytes'] / GB:.2f} GB; H2D {bw}",
         f"- floor = streamed bytes / pinned bandwidth = {fmt(env['floor_s'])} s (for auto-* rows: the bytes that plan "
         "streams); predicted s: the planner's prediction from the calibration forward",
-        "- step s: median of the timed forwards; peak GPU GB: max allocated / reserved after warm-up began; "
-        "host RSS GB: after setup / peak during setup + timing",
+        "- step s: median of the timed forwards run back to back, as a denoising loop runs them (device events at "
+        "each forward's start); synced s: median of forwards each bracketed by device synchronisation; x ratios use "
+        "step s; peak GPU GiB (2**30 bytes, the unit of the auto-*GiB budgets): max allocated / reserved after "
+        "warm-up began; host RSS GB: after setup / peak during setup + timing",
         "",
     ]
 
 
 def render_markdown(env: dict, rows: list[dict]) -> str:
-    header = ["| strategy | step s | x floor | x max(resident,floor) | predicted s | peak GPU GB | host RSS GB | setup s | bit-exact |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    header = ["| strategy | step s | synced s | x floor | x max(resident,floor) | predicted s | peak GPU GiB | host RSS GB | setup s | bit-exact |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     lines = env_lines(env) + header + [table_line(r) for r in rows]
     notes = [f"- {r['strategy']}: {r['note']}" for r in rows if r.get("note")]
     notes += [f"- {r['strategy']}: ran under no_grad; inference_mode failed: {r['inference_mode_error']}"
