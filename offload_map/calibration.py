@@ -5,8 +5,9 @@ of a process pays for lazy CUDA initialisation: library handles, kernel loading)
 stream when the forward starts (resetting the allocator's peak counter, once), when each block starts (after its copy has landed) and ends, and when
 the forward ends, and marks each block copy the forward issues on the copy stream; then it waits once for
 the last mark (the only host synchronisation, and only in this forward), turns the marks into per-block
-compute seconds and the bandwidth the copies achieved while compute ran beside them (lower than an idle
-probe's: the planner uses the lower), measures the activation memory the forward needed beyond what was
+compute seconds and the bandwidth the copies achieved while compute ran beside them (the byte-weighted
+median of the copies' rates: one forward's copies include a few slow outliers now and then, which a total
+over all of them would pass on to the plan; the planner uses the lower of this and the idle probe), measures the activation memory the forward needed beyond what was
 allocated when it began, and hands the ``ModelCost`` to ``on_done``.
 """
 
@@ -18,6 +19,22 @@ from collections.abc import Callable
 import torch
 
 from .cost_model import BlockCost, ModelCost
+
+
+def median_rate(copies: list[tuple[int, float]]) -> float | None:
+    """The byte-weighted median rate (bytes/s) of ``(bytes, seconds)`` copies; None if nothing was copied.
+
+    Example:
+        >>> median_rate([(100, 1.0), (100, 1.0), (100, 10.0)])
+        100.0
+    """
+    timed = sorted((n / t, n) for n, t in copies if n and t > 0)
+    half, seen = sum(n for _, n in timed) / 2, 0
+    for rate, n in timed:
+        seen += n
+        if seen >= half:
+            return rate
+    return None
 
 
 class BlockTimer:
@@ -89,9 +106,7 @@ class BlockTimer:
         activation = 0
         if self.ordering.asynchronous:
             activation = max(torch.cuda.max_memory_allocated(self.ordering.device) - self.base_memory, 0)
-        copy_seconds = sum(seconds(start, stop) for _, start, stop in self.copies)
-        copied = sum(n for n, _, _ in self.copies)
-        bandwidth = copied / copy_seconds if copied and copy_seconds > 0 else None
+        bandwidth = median_rate([(n, seconds(start, stop)) for n, start, stop in self.copies])
         unique = list(dict.fromkeys(sequence))
         blocks = tuple(BlockCost(self.paths[b], self.nbytes[b], compute[b], self.splits[b]) for b in unique)
         self.on_done(ModelCost(blocks, self.other_bytes, other, activation, bandwidth))
