@@ -32,11 +32,14 @@ STYLE = {  # prefix -> (label, marker, colour)
 
 
 def load(model: str) -> tuple[dict, list[dict]]:
-    """The first env row and, per strategy, its first row with a step time, over the result files in name
-    order (a strategy measured in two runs is drawn once). Compiled variants are left out: the plot compares
-    offload policies at eager speed."""
-    env, rows, seen = {}, [], set()
-    for path in sorted(glob.glob(os.path.join(RESULTS, f"step_time_{model}*.jsonl"))):
+    """The first env row and, per strategy, its first row with a step time, over ``step_time_<model>.jsonl`` (the
+    run with the baselines) and then the other result files in name order (a strategy measured in two runs is
+    drawn once, from the run with the baselines when it has one). Compiled variants are left out: the plot
+    compares offload policies at eager speed; so is ``auto-unlimited``, which is the resident point."""
+    env, rows, seen = {}, [], {"auto-unlimited"}
+    main = os.path.join(RESULTS, f"step_time_{model}.jsonl")
+    others = sorted(set(glob.glob(os.path.join(RESULTS, f"step_time_{model}*.jsonl"))) - {main})
+    for path in [main, *others] if os.path.exists(main) else others:
         for line in open(path):
             row = json.loads(line)
             if row.get("kind") == "env":

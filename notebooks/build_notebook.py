@@ -74,7 +74,7 @@ code("params", """
     PLAN_BUDGET_GB = None      # live plan drawn in sections 3 and 4 (GPU); None: the second-smallest budget
 
     REFERENCE_MODEL = "flux-12b"   # committed H100 results and shipped profile: "flux-12b" or "sd35-medium"
-    REFERENCE_BUDGET_GB = 8        # H100 plan drawn in sections 3 and 4 when there is no GPU
+    REFERENCE_BUDGET_GIB = 8       # H100 plan drawn in sections 3 and 4 when there is no GPU (GiB, as the committed auto-*GiB runs)
 """)
 
 code("setup", """
@@ -351,14 +351,15 @@ md("pareto-md", """
 
     What the committed H100 results for FLUX.1-dev (1024x1024, one transformer forward) say:
 
-    * With everything streamed, `layerwise` w2 (2.0 GB) runs at the transfer floor, 2.5x the resident step;
-      more slots cost memory without adding bandwidth (w3, w4 are no faster), one slot serialises copy and
-      compute (w1). diffusers' block-level offload uses the same memory and is 1.2x slower; leaf level needs only
-      0.6 GB but is 1.4x slower than w2; accelerate's `cpu_offload` is 11x slower than w2.
-    * Above that, `auto` buys speed with memory along the predicted line: 2.0x the resident step at 8 GB,
-      1.5x at 12 GB, 1.15x at 16 GB, against 24.3 GB for everything resident. The measured points lie about
-      10 % above the prediction (the cost model leaves out launch gaps and copy/compute interference), and
-      every run is bit-identical to the resident one.
+    * With everything streamed, `layerwise` w2 (2.0 GB) runs at the transfer floor, 2.4x the resident step.
+      In the same run, diffusers' block-level offload uses the same memory and is 1.17x slower; leaf level
+      needs only 0.6 GB but is 1.32x slower than w2; accelerate's `cpu_offload` is 10x slower than w2.
+    * Above that, `auto` buys speed with memory along the predicted line: 2.1x the resident step at a 4 GiB
+      budget, 1.7x at 8 GiB, 1.25x at 12 GiB, 1.02x at 16 GiB, against 24.3 GB for everything resident.
+      The measured points lie within 1 % of the prediction once the machine's link had settled (up to 7 %
+      in the first minutes after it started, while the link's own bandwidth wandered between 48 and 55 GB/s),
+      and every run is bit-identical to the resident one. From 4 GiB up the plans keep part of every double
+      block on the GPU (whole submodules) and stream the rest, so the two slots hold a part, not a whole block.
 """)
 
 code("pareto-code", """
@@ -504,7 +505,7 @@ md("timeline-md", """
 
     One steady-state step of one plan, block by block in execution order (top to bottom), as the planner's cost
     model predicts it (`plan.timeline`). On a GPU it is the live plan for `PLAN_BUDGET_GB`; without one, the
-    H100 plan for `REFERENCE_MODEL` at `REFERENCE_BUDGET_GB`.
+    H100 plan for `REFERENCE_MODEL` at `REFERENCE_BUDGET_GIB`.
 
     * **orange** bars are host-to-device copies of streamed blocks on the copy stream. They run one after
       another, so an unbroken orange staircase means the link is busy all the time: the step is copy-bound.
@@ -515,11 +516,12 @@ md("timeline-md", """
       last used its slot has finished computing (that is the window's limit).
     * A gap before a blue bar is the GPU waiting for a copy.
 
-    In the 8 GB FLUX.1-dev plan (the default without a GPU), 18 of the 19 double blocks (648 MiB each: about
-    12 ms to copy, 3.4 ms to compute) are streamed back to back and their compute waits on the link; among the
-    38 single blocks (270 MiB: 5 ms to copy, 3 ms to compute) the planner keeps about every other one resident, so that the compute of a resident block
-    covers the copy of the next streamed one. The step ends where the copies end: more budget means fewer
-    copies, which is what the curve above shows.
+    In the 8 GiB FLUX.1-dev plan (the default without a GPU) every block streams, but the 19 double blocks (648
+    MiB each) keep their largest submodules on the GPU and stream only the rest, 377 or 226 MB in turn (about
+    7 or 4 ms to copy against 3.4 ms of compute); the 38 single blocks (270 MiB: 5 ms to copy, 3 ms to compute)
+    stream whole. The slots then hold 377 MB, not 680 MB, and the memory saved keeps more weights resident.
+    The step is copy-bound and ends where the copies end: more budget means fewer bytes copied, which is what
+    the curve above shows.
 """)
 
 code("timeline-code", """
@@ -528,8 +530,8 @@ code("timeline-code", """
         live_plan = live.get(PLAN_STRATEGY, {}).get("plan")
         if CUDA and live_plan is not None:
             return live_plan, work.name, DEVICE_NAME, f"live plan, {PLAN_STRATEGY}"
-        plan = plan_blocks(REFERENCE_COST, int(REFERENCE_BUDGET_GB * GB), PROFILE.h2d_bytes_per_s)
-        return plan, REFERENCE_MODEL, PROFILE.device_name, f"planned from the shipped profile, budget {REFERENCE_BUDGET_GB:g} GB"
+        plan = plan_blocks(REFERENCE_COST, REFERENCE_BUDGET_GIB * 2**30, PROFILE.h2d_bytes_per_s)
+        return plan, REFERENCE_MODEL, PROFILE.device_name, f"planned from the shipped profile, budget {REFERENCE_BUDGET_GIB:g} GiB"
 
 
     def draw_timeline(plan, title):
@@ -706,7 +708,7 @@ code("memory-code", """
             print("the block hooks saw nothing; drawing the planner's account of the live plan instead")
             draw_composition(mplan, f"predicted GPU memory over one step\\n{where}")
     else:
-        committed = {r["strategy"]: r for r in ref_rows}.get(f"auto-{REFERENCE_BUDGET_GB:g}GB")
+        committed = {r["strategy"]: r for r in ref_rows}.get(f"auto-{REFERENCE_BUDGET_GIB:g}GiB")
         draw_composition(plan, f"{plan_model} on {plan_device}: predicted GPU memory over one step\\n"
                                f"budget {plan.budget / GB:g} GB (window {plan.window}, "
                                f"{len(plan.streamed)} of {len(plan.cost.blocks)} blocks streamed)",
