@@ -3,7 +3,9 @@
 A ``DeviceMap`` is plain data. It names the target device, the window of device slots for streamed
 blocks, each component's role, and an ordered list of entries (module path, placement, bytes, dtype).
 A tensor belongs to the entry with the longest path that contains it, so ``"transformer": "gpu"`` plus
-``"transformer.blocks.3": "layer-window"`` keeps everything of the transformer resident except block 3.
+``"transformer.blocks.3": "layer-window"`` keeps everything of the transformer resident except block 3,
+and ``"transformer.blocks.3.ff": "gpu"`` besides keeps that submodule of the streamed block resident, so
+only the rest of block 3 goes through a slot (``strategy="auto"`` writes its split blocks this way).
 Binding a map to a pipeline (``offload_map.plan.bind``) checks that every tensor is covered; this file
 never looks at a pipeline.
 """

@@ -21,9 +21,19 @@ def test_demo_runs_every_strategy_bit_exact(capsys):
 def test_plan_reads_the_shipped_h100_profile(capsys):
     profile = DeviceProfile.load(SHIPPED_PROFILE)
     assert "H100" in profile.device_name and {"flux-12b", "sd35-medium"} <= set(profile.models)
-    assert main(["plan", "--model", "flux-12b", "--budget", "12GB"]) == 0
+    assert main(["plan", "--model", "flux-12b", "--budget", "12GiB"]) == 0
     out = capsys.readouterr().out
     assert "transformer_blocks.0" in out and "predicted step" in out and "bound" in out
+    assert "in part" in out  # the profile's split points let the 12 GiB plan keep submodules of blocks resident
+
+
+@pytest.mark.parametrize("splits", [[5, 3], [0], [1000], "12", [1.5]])
+def test_a_profile_with_bad_split_points_is_refused(splits):
+    data = {"device_name": "x", "h2d_bytes_per_s": 1e9, "models": {"m": {
+        "blocks": [{"path": "b.0", "bytes": 1000, "compute_s": 1e-3, "splits": splits}],
+        "other_bytes": 0, "other_compute_s": 0.0, "activation_bytes": 0}}}
+    with pytest.raises(ValueError, match=r"models\['m'\].blocks\[0\].splits"):
+        DeviceProfile.from_dict(data)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -42,4 +52,5 @@ def test_profile_records_a_model_on_the_cpu(tmp_path, monkeypatch):
     assert main(["profile", "--model", "tiny-flux", "--out", str(out), "--device", "cpu"]) == 0
     data = json.loads(out.read_text())
     assert data["device_name"] == "cpu" and len(data["models"]["tiny-flux"]["blocks"]) == 5
-    assert DeviceProfile.load(out).models["tiny-flux"].compute_s > 0
+    cost = DeviceProfile.load(out).models["tiny-flux"]
+    assert cost.compute_s > 0 and all(b.splits for b in cost.blocks)
