@@ -384,15 +384,20 @@ def time_forwards(model, ctx: Ctx, grad_mode: str) -> tuple[list[float], list[fl
     synchronisation between steps, so one step's prefetch of the next step's first blocks overlaps that step),
     each timed between device events at consecutive forward starts; then ``repeats`` more, each bracketed by
     device synchronisation (what a loop that waits for every step, e.g. to print a latent statistic, sees)."""
-    warm, looped, synced, out = [], [], [], None
-    with grad_context(grad_mode):
-        for _ in range(ctx.args.warmup):
+    def one_at_a_time(count: int) -> list[float]:
+        nonlocal out
+        seconds = []
+        for _ in range(count):
             ctx.sync()
             t0 = time.perf_counter()
             out = forward(model, ctx)
             ctx.sync()
-            warm.append(time.perf_counter() - t0)
-        ctx.sync()
+            seconds.append(time.perf_counter() - t0)
+        return seconds
+
+    out = None
+    with grad_context(grad_mode):
+        warm = one_at_a_time(ctx.args.warmup)
         marks = []
         for _ in range(ctx.args.repeats):
             marks.append(device_mark(ctx))
@@ -400,12 +405,7 @@ def time_forwards(model, ctx: Ctx, grad_mode: str) -> tuple[list[float], list[fl
         marks.append(device_mark(ctx))
         ctx.sync()
         looped = [mark_seconds(a, b) for a, b in zip(marks, marks[1:])]
-        for _ in range(ctx.args.repeats):
-            ctx.sync()
-            t0 = time.perf_counter()
-            out = forward(model, ctx)
-            ctx.sync()
-            synced.append(time.perf_counter() - t0)
+        synced = one_at_a_time(ctx.args.repeats)
     return warm, looped, synced, out
 
 

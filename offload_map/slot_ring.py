@@ -101,6 +101,7 @@ class SlotRing:
     def set_resident(self, blocks: frozenset[int], window: int, kept: dict[int, int] | None = None) -> None:
         """Keep ``blocks`` whole, and the first ``kept[i]`` bytes of block ``i`` (a split point), in their own device
         buffers from now on, and stream the rest through ``window`` slots."""
+        self.unbind_slots()  # while ``kept`` still says which tensors of a block its slot holds
         self.evict_residents()
         self.kept = {i: size for i, size in (kept or {}).items() if size} | {i: self.blocks[i].nbytes for i in blocks}
         self.resize(window)
