@@ -98,7 +98,8 @@ class AutoPlanner:
     def _place(self, path: str, storage, placement: Placement, kept: int) -> None:
         # A block streamed in part is written as the block ("layer-window") with its kept submodules nested
         # right after it as "gpu" entries: a map saved from here and dispatched again keeps the same bytes on
-        # the device.
+        # the device. Entries already nested in the block (a map written by an earlier plan, re-dispatched by
+        # refresh()) are units of their own, outside ``storage``: they stay.
         children: dict[str, int] = {}
         total = 0
         for ref, region in zip(storage.refs, storage.regions):
@@ -109,8 +110,6 @@ class AutoPlanner:
                 children[child] = children.get(child, 0) + nbytes
         entries = {}
         for key, entry in self.device_map.entries.items():
-            if key.startswith(path + "."):
-                continue
             if key == path:
                 entry = replace(entry, placement=placement, nbytes=total - sum(children.values()))
             entries[key] = entry

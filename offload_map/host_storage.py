@@ -100,7 +100,9 @@ def split_points(qualnames: list[str], regions: list[Region], path: str) -> tupl
         reach = max(reach, last[child])
         if reach == i:  # every submodule begun so far ends here
             points.append(regions[i + 1].offset)
-    return tuple(points)
+    # Zero-size tensors add no bytes: their cuts repeat a cut, or fall at the start or the end.
+    end = regions[-1].offset + regions[-1].span if regions else 0
+    return tuple(sorted({p for p in points if 0 < p < end}))
 
 
 def _register(buffer: torch.Tensor) -> bool:
@@ -172,8 +174,8 @@ class PackedTensors:
     def views(self, flat: torch.Tensor, start: int = 0, stop: int | None = None) -> list[torch.Tensor]:
         """Views of the tensors stored in bytes ``start:stop`` of the layout (both at tensor boundaries, e.g. from
         ``split_points``), in a buffer ``flat`` that holds those bytes from its own offset 0."""
-        stop = self.nbytes if stop is None else stop
-        return [region.view(flat, start) for region in self.regions if start <= region.offset < stop]
+        # No default upper bound: a trailing zero-size tensor sits at offset == nbytes and needs a view too.
+        return [region.view(flat, start) for region in self.regions if start <= region.offset and (stop is None or region.offset < stop)]
 
     def first_at(self, offset: int) -> int:
         """Index of the first tensor stored at or after byte ``offset``."""

@@ -8,6 +8,8 @@ import torch
 import offload_map.auto
 from offload_map import DeviceMap, Placement, compile_device_map, dispatch_pipeline
 from offload_map.cost_model import BlockCost, ModelCost, simulate
+from offload_map.host_storage import PackedTensors
+from offload_map.plan import TensorRef
 from offload_map.planner import BlockPlan, plan_blocks, plan_memory
 from conftest import resident_run
 from test_pipelines import PIPELINES, _assert_restored, _state
@@ -77,15 +79,17 @@ def test_planner_keeps_part_of_each_block_when_whole_slots_cost_too_much():
     assert "in part" in plan.explain() and "500 B" in plan.explain()
 
 
+def _keep_first_part(cost: ModelCost, budget: int, bandwidth: float) -> BlockPlan:
+    """A stand-in planner: every block streams, keeping its first whole submodules (where it can be cut)."""
+    kept = {i: b.splits[0] for i, b in enumerate(cost.blocks) if b.splits}
+    streamed = frozenset(range(len(cost.blocks)))
+    return BlockPlan(cost, bandwidth, budget, 2, streamed, simulate(cost, streamed, 2, bandwidth, kept=kept), kept)
+
+
 def test_auto_writes_a_split_plan_into_the_map_and_the_saved_map_dispatches_again(case, target, monkeypatch):
     pipe, run, reference = case
 
-    def keep_first_part(cost: ModelCost, budget: int, bandwidth: float) -> BlockPlan:
-        kept = {i: b.splits[0] for i, b in enumerate(cost.blocks)}
-        streamed = frozenset(range(len(cost.blocks)))
-        return BlockPlan(cost, bandwidth, budget, 2, streamed, simulate(cost, streamed, 2, bandwidth, kept=kept), kept)
-
-    monkeypatch.setattr(offload_map.auto, "plan_blocks", keep_first_part)
+    monkeypatch.setattr(offload_map.auto, "plan_blocks", _keep_first_part)
     total = sum(compile_device_map(pipe, "none", target).bytes_by_placement().values())
     handle = dispatch_pipeline(pipe, "auto", target, gpu_budget=int(0.8 * total))
     for _ in range(3):
@@ -102,6 +106,40 @@ def test_auto_writes_a_split_plan_into_the_map_and_the_saved_map_dispatches_agai
     try:
         for name, ring in _rings(again).items():
             assert all(s.nbytes < whole for s, whole in zip(ring.blocks, streamed_before[name]))
+        assert torch.equal(run(pipe).cpu(), reference)
+    finally:
+        again.remove()
+
+
+def test_zero_size_tensors_get_views_and_add_no_cut():
+    block = torch.nn.Module()
+    block.a = torch.nn.Linear(4, 4)
+    block.z = torch.nn.Module()
+    block.z.register_buffer("e", torch.zeros(0))
+    refs = [TensorRef(block.a, "weight", True, "b.a.weight"), TensorRef(block.a, "bias", True, "b.a.bias"),
+            TensorRef(block.z, "e", False, "b.z.e")]
+    packed = PackedTensors(refs, pin=False)
+    assert len(packed.host_views) == len(refs) and block.z.e is packed.host_views[-1]  # bound like the others
+    assert packed.split_points("b") == ()  # the only cut would keep everything but an empty buffer
+
+
+def test_refresh_after_a_split_plan_keeps_the_map_dispatchable(case, target, monkeypatch):
+    pipe, run, reference = case
+    monkeypatch.setattr(offload_map.auto, "plan_blocks", _keep_first_part)
+    total = sum(compile_device_map(pipe, "none", target).bytes_by_placement().values())
+    handle = dispatch_pipeline(pipe, "auto", target, gpu_budget=int(0.8 * total))
+    for _ in range(2):
+        run(pipe)
+    first = {p for p, e in handle.device_map.entries.items() if e.placement is Placement.GPU}
+    monkeypatch.setattr(handle._runtime, "modules_changed", lambda: True)  # as after loading a LoRA
+    handle.refresh()  # rebuilds under the map the first plan wrote; the new runtime plans again
+    for _ in range(3):
+        assert torch.equal(run(pipe).cpu(), reference)
+    assert first < {p for p, e in handle.device_map.entries.items() if e.placement is Placement.GPU}
+    text = handle.device_map.to_json()
+    handle.remove()
+    again = dispatch_pipeline(pipe, device_map=DeviceMap.from_json(text))
+    try:
         assert torch.equal(run(pipe).cpu(), reference)
     finally:
         again.remove()
