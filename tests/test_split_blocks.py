@@ -86,12 +86,16 @@ def _keep_first_part(cost: ModelCost, budget: int, bandwidth: float) -> BlockPla
     return BlockPlan(cost, bandwidth, budget, 2, streamed, simulate(cost, streamed, 2, bandwidth, kept=kept), kept)
 
 
-def test_auto_writes_a_split_plan_into_the_map_and_the_saved_map_dispatches_again(case, target, monkeypatch):
-    pipe, run, reference = case
-
+def _dispatch_split_auto(pipe, target, monkeypatch):
+    """``auto`` within 80% of the weights, planned by ``_keep_first_part``."""
     monkeypatch.setattr(offload_map.auto, "plan_blocks", _keep_first_part)
     total = sum(compile_device_map(pipe, "none", target).bytes_by_placement().values())
-    handle = dispatch_pipeline(pipe, "auto", target, gpu_budget=int(0.8 * total))
+    return dispatch_pipeline(pipe, "auto", target, gpu_budget=int(0.8 * total))
+
+
+def test_auto_writes_a_split_plan_into_the_map_and_the_saved_map_dispatches_again(case, target, monkeypatch):
+    pipe, run, reference = case
+    handle = _dispatch_split_auto(pipe, target, monkeypatch)
     for _ in range(3):
         assert torch.equal(run(pipe).cpu(), reference)
     assert handle.plans and all(plan.kept for plan in handle.plans.values())
@@ -125,9 +129,7 @@ def test_zero_size_tensors_get_views_and_add_no_cut():
 
 def test_refresh_after_a_split_plan_keeps_the_map_dispatchable(case, target, monkeypatch):
     pipe, run, reference = case
-    monkeypatch.setattr(offload_map.auto, "plan_blocks", _keep_first_part)
-    total = sum(compile_device_map(pipe, "none", target).bytes_by_placement().values())
-    handle = dispatch_pipeline(pipe, "auto", target, gpu_budget=int(0.8 * total))
+    handle = _dispatch_split_auto(pipe, target, monkeypatch)
     for _ in range(2):
         run(pipe)
     first = {p for p, e in handle.device_map.entries.items() if e.placement is Placement.GPU}
