@@ -358,8 +358,8 @@ md("pareto-md", """
       budget, 1.7x at 8 GiB, 1.25x at 12 GiB, 1.02x at 16 GiB, against 24.3 GB for everything resident.
       The measured points lie within 1 % of the prediction once the machine's link had settled (up to 7 %
       in the first minutes after it started, while the link's own bandwidth wandered between 48 and 55 GB/s),
-      and every run is bit-identical to the resident one. From 4 GiB up the plans keep part of every double
-      block on the GPU (whole submodules) and stream the rest, so the two slots hold a part, not a whole block.
+      and every run is bit-identical to the resident one. From 8 GiB up the plans keep part of most blocks
+      on the GPU (whole submodules) and stream the rest, so the two slots hold a part, not a whole block.
 """)
 
 code("pareto-code", """
