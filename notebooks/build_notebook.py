@@ -519,7 +519,7 @@ md("timeline-md", """
     In the 8 GiB FLUX.1-dev plan (the default without a GPU) every block streams, but the 19 double blocks (648
     MiB each) keep their largest submodules on the GPU and stream only the rest, 377 or 226 MB in turn (about
     7 or 4 ms to copy against 3.4 ms of compute); the 38 single blocks (270 MiB: 5 ms to copy, 3 ms to compute)
-    stream whole. The slots then hold 377 MB, not 680 MB, and the memory saved keeps more weights resident.
+    stream whole (all but one). The slots then hold 377 MB, not 680 MB, and the memory saved keeps more weights resident.
     The step is copy-bound and ends where the copies end: more budget means fewer bytes copied, which is what
     the curve above shows.
 """)
