@@ -21,7 +21,7 @@ from .calibration import BlockTimer
 from .cost_model import ModelCost
 from .device_map import DeviceMap, MapEntry, human_bytes
 from .placement import Placement
-from .plan import ExecutionPlan
+from .plan import ExecutionPlan, direct_child
 from .planner import BlockPlan, BudgetTooSmall, plan_blocks
 from .runtime import Runtime
 from .sharded_copy import ShardedCopy
@@ -106,7 +106,7 @@ class AutoPlanner:
             nbytes = ref.tensor.numel() * ref.tensor.element_size()
             total += nbytes
             if region.offset < kept:
-                child = f"{path}.{ref.qualname[len(path) + 1:].partition('.')[0]}"
+                child = f"{path}.{direct_child(ref.qualname, path)}"  # a kept prefix holds whole submodules
                 children[child] = children.get(child, 0) + nbytes
         entries = {}
         for key, entry in self.device_map.entries.items():

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .plan import TensorRef
+from .plan import TensorRef, direct_child
 
 logger = logging.getLogger("offload_map")
 
@@ -87,15 +87,11 @@ def split_points(qualnames: list[str], regions: list[Region], path: str) -> tupl
     """Byte offsets where the layout (``regions`` of the tensors ``qualnames``) of block ``path`` can be cut so that
     everything before the cut is whole direct submodules of the block: the part a plan may keep on the device
     while the rest streams."""
-    children = []
-    for qualname in qualnames:
-        rel = qualname[len(path) + 1:] if qualname.startswith(path + ".") else ""
-        child, dot, _ = rel.partition(".")
-        children.append(child if dot else "")  # "" : the block's own tensor, or one it shares with another module
+    children = [direct_child(qualname, path) for qualname in qualnames]
     last = {child: i for i, child in enumerate(children)}
     points, reach = [], -1
     for i, child in enumerate(children[:-1]):
-        if not child:
+        if child is None:  # the block's own tensors come last (``plan.block_order``): no cut past them
             break
         reach = max(reach, last[child])
         if reach == i:  # every submodule begun so far ends here

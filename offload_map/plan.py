@@ -145,6 +145,15 @@ def bind(dmap: DeviceMap, pipeline: object) -> ExecutionPlan:
     return plan
 
 
+def direct_child(qualname: str, path: str) -> str | None:
+    """The direct submodule of block ``path`` that holds tensor ``qualname``; None for the block's own tensors
+    (and for a tensor outside the block)."""
+    if not qualname.startswith(path + "."):
+        return None
+    name, dot, _ = qualname[len(path) + 1:].partition(".")
+    return name if dot else None
+
+
 def block_order(qualnames: list[str], sizes: list[int], path: str) -> list[int]:
     """The order in which block ``path`` packs its tensors (``qualnames``, of ``sizes`` bytes): grouped by direct
     submodule, largest submodule first, the block's own tensors last.
@@ -153,10 +162,7 @@ def block_order(qualnames: list[str], sizes: list[int], path: str) -> list[int]:
     (``PackedTensors.split_points``); largest first leaves the finest choice of streamed sizes at the small end,
     where a part is about what the link moves while the block computes.
     """
-    child = []
-    for qualname in qualnames:
-        name, dot, _ = qualname[len(path) + 1:].partition(".")
-        child.append(name if dot else None)
+    child = [direct_child(qualname, path) for qualname in qualnames]
     total: dict[str, int] = {}
     for name, size in zip(child, sizes):
         if name is not None:

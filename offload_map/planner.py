@@ -6,12 +6,12 @@ for each window size:
 - whole blocks: a greedy path from "every block streamed" towards "every block resident", each step
   making resident the block that shortens the predicted step most per byte it costs (spreading residents
   so their compute hides the copies of their streamed neighbours);
-- split blocks: for a cap on the part of a block that streams, every block keeps on the device the least
-  (whole submodules, at one of its ``BlockCost.splits``) that leaves a part within the cap; then more is
-  kept, one split point at a time, of the block whose streamed part outlasts its compute the most. A slot only needs to hold the
-  largest streamed part, not the largest block, so at a tight budget the room saved on slots keeps more
-  weights resident (Flux-12B in 12 GiB: two 680 MB slots become two 302 MB ones), and the streamed
-  parts spread evenly under the compute.
+- split blocks: at each of a fine ladder of levels, every block streams about ``level`` times the bytes the
+  link moves while it computes and keeps the rest on the device (whole submodules, at one of its
+  ``BlockCost.splits``); rounding to the split options carries its error to the next block, so the streamed
+  parts spread evenly under the compute. A slot only needs to hold the largest streamed part, not the
+  largest block, so at a tight budget the room saved on slots keeps more weights resident (Flux-12B in
+  12 GiB: two 680 MB slots become two 283 MB ones).
 
 The plan for a budget is the fastest candidate whose memory fits; because no candidate depends on the
 budget, more budget never predicts a slower step.
