@@ -222,21 +222,31 @@ def _check_round_trips(dmap: DeviceMap) -> None:
     assert isinstance(str(dmap), str)  # the table prints whatever the parser accepted
 
 
+def _parse_checked(parse, data: object, problem: str | None, known_bug, what: str):
+    """``parse(data)`` under the contract every ``from_dict`` shares: the input is left as it was, and an input
+    rejected is rejected with a ValueError and is invalid (``problem``), unless ``known_bug`` names it. Returns
+    the parsed value, or None when the input was rejected."""
+    before = repr(data)
+    kind, result = _outcome(parse, data)
+    assert repr(data) == before, "from_dict modified its input"
+    if kind != "error":
+        return result
+    bug = known_bug(data, result)
+    if bug:
+        event(f"known bug {bug}")
+        return None
+    if not isinstance(result, ValueError):
+        raise AssertionError(f"from_dict raised an undocumented {type(result).__name__}: {result!r}") from result
+    assert problem is not None, f"a valid {what} was rejected: {result}"
+    event("rejected (ValueError)")
+    return None
+
+
 def _check_map_dict(data: object) -> None:
     """The contract of ``DeviceMap.from_dict`` on one input."""
-    before = repr(data)
     problem = _map_problem(data)
-    kind, result = _outcome(DeviceMap.from_dict, data)
-    assert repr(data) == before, "from_dict modified its input"
-    if kind == "error":
-        bug = _known_map_bug(data, result)
-        if bug:
-            event(f"known bug {bug}")
-            return
-        if not isinstance(result, ValueError):
-            raise AssertionError(f"from_dict raised an undocumented {type(result).__name__}: {result!r}") from result
-        assert problem is not None, f"a valid map was rejected: {result}"
-        event("rejected (ValueError)")
+    result = _parse_checked(DeviceMap.from_dict, data, problem, _known_map_bug, "map")
+    if result is None:
         return
     if problem is not None:
         bug = _known_map_bug(data, None)
@@ -456,6 +466,10 @@ def _profile_problem(data: object) -> str | None:
                 return f"a block of {name!r}"
             if _count_problem(raw.get("bytes")) or _number_problem(raw.get("compute_s")):
                 return f"a block number of {name!r}"
+            splits = raw.get("splits", [])  # optional: ascending distinct ints strictly inside the block
+            if not isinstance(splits, list) or not all(_is_int(p) and 0 < p < raw["bytes"] for p in splits) \
+                    or splits != sorted(set(splits)):
+                return f"the split points of a block of {name!r}"
         for key, check in (("other_bytes", _count_problem), ("other_compute_s", _number_problem), ("activation_bytes", _count_problem)):
             if check(cost.get(key)):
                 return f"{key} of {name!r}"
@@ -485,19 +499,9 @@ def _known_profile_bug(data: object, err: Exception) -> str | None:
 
 
 def _check_profile_dict(data: object) -> None:
-    before = repr(data)
     problem = _profile_problem(data)
-    kind, result = _outcome(DeviceProfile.from_dict, data)
-    assert repr(data) == before, "from_dict modified its input"
-    if kind == "error":
-        bug = _known_profile_bug(data, result)
-        if bug:
-            event(f"known bug {bug}")
-            return
-        if not isinstance(result, ValueError):
-            raise AssertionError(f"from_dict raised an undocumented {type(result).__name__}: {result!r}") from result
-        assert problem is not None, f"a valid profile was rejected: {result}"
-        event("rejected (ValueError)")
+    result = _parse_checked(DeviceProfile.from_dict, data, problem, _known_profile_bug, "profile")
+    if result is None:
         return
     assert problem is None, f"an invalid profile ({problem}) was accepted: {result!r}"
     event("accepted")
@@ -518,8 +522,15 @@ safe_bytes = st.one_of(st.integers(0, 2**53), st.sampled_from([0, 1, 2**53]))
 
 
 @st.composite
+def block_costs(draw) -> BlockCost:
+    nbytes = draw(safe_bytes)
+    splits = draw(st.lists(st.integers(1, nbytes - 1), max_size=3)) if nbytes > 1 else []
+    return BlockCost(draw(st.text(max_size=12)), nbytes, draw(finite_floats), tuple(sorted(set(splits))))
+
+
+@st.composite
 def model_costs_for_profiles(draw) -> ModelCost:
-    blocks = draw(st.lists(st.builds(BlockCost, st.text(max_size=12), safe_bytes, finite_floats), min_size=1, max_size=5))
+    blocks = draw(st.lists(block_costs(), min_size=1, max_size=5))
     return ModelCost(tuple(blocks), draw(safe_bytes), draw(finite_floats), draw(safe_bytes))
 
 
@@ -530,10 +541,11 @@ profiles = st.builds(
     st.dictionaries(st.text(max_size=8), model_costs_for_profiles(), max_size=3),
 )
 
-BASE_PROFILE = DeviceProfile("x", 1e9, {"m": ModelCost((BlockCost("b.0", 10, 1e-3),), 0, 0.0, 0)})
+BASE_PROFILE = DeviceProfile("x", 1e9, {"m": ModelCost((BlockCost("b.0", 10, 1e-3, (4,)),), 0, 0.0, 0)})
+SPLIT_MUTANTS = [[], [0], [10], [3, 3], [5, 2], [2.0], [True], ["2"], [-1], None, 4, {}, [1, 9]]
 NUMBER_MUTANTS = [NAN, INF, -INF, -1, -1e-300, -0.0, 0, 0.0, 1, 1.5, 5e-324, 1e308, 2**53 + 1, 10**400, -(10**400),
                   True, False, "1", "nan", None, [], [1], {}]
-PROFILE_MUTATIONS = ["top", "delete_top", "number", "number", "number", "model_replace", "blocks_replace", "block_replace", "block_field",
+PROFILE_MUTATIONS = ["top", "delete_top", "number", "number", "number", "model_replace", "blocks_replace", "block_replace", "block_field", "splits",
                      "delete_field", "add_model"]
 
 
@@ -567,6 +579,8 @@ def mutated_profile_dicts(draw) -> dict:
                 cost["blocks"][draw(st.integers(0, len(cost["blocks"]) - 1))] = draw(json_values)
         elif op == "block_field" and blocks:
             draw(st.sampled_from(blocks))["path"] = draw(json_values)
+        elif op == "splits" and blocks:
+            draw(st.sampled_from(blocks))["splits"] = draw(st.one_of(st.sampled_from(SPLIT_MUTANTS), json_values))
         elif op == "delete_field" and (costs or blocks):
             owner = draw(st.sampled_from(costs + blocks))
             if owner:
