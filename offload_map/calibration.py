@@ -6,9 +6,9 @@ stream when the forward starts (resetting the allocator's peak counter, once), w
 the forward ends, and marks each block copy the forward issues on the copy stream; then it waits once for
 the last mark (the only host synchronisation, and only in this forward), turns the marks into per-block
 compute seconds and the bandwidth the copies achieved while compute ran beside them (the byte-weighted
-median of the copies' rates: one forward's copies include a few slow outliers now and then, which a total
-over all of them would pass on to the plan; the planner uses the lower of this and the idle probe), measures the activation memory the forward needed beyond what was
-allocated when it began, and hands the ``ModelCost`` to ``on_done``.
+median of the copies' rates, which a few slow copies do not drag down as a total over all of them would;
+the planner uses the lower of this and the idle probe), measures the activation memory the forward needed
+beyond what was allocated when it began, and hands the ``ModelCost`` to ``on_done``.
 """
 
 from __future__ import annotations

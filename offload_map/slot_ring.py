@@ -64,15 +64,11 @@ class SlotRing:
         self.ordering = ordering
         self.stats = stats
         self.kept: dict[int, int] = {}  # block -> bytes kept on the device (its whole size when resident)
+        self.resident: frozenset[int] = frozenset()  # blocks kept whole (never loaded); set with ``kept``
         self.resident_buffers: dict[int, torch.Tensor] = {}
         self.slots: list[Slot] = []
         self.slot_bytes = 0
         self.resize(window)
-
-    @property
-    def resident(self) -> frozenset[int]:
-        """Blocks kept whole on the device (never loaded into a slot)."""
-        return frozenset(i for i, size in self.kept.items() if size == self.blocks[i].nbytes)
 
     def streamed_bytes(self, block: int) -> int:
         """Bytes of ``block`` that go through a slot."""
@@ -104,6 +100,7 @@ class SlotRing:
         self.unbind_slots()  # while ``kept`` still says which tensors of a block its slot holds
         self.evict_residents()
         self.kept = {i: size for i, size in (kept or {}).items() if size} | {i: self.blocks[i].nbytes for i in blocks}
+        self.resident = frozenset(i for i, size in self.kept.items() if size == self.blocks[i].nbytes)
         self.resize(window)
         self.load_residents()
 
