@@ -24,10 +24,13 @@ Strategies:
   num_blocks_per_group=1, use_stream=True)``
 * ``diffusers-leaf``   the same with ``offload_type="leaf_level"``
 * ``accelerate-cpu``   ``accelerate.cpu_offload(model, execution_device=device)``
+* ``auto-<N>GiB``      ``offload_map.dispatch_pipeline(model, strategy="auto", gpu_budget="<N>GiB")`` (also
+  ``<N>GB``, 10**9 bytes); ``auto-unlimited`` gives it the device's whole memory
 * ``<any>-compiled``   the same after ``model.compile_repeated_blocks()`` (inductor; the warm-up forwards compile)
 
-Per strategy: setup seconds, the median/min/all of ``--repeats`` timed forwards after ``--warmup``
-untimed ones, peak GPU memory (allocated and reserved, peak reset before warm-up), host RSS after
+Per strategy: setup seconds; after ``--warmup`` untimed forwards, the median/min/all of ``--repeats``
+forwards run back to back (device events at each forward's start) and the median of ``--repeats`` more,
+each bracketed by device synchronisation (see ``time_forwards``); peak GPU memory (allocated and reserved, peak reset before warm-up), host RSS after
 setup and its peak (sampled by a thread during setup and timing; VmHWM is process-lifetime), and
 whether the output equals the resident output bit for bit. The environment row holds the pinned and
 pageable host-to-device bandwidth and the floor: bytes of the block lists / pinned bandwidth.
