@@ -51,7 +51,7 @@ from step_time import RssSampler, read_status_bytes  # noqa: E402
 
 from offload_map import dispatch_pipeline, empty_model  # noqa: E402
 from offload_map import model_zoo as models  # noqa: E402
-from offload_map.runtime import PACK_THREADS  # noqa: E402
+from offload_map.runtime.host_store import PACK_THREADS  # noqa: E402
 
 GB = 1e9
 SHARD = 5 * 10**9

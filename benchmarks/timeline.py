@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import offload_map
 from offload_map import model_zoo as models
-from offload_map.budget import parse_size
+from offload_map.mapping.sizes import parse_size
 from offload_map.prefetcher import Prefetcher
 from offload_map.slot_ring import SlotRing
 

@@ -95,8 +95,8 @@ code("setup", """
     import offload_map
     from offload_map import Placement, compile_device_map, dispatch_pipeline, model_zoo
     from offload_map.demo import make_tiny_pipeline
-    from offload_map.planner import BudgetTooSmall, minimum_memory, plan_blocks, plan_memory
-    from offload_map.profile import DeviceProfile
+    from offload_map.planning.planner import BudgetTooSmall, minimum_memory, plan_blocks, plan_memory
+    from offload_map.planning.profile import DeviceProfile
 
     GB = 1e9
     CUDA = torch.cuda.is_available()

@@ -9,21 +9,26 @@ Public API (see README.md):
   ``LayerWiseOffloadBackend``, ``OffloadConfig``, ``OffloadStrategy``, ``get_offload_backend``,
   ``apply_sequential_offload``, ``remove_sequential_offload``; submodules ``base``,
   ``layerwise_backend``, ``module_collector``, ``sequential_backend``.
+
+The package follows the flow of a dispatch, one folder per stage: ``collect`` (what a pipeline holds) ->
+``mapping`` (the device map) -> ``planning`` (the map bound to tensors; the budget planner) -> ``runtime``
+(host buffers, slots, streams, hooks); ``loading`` reads checkpoints, ``compat`` is vllm-omni's surface.
+``dispatch``, ``handle`` and ``auto`` tie the stages together. Imports only go down that flow.
 """
 
 from .base import OffloadBackend
-from .checkpoint import CheckpointError
-from .compiler import STRATEGIES, compile_device_map
-from .config import OffloadConfig, OffloadStrategy
-from .device_map import DeviceMap, MapEntry
+from .collect.components import ModuleDiscovery, PipelineModules, Role
+from .compat.config import OffloadConfig, OffloadStrategy
+from .compat.factory import get_offload_backend
 from .dispatch import OffloadHandle, dispatch_pipeline
-from .factory import get_offload_backend
 from .layerwise_backend import LayerWiseOffloadBackend
-from .module_collector import ModuleDiscovery, PipelineModules
-from .placement import Placement, Role
-from .planner import BudgetTooSmall
+from .loading.checkpoint import CheckpointError
+from .loading.weights import empty_model
+from .mapping.compiler import STRATEGIES, compile_device_map
+from .mapping.device_map import DeviceMap, MapEntry
+from .mapping.memory import BudgetTooSmall
+from .mapping.placement import Placement
 from .sequential_backend import ModelLevelOffloadBackend, apply_sequential_offload, remove_sequential_offload
-from .weights import empty_model
 
 __all__ = [
     "STRATEGIES",

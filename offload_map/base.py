@@ -1,59 +1,6 @@
-"""vllm-omni's backend contract: ``OffloadBackend`` and the dispatch-based implementation both backends share."""
+"""vllm-omni's ``offloader.base``: the backend contract (implemented in ``offload_map.compat``)."""
 
-from __future__ import annotations
+from .compat.backend import OffloadBackend
+from .compat.config import OffloadConfig, OffloadStrategy
 
-from abc import ABC, abstractmethod
-
-import torch
-from torch import nn
-
-from .config import OffloadConfig
-from .dispatch import OffloadHandle, dispatch_pipeline
-
-
-class OffloadBackend(ABC):
-    """Base class for CPU offload backends.
-
-    Args:
-        config: the validated settings.
-        device: the target device.
-    """
-
-    def __init__(self, config: OffloadConfig, device: torch.device) -> None:
-        self.config = config
-        self.device = device
-        self.enabled = False
-
-    @abstractmethod
-    def enable(self, pipeline: nn.Module) -> None:
-        """Enable offloading on the pipeline: discover modules, move them to their places, register hooks."""
-
-    @abstractmethod
-    def disable(self) -> None:
-        """Disable offloading: remove all hooks. Does NOT move modules back to their original devices."""
-
-
-class DispatchBackend(OffloadBackend):
-    """An ``OffloadBackend`` that runs ``dispatch_pipeline`` with the subclass's ``strategy``."""
-
-    strategy = "none"
-
-    def __init__(self, config: OffloadConfig, device: torch.device) -> None:
-        super().__init__(config, device)
-        self.handle: OffloadHandle | None = None
-
-    def enable(self, pipeline: nn.Module) -> None:
-        """Dispatch ``pipeline`` with this backend's strategy (see ``dispatch_pipeline``)."""
-        if self.enabled:
-            raise RuntimeError(f"{type(self).__name__} is already enabled on a pipeline; call disable() first")
-        self.handle = dispatch_pipeline(
-            pipeline, self.strategy, self.device, pin_memory=self.config.pin_cpu_memory, blocking=self.config.use_hsdp
-        )
-        self.enabled = True
-
-    def disable(self) -> None:
-        """Remove the hooks; modules stay where they are. Does nothing if not enabled."""
-        if self.handle is not None:
-            self.handle.detach()
-            self.handle = None
-        self.enabled = False
+__all__ = ["OffloadBackend", "OffloadConfig", "OffloadStrategy"]

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-from .budget import parse_size
-from .compiler import STRATEGIES, compile_device_map
+from .mapping.sizes import parse_size
+from .mapping.compiler import STRATEGIES, compile_device_map
 from .dispatch import dispatch_pipeline
-from .planner import plan_blocks
-from .profile import DeviceProfile, bandwidth, device_name
+from .planning.planner import plan_blocks
+from .planning.profile import DeviceProfile
+from .runtime.bandwidth import bandwidth, device_name
 
 SHIPPED_PROFILE = Path(__file__).parent / "profiles" / "h100.json"
 

@@ -1,4 +1,9 @@
-"""``dispatch_pipeline``: compile, bind and run a pipeline under a device map, and undo it."""
+"""``dispatch_pipeline``: the flow of one dispatch, each stage run once.
+
+pipeline -> collect (``ModuleDiscovery.discover``, ``collect_tensors``) -> device map (``compile_found``, or the
+user's map) -> plan (``bind``) -> runtime (``Runtime``), with ``auto.AutoPlanner`` re-planning under a budget.
+The ``OffloadHandle`` it returns holds the result and the way back.
+"""
 
 from __future__ import annotations
 
@@ -8,149 +13,23 @@ import time
 from dataclasses import replace
 
 import torch
+
 from .auto import AutoPlanner
-from .budget import device_budget
-from .compiler import check_strategy, compile_device_map, with_sizes
-from .device_map import DeviceMap, check_window
-from .devices import resolve_device
-from .module_collector import ModuleDiscovery
-from .plan import bind
-from .profile import bandwidth
-from .report import Report
-from .runtime import Runtime
-from .weights import WeightSource
+from .collect.components import ModuleDiscovery, PipelineModules
+from .collect.tensors import collect_tensors
+from .handle import HANDLE_ATTR, OffloadHandle
+from .loading.weights import WeightSource
+from .mapping.compiler import check_strategy, compile_found
+from .mapping.device_map import DeviceMap, check_window
+from .mapping.devices import resolve_device
+from .mapping.sizes import device_budget
+from .planning.bind import bind
+from .runtime.bandwidth import bandwidth
+from .runtime.runtime import Runtime
 
 logger = logging.getLogger("offload_map")
 
-_HANDLE_ATTR = "_offload_map_handle"
-
-
-class OffloadHandle:
-    """A dispatched pipeline: its device map, a report, and the way back.
-
-    Attributes:
-        device_map: the ``DeviceMap`` in force.
-        pipeline: the dispatched pipeline.
-    """
-
-    def __init__(self, pipeline: object, device_map: DeviceMap, runtime: Runtime, setup_seconds: float,
-                 planner: AutoPlanner | None = None, rebuild=None) -> None:
-        self.pipeline = pipeline
-        self.device_map = device_map
-        self._runtime = runtime
-        self._planner = planner
-        self._rebuild = rebuild
-        self._report = self._start_report(setup_seconds)
-        self._removed = False
-        if runtime.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(runtime.device)
-
-    def report(self) -> Report:
-        """Placement totals, transfers since dispatch, and peak device memory allocated since dispatch (with a
-        budget, since the calibration forward, which resets the allocator's peak counter once)."""
-        if not self._removed:  # a budget's plan may have changed placements since dispatch
-            self._report.bytes_by_placement = self.device_map.bytes_by_placement()
-            self._report.slot_bytes = self._runtime.slot_bytes
-            if self._runtime.device.type == "cuda":
-                self._report.peak_device_bytes = torch.cuda.max_memory_allocated(self._runtime.device)
-        return self._report
-
-    @property
-    def plans(self) -> dict:
-        """The planner's ``BlockPlan`` per streamed DiT (with a budget), once that DiT's second forward ran (the timed one)."""
-        return dict(self._planner.plans) if self._planner is not None else {}
-
-    def explain(self) -> str:
-        """The device map, and for each planned DiT its per-block plan and what bounds the step."""
-        parts = [str(self.device_map)]
-        if self._planner is None:
-            if self.device_map.strategy == "auto":
-                parts.append("The whole pipeline fits the budget: everything is resident ('gpu').")
-            return "\n\n".join(parts)
-        for ring in self._runtime.plan.rings:
-            plan = self._planner.plans.get(ring.component)
-            title = f"plan for {ring.component or 'the DiT'}"
-            parts.append(f"{title}:\n{plan.explain()}" if plan else f"{title}: not measured yet; its second forward times every block, then the plan is made")
-        return "\n\n".join(parts)
-
-    def refresh(self) -> None:
-        """Call after changing the weights while dispatched.
-
-        - In place (``load_state_dict``, ``fuse_lora``/``unfuse_lora``, edits): weights of streamed blocks and
-          pinned components that sit on the device were changed there only; they are copied into the host
-          storage, so every later load brings the new values.
-        - New or removed modules (``load_lora_weights``, ``add_adapter``, ``unload_lora_weights``,
-          ``delete_adapters``): the pipeline is put back and dispatched again under the same device map
-          (placements, window, budget), so the new tensors get their host buffers. Until then its forwards
-          are refused with a message pointing here. With a host copy shared between ranks this is collective:
-          every rank changes its modules and calls ``refresh()``. If dispatching again fails, the pipeline is
-          left as ``remove()`` leaves it and the error is raised.
-
-        Raises:
-            ValueError: a tensor changed shape or dtype in place (remove and dispatch again).
-        """
-        if self._removed:
-            raise RuntimeError("this dispatch was already removed; the pipeline is back as it was")
-        if self._runtime.modules_changed():
-            self._runtime.restore()
-            for path, entry in self.device_map.entries.items():  # sizes are re-read from the changed modules
-                self.device_map.entries[path] = replace(entry, nbytes=0)
-            try:
-                with_sizes(self.device_map, self.pipeline)
-                self._runtime, self._planner = self._rebuild()
-            except BaseException:
-                self._removed = True  # restored and not dispatched again: the pipeline is as remove() leaves it
-                self.pipeline.__dict__.pop(_HANDLE_ATTR, None)
-                raise
-            self._report = self._start_report(self._report.setup_seconds)
-        else:
-            self._runtime.refresh()
-
-    def _start_report(self, setup_seconds: float) -> Report:
-        runtime = self._runtime
-        return Report.start(self.device_map, runtime.slot_bytes, setup_seconds, runtime.stats, runtime.setup_times)
-
-    @property
-    def host_copy(self):
-        """The ``shared_host.HostCopy`` this rank streams from when ranks share one (``None`` when it packs its own):
-        ``host_copy.ranks`` share it, ``host_copy.creator`` says whether this rank filled it."""
-        return self._runtime.host_copy
-
-    def on_device(self) -> list[str]:
-        """Names of the components whose weights are on the target device right now (resident or loaded).
-
-        A streamed DiT counts as on the device: its non-block modules are resident.
-        """
-        runtime = self._runtime
-        return [
-            c.name for c in runtime.plan.components
-            if c.name not in runtime.pinned or runtime.pinned[c.name].loaded
-        ]
-
-    def _finish(self, undo) -> None:
-        if self._removed:
-            raise RuntimeError("this dispatch was already removed; the pipeline is back as it was")
-        undo()
-        self._removed = True
-        self.pipeline.__dict__.pop(_HANDLE_ATTR, None)
-
-    def remove(self) -> None:
-        """Put the pipeline back as it was: hooks gone, every tensor on its original device, bit-identical.
-
-        Raises:
-            RuntimeError: called a second time.
-        """
-        self._finish(self._runtime.restore)
-
-    def detach(self) -> None:
-        """Remove the hooks; streamed blocks point at their host buffers, every other tensor stays where it is
-        now (a pinned component that is loaded stays on the device). Unlike ``remove()``, nothing goes back
-        to its original device; slots are freed with the handle."""
-        self._finish(self._runtime.detach)
-
-    def __repr__(self) -> str:
-        state = "removed" if self._removed else "active"
-        return f"<OffloadHandle {self.device_map.strategy} -> {self.device_map.device} ({state})>"
+__all__ = ["OffloadHandle", "dispatch_pipeline"]
 
 
 def dispatch_pipeline(
@@ -220,6 +99,7 @@ def dispatch_pipeline(
         >>> handle.remove()
     """
     start = time.perf_counter()
+    found = ModuleDiscovery.discover(pipeline)
     if device_map is None:
         strategy = check_strategy(strategy)
         check_window(window)
@@ -227,35 +107,49 @@ def dispatch_pipeline(
     budget = device_budget(target, max_memory, gpu_budget)
     if budget is not None and (device_map is not None or strategy not in ("layerwise", "auto")):
         raise ValueError("a memory budget (max_memory/gpu_budget) applies to strategy 'layerwise' or 'auto' only")
-    _check_not_managed(pipeline)
+    _check_not_managed(pipeline, found)
+    tensors = collect_tensors(found)
     if device_map is None:
-        device_map = compile_device_map(pipeline, strategy, target, window, budget)
-    else:
-        device_map = with_sizes(DeviceMap.from_dict(device_map.to_dict()), pipeline)
+        device_map = compile_found(found, tensors, strategy, str(target), window, budget)
+    else:  # validated as a loaded map is; the user's object is never changed
+        device_map = DeviceMap.from_dict(device_map.to_dict())
+    options = dict(budget=budget, pin_memory=pin_memory, blocking=blocking, progress=progress,
+                   share_host_copy=share_host_copy, shard_copies=shard_copies)
 
-    def build(weights=None):
-        plan = bind(device_map, pipeline)
-        source = WeightSource(plan, weights)
-        runtime = Runtime(plan, pin_memory=pin_memory, blocking=blocking, progress=progress,
-                          source=source or None, share_host_copy=share_host_copy, shard_copies=shard_copies)
-        planner = AutoPlanner(runtime, plan, device_map, budget, bandwidth(target)) if budget is not None and plan.rings else None
-        return runtime, planner
+    def rebuild(dmap: DeviceMap):
+        # After refresh() restored a pipeline whose modules changed: collect it anew, same map, sizes re-read.
+        found = ModuleDiscovery.discover(pipeline)
+        dmap = dmap.copy()
+        dmap.entries = {path: replace(entry, nbytes=0) for path, entry in dmap.entries.items()}
+        return _build(pipeline, found, collect_tensors(found), dmap, None, **options)
 
-    runtime, planner = build(weights)
-    handle = OffloadHandle(pipeline, device_map, runtime, time.perf_counter() - start, planner, rebuild=build)
-    pipeline.__dict__[_HANDLE_ATTR] = handle
+    device_map, runtime, planner = _build(pipeline, found, tensors, device_map, weights, **options)
+    handle = OffloadHandle(pipeline, device_map, runtime, time.perf_counter() - start, planner, rebuild)
+    pipeline.__dict__[HANDLE_ATTR] = handle
     logger.info("dispatched %s: %s", type(pipeline).__name__, device_map.strategy)
     return handle
 
 
-def _check_not_managed(pipeline: object) -> None:
-    existing = getattr(pipeline, _HANDLE_ATTR, None)
+def _build(pipeline: object, found: PipelineModules, tensors, dmap: DeviceMap, weights, *, budget: int | None,
+           pin_memory: bool, blocking: bool, progress: bool | None, share_host_copy: bool | None,
+           shard_copies: bool) -> tuple[DeviceMap, Runtime, AutoPlanner | None]:
+    plan = bind(dmap, found, tensors)
+    dmap = dmap.sized({path: unit.tensors for path, unit in plan.units.items()})
+    source = WeightSource(plan, weights)
+    runtime = Runtime(plan, pin_memory=pin_memory, blocking=blocking, progress=progress, source=source or None,
+                      share_host_copy=share_host_copy, shard_copies=shard_copies)
+    planner = AutoPlanner(runtime, plan, dmap, budget, bandwidth(plan.device)) if budget is not None and plan.rings else None
+    return dmap, runtime, planner
+
+
+def _check_not_managed(pipeline: object, found: PipelineModules) -> None:
+    existing = getattr(pipeline, HANDLE_ATTR, None)
     if existing is not None:
         raise RuntimeError(
             f"this {type(pipeline).__name__} is already dispatched ({existing!r}); call remove() on the handle "
-            f"dispatch_pipeline returned (also at pipe.{_HANDLE_ATTR}) before dispatching again"
+            f"dispatch_pipeline returned (also at pipe.{HANDLE_ATTR}) before dispatching again"
         )
-    for comp in ModuleDiscovery.discover(pipeline).components.values():
+    for comp in found.components.values():
         for path, module in comp.module.named_modules():
             where = f"{comp.name}.{path}".strip(".") or type(pipeline).__name__
             if hasattr(module, "_hf_hook"):

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .collect.blocks import get_blocks_attr_names
+
 DTYPE = torch.bfloat16
 
 FLUX_DEV_CONFIG = {
@@ -72,11 +74,6 @@ TINY_FLUX_CONFIG = {
 # Families we know how to feed; the value is the default text length of the real pipeline.
 FAMILY_BY_CLASS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
 DEFAULT_TEXT_LEN = {"flux": 512, "sd3": 333}
-# Block lists streamed by a layerwise offloader, in execution order.
-BLOCK_ATTRS_BY_CLASS = {
-    "FluxTransformer2DModel": ("transformer_blocks", "single_transformer_blocks"),
-    "SD3Transformer2DModel": ("transformer_blocks",),
-}
 
 
 @dataclass
@@ -192,16 +189,8 @@ def tensor_numel(module: nn.Module) -> int:
 
 
 def block_attr_names(model: nn.Module) -> list[str]:
-    """The model's block lists: known classes, then offload_map's resolver, then every ModuleList child."""
-    known = BLOCK_ATTRS_BY_CLASS.get(type(model).__name__)
-    if known:
-        return list(known)
-    try:
-        from .blocks import get_blocks_attr_names
-
-        return list(get_blocks_attr_names(model))
-    except Exception:
-        return [n for n, m in model.named_children() if isinstance(m, (nn.ModuleList, nn.Sequential))]
+    """The model's block lists, as offload_map finds them (``collect.blocks``)."""
+    return get_blocks_attr_names(model)
 
 
 def block_stats(model: nn.Module) -> dict:

@@ -28,8 +28,9 @@ from diffusers import FluxTransformer2DModel
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_pipelines import make_flux_pipeline, run_flux  # noqa: E402
 
-from offload_map import CheckpointError, dispatch_pipeline, empty_model, shared_host  # noqa: E402
-from offload_map.checkpoint import Checkpoint  # noqa: E402
+from offload_map import CheckpointError, dispatch_pipeline, empty_model
+from offload_map.runtime import shared_host  # noqa: E402
+from offload_map.loading.checkpoint import Checkpoint  # noqa: E402
 
 
 class warnings_to:

@@ -125,14 +125,14 @@ def test_overlapping_sequential_lists_are_refused(pipe):
 
 
 def test_running_out_of_device_memory_during_dispatch_names_the_need_and_rolls_back(pipe, monkeypatch):
-    from offload_map import slot_ring
+    from offload_map.runtime import slots
 
     reference, weights = pipe("check", steps=2), {k: v.clone() for k, v in pipe.state_dict().items()}
 
-    def no_memory(self, window):
+    def no_memory(self, count, nbytes, ordering):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(slot_ring.SlotRing, "resize", no_memory)
+    monkeypatch.setattr(slots.SlotPool, "__init__", no_memory)
     with pytest.raises(torch.OutOfMemoryError, match="this device map needs about .* smaller window"):
         dispatch_pipeline(pipe, "layerwise", "cpu")
     _unchanged(pipe, reference, weights)

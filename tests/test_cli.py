@@ -7,7 +7,7 @@ import json
 import pytest
 
 from offload_map.cli import SHIPPED_PROFILE, main
-from offload_map.profile import DeviceProfile
+from offload_map.planning.profile import DeviceProfile
 
 
 def test_demo_runs_every_strategy_bit_exact(capsys):

@@ -1,17 +1,13 @@
 """Fuzzing the untrusted-input surfaces with hypothesis.
 
 Surfaces: ``DeviceMap.from_dict``/``from_json``, ``DeviceProfile.from_dict``, the planner
-(``plan_blocks``), ``budget.parse_size`` and ``dispatch_pipeline`` with an edited device map.
+(``plan_blocks``), ``mapping.sizes.parse_size`` and ``dispatch_pipeline`` with an edited device map.
 
 Each surface has a small reference of its documented contract (``_map_problem``, ``_profile_problem``,
 ``_expected_size``): the library must accept exactly what the reference accepts, raise ``ValueError``
 for the rest, and nothing else may escape. Every run is derandomized, so CI sees the same cases.
 
-Known bugs are catalogued in ``KNOWN_BUGS``. Each has a strict xfail test at the bottom of this file
-holding its minimal reproduction; the fuzz tests tolerate exactly that bug's symptom on inputs that
-carry its trigger (see the ``_known_*`` helpers), so they stay green while the bug is open. Once a bug is
-fixed, its xfail test XPASSes (and so fails, being strict): delete that test and the matching entry of
-``KNOWN_BUGS``, and the fuzz tests check the fixed behaviour.
+The bugs the fuzzers found are fixed; their minimal reproductions are regression tests at the bottom.
 """
 
 from __future__ import annotations
@@ -19,29 +15,26 @@ from __future__ import annotations
 import copy
 import json
 import math
-import re
 import sys
 from contextlib import contextmanager
 from functools import lru_cache
 
 import pytest
 import torch
+from accelerate.utils import convert_file_size_to_int
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
 from offload_map import compile_device_map, dispatch_pipeline
-from offload_map.budget import MAX_SIZE, parse_size
-from offload_map.cost_model import BlockCost, ModelCost, floor_s, simulate
+from offload_map.mapping.schema import MAX_SIZE
+from offload_map.mapping.sizes import parse_size
+from offload_map.planning.cost_model import BlockCost, ModelCost, floor_s, simulate
 from offload_map.demo import make_tiny_pipeline
-from offload_map.device_map import FORMAT_VERSION, DeviceMap
-from offload_map.placement import Placement, Role
-from offload_map.planner import WINDOWS, BudgetTooSmall, minimum_memory, plan_blocks, plan_memory
-from offload_map.profile import MIN_BANDWIDTH, DeviceProfile
-
-# Bugs the fuzzers found are fixed; ids of bugs still open would go here, each with a strict xfail test
-# holding its minimal reproduction at the bottom of this file.
-KNOWN_BUGS: set[str] = set()
-
+from offload_map.mapping.device_map import FORMAT_VERSION, DeviceMap
+from offload_map import Placement, Role
+from offload_map.planning.planner import WINDOWS, BudgetTooSmall, minimum_memory, plan_blocks, plan_memory
+from offload_map.planning.planner import MIN_BANDWIDTH
+from offload_map.planning.profile import DeviceProfile
 
 def fuzz(max_examples: int):
     """The settings of every fuzz test: reproducible (derandomized), no per-example deadline."""
@@ -67,14 +60,6 @@ def _is_int(value: object) -> bool:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _hashable(value: object) -> bool:
-    try:
-        hash(value)
-    except TypeError:
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,31 +158,6 @@ def _map_problem(data: object) -> str | None:
     return None
 
 
-def _known_map_bug(data: object, err: Exception | None) -> str | None:
-    """The open bug that explains ``from_dict(data)`` ending in ``err`` (None: it returned), if any."""
-    if not isinstance(data, dict):
-        return None
-    comps = data.get("components")
-    if (
-        "map-unhashable-role" in KNOWN_BUGS
-        and isinstance(err, TypeError)
-        and "unhashable" in str(err)
-        and isinstance(comps, dict)
-        and any(isinstance(name, str) and not _hashable(role) for name, role in comps.items())
-    ):
-        return "map-unhashable-role"
-    version = data.get("version")
-    if (
-        "map-version-not-int" in KNOWN_BUGS
-        and err is None
-        and version == FORMAT_VERSION
-        and not _is_int(version)
-        and _map_problem({**data, "version": FORMAT_VERSION}) is None
-    ):
-        return "map-version-not-int"
-    return None
-
-
 def _normalized_map_dict(data: dict) -> dict:
     """What ``to_dict`` writes for a valid map dict: defaults filled in, unknown keys gone."""
     return {
@@ -222,19 +182,15 @@ def _check_round_trips(dmap: DeviceMap) -> None:
     assert isinstance(str(dmap), str)  # the table prints whatever the parser accepted
 
 
-def _parse_checked(parse, data: object, problem: str | None, known_bug, what: str):
+def _parse_checked(parse, data: object, problem: str | None, what: str):
     """``parse(data)`` under the contract every ``from_dict`` shares: the input is left as it was, and an input
-    rejected is rejected with a ValueError and is invalid (``problem``), unless ``known_bug`` names it. Returns
-    the parsed value, or None when the input was rejected."""
+    rejected is rejected with a ValueError and is invalid (``problem``). Returns the parsed value, or None when
+    the input was rejected."""
     before = repr(data)
     kind, result = _outcome(parse, data)
     assert repr(data) == before, "from_dict modified its input"
     if kind != "error":
         return result
-    bug = known_bug(data, result)
-    if bug:
-        event(f"known bug {bug}")
-        return None
     if not isinstance(result, ValueError):
         raise AssertionError(f"from_dict raised an undocumented {type(result).__name__}: {result!r}") from result
     assert problem is not None, f"a valid {what} was rejected: {result}"
@@ -245,14 +201,10 @@ def _parse_checked(parse, data: object, problem: str | None, known_bug, what: st
 def _check_map_dict(data: object) -> None:
     """The contract of ``DeviceMap.from_dict`` on one input."""
     problem = _map_problem(data)
-    result = _parse_checked(DeviceMap.from_dict, data, problem, _known_map_bug, "map")
+    result = _parse_checked(DeviceMap.from_dict, data, problem, "map")
     if result is None:
         return
-    if problem is not None:
-        bug = _known_map_bug(data, None)
-        assert bug, f"an invalid map ({problem}) was accepted: {result!r}"
-        event(f"known bug {bug}")
-        return
+    assert problem is None, f"an invalid map ({problem}) was accepted: {result!r}"
     event("accepted")
     assert isinstance(result, DeviceMap)
     assert result.to_dict() == _normalized_map_dict(data)
@@ -405,14 +357,12 @@ def test_device_map_from_json_raises_only_value_error(text):
     problem = _map_problem(parsed)
     kind, result = _outcome(DeviceMap.from_json, text)
     if kind == "error":
-        if _known_map_bug(parsed, result):
-            return
         if not isinstance(result, ValueError):
             raise AssertionError(f"from_json raised an undocumented {type(result).__name__}: {result!r}") from result
         assert problem is not None, f"valid JSON map rejected: {result}"
         event("rejected (ValueError)")
         return
-    assert problem is None or _known_map_bug(parsed, None), f"invalid map ({problem}) accepted"
+    assert problem is None, f"invalid map ({problem}) accepted"
     assert result == DeviceMap.from_dict(parsed)
     event("accepted")
 
@@ -476,31 +426,9 @@ def _profile_problem(data: object) -> str | None:
     return None
 
 
-def _numbers_in(data: object):
-    """Every value of ``data`` (recursively) stored under a numeric profile key."""
-    if isinstance(data, dict):
-        for key, value in data.items():
-            if key in _PROFILE_NUMBERS:
-                yield value
-            yield from _numbers_in(value)
-    elif isinstance(data, (list, tuple)):
-        for value in data:
-            yield from _numbers_in(value)
-
-
-def _known_profile_bug(data: object, err: Exception) -> str | None:
-    if (
-        "profile-huge-int" in KNOWN_BUGS
-        and isinstance(err, OverflowError)
-        and any(_is_int(v) and v > _FLOAT_MAX_INT for v in _numbers_in(data))
-    ):
-        return "profile-huge-int"
-    return None
-
-
 def _check_profile_dict(data: object) -> None:
     problem = _profile_problem(data)
-    result = _parse_checked(DeviceProfile.from_dict, data, problem, _known_profile_bug, "profile")
+    result = _parse_checked(DeviceProfile.from_dict, data, problem, "profile")
     if result is None:
         return
     assert problem is None, f"an invalid profile ({problem}) was accepted: {result!r}"
@@ -685,40 +613,27 @@ def test_planner_plans_fit_the_budget_beat_no_floor_and_more_budget_is_never_slo
 # --------------------------------------------------------------------------------------------------
 # 4. parse_size
 
-_UNIT_BYTES = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-_SIZE_TEXT = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*")
+_UNITS = ["", "B", "KB", "MB", "GB", "TB", "KIB", "MIB", "GIB", "TIB", "Kb", "Mb", "Gb"]
 
 
 def _expected_size(value: object) -> "int | None":
-    """The size ``parse_size`` must return, or None where it must raise ValueError (the documented contract:
-    between one byte and ``MAX_SIZE``)."""
-    if _is_int(value):
-        return value if 1 <= value <= MAX_SIZE else None
-    if isinstance(value, float):
+    """The size ``parse_size`` must return, or None where it must raise ValueError (the documented contract: a
+    number of bytes, or accelerate's ``convert_file_size_to_int`` reading of a string; between one byte and
+    ``MAX_SIZE``)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
         number = value
     elif isinstance(value, str):
-        match = _SIZE_TEXT.fullmatch(value.removesuffix("\n"))  # "$" in the library also matches before a final newline
-        if not match or match.group(2).upper() not in _UNIT_BYTES:
+        try:
+            number = convert_file_size_to_int(value)
+        except (ValueError, OverflowError):
             return None
-        number = float(match.group(1)) * _UNIT_BYTES[match.group(2).upper()]
     else:
         return None
-    if math.isnan(number) or number < 1 or number > MAX_SIZE:
+    if not 1 <= number <= MAX_SIZE:
         return None
     return int(number)
-
-
-def _known_size_bug(value: object, kind: str, result: object) -> str | None:
-    if "size-fraction-is-zero" in KNOWN_BUGS and kind == "ok" and result == 0 and isinstance(value, float) and 0 < value < 1:
-        return "size-fraction-is-zero"
-    if "size-overflow" in KNOWN_BUGS and kind == "error" and isinstance(result, OverflowError):
-        if isinstance(value, float) and value == INF:
-            return "size-overflow"
-        match = _SIZE_TEXT.fullmatch(value.removesuffix("\n")) if isinstance(value, str) else None
-        if match and match.group(2).upper() in _UNIT_BYTES and math.isinf(float(match.group(1)) * _UNIT_BYTES[match.group(2).upper()]):
-            return "size-overflow"
-    return None
 
 
 @st.composite
@@ -726,7 +641,7 @@ def size_texts(draw) -> str:
     space = st.sampled_from(["", " ", "  ", "\t", "\n", "\u00a0", "\u2003"])
     digits = st.one_of(st.from_regex(r"[0-9]{1,6}", fullmatch=True), st.from_regex(r"[0-9]{0,3}\.[0-9]{1,4}", fullmatch=True),
                        st.integers(300, 500).map(lambda k: "9" * k), st.sampled_from(["0", "0.0", ".5", "5.", "1e3", "-1", "+1", "١٢"]))
-    unit = st.one_of(st.sampled_from(list(_UNIT_BYTES) + ["gib", "Gb", "kIb", "K", "iB", "GiBs", "bytes", "G B"]),
+    unit = st.one_of(st.sampled_from(_UNITS + ["gib", "Gb", "kIb", "K", "iB", "GiBs", "bytes", "G B"]),
                      st.from_regex(r"[A-Za-z]{0,4}", fullmatch=True))
     return draw(space) + draw(digits) + draw(space) + draw(unit) + draw(space)
 
@@ -736,10 +651,6 @@ def size_texts(draw) -> str:
 def test_parse_size_returns_a_positive_int_or_raises_value_error(value):
     expected = _expected_size(value)
     kind, result = _outcome(parse_size, value, "budget")
-    bug = _known_size_bug(value, kind, result)
-    if bug:
-        event(f"known bug {bug}")
-        return
     if kind == "error":
         if not isinstance(result, ValueError):
             raise AssertionError(f"parse_size({value!r}) raised an undocumented {type(result).__name__}: {result!r}") from result
@@ -790,20 +701,6 @@ def _assert_pipeline_pristine(pipe, reference, weights, identities) -> None:
     assert not any(hasattr(m, "_hf_hook") for m in pipe.modules()), "a hook was left behind"
     assert not hasattr(pipe, "_offload_map_handle")
     assert torch.equal(pipe("x", steps=2), reference)
-
-
-def _in_some_component(path: str, components: dict) -> bool:
-    return any(path == name or not name or path.startswith(name + ".") for name in components)
-
-
-def _ghost_path(path: str, components: dict, modules: set) -> bool:
-    """Whether ``path`` names no module but resolves to one by dropping dots after its component's name."""
-    for name in components:
-        if name and path.startswith(name + ".") and path not in modules:
-            rest = path[len(name):].lstrip(".")
-            if (f"{name}.{rest}" if rest else name) in modules:
-                return True
-    return False
 
 
 DISPATCH_MUTATIONS = ["drop", "placement", "placement", "add_real", "add_real", "add_real", "add_fake", "clear_bytes",
@@ -864,10 +761,7 @@ def _check_dispatch(data: dict) -> None:
     dmap = DeviceMap.from_dict(data)  # the edits keep the dict well-formed; bind judges the content
     kind, result = _outcome(dispatch_pipeline, pipe, device_map=dmap)
     if kind == "error":
-        outside = [p for p in dmap.entries if not _in_some_component(p, dmap.components)]
-        if "dispatch-path-outside-components" in KNOWN_BUGS and isinstance(result, KeyError) and outside and "in no component" in str(result):
-            event("known bug dispatch-path-outside-components")
-        elif not isinstance(result, ValueError):
+        if not isinstance(result, ValueError):
             raise AssertionError(f"dispatch_pipeline raised an undocumented {type(result).__name__}: {result!r}") from result
         else:
             event("rejected (ValueError)")
@@ -878,10 +772,7 @@ def _check_dispatch(data: dict) -> None:
         event("dispatched")
         real = set(modules) - {""}
         for path in dmap.entries:
-            ghost = "dispatch-ghost-path" in KNOWN_BUGS and _ghost_path(path, dmap.components, real)
-            assert path in real or ghost, f"entry {path!r} names no module of the pipeline, yet it was accepted"
-            if ghost:
-                event("known bug dispatch-ghost-path")
+            assert path in real, f"entry {path!r} names no module of the pipeline, yet it was accepted"
         assert pipe._offload_map_handle is handle
         assert {p: e.placement for p, e in handle.device_map.entries.items()} == {p: e.placement for p, e in dmap.entries.items()}
         out = pipe("x", steps=2)

@@ -34,7 +34,7 @@ def _no_leftover_dispatch(case):
 
 
 def _block_count(pipe) -> int:
-    from offload_map.blocks import get_blocks
+    from offload_map.collect.blocks import get_blocks
 
     return max(len(get_blocks(m)) for n, m in _dits(pipe))
 

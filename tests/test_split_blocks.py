@@ -7,10 +7,12 @@ import torch
 
 import offload_map.auto
 from offload_map import DeviceMap, Placement, compile_device_map, dispatch_pipeline
-from offload_map.cost_model import BlockCost, ModelCost, simulate
-from offload_map.host_storage import PackedTensors
-from offload_map.plan import TensorRef
-from offload_map.planner import BlockPlan, plan_blocks, plan_memory
+from offload_map.planning.cost_model import BlockCost, ModelCost, simulate
+from offload_map.collect.tensors import TensorRef
+from offload_map.runtime.host_buffer import HostBuffer
+from offload_map.runtime.streams import SyncOrdering
+from offload_map.runtime.unit import OffloadedUnit
+from offload_map.planning.planner import BlockPlan, plan_blocks, plan_memory
 from conftest import resident_run
 from test_pipelines import PIPELINES, _assert_restored, _state
 
@@ -23,7 +25,15 @@ def case(request, target):
 
 
 def _rings(handle):
-    return handle._runtime.rings
+    return handle.runtime.rings
+
+
+def _set(handle, name, resident, window, kept=None):
+    """Keep blocks ``resident`` (indices) whole and the first ``kept[i]`` bytes of block ``i`` on the device."""
+    ring = _rings(handle)[name]
+    by_path = {ring.units[i].path: ring.units[i].nbytes for i in resident}
+    by_path.update((ring.units[i].path, size) for i, size in (kept or {}).items())
+    handle.runtime.set_residency(name, by_path, window)
 
 
 def test_split_points_cut_only_between_whole_submodules(case, target):
@@ -31,13 +41,13 @@ def test_split_points_cut_only_between_whole_submodules(case, target):
     handle = dispatch_pipeline(pipe, "layerwise", target)
     try:
         for ring in _rings(handle).values():
-            for storage, path in zip(ring.blocks, ring.paths):
-                points = storage.split_points(path)
+            for unit in ring.units:
+                path, points = unit.path, unit.split_points()
                 assert points, f"{path}: a block of several submodules can be cut"
-                assert list(points) == sorted(set(points)) and 0 < points[0] and points[-1] < storage.nbytes
+                assert list(points) == sorted(set(points)) and 0 < points[0] and points[-1] < unit.nbytes
                 for point in points:
-                    before = {r.qualname[len(path) + 1:].split(".")[0] for r, g in zip(storage.refs, storage.regions) if g.offset < point}
-                    after = {r.qualname[len(path) + 1:].split(".")[0] for r, g in zip(storage.refs, storage.regions) if g.offset >= point}
+                    before = {r.qualname[len(path) + 1:].split(".")[0] for r, g in zip(unit.refs, unit.host.regions) if g.offset < point}
+                    after = {r.qualname[len(path) + 1:].split(".")[0] for r, g in zip(unit.refs, unit.host.regions) if g.offset >= point}
                     assert before and after and not before & after, (path, point, before, after)
     finally:
         handle.remove()
@@ -50,16 +60,16 @@ def test_blocks_kept_in_part_are_bit_exact_and_stream_only_the_rest(case, target
     try:
         for cut in (0, -1):  # a first plan, then another that keeps more while blocks still sit in slots
             for name, ring in _rings(handle).items():
-                kept = {i: s.split_points(p)[cut] for i, (s, p) in enumerate(zip(ring.blocks, ring.paths)) if i % 3 != 2}
-                resident = frozenset(i for i in range(len(ring.blocks)) if i % 3 == 2)
-                handle._runtime.set_residency(name, resident, 2, kept)
-                parts = [ring.blocks[i].nbytes - kept[i] for i in kept]
-                assert ring.slot_bytes == max(parts) < max(s.nbytes for s in ring.blocks)
+                kept = {i: u.split_points()[cut] for i, u in enumerate(ring.units) if i % 3 != 2}
+                resident = frozenset(i for i in range(len(ring.units)) if i % 3 == 2)
+                _set(handle, name, resident, 2, kept)
+                parts = [ring.units[i].nbytes - kept[i] for i in kept]
+                assert ring.slot_bytes == max(parts) < max(u.nbytes for u in ring.units)
             for _ in range(3):  # across the wrap-around, and with encoders evicting the kept parts in between
                 assert torch.equal(run(pipe).cpu(), reference)
         for name, ring in _rings(handle).items():  # back to every block streamed whole
-            handle._runtime.set_residency(name, frozenset(), 2)
-            assert ring.slot_bytes == max(s.nbytes for s in ring.blocks)
+            _set(handle, name, frozenset(), 2)
+            assert ring.slot_bytes == max(u.nbytes for u in ring.units)
         assert torch.equal(run(pipe).cpu(), reference)
     finally:
         handle.remove()
@@ -104,12 +114,12 @@ def test_auto_writes_a_split_plan_into_the_map_and_the_saved_map_dispatches_agai
         p.startswith(b + ".") for b in dmap.paths(Placement.LAYER_WINDOW))}
     assert nested, "kept submodules appear as 'gpu' entries inside their blocks"
     text = dmap.to_json()
-    streamed_before = {n: [s.nbytes for s in r.blocks] for n, r in _rings(handle).items()}
+    streamed_before = {n: [u.nbytes for u in r.units] for n, r in _rings(handle).items()}
     handle.remove()
     again = dispatch_pipeline(pipe, device_map=DeviceMap.from_json(text))
     try:
         for name, ring in _rings(again).items():
-            assert all(s.nbytes < whole for s, whole in zip(ring.blocks, streamed_before[name]))
+            assert all(u.nbytes < whole for u, whole in zip(ring.units, streamed_before[name]))
         assert torch.equal(run(pipe).cpu(), reference)
     finally:
         again.remove()
@@ -120,11 +130,15 @@ def test_zero_size_tensors_get_views_and_add_no_cut():
     block.a = torch.nn.Linear(4, 4)
     block.z = torch.nn.Module()
     block.z.register_buffer("e", torch.zeros(0))
-    refs = [TensorRef(block.a, "weight", True, "b.a.weight"), TensorRef(block.a, "bias", True, "b.a.bias"),
-            TensorRef(block.z, "e", False, "b.z.e")]
-    packed = PackedTensors(refs, pin=False)
-    assert len(packed.host_views) == len(refs) and block.z.e is packed.host_views[-1]  # bound like the others
-    assert packed.split_points("b") == ()  # the only cut would keep everything but an empty buffer
+    refs = [TensorRef(block.a, "weight", True, "b.a.weight", "b.a"), TensorRef(block.a, "bias", True, "b.a.bias", "b.a"),
+            TensorRef(block.z, "e", False, "b.z.e", "b.z")]
+    host = HostBuffer([r.tensor for r in refs])
+    for index, ref in enumerate(refs):
+        host.write(index, ref.tensor)
+    unit = OffloadedUnit("b", refs, host, SyncOrdering(torch.device("cpu")))
+    unit.bind_host()
+    assert len(unit.host_views) == len(refs) and block.z.e is unit.host_views[-1]  # bound like the others
+    assert unit.split_points() == ()  # the only cut would keep everything but an empty buffer
 
 
 def test_refresh_after_a_split_plan_keeps_the_map_dispatchable(case, target, monkeypatch):
@@ -133,7 +147,7 @@ def test_refresh_after_a_split_plan_keeps_the_map_dispatchable(case, target, mon
     for _ in range(2):
         run(pipe)
     first = {p for p, e in handle.device_map.entries.items() if e.placement is Placement.GPU}
-    monkeypatch.setattr(handle._runtime, "modules_changed", lambda: True)  # as after loading a LoRA
+    monkeypatch.setattr(handle.runtime, "modules_changed", lambda: True)  # as after loading a LoRA
     handle.refresh()  # rebuilds under the map the first plan wrote; the new runtime plans again
     for _ in range(3):
         assert torch.equal(run(pipe).cpu(), reference)

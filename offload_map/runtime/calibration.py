@@ -1,6 +1,6 @@
 """Calibration: timing one forward of a streamed DiT, block by block, into a ``ModelCost``.
 
-A ``BlockTimer`` is armed on a ``Prefetcher``. It lets ``skip`` forwards go by untimed (the first forward
+A ``BlockTimer`` is armed on a ``BlockRing`` (``Runtime.arm_calibration``). It lets ``skip`` forwards go by untimed (the first forward
 of a process pays for lazy CUDA initialisation: library handles, kernel loading), then times one. It puts a timing mark on the compute
 stream when the forward starts (resetting the allocator's peak counter, once), when each block starts (after its copy has landed) and ends, and when
 the forward ends, and marks each block copy the forward issues on the copy stream; then it waits once for
@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from .cost_model import BlockCost, ModelCost
+from ..planning.cost_model import BlockCost, ModelCost
 
 
 def median_rate(copies: list[tuple[int, float]]) -> float | None:
@@ -61,7 +61,7 @@ class BlockTimer:
         self.skip = skip
         self.marks: list[tuple[int, object, object]] = []
         self.pending: dict[int, object] = {}
-        self.copies: list[tuple[int, object, object]] = []  # filled by SlotRing.load while timing
+        self.copies: list[tuple[int, object, object]] = []  # filled by OffloadedUnit.load while timing
         self.start = None
         self.base_memory = 0
 

@@ -1,4 +1,4 @@
-"""The vocabulary of a device map: where a module lives, and what part it plays in a pipeline."""
+"""The vocabulary of a device map: where a module's weights live."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ class Placement(str, Enum):
       device just before it runs and dropped from it when a module it excludes runs.
     - ``LAYER_WINDOW`` (``"layer-window"``): one block of a DiT's block list, streamed through a small
       ring of device slots while the neighbouring blocks compute.
+
+    Example:
+        >>> Placement.parse("gpu", "entry 'vae'")
+        <Placement.GPU: 'gpu'>
     """
 
     GPU = "gpu"
@@ -27,24 +31,3 @@ class Placement(str, Enum):
         except ValueError:
             valid = ", ".join(repr(p.value) for p in cls)
             raise ValueError(f"{where}: unknown placement {value!r}; expected one of {valid}") from None
-
-
-class Role(str, Enum):
-    """What a pipeline component does; decides which components may share the device."""
-
-    DIT = "dit"
-    ENCODER = "encoder"
-    VAE = "vae"
-    OTHER = "other"
-
-    def excludes(self, other: "Role") -> bool:
-        """Whether a pinned component of this role must leave the device before one of ``other`` runs.
-
-        Encoders run together (CLIP then T5) and so do VAEs; every DiT runs alone, so Wan2.2's two
-        experts exclude each other. Components of role ``OTHER`` never evict and are never evicted.
-        """
-        if Role.OTHER in (self, other):
-            return False
-        if self is Role.DIT:
-            return True
-        return self is not other

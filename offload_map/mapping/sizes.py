@@ -1,19 +1,20 @@
-"""Reading a device memory budget: accelerate's ``max_memory`` convention or a plain size."""
+"""Sizes: reading a memory budget (accelerate's ``max_memory`` convention) and printing byte counts."""
 
 from __future__ import annotations
 
-import re
-
 import torch
+from accelerate.utils import convert_file_size_to_int
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-MAX_SIZE = 2**60  # an exabyte: anything larger is a typo
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
+from .schema import MAX_SIZE
 
 
 def parse_size(value: "int | float | str", what: str = "size") -> int:
-    """Bytes in ``value``: an int, or a string like ``"12GiB"``, ``"12GB"`` (10**9), ``"512MiB"``.
+    """Bytes in ``value``: a number of bytes, or a string in accelerate's ``max_memory`` format
+    (``accelerate.utils.convert_file_size_to_int``): ``"12GiB"``, ``"512MiB"``, ``"12GB"`` (10**9 bytes; a
+    lower-case ``b``, as in ``"12Gb"``, means bits there).
+
+    Raises:
+        ValueError: ``value`` is not such a size, or is outside 1 byte .. ``MAX_SIZE``; the message shows the forms.
 
     Example:
         >>> parse_size("1.5GiB")
@@ -21,15 +22,17 @@ def parse_size(value: "int | float | str", what: str = "size") -> int:
     """
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError(f"{what} must be a size like '12GiB' or a number of bytes, got {value!r:.40}")
+    nbytes = value
     if isinstance(value, str):
-        match = _SIZE.match(value)
-        unit = match.group(2).upper() if match else None
-        if unit not in _UNITS:
+        try:
+            nbytes = convert_file_size_to_int(value)
+        except (ValueError, OverflowError):  # OverflowError: "infGiB"
+            nbytes = -1
+        if nbytes < 0:
             raise ValueError(f"{what} {value!r:.40} is not a size; write e.g. '12GiB', '12GB' or '512MiB'")
-        value = float(match.group(1)) * _UNITS[unit]
-    if not (1 <= value <= MAX_SIZE):  # NaN fails both comparisons; ints compare exactly, however large
+    if not 1 <= nbytes <= MAX_SIZE:  # NaN fails both comparisons
         raise ValueError(f"{what} must be between 1 byte and {MAX_SIZE:.0e} bytes, got {value!r:.40}")
-    return int(value)
+    return int(nbytes)
 
 
 def device_budget(device: torch.device, max_memory: dict | None, gpu_budget) -> int | None:
@@ -37,6 +40,10 @@ def device_budget(device: torch.device, max_memory: dict | None, gpu_budget) -> 
 
     Raises:
         ValueError: both are given, ``max_memory`` has no entry for the device, or a size is malformed.
+
+    Example:
+        >>> device_budget(torch.device("cpu"), {"cpu": "1GiB"}, None)
+        1073741824
     """
     if max_memory is not None and gpu_budget is not None:
         raise ValueError("pass either max_memory or gpu_budget, not both")
@@ -51,3 +58,18 @@ def device_budget(device: torch.device, max_memory: dict | None, gpu_budget) -> 
         if key in max_memory:
             return parse_size(max_memory[key], f"max_memory[{key!r}]")
     raise ValueError(f"max_memory {max_memory!r} has no entry for the target device {device} (expected key {keys[0]!r})")
+
+
+def human_bytes(n: int) -> str:
+    """``1536`` -> ``"1.5 KiB"``.
+
+    Example:
+        >>> human_bytes(1536), human_bytes(3 * 2**30)
+        ('1.5 KiB', '3.0 GiB')
+    """
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"

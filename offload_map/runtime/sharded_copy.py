@@ -8,9 +8,11 @@ once. The slot's first ``nbytes`` then hold exactly the host bytes, as a direct 
 bit-identical. Slots are padded to ``N * chunk`` bytes; the padding receives the unused tail of the last
 rank's chunk and is never viewed.
 
-Ownership: the copier owns nothing but its group; ``SlotRing.load`` calls it on the copy stream (the
-collective is ordered there too), the slot's ``ready`` event is recorded after it. A collective that fails
-or times out (another rank stopped, or the ranks diverged) raises a ``RuntimeError`` naming the block.
+The all-gather writes straight into the slot, the rank's own chunk being its input in place (a view of
+the output): no tensor is allocated per block. Ownership: the copier owns nothing but its group;
+``OffloadedUnit.load`` calls it on the copy stream (the collective is ordered there too), the slot's
+``ready`` event is recorded after it. A collective that fails or times out (another rank stopped, or the
+ranks diverged) raises a ``RuntimeError`` naming the block.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from .host_storage import ALIGN
+from .host_buffer import ALIGN
+
+# torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
+_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class DirectCopy:
@@ -65,15 +70,16 @@ class ShardedCopy:
     def __call__(self, buffer: torch.Tensor, src: torch.Tensor, pinned: bool, path: str) -> None:
         nbytes = src.numel()
         chunk = self.chunk(nbytes)
-        parts = [buffer[i * chunk:(i + 1) * chunk] for i in range(self.size)]
+        gathered = buffer[:chunk * self.size]
         start = self.index * chunk
+        own = gathered[start:start + chunk]
         mine = self.host_bytes(nbytes)
         if mine:
-            parts[self.index][:mine].copy_(src[start:start + mine], non_blocking=pinned)
+            own[:mine].copy_(src[start:start + mine], non_blocking=pinned)
         try:
             if buffer.device.type == "cpu":
                 self._check_same_block(nbytes, path)
-            dist.all_gather(parts, parts[self.index].clone(), group=self.group)
+            _all_gather_into(gathered, own, group=self.group)
         except RuntimeError as err:
             raise RuntimeError(
                 f"the all-gather of {path} across the ranks of this host failed: another rank stopped or the ranks "

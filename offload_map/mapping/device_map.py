@@ -6,8 +6,8 @@ A tensor belongs to the entry with the longest path that contains it, so ``"tran
 ``"transformer.blocks.3": "layer-window"`` keeps everything of the transformer resident except block 3,
 and ``"transformer.blocks.3.ff": "gpu"`` besides keeps that submodule of the streamed block resident, so
 only the rest of block 3 goes through a slot (``strategy="auto"`` writes its split blocks this way).
-Binding a map to a pipeline (``offload_map.plan.bind``) checks that every tensor is covered; this file
-never looks at a pipeline.
+Binding a map to a pipeline (``offload_map.planning.bind``) checks every rule against the pipeline;
+this file holds the map as data and reads and writes it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,12 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .placement import Placement, Role
+from ..collect.components import ModuleDiscovery, Role
+from ..collect.tensors import collect_tensors
+from .ownership import assign_tensors, entry_module, owning_component
+from .placement import Placement
+from .schema import parse_json, typed
+from .sizes import human_bytes
 
 FORMAT_VERSION = 1
 
@@ -85,9 +90,30 @@ class DeviceMap:
         except KeyError:
             raise KeyError(f"no device map entry {path!r}; entries start with {list(self.entries)[:6]}") from None
 
-    def paths(self, placement: Placement) -> list[str]:
-        """Entry paths with the given placement, in map order."""
-        return [e.path for e in self.entries.values() if e.placement is placement]
+    def paths(self, placement: "str | Placement | None" = None) -> list[str]:
+        """Entry paths in map order: all of them, or those with ``placement`` (a ``Placement`` or its name)."""
+        if placement is None:
+            return list(self.entries)
+        wanted = Placement.parse(placement, "paths()")
+        return [e.path for e in self.entries.values() if e.placement is wanted]
+
+    def placements(self) -> dict[str, Placement]:
+        """Entry path -> placement, in map order."""
+        return {path: entry.placement for path, entry in self.entries.items()}
+
+    def sized(self, owned: dict) -> "DeviceMap":
+        """A copy of the map whose entries record the bytes and dtypes of the tensors they own (``owned``, from
+        ``ownership.assign_tensors``)."""
+        out = DeviceMap(self.device, dict(self.components), {}, self.window, self.strategy)
+        for path, entry in self.entries.items():
+            refs = owned[path]
+            dtypes = "+".join(sorted({str(r.tensor.dtype).removeprefix("torch.") for r in refs}))
+            out.entries[path] = MapEntry(path, entry.placement, sum(r.nbytes for r in refs), dtypes)
+        return out
+
+    def copy(self) -> "DeviceMap":
+        """An independent copy (entries are immutable, so a shallow copy of the tables suffices)."""
+        return DeviceMap(self.device, dict(self.components), dict(self.entries), self.window, self.strategy)
 
     def bytes_by_placement(self) -> dict[Placement, int]:
         """Bytes owned by each placement (every placement present, zero when unused)."""
@@ -117,27 +143,26 @@ class DeviceMap:
         Raises:
             ValueError: a field is missing or of the wrong type, a role or placement is unknown, or a path repeats.
         """
+        where = "device map"
         version = data.get("version") if isinstance(data, dict) else None
         if type(version) is not int or version != FORMAT_VERSION:
             raise ValueError(f"not an offload_map device map of version {FORMAT_VERSION} (a {type(data).__name__} with version {version!r:.40})")
-        comps = _typed(data, "components", dict)
+        comps = typed(data, "components", dict, where)
         for name, role in comps.items():
             if not isinstance(name, str) or not isinstance(role, str) or role not in {r.value for r in Role}:
                 raise ValueError(f"device map component {name!r:.80}: unknown role {role!r:.80}; expected one of {[r.value for r in Role]}")
-        strategy = data.get("strategy", "custom")
-        if not isinstance(strategy, str):
-            raise ValueError(f"device map field 'strategy' must be a str, got a {type(strategy).__name__}")
-        dmap = cls(_typed(data, "device", str), comps, {}, _typed(data, "window", int), strategy)
-        for i, raw in enumerate(_typed(data, "entries", list)):
+        strategy = typed({"strategy": "custom", **data}, "strategy", str, where)
+        dmap = cls(typed(data, "device", str, where), comps, {}, typed(data, "window", int, where), strategy)
+        for i, raw in enumerate(typed(data, "entries", list, where)):
             if not isinstance(raw, dict):
                 raise ValueError(f"device map entry #{i} must be an object, got a {type(raw).__name__}")
-            path = _typed(raw, "path", str)
+            path = typed(raw, "path", str, f"device map entry #{i}")
             if path in dmap.entries:
                 raise ValueError(f"device map entry {path!r} appears twice")
             nbytes = raw.get("bytes", 0)
             if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
                 raise ValueError(f"device map entry {path!r}: bytes must be a non-negative int, got {nbytes!r}")
-            placement = Placement.parse(_typed(raw, "placement", str), f"device map entry {path!r}")
+            placement = Placement.parse(typed(raw, "placement", str, f"device map entry {path!r}"), f"device map entry {path!r}")
             dmap.entries[path] = MapEntry(path, placement, nbytes, str(raw.get("dtype", "")))
         return dmap
 
@@ -166,17 +191,21 @@ class DeviceMap:
         ``"layer-window"`` map to ``"cpu"``, where accelerate would offload them. An entry with entries
         nested inside it is written as the tensors it owns, so keys never overlap (accelerate's rule).
         Names are relative to the component, as ``accelerate.dispatch_model(component, device_map=...)``
-        expects. Binding to ``pipeline`` validates the map first.
-        """
-        from .plan import bind  # plan builds on this module
+        expects.
 
-        plan = bind(self, pipeline)
+        Raises:
+            ValueError: an entry names no module of ``pipeline``, or some tensor is covered by no entry.
+        """
+        found = ModuleDiscovery.discover(pipeline)
+        comps = {c.name: c for c in found.components.values()}
+        modules = {path: entry_module(path, comps, self.components) for path in self.entries}
+        assign_tensors(self.placements(), collect_tensors(found))  # every tensor covered, or the error says which
         index = self.device.partition(":")[2] or "0"
         out: dict[str, dict[str, int | str]] = {name: {} for name in self.components}
-        for path, unit in plan.units.items():
+        for path, entry in self.entries.items():
             comp = owning_component(path, self.components)
-            value = int(index) if unit.placement is Placement.GPU and self.device != "cpu" else "cpu"
-            for name in _disjoint_names(path, unit.module, plan.units):
+            value = int(index) if entry.placement is Placement.GPU and self.device != "cpu" else "cpu"
+            for name in _disjoint_names(path, modules[path], self.entries):
                 out[comp][name[len(comp):].lstrip(".") if comp else name] = value
         return out
 
@@ -202,43 +231,6 @@ def check_window(window: object) -> int:
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise ValueError(f"window must be an int >= 1 (device slots per DiT), got {window!r}")
     return window
-
-
-def owning_component(path: str, components: dict[str, Role]) -> str:
-    """The component that contains module ``path`` (``""`` is the root component of a lone DiT)."""
-    best = None
-    for name in components:
-        if path == name or not name or path.startswith(name + "."):
-            if best is None or len(name) > len(best):
-                best = name
-    if best is None:
-        raise KeyError(f"device map path {path!r} is in no component; components are {list(components)}")
-    return best
-
-
-def parse_json(text: str, what: str):
-    """``json.loads`` whose every failure, nesting too deep included, is a ValueError naming ``what``."""
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as err:
-        raise ValueError(f"{what} is not valid JSON: {type(err).__name__}: {str(err)[:200]}") from None
-
-
-def _typed(data: dict, key: str, kind: type):
-    value = data.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise ValueError(f"device map field {key!r} must be a {kind.__name__}, got {value!r:.80}")
-    return value
-
-
-def human_bytes(n: int) -> str:
-    """``1536`` -> ``"1.5 KiB"``."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 _NUMBERED = re.compile(r"^(.*\.)(\d+)$")

@@ -1,18 +1,4 @@
-"""accelerate ``ModelHook``s that drive the runtime, and attaching them so that removal leaves no trace.
-
-- ``ComponentHook`` sits on every component. It exposes ``execution_device`` (diffusers pipelines read it
-  to place latents), moves tensor inputs there, makes room for the component (``Swapper.activate``) and,
-  on a streamed DiT, tells its prefetchers where each forward begins and ends. diffusers' VAEs call
-  ``_hf_hook.pre_forward`` from ``decode``/``encode`` too, so a pinned VAE is loaded for those.
-- ``BlockHook`` sits on every streamed block: it asks the prefetcher for the block's slot before the
-  block runs and releases it after.
-
-Both stay out of ``torch.compile`` graphs (``torch.compiler.disable``): they move bytes, record events and
-rebind parameters, which a graph must not capture. With regional compilation (diffusers'
-``compile_repeated_blocks``, before or after dispatch) a block's own forward is compiled and the hooks run
-eagerly around it; parameters rebound to another slot keep their shape, dtype and strides, so the compiled
-block is reused without recompiling.
-"""
+"""``ComponentGuard``: refuses forwards of an offloaded component that would compute with the wrong weights."""
 
 from __future__ import annotations
 
@@ -20,63 +6,7 @@ import sys
 import threading
 
 import torch
-from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
 from torch import nn
-
-from .prefetcher import Prefetcher
-from .swapper import Swapper
-
-
-class ComponentHook(ModelHook):
-    """Before a component runs: evict what it excludes, load it if pinned, move inputs to its device."""
-
-    def __init__(self, name: str, device: torch.device, swapper: Swapper, prefetchers: list[Prefetcher]) -> None:
-        self.name = name
-        self.execution_device = device
-        self.swapper = swapper
-        self.prefetchers = prefetchers
-
-    @torch.compiler.disable
-    def pre_forward(self, module, *args, **kwargs):
-        self.swapper.activate(self.name)
-        for prefetcher in self.prefetchers:
-            prefetcher.begin_forward()
-        return _to_device(args, self.execution_device), {k: _to_device((v,), self.execution_device)[0] for k, v in kwargs.items()}
-
-    @torch.compiler.disable
-    def post_forward(self, module, output):
-        for prefetcher in self.prefetchers:
-            prefetcher.end_forward()
-        return output
-
-
-class BlockHook(ModelHook):
-    """Around a streamed block: take its slot (waiting for its copy on the device), then free it."""
-
-    def __init__(self, prefetcher: Prefetcher, index: int, path: str) -> None:
-        self.prefetcher = prefetcher
-        self.index = index
-        self.path = path
-        self._range = None
-
-    @torch.compiler.disable
-    def pre_forward(self, module, *args, **kwargs):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                f"{self.path} is streamed through a layer window, which is for inference only: its weights are "
-                "overwritten once it ran, so autograd could not use them. Run under torch.no_grad() or "
-                "torch.inference_mode() (diffusers pipelines already do)."
-            )
-        self.prefetcher.enter(self.index)
-        self._range = torch.profiler.record_function(f"offload_map::compute {self.path}")
-        self._range.__enter__()
-        return args, kwargs
-
-    @torch.compiler.disable
-    def post_forward(self, module, output):
-        self._range.__exit__(None, None, None)
-        self.prefetcher.exit(self.index)
-        return output
 
 
 class ComponentGuard:
@@ -165,24 +95,3 @@ def _signature(module: nn.Module) -> tuple[int, int]:
 
 def _tensor_names(module: nn.Module) -> frozenset[str]:
     return frozenset(n for n, _ in module.named_parameters()) | frozenset(n for n, _ in module.named_buffers())
-
-
-def _to_device(values: tuple, device: torch.device) -> tuple:
-    # Only top-level tensors move: containers keep their identity, since some modules (Wan's VAE decoder
-    # caches) mutate list arguments in place and accelerate's send_to_device would hand them copies.
-    return tuple(v.to(device) if isinstance(v, torch.Tensor) else v for v in values)
-
-
-def attach(module: nn.Module, hook: ModelHook) -> None:
-    """``add_hook_to_module``, refusing to stack on a hook someone else put there."""
-    if hasattr(module, "_hf_hook"):
-        raise RuntimeError(f"{type(module).__name__} already has an accelerate hook")
-    module.__dict__["_offload_map_had_forward"] = "forward" in module.__dict__
-    add_hook_to_module(module, hook)
-
-
-def detach(module: nn.Module) -> None:
-    """Undo ``attach``: accelerate leaves the original bound ``forward`` in the instance dict; drop it too."""
-    remove_hook_from_module(module)
-    if not module.__dict__.pop("_offload_map_had_forward", True):
-        module.__dict__.pop("forward", None)

@@ -15,7 +15,8 @@ import os
 import torch
 
 from .checkpoint import Checkpoint, CheckpointError
-from .plan import ExecutionPlan, TensorRef
+from ..collect.tensors import TensorRef
+from ..planning.bind import ExecutionPlan
 
 
 class WeightSource:

@@ -8,7 +8,7 @@ Strategies:
 - ``"layerwise"``: as ``"model"``, except each DiT is ``"gpu"`` with its blocks ``"layer-window"``,
   streamed through ``window`` slots.
 - ``"auto"`` (needs a budget): everything ``"gpu"`` if the whole pipeline fits the budget, else as
-  ``"layerwise"``; the blocks to keep resident are chosen after the second forward (``auto.AutoPlanner``).
+  ``"layerwise"``; the blocks to keep resident are chosen after the second forward (``offload_map.auto``).
 
 With a budget (``"auto"`` or ``"layerwise"``), encoders and VAEs are placed one by one: smallest first,
 each stays ``"gpu"`` while it fits beside the largest DiT held entirely resident (a resident encoder saves a
@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import logging
 
-from .auto import ACTIVATION_SHARE, fits_entirely
-from .blocks import get_blocks
+from ..collect.components import ModuleDiscovery, PipelineModules, Role
+from ..collect.tensors import TensorRef, collect_tensors
+from .device_map import DeviceMap, check_window
 from .devices import resolve_device
-from .device_map import DeviceMap, MapEntry, check_window, human_bytes, owning_component
-from .module_collector import ModuleDiscovery
-from .placement import Placement, Role
-from .plan import bind
-from .planner import BudgetTooSmall
+from .memory import ACTIVATION_SHARE, BudgetTooSmall, device_footprint, fits_entirely
+from .ownership import assign_tensors, owning_component
+from .placement import Placement
+from .sizes import human_bytes
 
 logger = logging.getLogger("offload_map")
 
@@ -49,10 +49,10 @@ def compile_device_map(pipeline: object, strategy: str = "model", device=None, w
 
     Args:
         pipeline: a diffusers pipeline, an object holding ``nn.Module``s, or an ``nn.Module``.
-        strategy: ``"none"``, ``"model"`` or ``"layerwise"``.
+        strategy: ``"none"``, ``"model"``, ``"layerwise"`` or ``"auto"`` (with a budget).
         device: target device; ``None`` picks this rank's GPU, or the CPU without one.
         window: device slots per streamed DiT (``"layerwise"``); more than the blocks means all resident.
-        budget: device bytes the map may use (``"auto"``, ``"layerwise"``), e.g. from ``budget.parse_size``.
+        budget: device bytes the map may use (``"auto"``, ``"layerwise"``), e.g. from ``sizes.parse_size``.
 
     Returns:
         The map, with each entry's bytes and dtype filled in. Nothing has moved.
@@ -67,26 +67,33 @@ def compile_device_map(pipeline: object, strategy: str = "model", device=None, w
         >>> dmap["transformer.double_blocks.0"]
         <Placement.LAYER_WINDOW: 'layer-window'>
     """
+    found = ModuleDiscovery.discover(pipeline)
+    return compile_found(found, collect_tensors(found), strategy, str(resolve_device(device)), window, budget)
+
+
+def compile_found(found: PipelineModules, tensors: list[TensorRef], strategy: str, device: str, window: int,
+                  budget: int | None) -> DeviceMap:
+    """``compile_device_map`` on a pipeline already discovered (``found``, its ``tensors``) for a resolved device."""
     strategy = check_strategy(strategy)
     check_window(window)
     if strategy == "auto" and budget is None:
         raise ValueError("strategy 'auto' needs a budget: pass max_memory={0: '12GiB'} or gpu_budget='12GiB'")
-    dev = resolve_device(device)
-    found = ModuleDiscovery.discover(pipeline)
-    dmap = _place(found, strategy if strategy != "auto" else "layerwise", str(dev), window)
+    dmap = _sized(_place(found, "layerwise" if strategy == "auto" else strategy, device, window), tensors)
     dmap.strategy = strategy
-    dmap = with_sizes(dmap, pipeline)
     if budget is None:
         return dmap
     if strategy == "auto" and fits_entirely(sum(dmap.bytes_by_placement().values()), budget):
-        dmap = with_sizes(_place(found, "none", str(dev), window), pipeline)
+        dmap = _sized(_place(found, "none", device, window), tensors)
         dmap.strategy = "auto"
         return dmap
     _keep_encoders(dmap, budget)
-    plan = bind(dmap, pipeline)  # placements are final here; only the window changes below
-    dmap = _fit_window(dmap, plan, budget)
-    _warn_pinned_over_budget(dmap, plan, budget)
+    _fit_window(dmap, budget)
+    _warn_pinned_over_budget(dmap, budget)
     return dmap
+
+
+def _sized(dmap: DeviceMap, tensors: list[TensorRef]) -> DeviceMap:
+    return dmap.sized(assign_tensors(dmap.placements(), tensors))
 
 
 def _component_bytes(dmap: DeviceMap) -> dict[str, int]:
@@ -110,25 +117,31 @@ def _keep_encoders(dmap: DeviceMap, budget: int) -> None:
         held += sizes[name]
 
 
-def _fit_window(dmap: DeviceMap, plan, budget: int) -> DeviceMap:
-    resident = sum(u.nbytes for u in plan.resident)
-    largest = max((u.nbytes for ring in plan.rings for u in ring.blocks), default=0)
-    if resident + largest > budget:
-        raise BudgetTooSmall(budget, resident + largest)
-    while dmap.window > 1 and resident + dmap.window * largest > budget:
+def _footprint(dmap: DeviceMap, window: int) -> int:
+    # Resident weights plus, for every streamed DiT, its slots sized for its largest block.
+    resident = sum(e.nbytes for e in dmap.entries.values() if e.placement is Placement.GPU)
+    blocks: dict[str, list[int]] = {}
+    for entry in dmap.entries.values():
+        if entry.placement is Placement.LAYER_WINDOW:
+            blocks.setdefault(owning_component(entry.path, dmap.components), []).append(entry.nbytes)
+    return resident + sum(device_footprint(0, max(sizes), min(window, len(sizes))) for sizes in blocks.values())
+
+
+def _fit_window(dmap: DeviceMap, budget: int) -> None:
+    if _footprint(dmap, 1) > budget:
+        raise BudgetTooSmall(budget, _footprint(dmap, 1))
+    while dmap.window > 1 and _footprint(dmap, dmap.window) > budget:
         dmap.window -= 1
-    return dmap
 
 
-def _warn_pinned_over_budget(dmap: DeviceMap, plan, budget: int) -> None:
+def _warn_pinned_over_budget(dmap: DeviceMap, budget: int) -> None:
     # While pinned components run, a DiT's resident blocks leave but its non-block weights and slots stay;
     # components of one role (CLIP and T5) are on the device together.
-    floor = sum(u.nbytes for u in plan.resident) + sum(min(dmap.window, len(r.blocks)) * max(u.nbytes for u in r.blocks)
-                                                      for r in plan.rings)
+    floor = _footprint(dmap, dmap.window)
     together: dict[Role, list[str]] = {}
-    for comp in plan.components:
-        if comp.placement is Placement.CPU_PINNED and comp.role is not Role.DIT:
-            together.setdefault(comp.role, []).append(comp.name)
+    for name, role in dmap.components.items():
+        if dmap[name] is Placement.CPU_PINNED and role is not Role.DIT:
+            together.setdefault(role, []).append(name)
     sizes = _component_bytes(dmap)
     for role, names in together.items():
         peak = floor + sum(sizes[n] for n in names)
@@ -141,12 +154,12 @@ def _warn_pinned_over_budget(dmap: DeviceMap, plan, budget: int) -> None:
             )
 
 
-def _place(found, strategy: str, device: str, window: int) -> DeviceMap:
+def _place(found: PipelineModules, strategy: str, device: str, window: int) -> DeviceMap:
     dmap = DeviceMap(device, {c.name: c.role for c in found.components.values()}, window=window, strategy=strategy)
     for comp in found.components.values():
         offloaded = strategy != "none" and comp.role is not Role.OTHER and not comp.resident
         if strategy == "layerwise" and comp.role is Role.DIT and offloaded:
-            blocks = get_blocks(comp.module)
+            blocks = comp.blocks()
             if not blocks:
                 raise ValueError(
                     f"{type(comp.module).__name__} ({comp.name or 'the pipeline'}) has no block lists to stream. Declare "
@@ -155,16 +168,7 @@ def _place(found, strategy: str, device: str, window: int) -> DeviceMap:
                 )
             dmap[comp.name] = Placement.GPU
             for path, _ in blocks:
-                dmap[f"{comp.name}.{path}".lstrip(".")] = Placement.LAYER_WINDOW
+                dmap[path] = Placement.LAYER_WINDOW
         else:
             dmap[comp.name] = Placement.CPU_PINNED if offloaded else Placement.GPU
-    return dmap
-
-
-def with_sizes(dmap: DeviceMap, pipeline: object) -> DeviceMap:
-    """``dmap`` with every entry's bytes and dtype read from ``pipeline`` (validates the map on the way)."""
-    plan = bind(dmap, pipeline)
-    for path, unit in plan.units.items():
-        dtypes = sorted({str(t.tensor.dtype).removeprefix("torch.") for t in unit.tensors})
-        dmap.entries[path] = MapEntry(path, unit.placement, unit.nbytes, "+".join(dtypes))
     return dmap

@@ -6,11 +6,9 @@ import logging
 
 import torch
 
-from .base import OffloadBackend
+from ..mapping.devices import resolve_device
+from .backend import LayerWiseOffloadBackend, ModelLevelOffloadBackend, OffloadBackend
 from .config import OffloadConfig, OffloadStrategy
-from .devices import resolve_device
-from .layerwise_backend import LayerWiseOffloadBackend
-from .sequential_backend import ModelLevelOffloadBackend
 
 logger = logging.getLogger("offload_map")
 

@@ -1,11 +1,13 @@
-"""The ordering primitives the runtime uses: a copy stream and events, or their synchronous CPU stand-ins.
+"""The ordering primitives of the runtime: one copy stream and events, or their synchronous CPU stand-ins.
 
-``CudaOrdering`` owns the one dedicated copy stream of a dispatched pipeline. Host-to-device copies are
-issued on it; the compute stream is whatever stream is current when a module runs. Work is ordered across
-the two with events only (``record`` / ``wait_event``): nothing here blocks the host.
+``CudaOrdering`` owns the one dedicated copy stream of a dispatch. Every host-to-device weight copy is issued
+on it (block loads into slots, kept block parts, pinned components), so it is the only stream that reads
+host buffers. The compute stream is whatever stream is current when a module runs (a user's own stream
+included). Work is ordered across streams with events only (``record`` / ``wait_event``); the host waits
+(``wait_copies``, ``synchronize``) only outside the steady state: refresh, re-plan, restore.
 
 ``SyncOrdering`` runs the same runtime code on the CPU: copies happen at once and events are no-ops, so
-CI exercises the slot ring's bookkeeping (a wrong slot shows up as wrong numbers) without a GPU.
+CI exercises the runtime's bookkeeping (a wrong slot shows up as wrong numbers) without a GPU.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ class CudaOrdering:
         # Orders every host-to-device weight copy of this dispatch, one after another, so the link stays busy.
         self.copy_stream = torch.cuda.Stream(device)
 
+    def compute_stream(self) -> torch.cuda.Stream:
+        """The stream modules run on now: the current stream of the device."""
+        return torch.cuda.current_stream(self.device)
+
     def event(self) -> torch.cuda.Event:
         return torch.cuda.Event()
 
@@ -36,18 +42,25 @@ class CudaOrdering:
         event.record(self.copy_stream)
 
     def record_compute(self, event: torch.cuda.Event) -> None:
-        event.record(torch.cuda.current_stream(self.device))
+        event.record(self.compute_stream())
 
     def copy_waits(self, event: torch.cuda.Event) -> None:
         self.copy_stream.wait_event(event)
 
     def compute_waits(self, event: torch.cuda.Event) -> None:
-        torch.cuda.current_stream(self.device).wait_event(event)
+        self.compute_stream().wait_event(event)
 
-    def drain(self) -> None:
-        """Wait, on the host, for every copy issued so far; before slots or host buffers are freed."""
-        torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+    def stream_waits(self, stream: torch.cuda.Stream, event: torch.cuda.Event) -> None:
+        stream.wait_event(event)
+
+    def wait_copies(self) -> None:
+        """The host waits for every copy issued so far (before host buffers are written or released)."""
         self.copy_stream.synchronize()
+
+    def synchronize(self) -> None:
+        """The host waits for all work on the device, on every stream (before ``restore`` frees anything that a
+        user's stream may still read)."""
+        torch.cuda.synchronize(self.device)
 
     def stamp(self) -> torch.cuda.Event:
         """A timing mark on the current stream: compute, or the copy stream inside ``on_copy_stream`` (calibration only)."""
@@ -71,6 +84,9 @@ class SyncOrdering:
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
+    def compute_stream(self) -> None:
+        return None
+
     def event(self) -> None:
         return None
 
@@ -89,7 +105,13 @@ class SyncOrdering:
     def compute_waits(self, event: None) -> None:
         pass
 
-    def drain(self) -> None:
+    def stream_waits(self, stream: None, event: None) -> None:
+        pass
+
+    def wait_copies(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
         pass
 
     def stamp(self) -> float:

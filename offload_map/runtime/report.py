@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .device_map import DeviceMap, human_bytes
-from .placement import Placement
+from ..mapping.device_map import DeviceMap
+from ..mapping.sizes import human_bytes
+from ..mapping.placement import Placement
 
 
 @dataclass

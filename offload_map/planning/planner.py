@@ -26,8 +26,9 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from ..mapping.memory import BudgetTooSmall, device_footprint
+from ..mapping.sizes import human_bytes
 from .cost_model import ModelCost, Timeline, floor_s, load_bytes, simulate
-from .device_map import human_bytes
 
 WINDOWS = (1, 2, 3, 4)
 # Split-block levels: a block's streamed part aims at level x (bytes the link moves during its compute).
@@ -35,18 +36,6 @@ WINDOWS = (1, 2, 3, 4)
 LEVELS = tuple(0.02 * 1.01**k for k in range(800))
 # Slower "links" are corrupt profiles; they would overflow the simulated timeline.
 MIN_BANDWIDTH = 1e3
-
-
-class BudgetTooSmall(ValueError):
-    """The budget cannot hold even the smallest plan; ``minimum`` says what can."""
-
-    def __init__(self, budget: int, minimum: int) -> None:
-        super().__init__(
-            f"a device budget of {human_bytes(budget)} is below the minimum of {human_bytes(minimum)} "
-            "(resident weights + one slot for the largest block, + activations where measured); give at least that much"
-        )
-        self.budget = budget
-        self.minimum = minimum
 
 
 @dataclass(frozen=True)
@@ -121,9 +110,8 @@ class BlockPlan:
 def plan_memory(cost: ModelCost, streamed: frozenset[int], window: int, kept: Mapping[int, int] | None = None) -> int:
     """Device bytes a plan holds at its peak (see the module docstring)."""
     loads = [load_bytes(cost, i, kept) for i in streamed]
-    resident = sum(b.nbytes for b in cost.blocks) - sum(loads)
-    slots = window * max(loads, default=0)
-    return cost.other_bytes + resident + slots + cost.activation_bytes
+    resident = cost.other_bytes + sum(b.nbytes for b in cost.blocks) - sum(loads)
+    return device_footprint(resident, max(loads, default=0), window, cost.activation_bytes)
 
 
 def minimum_memory(cost: ModelCost) -> int:
@@ -139,7 +127,7 @@ def plan_blocks(cost: ModelCost, budget: int, bandwidth: float) -> BlockPlan:
         ValueError: ``bandwidth`` is not a finite number of at least ``MIN_BANDWIDTH`` bytes/s.
 
     Example:
-        >>> from offload_map.cost_model import BlockCost
+        >>> from offload_map.planning.cost_model import BlockCost
         >>> cost = ModelCost(tuple(BlockCost(f"blocks.{i}", 100, 1e-3) for i in range(4)))
         >>> plan_blocks(cost, 10_000, bandwidth=1e5).all_resident
         True

@@ -1,0 +1,149 @@
+"""``OffloadHandle``: a dispatched pipeline's device map, its report, and the way back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .auto import AutoPlanner
+from .mapping.device_map import DeviceMap
+from .runtime.report import Report
+from .runtime.runtime import Runtime
+
+HANDLE_ATTR = "_offload_map_handle"
+
+
+class OffloadHandle:
+    """A dispatched pipeline: its device map, a report, and the way back (``dispatch_pipeline`` returns it).
+
+    Attributes:
+        pipeline: the dispatched pipeline.
+    """
+
+    def __init__(self, pipeline: object, device_map: DeviceMap, runtime: Runtime, setup_seconds: float,
+                 planner: AutoPlanner | None, rebuild: Callable[[DeviceMap], tuple[DeviceMap, Runtime, AutoPlanner | None]]) -> None:
+        self.pipeline = pipeline
+        self._map = device_map
+        self._runtime = runtime
+        self._planner = planner
+        self._rebuild = rebuild
+        self._report = self._start_report(setup_seconds)
+        self._removed = False
+        if runtime.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(runtime.device)
+
+    @property
+    def device_map(self) -> DeviceMap:
+        """The ``DeviceMap`` in force. With a budget, the planner's choices replace it with a new map once the
+        calibration forward ran; a map read from here earlier is never changed behind your back."""
+        return self._planner.device_map if self._planner is not None else self._map
+
+    @property
+    def runtime(self) -> Runtime:
+        """The live runtime (advanced: its rings, host buffers and ``set_residency``); see ``offload_map.runtime``."""
+        self._check_active()
+        return self._runtime
+
+    def report(self) -> Report:
+        """Placement totals, transfers since dispatch, and peak device memory allocated since dispatch (with a
+        budget, since the calibration forward, which resets the allocator's peak counter once)."""
+        if not self._removed:  # a budget's plan may have changed placements since dispatch
+            self._report.bytes_by_placement = self.device_map.bytes_by_placement()
+            self._report.slot_bytes = self._runtime.slot_bytes
+            if self._runtime.device.type == "cuda":
+                self._report.peak_device_bytes = torch.cuda.max_memory_allocated(self._runtime.device)
+        return self._report
+
+    @property
+    def plans(self) -> dict:
+        """The planner's ``BlockPlan`` per streamed DiT (with a budget), once that DiT's second forward ran (the timed one)."""
+        return dict(self._planner.plans) if self._planner is not None else {}
+
+    def explain(self) -> str:
+        """The device map, and for each planned DiT its per-block plan and what bounds the step."""
+        parts = [str(self.device_map)]
+        if self._planner is None:
+            if self.device_map.strategy == "auto":
+                parts.append("The whole pipeline fits the budget: everything is resident ('gpu').")
+            return "\n\n".join(parts)
+        for ring in self._runtime.plan.rings:
+            plan = self._planner.plans.get(ring.component)
+            title = f"plan for {ring.component or 'the DiT'}"
+            parts.append(f"{title}:\n{plan.explain()}" if plan else f"{title}: not measured yet; its second forward times every block, then the plan is made")
+        return "\n\n".join(parts)
+
+    def refresh(self) -> None:
+        """Call after changing the weights while dispatched.
+
+        - In place (``load_state_dict``, ``fuse_lora``/``unfuse_lora``, edits): streamed blocks and components
+          that are not on the device were changed in their host buffers; those on the device (pinned components
+          loaded, kept block parts) are copied back into the host buffers. Blocks already prefetched for the next
+          step are loaded again, so every later forward computes with the new values.
+        - New or removed modules (``load_lora_weights``, ``add_adapter``, ``unload_lora_weights``,
+          ``delete_adapters``): the pipeline is put back and dispatched again under the same device map
+          (placements, window, budget), so the new tensors get their host buffers. Until then its forwards
+          are refused with a message pointing here. With a host copy shared between ranks this is collective:
+          every rank changes its modules and calls ``refresh()``. If dispatching again fails, the pipeline is
+          left as ``remove()`` leaves it and the error is raised.
+
+        Raises:
+            ValueError: a tensor changed shape or dtype in place (remove and dispatch again).
+        """
+        self._check_active()
+        if not self._runtime.modules_changed():
+            self._runtime.refresh()
+            return
+        self._runtime.restore()
+        try:
+            self._map, self._runtime, self._planner = self._rebuild(self.device_map)
+        except BaseException:
+            self._removed = True  # restored and not dispatched again: the pipeline is as remove() leaves it
+            self.pipeline.__dict__.pop(HANDLE_ATTR, None)
+            raise
+        self._report = self._start_report(self._report.setup_seconds)
+
+    def _start_report(self, setup_seconds: float) -> Report:
+        runtime = self._runtime
+        return Report.start(self.device_map, runtime.slot_bytes, setup_seconds, runtime.stats, runtime.setup_times)
+
+    @property
+    def host_copy(self):
+        """The ``shared_host.HostCopy`` this rank streams from when ranks share one (``None`` when it packs its own):
+        ``host_copy.ranks`` share it, ``host_copy.creator`` says whether this rank filled it."""
+        return self._runtime.host_copy
+
+    def on_device(self) -> list[str]:
+        """Names of the components whose weights are on the target device right now (resident or loaded).
+
+        A streamed DiT counts as on the device: its non-block modules are resident.
+        """
+        return self._runtime.on_device()
+
+    def _check_active(self) -> None:
+        if self._removed:
+            raise RuntimeError("this dispatch was already removed; the pipeline is back as it was")
+
+    def _finish(self, undo) -> None:
+        self._check_active()
+        undo()
+        self._removed = True
+        self.pipeline.__dict__.pop(HANDLE_ATTR, None)
+
+    def remove(self) -> None:
+        """Put the pipeline back as it was: hooks gone, every tensor on its original device, bit-identical.
+
+        Raises:
+            RuntimeError: called a second time.
+        """
+        self._finish(self._runtime.restore)
+
+    def detach(self) -> None:
+        """Remove the hooks; streamed blocks point at their host buffers, every other tensor stays where it is
+        now (a pinned component that is loaded stays on the device). Unlike ``remove()``, nothing goes back
+        to its original device; slots are freed."""
+        self._finish(self._runtime.detach)
+
+    def __repr__(self) -> str:
+        state = "removed" if self._removed else "active"
+        return f"<OffloadHandle {self.device_map.strategy} -> {self.device_map.device} ({state})>"

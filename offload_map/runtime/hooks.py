@@ -1,0 +1,123 @@
+"""accelerate ``ModelHook``s that drive the runtime, and attaching them so that removal leaves no trace.
+
+- ``ComponentHook`` sits on every component. It exposes ``execution_device`` (diffusers pipelines read it
+  to place latents), moves tensor inputs there, makes room for the component (``Swapper.activate``) and,
+  on a streamed DiT, tells its ring where each forward begins and ends. diffusers' VAEs call
+  ``_hf_hook.pre_forward`` from ``decode``/``encode`` too, so a pinned VAE is loaded for those.
+- ``BlockHook`` sits on every streamed block: before the block runs, its tail is waited for and bound
+  into its slot; after, the slot is released and the tail points at the host again.
+
+No profiler range spans a module's own forward: a forward that raises skips ``post_forward``, which would
+leave such a range open. The loads (``offload_map::load <path>``) are ranges of their own.
+
+Both stay out of ``torch.compile`` graphs (``torch.compiler.disable``): they move bytes, record events and
+rebind parameters, which a graph must not capture. With regional compilation (diffusers'
+``compile_repeated_blocks``, before or after dispatch) a block's own forward is compiled and the hooks run
+eagerly around it; parameters rebound to another slot keep their shape, dtype and strides, so the compiled
+block is reused without recompiling.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+from torch import nn
+
+from .guard import ComponentGuard
+from .ring import BlockRing
+from .swapper import Swapper
+
+
+class ComponentHook(ModelHook):
+    """Before a component runs: evict what it excludes, load it if pinned, move inputs to its device."""
+
+    def __init__(self, name: str, device: torch.device, swapper: Swapper, ring: BlockRing | None) -> None:
+        self.name = name
+        self.execution_device = device
+        self.swapper = swapper
+        self.ring = ring
+
+    @torch.compiler.disable
+    def pre_forward(self, module, *args, **kwargs):
+        self.swapper.activate(self.name)
+        if self.ring is not None:
+            self.ring.prefetcher.begin_forward()
+        return _to_device(args, self.execution_device), {k: _to_device((v,), self.execution_device)[0] for k, v in kwargs.items()}
+
+    @torch.compiler.disable
+    def post_forward(self, module, output):
+        if self.ring is not None:
+            self.ring.prefetcher.end_forward()
+        return output
+
+
+class BlockHook(ModelHook):
+    """Around a streamed block: its tail into its slot (the compute stream waiting for the copy), then out again."""
+
+    def __init__(self, ring: BlockRing, index: int, path: str) -> None:
+        self.prefetcher = ring.prefetcher
+        self.index = index
+        self.path = path
+
+    @torch.compiler.disable
+    def pre_forward(self, module, *args, **kwargs):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{self.path} is streamed through a layer window, which is for inference only: its weights are "
+                "overwritten once it ran, so autograd could not use them. Run under torch.no_grad() or "
+                "torch.inference_mode() (diffusers pipelines already do)."
+            )
+        self.prefetcher.enter(self.index)
+        return args, kwargs
+
+    @torch.compiler.disable
+    def post_forward(self, module, output):
+        self.prefetcher.exit(self.index)
+        return output
+
+
+def _to_device(values: tuple, device: torch.device) -> tuple:
+    # Only top-level tensors move: containers keep their identity, since some modules (Wan's VAE decoder
+    # caches) mutate list arguments in place and accelerate's send_to_device would hand them copies.
+    return tuple(v.to(device) if isinstance(v, torch.Tensor) else v for v in values)
+
+
+def attach(module: nn.Module, hook: ModelHook) -> None:
+    """``add_hook_to_module``, refusing to stack on a hook someone else put there."""
+    if hasattr(module, "_hf_hook"):
+        raise RuntimeError(f"{type(module).__name__} already has an accelerate hook")
+    module.__dict__["_offload_map_had_forward"] = "forward" in module.__dict__
+    add_hook_to_module(module, hook)
+
+
+def detach(module: nn.Module) -> None:
+    """Undo ``attach``: accelerate leaves the original bound ``forward`` in the instance dict; drop it too."""
+    remove_hook_from_module(module)
+    if not module.__dict__.pop("_offload_map_had_forward", True):
+        module.__dict__.pop("forward", None)
+
+
+class HookSet:
+    """The hooks and guards of one dispatch: attached one by one, all taken off by ``remove``."""
+
+    def __init__(self) -> None:
+        self.modules: list[nn.Module] = []
+        self.guards: list[ComponentGuard] = []
+
+    def attach(self, module: nn.Module, hook: ModelHook) -> None:
+        attach(module, hook)
+        self.modules.append(module)
+
+    def guard(self, name: str, module: nn.Module) -> None:
+        self.guards.append(ComponentGuard(name, module))
+
+    def modules_changed(self) -> bool:
+        """Whether a guarded component's parameters changed since dispatch (a LoRA was loaded or removed)."""
+        return any(guard.changed() for guard in self.guards)
+
+    def remove(self) -> None:
+        """Take every hook and guard off. Safe to call twice."""
+        while self.modules:
+            detach(self.modules.pop())
+        while self.guards:
+            self.guards.pop().remove()

@@ -1,0 +1,188 @@
+"""Host storage for a dispatch: every pinned component and streamed block packed into its host buffer.
+
+Packing runs on ``PACK_THREADS`` threads at once (copies, checkpoint reads and page-locking release the GIL);
+each unit's tensors are rebound to its host buffer as soon as it is packed, so the original storage is freed
+unit by unit and host memory holds about one copy of the weights throughout. Tensors on the meta device are
+read from their checkpoint (``loading.weights.WeightSource``) straight into place.
+
+Ranks of one host may share one host copy (``shared_host.HostCopy``): units are then page-aligned slices of
+the shared region, only its creator fills them, and the others bind to them once it is filled.
+
+Ownership: ``HostStore`` owns every ``HostBuffer`` (allocated or sliced, filled and page-locked here) and the
+``HostCopy``. ``restore`` gives every tensor its own storage again and releases both; the caller has made the
+host wait for the copy stream, the only reader of host buffers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+import torch
+from tqdm import tqdm
+
+from ..mapping.placement import Placement
+from ..planning.bind import ExecutionPlan, Unit
+from .host_buffer import HostBuffer, layout, trim_host_heap
+from .report import SetupTimes
+from .shared_host import HostCopy
+from .unit import OffloadedUnit
+
+logger = logging.getLogger("offload_map")
+
+# Host units packed at once; page-aligned slices of a shared region, so each can be page-locked on its own.
+PACK_THREADS = min(8, os.cpu_count() or 1)
+PAGE = 4096
+
+
+class HostStore:
+    """Pack the host units of ``plan`` (see the module docstring).
+
+    Args:
+        plan: the bound plan; its pinned components and streamed blocks are packed.
+        ordering: the dispatch's ordering (handed to the units).
+        pin: page-lock the buffers (CUDA only).
+        source: a ``WeightSource`` for tensors on the meta device, or None.
+        share_host_copy: see ``dispatch_pipeline``.
+        shard_backend: make a process group of this host's ranks for sharded loads (``"nccl"``/``"gloo"``), or None.
+        progress: show a progress bar (None: when packing takes over a second).
+
+    Attributes:
+        units: unit path -> ``OffloadedUnit``, every tensor bound to its host buffer.
+        host_copy: the ``HostCopy`` shared with this host's ranks, or None.
+        times: where packing time went.
+    """
+
+    def __init__(self, plan: ExecutionPlan, ordering, pin: bool, source, share_host_copy: bool | None,
+                 shard_backend: str | None, progress: bool | None) -> None:
+        self.ordering = ordering
+        self.pin = pin
+        self.source = source
+        self.units: dict[str, OffloadedUnit] = {}
+        self.times = SetupTimes(threads=PACK_THREADS)
+        self.loaded = False
+        host_units = plan.pinned + [u for ring in plan.rings for u in ring.blocks]
+        offsets, total = _page_aligned([layout([r.tensor for r in u.tensors])[1] for u in host_units])
+        self.host_copy = HostCopy.open(total, _fingerprint(host_units), share_host_copy, shard_backend)
+        region = self.host_copy.flat if self.host_copy is not None else None
+        fills = self.host_copy is None or self.host_copy.fills
+        try:
+            self._pack(host_units, offsets, region, fills, plan.device, progress)
+        except BaseException:
+            self.restore()  # every unit packed so far, so the model is as it was
+            if self.host_copy is not None:
+                try:
+                    self.host_copy.ready(ok=False)  # the other ranks fail too, rather than wait
+                except Exception:  # noqa: BLE001  (they may be gone already; this rank's own error matters)
+                    logger.debug("could not tell the other ranks that packing failed", exc_info=True)
+                self.release_shared()
+            raise
+        if self.host_copy is not None:
+            self.host_copy.ready(ok=True)
+            if not fills:  # the shared region holds the weights now: let go of our own
+                for unit in self.units.values():
+                    unit.bind_host()
+        self.loaded = True
+
+    @property
+    def buffers(self) -> list[HostBuffer]:
+        """Every unit's host buffer."""
+        return [unit.host for unit in self.units.values()]
+
+    def _pack(self, host_units: list[Unit], offsets: list[int], region, fills: bool, device: torch.device,
+              progress: bool | None) -> None:
+        what = "reading weights into host memory" if self.source else "packing host weights"
+        desc = f"offload_map: {what}" if fills else "offload_map: mapping the host copy shared by this host's ranks"
+        bar = tqdm(total=sum(u.nbytes for u in host_units), unit="B", unit_scale=True, desc=desc, delay=1.0,
+                   disable=progress is False or not host_units)
+        fill_s, pin_s = [], []
+
+        def pack(unit: Unit, offset: int) -> OffloadedUnit:
+            if device.type == "cuda":  # page-locking registers with the current device; a new thread's is 0
+                torch.cuda.set_device(device)
+            start = time.perf_counter()
+            buffer = HostBuffer([r.tensor for r in unit.tensors], None if region is None else region[offset:])
+            if fills:
+                for index, ref in enumerate(unit.tensors):
+                    if self.source is not None and self.source.covers(ref):
+                        self.source.read_into(ref, buffer.view(index))
+                    else:
+                        buffer.write(index, ref.tensor)
+            filled = time.perf_counter()
+            if self.pin:
+                buffer.pin()
+            fill_s.append(filled - start)
+            pin_s.append(time.perf_counter() - filled)
+            packed = OffloadedUnit(unit.path, unit.tensors, buffer, self.ordering,
+                                   kept=buffer.nbytes if unit.placement is Placement.CPU_PINNED else 0)
+            # A rank that does not fill a shared region binds to it only once the filler is done (``ready``):
+            # until then its own tensors are the only copy of the weights.
+            if fills:
+                packed.bind_host()
+                # The unit's original tensors were just freed; return their heap pages now, or RSS holds
+                # both copies until packing ends.
+                trim_host_heap()
+            bar.update(unit.nbytes)
+            return packed
+
+        start = time.perf_counter()
+        with bar, ThreadPoolExecutor(PACK_THREADS) as pool:
+            futures = [pool.submit(pack, unit, offset) for unit, offset in zip(host_units, offsets)]
+            error = None
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException as err:  # an interrupt while waiting
+                error = err
+            for future in futures:
+                future.cancel()
+            wait(futures)  # units already packing finish: none may bind after a restore began
+            for unit, future in zip(host_units, futures):  # every unit that was packed, so a failure restores them all
+                if future.cancelled():
+                    continue
+                if future.exception() is None:
+                    self.units[unit.path] = future.result()
+                elif error is None:
+                    error = future.exception()
+            if error is not None:
+                raise error
+        self.times.pack_wall_s = time.perf_counter() - start
+        self.times.fill_s, self.times.pin_s = sum(fill_s), sum(pin_s)
+
+    def restore(self) -> None:
+        """Give every tensor its own storage on its original device again, bit for bit, and release the buffers and
+        the shared region. Tensors read from a checkpoint stay on the CPU if loading finished, else go back to
+        the meta device. Safe to call twice."""
+        while self.units:
+            _, unit = self.units.popitem()
+            unit.restore(self.loaded)
+            unit.host.release()
+        if self.host_copy is not None:
+            self.host_copy.close()
+        trim_host_heap()
+
+    def release_shared(self) -> None:
+        """Let go of the region shared with this host's ranks and this dispatch's process groups (after ``restore``)."""
+        if self.host_copy is not None:
+            self.host_copy.release()
+            self.host_copy = None
+
+
+def _page_aligned(sizes: list[int]) -> tuple[list[int], int]:
+    offsets, total = [], 0
+    for size in sizes:
+        offsets.append(total)
+        total += -(-size // PAGE) * PAGE
+    return offsets, total
+
+
+def _fingerprint(units: list[Unit]) -> str:
+    # Ranks share a host copy only if they would lay it out identically.
+    digest = hashlib.sha256()
+    for unit in units:
+        for ref in unit.tensors:
+            tensor = ref.tensor
+            digest.update(f"{ref.qualname}:{tuple(tensor.shape)}:{tensor.stride()}:{tensor.dtype};".encode())
+    return digest.hexdigest()

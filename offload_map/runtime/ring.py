@@ -1,0 +1,100 @@
+"""A streamed DiT: its blocks' units, the slots they take turns in, the prefetcher, and residency changes.
+
+Ownership (one ``BlockRing`` per DiT with ``"layer-window"`` blocks): the ring owns its ``SlotPool`` (replaced
+by ``set_residency``, freed by ``free``) and decides nothing: which blocks keep which head bytes on the device,
+and how many slots, come from the plan (``Runtime.set_residency``). Heads (kept parts, blocks kept whole) are
+on the device while the DiT is active and leave when a component it excludes runs (``drop_heads``).
+"""
+
+from __future__ import annotations
+
+from .prefetcher import Prefetcher
+from .report import TransferStats
+from .slots import SlotPool
+from .unit import OffloadedUnit
+
+
+class BlockRing:
+    """The streamed blocks of DiT ``name`` (see the module docstring).
+
+    Args:
+        name: the DiT's component name.
+        units: one unit per streamed block, in declaration order.
+        window: number of slots.
+        ordering: the dispatch's ``CudaOrdering``/``SyncOrdering``.
+        copier: how a block's tail reaches its slot (``sharded_copy.DirectCopy``/``ShardedCopy``).
+        stats: transfer counters.
+    """
+
+    def __init__(self, name: str, units: list[OffloadedUnit], window: int, ordering, copier, stats: TransferStats) -> None:
+        self.name = name
+        self.units = units
+        self.ordering = ordering
+        self.copier = copier
+        self.stats = stats
+        self.window = window
+        self.prefetcher = Prefetcher(name, units, copier, stats)
+        self.pool = self._allocate(window)
+        self.prefetcher.restart(self.pool.slots)
+
+    @property
+    def paths(self) -> list[str]:
+        return [unit.path for unit in self.units]
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one slot."""
+        return self.pool.nbytes
+
+    @property
+    def device_bytes(self) -> int:
+        """Device memory the slots hold."""
+        return self.pool.device_bytes
+
+    def _allocate(self, window: int) -> SlotPool:
+        streamed = [unit.streamed_bytes for unit in self.units if unit.streamed_bytes]
+        return SlotPool(min(window, len(streamed)), self.copier.slot_bytes(max(streamed, default=0)), self.ordering)
+
+    def set_residency(self, kept: dict[int, int], window: int) -> None:
+        """From now on keep the first ``kept[i]`` bytes of block ``i`` (all of them: the block stays whole) on the
+        device, and stream the rest through ``window`` slots. Called at a forward boundary."""
+        self.free()
+        for index, unit in enumerate(self.units):
+            unit.set_kept(kept.get(index, 0))
+        self.window = window
+        self.pool = self._allocate(window)
+        self.prefetcher.restart(self.pool.slots)
+        self.fetch_heads()
+
+    def fetch_heads(self) -> None:
+        """Bring every kept part to the device (the DiT is about to run). Safe to call twice."""
+        for unit in self.units:
+            copied = unit.fetch_head()
+            if copied:
+                self.stats.add_block(copied, on_demand=False)
+
+    def drop_heads(self) -> None:
+        """Let every kept part go (a component the DiT excludes is about to run). Safe to call twice."""
+        for unit in self.units:
+            unit.drop_head()
+
+    def settle(self) -> None:
+        """Every block's tail back on the host: the running block released, issued loads cancelled."""
+        self.prefetcher.settle()
+
+    def forget_contents(self) -> None:
+        """Settle, and forget what the slots hold (the host bytes changed, so earlier copies are stale)."""
+        self.settle()
+        for slot in self.pool.slots:
+            slot.holds = None
+
+    def free(self) -> None:
+        """Settle, let the kept parts and the slots go (stream-ordered after their last use). Safe to call twice."""
+        self.settle()
+        self.drop_heads()
+        self.pool.free()
+        self.prefetcher.restart([])
+
+    def arm(self, timer) -> None:
+        """Time the DiT's forwards with ``timer`` (``calibration.BlockTimer``) until it reports done."""
+        self.prefetcher.timer = timer

@@ -1,0 +1,219 @@
+"""The runtime: carries out an ``ExecutionPlan`` and undoes it. It decides no policy: placements, the window,
+exclusions and every re-plan come from the plan and its callers.
+
+A ``Runtime`` is four parts, built in this order, each step pushing its undo on one stack that ``restore``
+runs backwards (also when a later step fails):
+
+1. ``host`` (``HostStore``): every pinned component and streamed block packed into its host buffer;
+2. ``rings`` (``BlockRing`` per streamed DiT): the slots and the prefetcher;
+3. ``resident`` (``ResidentTensors``): the ``"gpu"`` tensors moved to the device;
+4. ``hooks`` (``HookSet``): accelerate hooks on every component and streamed block, and the guards.
+
+Public surface for policy (``offload_map.auto``): ``arm_calibration`` (time a DiT's next forward),
+``agree`` (one decision for all ranks that stream together), ``set_residency`` (apply a plan at a forward
+boundary).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.distributed as dist
+
+from ..mapping.memory import device_footprint
+from ..mapping.sizes import human_bytes
+from ..planning.bind import ExecutionPlan
+from ..planning.cost_model import ModelCost
+from .calibration import BlockTimer
+from .hooks import BlockHook, ComponentHook, HookSet
+from .host_buffer import HostBuffer
+from .host_store import HostStore
+from .report import SetupTimes, TransferStats
+from .resident import ResidentTensors
+from .ring import BlockRing
+from .sharded_copy import DirectCopy, ShardedCopy
+from .streams import ordering_for
+from .swapper import Swapper
+
+logger = logging.getLogger("offload_map")
+
+
+class Runtime:
+    """The live state of one dispatch (see the module docstring).
+
+    Args:
+        plan: the bound plan.
+        pin_memory: page-lock host buffers (CUDA only).
+        blocking: the host waits for component copies (HSDP).
+        progress: show a progress bar while packing (None: when it takes over a second).
+        source: a ``WeightSource`` for tensors on the meta device, or None.
+        share_host_copy: share one host copy with this host's ranks (see ``dispatch_pipeline``).
+        shard_copies: each rank copies 1/N of every block and the ranks all-gather the rest.
+    """
+
+    def __init__(self, plan: ExecutionPlan, *, pin_memory: bool = True, blocking: bool = False,
+                 progress: bool | None = None, source=None, share_host_copy: bool | None = False,
+                 shard_copies: bool = False) -> None:
+        self.plan = plan
+        self.device = plan.device
+        self.ordering = ordering_for(self.device)
+        self.stats = TransferStats()
+        self.host: HostStore | None = None
+        self.copier = DirectCopy()
+        self.rings: dict[str, BlockRing] = {}
+        self.hooks = HookSet()
+        self.built = False
+        self._undo: list[Callable[[], None]] = []
+        try:
+            self._build(pin_memory and self.device.type == "cuda", blocking, progress, source, share_host_copy, shard_copies)
+        except BaseException:
+            self.restore()
+            raise
+        self.built = True
+
+    def _build(self, pin: bool, blocking: bool, progress, source, share_host_copy, shard_copies: bool) -> None:
+        plan, ordering = self.plan, self.ordering
+        backend = ("nccl" if self.device.type == "cuda" else "gloo") if shard_copies else None
+        self.host = HostStore(plan, ordering, pin, source, share_host_copy, backend, progress)
+        self._undo.append(self._restore_host)
+        self.copier = _copier(self.host.host_copy)
+        for ring in plan.rings:
+            units = [self.host.units[block.path] for block in ring.blocks]
+            self._undo.append(lambda name=ring.component: self.rings.pop(name).free() if name in self.rings else None)
+            self.rings[ring.component] = self._within_memory(
+                f"allocating {ring.window} slots for {ring.component!r}", BlockRing,
+                ring.component, units, ring.window, ordering, self.copier, self.stats)
+        resident = ResidentTensors()
+        self._undo.append(lambda: resident.restore(self.built))
+        self._within_memory("moving resident modules", resident.move, plan.resident, self.device, source)
+        roles = {c.name: c.role for c in plan.components}
+        pinned = {plan.component_of(u.path).name: self.host.units[u.path] for u in plan.pinned}
+        self.swapper = Swapper(roles, pinned, self.rings, blocking, self.stats)
+        self._undo.append(self.hooks.remove)
+        for comp in plan.components:
+            ring = self.rings.get(comp.name)
+            self.hooks.attach(comp.module, ComponentHook(comp.name, self.device, self.swapper, ring))
+            if ring is not None or comp.name in pinned:
+                self.hooks.guard(comp.name, comp.module)
+        for name, ring in self.rings.items():
+            for index, unit in enumerate(ring.units):
+                self.hooks.attach(plan.units[unit.path].module, BlockHook(ring, index, unit.path))
+
+    def _restore_host(self) -> None:
+        for unit in self.host.units.values():
+            unit.drop_head()
+        self.host.restore()
+        self.host.release_shared()
+
+    # -- what the handle reports -----------------------------------------------------------------------------
+
+    @property
+    def slot_bytes(self) -> int:
+        """Device memory held by the slots of every streamed DiT."""
+        return sum(ring.device_bytes for ring in self.rings.values())
+
+    @property
+    def setup_times(self) -> SetupTimes:
+        return self.host.times
+
+    @property
+    def host_copy(self):
+        """The ``shared_host.HostCopy`` this rank streams from, or None."""
+        return self.host.host_copy if self.host is not None else None
+
+    @property
+    def host_buffers(self) -> list[HostBuffer]:
+        """The host buffer of every pinned component and streamed block."""
+        return self.host.buffers if self.host is not None else []
+
+    def on_device(self) -> list[str]:
+        """Names of the components whose weights are on the device now (a streamed DiT always counts)."""
+        return [c.name for c in self.plan.components if self.swapper.on_device(c.name)]
+
+    def modules_changed(self) -> bool:
+        """Whether an offloaded component's parameters changed since the build (a LoRA was loaded or removed)."""
+        return self.hooks.modules_changed()
+
+    # -- policy's surface --------------------------------------------------------------------------------------
+
+    def arm_calibration(self, name: str, on_done: Callable[[ModelCost], None], skip: int = 1) -> None:
+        """Let ``skip`` forwards of DiT ``name`` go by, time the next one block by block, and hand its ``ModelCost`` to
+        ``on_done`` at the end of that forward (a forward boundary, where ``set_residency`` may be called)."""
+        ring = self.rings[name]
+        other = sum(u.nbytes for u in self.plan.resident if self.plan.component_of(u.path).name == name)
+        ring.arm(BlockTimer(self.ordering, ring.paths, [u.nbytes for u in ring.units], [u.split_points() for u in ring.units],
+                            other, on_done, skip))
+
+    @property
+    def sharded(self) -> bool:
+        """Whether blocks load sharded between ranks (``shard_copies``)."""
+        return isinstance(self.copier, ShardedCopy)
+
+    def agree(self, value):
+        """The first rank's ``value`` on every rank that streams with this one (collective when sharded): ranks that
+        load blocks together must make the same choices."""
+        return self.copier.agree(value) if self.sharded else value
+
+    def set_residency(self, name: str, kept: Mapping[str, int], window: int) -> None:
+        """Keep the first ``kept[path]`` bytes of each named block of DiT ``name`` on the device (its whole size: the
+        block stays whole; split points only) and stream the rest through ``window`` slots. Call at a forward
+        boundary (between forwards, or from ``arm_calibration``'s callback).
+
+        Raises:
+            torch.OutOfMemoryError: the device cannot hold it; every block of the DiT then streams through one slot.
+        """
+        ring = self.rings[name]
+        index = {path: i for i, path in enumerate(ring.paths)}
+        by_index = {index[path]: size for path, size in kept.items() if size}
+        try:
+            self._within_memory(f"re-planning {name!r}", ring.set_residency, by_index, window)
+        except BaseException:
+            ring.set_residency({}, 1)  # the smallest plan, which dispatch checked fits
+            raise
+
+    # -- weights and lifetime ------------------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Bring the host buffers up to date with the modules' current weights (see ``OffloadHandle.refresh``)."""
+        for ring in self.rings.values():
+            ring.forget_contents()  # prefetched copies hold the old bytes
+        self.ordering.wait_copies()  # the copy stream reads host buffers; none may be in flight while they change
+        for unit in self.host.units.values():
+            unit.sync_to_host()
+
+    def detach(self) -> None:
+        """Remove every hook and point streamed blocks at their host buffers; other weights stay where they are."""
+        self.hooks.remove()
+        while self.rings:
+            self.rings.popitem()[1].free()
+        self._undo.clear()
+
+    def restore(self) -> None:
+        """Remove the hooks and put every tensor back on its original device, bit for bit; free everything."""
+        # Work on any stream (a user's own included) may still read what is freed below.
+        self.ordering.synchronize()
+        while self._undo:
+            self._undo.pop()()
+
+    def _within_memory(self, what: str, fn, *args):
+        try:
+            return fn(*args)
+        except torch.OutOfMemoryError as err:
+            raise torch.OutOfMemoryError(
+                f"out of device memory on {self.device} while {what}: this device map needs about "
+                f"{human_bytes(self._footprint())} for resident weights and slots, plus activations. Give the device "
+                f"more free memory, use a smaller window, or place more modules 'cpu-pinned'/'layer-window'. ({err})"
+            ) from None
+
+    def _footprint(self) -> int:
+        resident = sum(u.nbytes for u in self.plan.resident)
+        return resident + sum(device_footprint(0, max(u.nbytes for u in ring.blocks), min(ring.window, len(ring.blocks)))
+                              for ring in self.plan.rings)
+
+
+def _copier(host_copy) -> "DirectCopy | ShardedCopy":
+    if host_copy is None or host_copy.shard_group is None or len(host_copy.ranks) < 2:
+        return DirectCopy()
+    return ShardedCopy(host_copy.shard_group, host_copy.ranks.index(dist.get_rank()), len(host_copy.ranks))

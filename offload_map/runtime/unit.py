@@ -1,0 +1,226 @@
+"""A unit whose weights live in a host buffer, and the one owner of where its module tensors point.
+
+A unit is a pinned component or a streamed block. Its packed bytes (``HostBuffer``) split at ``kept``:
+
+- the **head**, bytes ``[0, kept)`` (whole submodules; all of a pinned component or of a block the planner
+  keeps resident), held in a device buffer of its own between ``fetch_head`` and ``drop_head``;
+- the **tail**, bytes ``[kept, nbytes)``, streamed through the slots of its DiT's ring.
+
+Tail states (like FSDP2's ``FSDPParam``: the copy is issued early, parameters are swapped only after the wait):
+
+====== ============================================= ==================================
+state  what happened                                  the module's tail tensors view
+====== ============================================= ==================================
+HOST   nothing in flight                              the host buffer
+LOADED a copy into ``slot`` was issued (may be         the host buffer
+       running): the next step's prefetch is this
+IN_USE the compute stream waits for that copy          the slot
+====== ============================================= ==================================
+
+``load`` (HOST -> LOADED), ``wait`` (LOADED -> IN_USE), ``release`` (IN_USE -> HOST) and ``cancel``
+(LOADED -> HOST) are each safe to call twice. A module therefore points into a slot only between the wait
+and the end of its block's forward: at every forward boundary, and to any code outside the block, its
+tensors are host tensors (or the head's device tensors).
+
+Ownership: ``head`` (device ``uint8``) is allocated here on the compute stream current at ``fetch_head`` (its
+allocation stream) and filled on the copy stream, which first waits for that stream (the memory may have
+served earlier work); the compute stream waits for the copy before anything reads the head. ``drop_head``
+makes the allocation stream wait for the current stream, where the head was last read (a component runs
+on one stream), before letting the buffer go. Slots belong to the ring's ``SlotPool``; the unit only
+copies into one (after its ``free`` event), records its ``ready`` event, waits on it, and records ``free``.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+
+from ..collect.tensors import TensorRef
+from .host_buffer import HostBuffer, home_device, split_points
+from .slots import Slot
+
+
+class TailState(Enum):
+    HOST = "host"
+    LOADED = "loaded"
+    IN_USE = "in use"
+
+
+class OffloadedUnit:
+    """The tensors ``refs`` of unit ``path``, stored in ``host`` (see the module docstring).
+
+    Args:
+        path: the unit's module path (for messages and profiler ranges).
+        refs: its tensors, in the host buffer's order.
+        host: the packed host buffer (owned by the runtime's ``HostStore``).
+        ordering: the dispatch's ``CudaOrdering``/``SyncOrdering``.
+        kept: bytes of the head (a split point, 0, or ``host.nbytes``).
+    """
+
+    def __init__(self, path: str, refs: list[TensorRef], host: HostBuffer, ordering, kept: int = 0) -> None:
+        self.path = path
+        self.refs = refs
+        self.host = host
+        self.ordering = ordering
+        self.original_devices = [ref.tensor.device for ref in refs]
+        self.host_views = host.views(host.flat)
+        self.head: torch.Tensor | None = None
+        self.head_stream = None
+        self.state = TailState.HOST
+        self.slot: Slot | None = None
+        self.kept = 0
+        self.split = 0  # index of the first tail tensor
+        self.bound = False  # whether the module's tensors point into this unit's memory yet
+        self.set_kept(kept)
+
+    @property
+    def nbytes(self) -> int:
+        return self.host.nbytes
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes of the tail, which go through a slot."""
+        return self.host.nbytes - self.kept
+
+    def split_points(self) -> tuple[int, ...]:
+        """Where the unit's bytes can be cut between whole submodules (``host_buffer.split_points``)."""
+        return split_points([ref.qualname for ref in self.refs], self.host.regions, self.path)
+
+    def set_kept(self, kept: int) -> None:
+        """Keep the first ``kept`` bytes as the head from now on. Only with no head on the device and the tail on
+        the host (the ring changes residency at a forward boundary, after ``settle``)."""
+        assert self.head is None and self.state is TailState.HOST, f"{self.path}: residency changed while in use"
+        self.kept = kept
+        self.split = self.host.first_at(kept)
+
+    def _bind(self, first: int, views: list[torch.Tensor]) -> None:
+        for ref, view in zip(self.refs[first:], views):
+            ref.bind(view)
+
+    def bind_host(self) -> None:
+        """Point every tensor at the host buffer (at dispatch, and when nothing of the unit is on the device)."""
+        self._bind(0, self.host_views)
+        self.bound = True
+
+    # -- head ----------------------------------------------------------------------------------------------
+
+    def fetch_head(self, blocking: bool = False) -> int:
+        """Copy the head to a device buffer of its own and point its tensors there; returns the bytes copied (0 if
+        the head is there already, or empty). ``blocking``: the host waits for the copy (HSDP)."""
+        if self.head is not None or not self.kept:
+            return 0
+        ordering = self.ordering
+        with torch.profiler.record_function(f"offload_map::load {self.path}"):
+            self.head_stream = ordering.compute_stream()
+            head = torch.empty(self.kept, dtype=torch.uint8, device=ordering.device)
+            allocated, ready = ordering.event(), ordering.event()
+            ordering.record_compute(allocated)
+            ordering.copy_waits(allocated)
+            with ordering.on_copy_stream():
+                head.copy_(self.host.flat[:self.kept], non_blocking=self.host.pinned)
+                ordering.record_copy(ready)
+            ordering.compute_waits(ready)
+            if blocking and ordering.asynchronous:
+                ready.synchronize()
+        self._bind(0, self.host.views(head, 0, self.kept))
+        self.head = head
+        return self.kept
+
+    def drop_head(self) -> None:
+        """Point the head's tensors back at the host buffer and let its device buffer go. Safe to call twice."""
+        if self.head is None:
+            return
+        self._bind(0, self.host_views[:self.split])
+        if self.ordering.asynchronous and self.head_stream != self.ordering.compute_stream():
+            self.head_stream.wait_stream(self.ordering.compute_stream())
+        self.head = self.head_stream = None
+
+    # -- tail ----------------------------------------------------------------------------------------------
+
+    def load(self, slot: Slot, copier, timed: list | None = None) -> int:
+        """HOST -> LOADED: issue the copy of the tail into ``slot`` on the copy stream, after the slot's last reader;
+        returns the host bytes this rank copied (0 when the slot still holds the tail from an earlier load). With
+        ``timed`` (calibration), append ``(bytes, start mark, end mark)`` of the copy, marked on the copy stream."""
+        if self.state is not TailState.HOST:
+            return 0
+        self.slot, self.state = slot, TailState.LOADED
+        if slot.holds is self:
+            return 0
+        slot.holds = self
+        ordering = self.ordering
+        src = self.host.flat[self.kept:]
+        with torch.profiler.record_function(f"offload_map::load {self.path}"):
+            ordering.copy_waits(slot.free)
+            with ordering.on_copy_stream():
+                start = ordering.stamp() if timed is not None else None
+                copier(slot.buffer, src, self.host.pinned, self.path)
+                ordering.record_copy(slot.ready)
+                if timed is not None:
+                    timed.append((src.numel(), start, ordering.stamp()))
+        return copier.host_bytes(src.numel())
+
+    def wait(self) -> None:
+        """LOADED -> IN_USE: the compute stream waits for the tail's copy, then the tail's tensors view the slot."""
+        if self.state is not TailState.LOADED:
+            return
+        slot = self.slot
+        self.ordering.compute_waits(slot.ready)
+        views = slot.views.get(self)
+        if views is None:
+            views = slot.views[self] = self.host.views(slot.buffer, self.kept)
+        self._bind(self.split, views)
+        self.state = TailState.IN_USE
+
+    def release(self) -> None:
+        """IN_USE -> HOST: mark on the compute stream that the block is done with its slot, and point the tail back
+        at the host buffer. The slot keeps its bytes (``slot.holds``) until another unit is loaded into it."""
+        if self.state is not TailState.IN_USE:
+            return
+        self.ordering.record_compute(self.slot.free)
+        self._bind(self.split, self.host_views[self.split:])
+        self.slot, self.state = None, TailState.HOST
+
+    def cancel(self) -> None:
+        """LOADED -> HOST: drop a load that will not be used (the slot may be given to another unit; the copy stays
+        ordered before any later copy into it, on the copy stream)."""
+        if self.state is TailState.LOADED:
+            self.slot, self.state = None, TailState.HOST
+
+    # -- host storage --------------------------------------------------------------------------------------
+
+    def sync_to_host(self) -> None:
+        """Copy into the host buffer every tensor that does not view it (a head on the device, or a tensor the user
+        replaced), then bring the head, if on the device, back in line with the host. The tail is on the host
+        (the ring settled it) and the host has waited for the copy stream.
+
+        Raises:
+            ValueError: a tensor's shape, strides or dtype changed since dispatch (re-dispatch instead).
+        """
+        for index, ref in enumerate(self.refs):
+            tensor = ref.tensor.detach()
+            if self.host.holds(index, tensor):
+                continue  # in-place edits already landed in the host buffer
+            try:
+                self.host.write(index, tensor)
+            except ValueError as err:
+                raise ValueError(f"{ref.qualname} {err} since dispatch; remove() and dispatch again to repack it") from None
+        head = self.head is not None
+        self.drop_head()
+        self.bind_host()
+        if head:
+            self.fetch_head()
+
+    def restore(self, loaded: bool) -> None:
+        """Give every tensor its own storage on its original device again, with the host buffer's bytes. Tensors
+        read from a checkpoint (originally on the meta device) go to the CPU when ``loaded``, else back to meta.
+        A unit never bound (a rank waiting for a shared copy that failed) keeps the tensors it has."""
+        for index, (ref, device) in enumerate(zip(self.refs if self.bound else [], self.original_devices)):
+            region = self.host.regions[index]
+            raw = region.raw(self.host.flat)
+            fresh = torch.empty(raw.numel(), dtype=raw.dtype, device=home_device(device, loaded))
+            if not fresh.is_meta:
+                fresh.copy_(raw)
+            ref.bind(fresh.as_strided(region.shape, region.stride))
+        self.host_views = []
+        self.bound = False
