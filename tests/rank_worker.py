@@ -16,9 +16,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 from datetime import timedelta
-import sys
 from pathlib import Path
 
 import torch
@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_pipelines import make_flux_pipeline, run_flux  # noqa: E402
 
 from offload_map import CheckpointError, dispatch_pipeline, empty_model
-from offload_map.runtime import shared_host  # noqa: E402
 from offload_map.loading.checkpoint import Checkpoint  # noqa: E402
+from offload_map.runtime import shared_host  # noqa: E402
 
 
 class warnings_to:
@@ -84,6 +84,17 @@ def main(out: Path, checkpoint: Path, mode: str) -> None:
                     "hooked": any(hasattr(m, "_hf_hook") for m in pipe.transformer.modules())}
             torch.save(seen, out / f"rank{state.process_index}.pt")
         return
+    gathers = []
+    if mode == "shard":  # where each all-gather writes: straight into a slot, this rank's chunk in place
+        from offload_map.runtime import sharded_copy
+
+        gather = sharded_copy._all_gather_into
+
+        def spy(output, own, group=None):
+            gathers.append((output.untyped_storage().data_ptr(), own.data_ptr() - output.data_ptr(), own.numel()))
+            return gather(output, own, group=group)
+
+        sharded_copy._all_gather_into = spy
     with warnings_to(out / f"log{state.process_index}.txt"):
         handle = dispatch_pipeline(pipe, options.pop("strategy", "layerwise"), "cpu", weights={"transformer": checkpoint},
                                    shard_copies=mode in ("shard", "shard-auto", "diverge"), **options)
@@ -110,6 +121,11 @@ def main(out: Path, checkpoint: Path, mode: str) -> None:
         torch.save(seen, out / f"rank{state.process_index}.pt")
         return
     seen["host_bytes"] = handle.report().stats.bytes_h2d
+    if gathers:
+        slots = {slot.buffer.untyped_storage().data_ptr() for ring in handle.runtime.rings.values() for slot in ring.pool.slots}
+        seen["gathers"] = len(gathers)
+        seen["into_slots"] = all(storage in slots for storage, _, _ in gathers)
+        seen["own_chunk_in_place"] = all(offset == state.process_index * size for _, offset, size in gathers)
     if handle.plans:
         plan = handle.plans["transformer"]
         seen["plan_bandwidth"], seen["measured_bandwidth"] = plan.bandwidth, plan.cost.copy_bandwidth

@@ -20,9 +20,13 @@ import pytest
 import torch
 from torch import nn
 
-from offload_map.collect.blocks import KNOWN_BLOCK_ATTRS, get_blocks, get_blocks_attr_names
-from offload_map.module_collector import ModuleDiscovery
 from offload_map import Role
+from offload_map.collect.blocks import (
+    KNOWN_BLOCK_ATTRS,
+    get_blocks,
+    get_blocks_attr_names,
+)
+from offload_map.module_collector import ModuleDiscovery
 
 # ---------------------------------------------------------------------------------------------------------
 # Tiny configs: constructor kwargs for every class of the registry. Small widths (hidden 32, 2 heads of 16),

@@ -7,7 +7,13 @@ import json
 import pytest
 import torch
 
-from offload_map import DeviceMap, Placement, Role, compile_device_map, dispatch_pipeline
+from offload_map import (
+    DeviceMap,
+    Placement,
+    Role,
+    compile_device_map,
+    dispatch_pipeline,
+)
 from offload_map.demo import make_tiny_pipeline
 
 

@@ -25,16 +25,22 @@ from accelerate.utils import convert_file_size_to_int
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
-from offload_map import compile_device_map, dispatch_pipeline
+from offload_map import Placement, Role, compile_device_map, dispatch_pipeline
+from offload_map.demo import make_tiny_pipeline
+from offload_map.mapping.device_map import FORMAT_VERSION, DeviceMap
 from offload_map.mapping.schema import MAX_SIZE
 from offload_map.mapping.sizes import parse_size
 from offload_map.planning.cost_model import BlockCost, ModelCost, floor_s, simulate
-from offload_map.demo import make_tiny_pipeline
-from offload_map.mapping.device_map import FORMAT_VERSION, DeviceMap
-from offload_map import Placement, Role
-from offload_map.planning.planner import WINDOWS, BudgetTooSmall, minimum_memory, plan_blocks, plan_memory
-from offload_map.planning.planner import MIN_BANDWIDTH
+from offload_map.planning.planner import (
+    MIN_BANDWIDTH,
+    WINDOWS,
+    BudgetTooSmall,
+    minimum_memory,
+    plan_blocks,
+    plan_memory,
+)
 from offload_map.planning.profile import DeviceProfile
+
 
 def fuzz(max_examples: int):
     """The settings of every fuzz test: reproducible (derandomized), no per-example deadline."""

@@ -6,11 +6,11 @@ import logging
 
 import pytest
 import torch
+from conftest import resident_run
 from torch import nn
 
 from offload_map import dispatch_pipeline
 from offload_map.demo import TinyBlock
-from conftest import resident_run
 
 
 class ShuffledDiT(nn.Module):
@@ -232,3 +232,41 @@ def test_many_steps_leak_nothing_and_stay_exact(target, strategy):
         assert live_tensors() == before
         assert torch.equal(out.cpu(), reference)
     handle.remove()
+
+
+def _views_host(tensor: torch.Tensor, buffers) -> bool:
+    return any(b.flat.data_ptr() <= tensor.data_ptr() < b.flat.data_ptr() + b.nbytes for b in buffers)
+
+
+def test_between_forwards_streamed_blocks_view_their_host_buffers(target):
+    # The next step's first blocks are already loading, but only a block's own forward sees its slot.
+    model = _make([0, 1, 2, 3, 4])
+    handle = dispatch_pipeline(model, "layerwise", target, window=2)
+    buffers = handle.runtime.host_buffers
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(1, 4, 8))
+            elsewhere = [n for n, t in model.blocks.state_dict(keep_vars=True).items() if not _views_host(t, buffers)]
+            assert not elsewhere, f"block tensors outside their host buffers between forwards: {elsewhere}"
+    handle.remove()
+
+
+def test_a_block_that_raises_leaves_no_profiler_range_open(target):
+    model = _make([0, 1, 2, 3, 4])
+    handle = dispatch_pipeline(model, "layerwise", target, window=2)
+    original = model.blocks[2]._old_forward
+    x = torch.randn(1, 4, 8)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        model(x)
+        model.blocks[2]._old_forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("block failed"))
+        with pytest.raises(RuntimeError, match="block failed"):
+            model(x)
+        model.blocks[2]._old_forward = original
+        with torch.profiler.record_function("user::after"):
+            model(x)
+    handle.remove()
+    after = next(e for e in prof.events() if e.name == "user::after").time_range
+    ours = [e for e in prof.events() if e.name.startswith("offload_map::")]
+    assert ours, "the loads are profiler ranges"
+    crossing = [e.name for e in ours if e.time_range.start < after.start < e.time_range.end]
+    assert not crossing, f"ranges still open when the next user range began: {crossing}"

@@ -9,12 +9,12 @@ import struct
 
 import pytest
 import torch
+from conftest import resident_run
 from diffusers import FluxTransformer2DModel
+from tiny_pipelines import make_flux_pipeline, run_flux
 
 from offload_map import CheckpointError, dispatch_pipeline, empty_model
 from offload_map.loading.checkpoint import Checkpoint
-from conftest import resident_run
-from tiny_pipelines import make_flux_pipeline, run_flux
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,17 @@ import random
 
 import pytest
 import torch
+from conftest import resident_run
 
 from offload_map import Placement, compile_device_map, dispatch_pipeline
 from offload_map.mapping.sizes import parse_size
 from offload_map.planning.cost_model import BlockCost, ModelCost, floor_s, simulate
-from offload_map.planning.planner import BudgetTooSmall, minimum_memory, plan_blocks, plan_memory
-from conftest import resident_run
-from test_pipelines import PIPELINES
+from offload_map.planning.planner import (
+    BudgetTooSmall,
+    minimum_memory,
+    plan_blocks,
+    plan_memory,
+)
 
 
 def random_cost(rng: random.Random) -> ModelCost:
@@ -83,17 +87,10 @@ def test_bad_sizes_are_rejected(bad):
         parse_size(bad)
 
 
-@pytest.fixture(scope="module", params=sorted(PIPELINES))
-def case(request, target):
-    make, run = PIPELINES[request.param]
-    pipe = make()
-    return pipe, run, resident_run(pipe, lambda: run(pipe), target)
-
-
 @pytest.fixture
 def no_leftover_dispatch(case):
     yield
-    handle = getattr(case[0], "_offload_map_handle", None)
+    handle = getattr(case.pipe, "_offload_map_handle", None)
     if handle is not None:
         handle.remove()
 
@@ -101,7 +98,7 @@ def no_leftover_dispatch(case):
 @pytest.mark.usefixtures("no_leftover_dispatch")
 @pytest.mark.parametrize("share", [0.25, 0.5, 0.8, 2.0])
 def test_auto_is_bit_exact_at_every_budget(case, target, share):
-    pipe, run, reference = case
+    _, pipe, run, reference = case
     total = sum(compile_device_map(pipe, "none", target).bytes_by_placement().values())
     budget = int(total * share)
     try:

@@ -4,14 +4,13 @@ nothing left in shared memory when a rank is killed."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-
+from conftest import free_port
 from tiny_pipelines import make_flux_pipeline, run_flux
 
 WORKER = Path(__file__).parent / "rank_worker.py"
@@ -25,18 +24,12 @@ def checkpoint(tmp_path_factory):
     return path, run_flux(pipe)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(out: Path, checkpoint: Path, mode: str) -> subprocess.CompletedProcess:
     # accelerate's --cpu launches through mpirun; --multi_gpu goes through torchrun, and the worker asks
     # PartialState(cpu=True) for gloo.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(WORKER), str(out), str(checkpoint), mode]
+           "--main_process_port", str(free_port()), str(WORKER), str(out), str(checkpoint), mode]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
@@ -96,6 +89,7 @@ def test_sharded_streaming_reads_half_of_each_block_per_rank_and_matches_one_ran
     for seen in sharded:
         assert torch.equal(seen["output"], reference) and torch.equal(seen["second"], reference)
         assert 0.4 * whole < seen["host_bytes"] < 0.6 * whole  # half of every block from this rank's host copy
+        assert seen["gathers"] and seen["into_slots"] and seen["own_chunk_in_place"]  # no tensor allocated per block
 
 
 def test_a_rank_that_stops_makes_the_other_fail_with_a_clear_error_not_hang(checkpoint, tmp_path):

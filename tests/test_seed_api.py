@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import resident_run
 
 import offload_map
 from offload_map import (
@@ -21,7 +22,6 @@ from offload_map import (
     remove_sequential_offload,
 )
 from offload_map.demo import make_tiny_pipeline
-from conftest import resident_run
 
 
 def test_contract_names_import_from_the_package_and_the_seed_submodules():

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
+from conftest import assert_restored, pipeline_state
 
 import offload_map.auto
 from offload_map import DeviceMap, Placement, compile_device_map, dispatch_pipeline
-from offload_map.planning.cost_model import BlockCost, ModelCost, simulate
 from offload_map.collect.tensors import TensorRef
+from offload_map.planning.cost_model import BlockCost, ModelCost, simulate
+from offload_map.planning.planner import BlockPlan, plan_blocks, plan_memory
 from offload_map.runtime.host_buffer import HostBuffer
 from offload_map.runtime.streams import SyncOrdering
 from offload_map.runtime.unit import OffloadedUnit
-from offload_map.planning.planner import BlockPlan, plan_blocks, plan_memory
-from conftest import resident_run
-from test_pipelines import PIPELINES, _assert_restored, _state
-
-
-@pytest.fixture(scope="module", params=["flux", "wan22"])
-def case(request, target):
-    make, run = PIPELINES[request.param]
-    pipe = make()
-    return pipe, run, resident_run(pipe, lambda: run(pipe), target)
 
 
 def _rings(handle):
@@ -36,8 +27,8 @@ def _set(handle, name, resident, window, kept=None):
     handle.runtime.set_residency(name, by_path, window)
 
 
-def test_split_points_cut_only_between_whole_submodules(case, target):
-    pipe, _, _ = case
+def test_split_points_cut_only_between_whole_submodules(diffusers_case, target):
+    pipe = diffusers_case.pipe
     handle = dispatch_pipeline(pipe, "layerwise", target)
     try:
         for ring in _rings(handle).values():
@@ -53,9 +44,9 @@ def test_split_points_cut_only_between_whole_submodules(case, target):
         handle.remove()
 
 
-def test_blocks_kept_in_part_are_bit_exact_and_stream_only_the_rest(case, target):
-    pipe, run, reference = case
-    before = _state(pipe)
+def test_blocks_kept_in_part_are_bit_exact_and_stream_only_the_rest(diffusers_case, target):
+    _, pipe, run, reference = diffusers_case
+    before = pipeline_state(pipe)
     handle = dispatch_pipeline(pipe, "layerwise", target, window=2)
     try:
         for cut in (0, -1):  # a first plan, then another that keeps more while blocks still sit in slots
@@ -73,7 +64,7 @@ def test_blocks_kept_in_part_are_bit_exact_and_stream_only_the_rest(case, target
         assert torch.equal(run(pipe).cpu(), reference)
     finally:
         handle.remove()
-    _assert_restored(pipe, before)
+    assert_restored(pipe, before)
 
 
 def test_planner_keeps_part_of_each_block_when_whole_slots_cost_too_much():
@@ -103,8 +94,8 @@ def _dispatch_split_auto(pipe, target, monkeypatch):
     return dispatch_pipeline(pipe, "auto", target, gpu_budget=int(0.8 * total))
 
 
-def test_auto_writes_a_split_plan_into_the_map_and_the_saved_map_dispatches_again(case, target, monkeypatch):
-    pipe, run, reference = case
+def test_auto_writes_a_split_plan_into_the_map_and_the_saved_map_dispatches_again(diffusers_case, target, monkeypatch):
+    _, pipe, run, reference = diffusers_case
     handle = _dispatch_split_auto(pipe, target, monkeypatch)
     for _ in range(3):
         assert torch.equal(run(pipe).cpu(), reference)
@@ -141,8 +132,8 @@ def test_zero_size_tensors_get_views_and_add_no_cut():
     assert unit.split_points() == ()  # the only cut would keep everything but an empty buffer
 
 
-def test_refresh_after_a_split_plan_keeps_the_map_dispatchable(case, target, monkeypatch):
-    pipe, run, reference = case
+def test_refresh_after_a_split_plan_keeps_the_map_dispatchable(diffusers_case, target, monkeypatch):
+    _, pipe, run, reference = diffusers_case
     handle = _dispatch_split_auto(pipe, target, monkeypatch)
     for _ in range(2):
         run(pipe)
