@@ -27,6 +27,9 @@ Strategies:
 * ``auto-<N>GiB``      ``offload_map.dispatch_pipeline(model, strategy="auto", gpu_budget="<N>GiB")`` (also
   ``<N>GB``, 10**9 bytes); ``auto-unlimited`` gives it the device's whole memory
 * ``<any>-compiled``   the same after ``model.compile_repeated_blocks()`` (inductor; the warm-up forwards compile)
+* ``before-layerwise-wN``, ``before-auto-<N>GiB``  the same with offload_map as it was before a change: the
+  package in ``--before DIR`` (``DIR/offload_map``, e.g. ``git archive <commit> offload_map | tar -x -C DIR``),
+  loaded under another name, so before and after run in one process on one machine
 
 Per strategy: setup seconds; after ``--warmup`` untimed forwards, the median/min/all of ``--repeats``
 forwards run back to back (device events at each forward's start) and the median of ``--repeats`` more,
@@ -261,10 +264,28 @@ class TransformerHolder:
         self.transformer = transformer
 
 
-def make_layerwise(window: int):
-    def setup_layerwise(model, ctx: Ctx):
-        import offload_map
+def offload_map_package(ctx: Ctx, before: bool):
+    """offload_map itself, or (``before``) the package in ``--before DIR`` loaded as ``offload_map_before``."""
+    import importlib
+    import importlib.util
 
+    if not before:
+        return importlib.import_module("offload_map")
+    if "offload_map_before" not in sys.modules:
+        if not ctx.args.before:
+            sys.exit("before-* strategies need --before DIR (a folder holding the earlier offload_map package)")
+        root = os.path.join(ctx.args.before, "offload_map")
+        spec = importlib.util.spec_from_file_location("offload_map_before", os.path.join(root, "__init__.py"),
+                                                      submodule_search_locations=[root])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["offload_map_before"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["offload_map_before"]
+
+
+def make_layerwise(window: int, before: bool = False):
+    def setup_layerwise(model, ctx: Ctx):
+        offload_map = offload_map_package(ctx, before)
         target = model if ctx.args.layerwise_via == "model" else TransformerHolder(model)
         handle = offload_map.dispatch_pipeline(target, strategy="layerwise", device=ctx.device, window=window)
         return handle.remove
@@ -272,12 +293,11 @@ def make_layerwise(window: int):
     return setup_layerwise
 
 
-def make_auto(budget: str | None):
+def make_auto(budget: str | None, before: bool = False):
     """``strategy="auto"`` within ``budget`` (e.g. ``"12GiB"``, ``"12GB"``); None means the device's whole memory."""
 
     def setup_auto(model, ctx: Ctx):
-        import offload_map
-
+        offload_map = offload_map_package(ctx, before)
         size = budget or (torch.cuda.mem_get_info()[1] if ctx.cuda else 10**15)
         handle = offload_map.dispatch_pipeline(model, strategy="auto", device=ctx.device, gpu_budget=size)
         ctx.handle = handle
@@ -354,12 +374,13 @@ def strategy_setup(name: str):
     }
     if name in fixed:
         return fixed[name]
-    match = re.fullmatch(r"layerwise-w(\d+)", name)
+    before = name.startswith("before-")
+    match = re.fullmatch(r"layerwise-w(\d+)", name.removeprefix("before-"))
     if match:
-        return make_layerwise(int(match.group(1)))
-    match = re.fullmatch(r"auto-(\d+(?:\.\d+)?(?:GB|GiB))|auto-unlimited", name)
+        return make_layerwise(int(match.group(1)), before)
+    match = re.fullmatch(r"auto-(\d+(?:\.\d+)?(?:GB|GiB))|auto-unlimited", name.removeprefix("before-"))
     if match:
-        return make_auto(match.group(1))
+        return make_auto(match.group(1), before)
     raise ValueError(f"unknown strategy {name!r}")
 
 
@@ -733,6 +754,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="pass the transformer itself to dispatch_pipeline, or a holder with .transformer")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: model's)")
     p.add_argument("--text-len", type=int, default=None, help="text tokens (default: flux 512, sd3 333)")
+    p.add_argument("--before", default=None, help="folder holding an earlier offload_map package (before-* strategies)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weight-std", type=float, default=0.02)
     args = p.parse_args(argv)

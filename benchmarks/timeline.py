@@ -1,9 +1,11 @@
-"""Measured copy/compute timeline of one step under ``strategy="auto"``, beside the planner's prediction.
+"""Measured copy/compute timeline of one step under ``strategy="auto"`` (beside the planner's prediction) or
+``"layerwise"``.
 
 Usage (GPU)::
 
-    python benchmarks/timeline.py --model flux-12b --budgets 8GiB,12GiB,16GiB --out DIR
+    python benchmarks/timeline.py --model flux-12b --budgets 8GiB,12GiB,16GiB,w2 --out DIR
 
+``wN`` in ``--budgets`` is ``strategy="layerwise"`` with window N (no budget, no prediction).
 For each budget: dispatch, run the calibration and re-plan, time ``--repeats`` steps the way
 ``step_time.py`` does (device synchronised around each), then record one more step with CUDA timing
 events around every block and copy. Each link gap (copy stream idle between two copies) is split into
@@ -13,7 +15,7 @@ of one block beside a matrix-multiply loop, against the same copies alone, to te
 compute from scheduling. Writes ``DIR/timeline_<model>.jsonl`` (one row per budget, with both timelines)
 and prints a summary per budget.
 
-This is a diagnostic: it wraps ``Prefetcher.enter``/``exit`` and ``SlotRing.load`` for the recorded step.
+This is a diagnostic: it wraps ``Prefetcher.enter``/``exit`` and ``OffloadedUnit.load`` for the recorded step.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import offload_map
 from offload_map import model_zoo as models
 from offload_map.mapping.sizes import parse_size
-from offload_map.prefetcher import Prefetcher
-from offload_map.slot_ring import SlotRing
+from offload_map.runtime.prefetcher import Prefetcher
+from offload_map.runtime.unit import OffloadedUnit
 
 
 class Recorder:
@@ -51,7 +53,7 @@ class Recorder:
 
 
 REC = Recorder()
-_enter, _exit, _load = Prefetcher.enter, Prefetcher.exit, SlotRing.load
+_enter, _exit, _load = Prefetcher.enter, Prefetcher.exit, OffloadedUnit.load
 
 
 def enter(self, block):
@@ -68,15 +70,15 @@ def exit_(self, block):
     _exit(self, block)
 
 
-def load(self, slot, block, on_demand=False, timed=None):
-    if REC.active and timed is None:
-        REC.mark("issue", block, self.ordering.copy_stream)
-        REC.copy_blocks.append(block)
+def load(self, slot, copier, timed=None):
+    if REC.active and timed is None and slot.holds is not self:
+        REC.mark("issue", self.path, self.ordering.copy_stream)
+        REC.copy_blocks.append(self.path)
         timed = REC.copies
-    _load(self, slot, block, on_demand, timed)
+    return _load(self, slot, copier, timed)
 
 
-Prefetcher.enter, Prefetcher.exit, SlotRing.load = enter, exit_, load
+Prefetcher.enter, Prefetcher.exit, OffloadedUnit.load = enter, exit_, load
 
 
 def record_step(model, inputs) -> dict:
@@ -173,7 +175,10 @@ def main() -> None:
     with open(path, "a") as f:
         f.write(json.dumps({"kind": "probe", "device": torch.cuda.get_device_name(), "copies": probe}) + "\n")
     for budget in args.budgets.split(","):
-        handle = offload_map.dispatch_pipeline(model, strategy="auto", device=device, gpu_budget=parse_size(budget))
+        if budget.startswith("w"):
+            handle = offload_map.dispatch_pipeline(model, strategy="layerwise", device=device, window=int(budget[1:]))
+        else:
+            handle = offload_map.dispatch_pipeline(model, strategy="auto", device=device, gpu_budget=parse_size(budget))
         times = []
         with torch.inference_mode():
             for i in range(3 + args.repeats):
@@ -188,14 +193,15 @@ def main() -> None:
             torch.cuda.synchronize()
             unsynced = (time.perf_counter() - t0) / args.repeats
             measured = record_step(model, inputs)
-        plan = next(iter(handle.plans.values()))
-        predicted = [{"path": p, "streamed": s, "copy": [c0, c1], "compute": [s0, s1]} for p, s, c0, c1, s0, s1 in plan.timeline.rows]
-        row = {"kind": "budget", "budget": budget, "budget_bytes": plan.budget, "step_s": statistics.median(times[3:]),
-               "unsynced_step_s": unsynced, "predicted_step_s": plan.step_s, "window": plan.window,
-               "streamed_blocks": len(plan.streamed), "bandwidth_Bps": plan.bandwidth,
-               "streamed_bytes": sum(plan.cost.blocks[i].nbytes for i in plan.streamed),
-               "measured": measured, "predicted": predicted,
-               "pattern": "".join("S" if i in plan.streamed else "R" for i in range(len(plan.cost.blocks)))}
+        row = {"kind": "budget", "budget": budget, "step_s": statistics.median(times[3:]), "unsynced_step_s": unsynced,
+               "measured": measured}
+        plan = next(iter(handle.plans.values()), None)
+        if plan is not None:
+            predicted = [{"path": p, "streamed": s, "copy": [c0, c1], "compute": [s0, s1]} for p, s, c0, c1, s0, s1 in plan.timeline.rows]
+            row.update({"budget_bytes": plan.budget, "predicted_step_s": plan.step_s, "window": plan.window,
+                        "streamed_blocks": len(plan.streamed), "bandwidth_Bps": plan.bandwidth,
+                        "streamed_bytes": sum(plan.cost.blocks[i].nbytes for i in plan.streamed), "predicted": predicted,
+                        "pattern": "".join("S" if i in plan.streamed else "R" for i in range(len(plan.cost.blocks)))})
         summary = {k: v for k, v in row.items() if k not in ("measured", "predicted")}
         summary.update({k: v for k, v in measured.items() if k not in ("rows", "copies")})
         print(json.dumps(summary), flush=True)
