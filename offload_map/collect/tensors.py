@@ -56,12 +56,16 @@ class TensorRef:
         tensor = self.tensor
         return tensor.numel() * tensor.element_size()
 
+    def slots(self) -> list[tuple[nn.Module, str, bool]]:
+        """``(module, name, is_param)`` of the slot and of each alias."""
+        return [(self.module, self.name, self.is_param), *((a.module, a.name, a.is_param) for a in self.aliases)]
+
     def bind(self, data: torch.Tensor) -> None:
         """Point the slot (and its aliases) at ``data``. Parameters keep their identity (optimizers, LoRA and
         compiled graphs hold them), except across the meta device, which ``.data`` cannot cross: one new
         ``Parameter`` then takes every slot."""
         fresh = None
-        for module, name, is_param in [(self.module, self.name, self.is_param), *((a.module, a.name, a.is_param) for a in self.aliases)]:
+        for module, name, is_param in self.slots():
             if not is_param:
                 module._buffers[name] = data
                 continue

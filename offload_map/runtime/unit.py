@@ -72,6 +72,7 @@ class OffloadedUnit:
         self.kept = 0
         self.split = 0  # index of the first tail tensor
         self.bound = False  # whether the module's tensors point into this unit's memory yet
+        self._targets: list[tuple] = []  # per tensor: (parameter, None, name) or (None, buffer table, name) per slot
         self.set_kept(kept)
 
     @property
@@ -95,12 +96,21 @@ class OffloadedUnit:
         self.split = self.host.first_at(kept)
 
     def _bind(self, first: int, views: list[torch.Tensor]) -> None:
-        for ref, view in zip(self.refs[first:], views):
-            ref.bind(view)
+        # The hot path (twice per block and step): each slot's Parameter or buffer table, read once by bind_host.
+        for targets, view in zip(self._targets[first:], views):
+            for param, table, name in targets:
+                if param is None:
+                    table[name] = view
+                else:
+                    param.data = view
 
     def bind_host(self) -> None:
-        """Point every tensor at the host buffer (at dispatch, and when nothing of the unit is on the device)."""
-        self._bind(0, self.host_views)
+        """Point every tensor at the host buffer (at dispatch, and after the weights changed), and note what later
+        binds write to: the Parameters (``.data`` keeps their identity from here on) and buffer tables."""
+        for ref, view in zip(self.refs, self.host_views):
+            ref.bind(view)  # may replace a meta Parameter with a new one, so the targets are read after
+        self._targets = [tuple((module._parameters[name], None, name) if is_param else (None, module._buffers, name)
+                               for module, name, is_param in ref.slots()) for ref in self.refs]
         self.bound = True
 
     # -- head ----------------------------------------------------------------------------------------------
