@@ -114,10 +114,9 @@ class OffloadHandle:
         return self._runtime.host_copy
 
     def on_device(self) -> list[str]:
-        """Names of the components whose weights are on the target device right now (resident or loaded).
-
-        A streamed DiT counts as on the device: its non-block modules are resident.
-        """
+        """Names of the components whose weights are on the target device right now: resident, pinned and loaded,
+        or streamed and active (their slots and kept parts on the device; their non-block modules are resident
+        throughout)."""
         return self._runtime.on_device()
 
     def _check_active(self) -> None:

@@ -14,16 +14,22 @@ from typing import Callable, NamedTuple
 
 import pytest
 import torch
-from tiny_pipelines import make_flux_pipeline, make_wan22_pipeline, run_flux, run_wan22
 
 from offload_map import Role, dispatch_pipeline
 from offload_map.demo import make_tiny_pipeline
 from offload_map.module_collector import ModuleDiscovery
+from tiny_pipelines import make_flux_pipeline, make_llama_pipeline, make_wan22_pipeline, run_flux, run_llama, run_wan22
 
 PIPELINES = {
     "flux": (make_flux_pipeline, run_flux),
     "wan22": (make_wan22_pipeline, run_wan22),
     "plain": (make_tiny_pipeline, lambda pipe: pipe("a red cat", steps=3)),
+}
+# Pipelines whose text encoders have block lists (T5 and CLIP, UMT5, a Llama decoder).
+ENCODER_PIPELINES = {
+    "flux": (make_flux_pipeline, run_flux),
+    "wan22": (make_wan22_pipeline, run_wan22),
+    "llama": (make_llama_pipeline, run_llama),
 }
 
 
@@ -68,7 +74,7 @@ class Case(NamedTuple):
 
 
 def _case(name: str, target: str) -> Case:
-    make, run = PIPELINES[name]
+    make, run = {**PIPELINES, **ENCODER_PIPELINES}[name]
     pipe = make()
     return Case(name, pipe, run, resident_run(pipe, lambda: run(pipe), target))
 
@@ -80,6 +86,11 @@ def case(request, target) -> Case:
 
 @pytest.fixture(scope="module", params=["flux", "wan22"])
 def diffusers_case(request, target) -> Case:
+    return _case(request.param, target)
+
+
+@pytest.fixture(scope="module", params=sorted(ENCODER_PIPELINES))
+def encoder_case(request, target) -> Case:
     return _case(request.param, target)
 
 

@@ -91,7 +91,9 @@ def main(out: Path, checkpoint: Path, mode: str) -> None:
         gather = sharded_copy._all_gather_into
 
         def spy(output, own, group=None):
-            gathers.append((output.untyped_storage().data_ptr(), own.data_ptr() - output.data_ptr(), own.numel()))
+            rings = pipe._offload_map_handle.runtime.rings.values()
+            slots = {slot.buffer.untyped_storage().data_ptr() for ring in rings for slot in ring.pool.slots}
+            gathers.append((output.untyped_storage().data_ptr() in slots, own.data_ptr() - output.data_ptr(), own.numel()))
             return gather(output, own, group=group)
 
         sharded_copy._all_gather_into = spy
@@ -122,9 +124,8 @@ def main(out: Path, checkpoint: Path, mode: str) -> None:
         return
     seen["host_bytes"] = handle.report().stats.bytes_h2d
     if gathers:
-        slots = {slot.buffer.untyped_storage().data_ptr() for ring in handle.runtime.rings.values() for slot in ring.pool.slots}
         seen["gathers"] = len(gathers)
-        seen["into_slots"] = all(storage in slots for storage, _, _ in gathers)
+        seen["into_slots"] = all(into_slot for into_slot, _, _ in gathers)
         seen["own_chunk_in_place"] = all(offset == state.process_index * size for _, offset, size in gathers)
     if handle.plans:
         plan = handle.plans["transformer"]

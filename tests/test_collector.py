@@ -638,3 +638,81 @@ def test_an_object_holding_no_modules_raises_type_error(holder):
 def test_an_object_without_attributes_raises_type_error(holder):
     with pytest.raises(TypeError):
         ModuleDiscovery.discover(holder)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. Encoders: the transformers classes diffusers pipelines use as text and image encoders
+# ---------------------------------------------------------------------------------------------------------
+
+def _tiny_encoder_configs() -> dict:
+    import transformers as tf
+
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2)
+    clip = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=16, projection_dim=16)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+    t5 = dict(vocab_size=64, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2)
+    return {
+        "T5EncoderModel": tf.T5Config(**t5),
+        "UMT5EncoderModel": tf.UMT5Config(**t5),
+        "CLIPTextModel": tf.CLIPTextConfig(**clip),
+        "CLIPTextModelWithProjection": tf.CLIPTextConfig(**clip),
+        "CLIPVisionModelWithProjection": tf.CLIPVisionConfig(**vision, projection_dim=16),
+        "SiglipVisionModel": tf.SiglipVisionConfig(**vision),
+        "LlamaModel": tf.LlamaConfig(**text),
+        "LlamaForCausalLM": tf.LlamaConfig(**text),
+        "MistralModel": tf.MistralConfig(**text, head_dim=16),
+        "GemmaModel": tf.GemmaConfig(**text, head_dim=16),
+        "Gemma2Model": tf.Gemma2Config(**text, head_dim=16),
+        "Qwen2Model": tf.Qwen2Config(**text),
+        "Qwen3Model": tf.Qwen3Config(**text, head_dim=16),
+        "Qwen2_5_VLForConditionalGeneration": tf.Qwen2_5_VLConfig(
+            text_config=dict(text, rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]}),
+            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=2,
+                               spatial_merge_size=2, temporal_patch_size=1, fullatt_block_indexes=[1], window_size=8)),
+    }
+
+
+def test_every_encoder_registry_entry_has_a_tiny_config():
+    from offload_map.collect.blocks import KNOWN_ENCODER_BLOCK_ATTRS
+
+    assert sorted(_tiny_encoder_configs()) == sorted(KNOWN_ENCODER_BLOCK_ATTRS)
+
+
+@pytest.mark.parametrize("class_name", sorted(_tiny_encoder_configs()))
+def test_encoder_block_lists_are_found_nested_and_agree_with_the_heuristic(class_name):
+    import transformers as tf
+
+    from offload_map.collect.blocks import KNOWN_ENCODER_BLOCK_ATTRS, _infer_block_attrs
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = getattr(tf, class_name)(_tiny_encoder_configs()[class_name]).eval()
+    names = get_blocks_attr_names(model)
+    assert tuple(names) in KNOWN_ENCODER_BLOCK_ATTRS[class_name]
+    assert names == _infer_block_attrs(model), "the heuristic finds the same lists without the registry"
+    blocks = get_blocks(model)
+    assert len(blocks) == 2 * len(names) and all(path.startswith(tuple(names)) for path, _ in blocks)
+    assert sum(n_params(b) for _, b in blocks) > 0.5 * n_params(model)
+
+
+def test_a_dotted_declaration_through_a_property_is_an_error_not_a_fallback():
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+    class Encoder(nn.Module):
+        _layerwise_offload_blocks_attrs = ["inner.block"]
+
+        def __init__(self):
+            super().__init__()
+            self.stack = Stack()
+
+        @property
+        def inner(self):
+            return self.stack
+
+    with pytest.raises(AttributeError, match=r"'inner' \(in Encoder\) is a Stack, not a registered child module"):
+        get_blocks_attr_names(Encoder())

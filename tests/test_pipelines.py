@@ -64,13 +64,16 @@ def test_layerwise_is_bit_exact_for_every_window(case, target, window):
     assert_restored(pipe, before)
 
 
-def test_layerwise_window_covering_all_blocks_loads_each_block_once(case, target):
+def test_layerwise_window_covering_all_blocks_loads_each_block_once_per_call(case, target):
+    # Every step of a call reuses the slots; between calls the encoders and the VAE run, and the DiT's slots
+    # leave the device for them.
     name, pipe, run, reference = case
     handle = dispatch_pipeline(pipe, "layerwise", target, window=_block_count(pipe))
     run(pipe)
     loads = handle.report().stats.block_loads
     assert torch.equal(run(pipe).cpu(), reference)
-    assert handle.report().stats.block_loads == loads, "blocks were copied again although all fit in the window"
+    blocks = sum(len(ring.units) for ring in handle.runtime.rings.values())
+    assert handle.report().stats.block_loads - loads == blocks, "blocks were copied more than once in a call"
     handle.remove()
 
 

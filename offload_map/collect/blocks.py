@@ -1,17 +1,21 @@
-"""Finding a DiT's block lists: declared, registered, or inferred.
+"""Finding a model's block lists (a DiT's, an encoder's): declared, registered, or inferred.
 
 Resolution order for ``get_blocks_attr_names(model)``:
 
 1. The class attribute ``_layerwise_offload_blocks_attrs`` (vllm-omni's protocol), a list of attribute
-   names; the legacy single-string ``_layerwise_offload_blocks_attr`` is read with a deprecation warning.
-2. ``KNOWN_BLOCK_ATTRS``, keyed by class name, for diffusers' transformers and UNets.
-3. The heuristic: the model's direct children that are ``nn.ModuleList``/``nn.Sequential`` of at least
-   two children all of one type, each holding at least ``HEURISTIC_MIN_SHARE`` of the parameter bytes,
-   in declaration order, provided that together they hold more than half of them (else none).
+   names, dotted for lists inside submodules (``"encoder.block"``); the legacy single-string
+   ``_layerwise_offload_blocks_attr`` is read with a deprecation warning.
+2. ``KNOWN_BLOCK_ATTRS``, keyed by class name: diffusers' transformers and UNets, and the transformers text and
+   image encoders diffusers pipelines use (T5/UMT5 ``encoder.block``, CLIP ``text_model.encoder.layers``,
+   decoder-style language models' ``layers``).
+3. The heuristic: the ``nn.ModuleList``/``nn.Sequential`` containers of at least two children all of one type,
+   each holding at least ``HEURISTIC_MIN_SHARE`` of the parameter bytes, found by descending from the model
+   into submodules that hold that share (never into a list already chosen), in registration order, provided
+   that together they hold more than half of the bytes (else none).
 
-Every declared or registered name must be a registered child container of the model (seen in
-``named_children()``): a Python ``@property`` or a plain list is an error, never a silent fall-back to
-moving the whole model to the device.
+Every declared or registered name must lead, through registered child modules (``_modules``), to a child
+container: a Python ``@property`` or a plain list is an error, never a silent fall-back to moving the whole
+model to the device.
 """
 
 from __future__ import annotations
@@ -49,6 +53,25 @@ KNOWN_BLOCK_ATTRS: dict[str, tuple[str, ...]] = {
     "UNet3DConditionModel": ("down_blocks", "mid_block", "up_blocks"),
     "UNetSpatioTemporalConditionModel": ("down_blocks", "mid_block", "up_blocks"),
     "UNetMotionModel": ("down_blocks", "mid_block", "up_blocks"),
+}
+
+# transformers class name -> its layouts' block-list attributes (dotted from the model), for the encoders of
+# diffusers pipelines; the first layout this model has is used (transformers 5 flattened some wrappers).
+KNOWN_ENCODER_BLOCK_ATTRS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "T5EncoderModel": (("encoder.block",),),
+    "UMT5EncoderModel": (("encoder.block",),),
+    "CLIPTextModel": (("text_model.encoder.layers",), ("encoder.layers",)),
+    "CLIPTextModelWithProjection": (("text_model.encoder.layers",), ("encoder.layers",)),
+    "CLIPVisionModelWithProjection": (("vision_model.encoder.layers",), ("encoder.layers",)),
+    "SiglipVisionModel": (("vision_model.encoder.layers",), ("encoder.layers",)),
+    "LlamaModel": (("layers",),),
+    "LlamaForCausalLM": (("model.layers",),),
+    "MistralModel": (("layers",),),
+    "GemmaModel": (("layers",),),
+    "Gemma2Model": (("layers",),),
+    "Qwen2Model": (("layers",),),
+    "Qwen3Model": (("layers",),),
+    "Qwen2_5_VLForConditionalGeneration": (("model.visual.blocks", "model.language_model.layers"),),
 }
 
 _DECLARED = "_layerwise_offload_blocks_attrs"
@@ -90,21 +113,44 @@ def get_blocks_attr_names(model: nn.Module) -> list[str]:
         names, source = legacy, f"{cls.__name__}.{_LEGACY}"
     if names is None and cls.__name__ in KNOWN_BLOCK_ATTRS:
         names, source = KNOWN_BLOCK_ATTRS[cls.__name__], f"offload_map's registry entry for {cls.__name__}"
+    if names is None and cls.__name__ in KNOWN_ENCODER_BLOCK_ATTRS:
+        layouts = KNOWN_ENCODER_BLOCK_ATTRS[cls.__name__]
+        names = next((layout for layout in layouts if all(_resolves(model, name) for name in layout)), layouts[0])
+        source = f"offload_map's registry entry for {cls.__name__}"
     if names is None:
         return _infer_block_attrs(model)
     if isinstance(names, str):
         raise TypeError(f"{source} must be a list of attribute names, got the string {names!r}; write [{names!r}]")
     names = list(names)
-    children = dict(model.named_children())
     for name in names:
-        if name not in children:
-            kind = "missing" if not hasattr(model, name) else f"a {type(getattr(model, name)).__name__}, not a registered child module"
-            raise AttributeError(
-                f"{source} names {name!r}, but on this {cls.__name__} it is {kind}. Block lists must be registered "
-                f"child containers (nn.ModuleList/nn.Sequential assigned as attributes); registered children are "
-                f"{sorted(children)}. Fix the declaration or set {_DECLARED} on the class."
-            )
+        _registered(model, name, source)
     return names
+
+
+def _resolves(model: nn.Module, name: str) -> bool:
+    module = model
+    for part in name.split("."):
+        module = module._modules.get(part)
+        if module is None:
+            return False
+    return True
+
+
+def _registered(model: nn.Module, name: str, source: str) -> nn.Module:
+    # Follows ``_modules`` only: an attribute that is a property or a plain list is not a block list.
+    module = model
+    for depth, part in enumerate(name.split(".")):
+        child = module._modules.get(part) if isinstance(module, nn.Module) else None
+        if child is None:
+            kind = "missing" if not hasattr(module, part) else f"a {type(getattr(module, part)).__name__}, not a registered child module"
+            where = ".".join(name.split(".")[:depth]) or type(model).__name__
+            raise AttributeError(
+                f"{source} names {name!r}, but on this {type(model).__name__} {part!r} (in {where}) is {kind}. Block "
+                f"lists must be registered child containers (nn.ModuleList/nn.Sequential assigned as attributes); "
+                f"registered children there are {sorted(module._modules)}. Fix the declaration or set {_DECLARED} on the class."
+            )
+        module = child
+    return module
 
 
 def get_blocks(model: nn.Module, attr_names: list[str] | None = None) -> list[tuple[str, nn.Module]]:
@@ -120,10 +166,9 @@ def get_blocks(model: nn.Module, attr_names: list[str] | None = None) -> list[tu
         ['blocks.0', 'blocks.1']
     """
     names = get_blocks_attr_names(model) if attr_names is None else attr_names
-    children = dict(model.named_children())
     out: list[tuple[str, nn.Module]] = []
     for name in names:
-        container = children[name]
+        container = _registered(model, name, "block list")
         if isinstance(container, (nn.ModuleList, nn.Sequential)):
             out.extend((f"{name}.{child}", block) for child, block in container.named_children())
         else:
@@ -139,12 +184,19 @@ def _infer_block_attrs(model: nn.Module) -> list[str]:
     total = _param_bytes(model)
     if not total:
         return []
-    chosen = []
-    for name, child in model.named_children():
-        if isinstance(child, (nn.ModuleList, nn.Sequential)) and len(child) >= 2 and len({type(c) for c in child}) == 1:
+    chosen: list[tuple[str, float]] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
             share = _param_bytes(child) / total
-            if share >= HEURISTIC_MIN_SHARE:
-                chosen.append((name, share))
+            if share < HEURISTIC_MIN_SHARE:
+                continue
+            if isinstance(child, (nn.ModuleList, nn.Sequential)) and len(child) >= 2 and len({type(c) for c in child}) == 1:
+                chosen.append((prefix + name, share))
+            else:
+                visit(f"{prefix}{name}.", child)
+
+    visit("", model)
     held = sum(share for _, share in chosen)
     if held <= 0.5:
         return []

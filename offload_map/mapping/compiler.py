@@ -5,8 +5,9 @@ Strategies:
 - ``"none"``: every component resident (``"gpu"``).
 - ``"model"``: DiTs, encoders and VAEs ``"cpu-pinned"``, taking turns on the device (a DiT excludes the
   encoders, the VAEs and every other DiT); other components and ``_resident_modules`` stay ``"gpu"``.
-- ``"layerwise"``: as ``"model"``, except each DiT is ``"gpu"`` with its blocks ``"layer-window"``,
-  streamed through ``window`` slots.
+- ``"layerwise"``: as ``"model"``, except that each DiT, and each other offloaded component with block lists
+  and at least ``STREAM_MIN_BYTES`` of weights (a T5-XXL or a Llama text encoder, not CLIP-L or a VAE), is
+  ``"gpu"`` with its blocks ``"layer-window"``, streamed through ``window`` slots.
 - ``"auto"`` (needs a budget): everything ``"gpu"`` if the whole pipeline fits the budget, else as
   ``"layerwise"``; the blocks to keep resident are chosen after the second forward (``offload_map.auto``).
 
@@ -34,6 +35,9 @@ from .sizes import human_bytes
 logger = logging.getLogger("offload_map")
 
 STRATEGIES = ("none", "model", "layerwise", "auto")
+# Components other than DiTs stream under "layerwise" from this size on; smaller ones move whole, which costs
+# one copy per call and a few hundred MB of device memory at most.
+STREAM_MIN_BYTES = 1 << 30
 
 
 def check_strategy(strategy: object) -> str:
@@ -78,14 +82,17 @@ def compile_found(found: PipelineModules, tensors: list[TensorRef], strategy: st
     check_window(window)
     if strategy == "auto" and budget is None:
         raise ValueError("strategy 'auto' needs a budget: pass max_memory={0: '12GiB'} or gpu_budget='12GiB'")
-    dmap = _sized(_place(found, "layerwise" if strategy == "auto" else strategy, device, window), tensors)
+    whole = _sized(_place(found, "none", device, window, {}), tensors)
+    sizes = _component_bytes(whole)
+    if strategy == "none":
+        return whole
+    dmap = _sized(_place(found, "layerwise" if strategy == "auto" else strategy, device, window, sizes), tensors)
     dmap.strategy = strategy
     if budget is None:
         return dmap
-    if strategy == "auto" and fits_entirely(sum(dmap.bytes_by_placement().values()), budget):
-        dmap = _sized(_place(found, "none", device, window), tensors)
-        dmap.strategy = "auto"
-        return dmap
+    if strategy == "auto" and fits_entirely(sum(sizes.values()), budget):
+        whole.strategy = "auto"
+        return whole
     _keep_encoders(dmap, budget)
     _fit_window(dmap, budget)
     _warn_pinned_over_budget(dmap, budget)
@@ -117,14 +124,28 @@ def _keep_encoders(dmap: DeviceMap, budget: int) -> None:
         held += sizes[name]
 
 
-def _footprint(dmap: DeviceMap, window: int) -> int:
-    # Resident weights plus, for every streamed DiT, its slots sized for its largest block.
+def _phase_bytes(dmap: DeviceMap, window: int, pinned: bool) -> dict[str, int]:
+    """Component name -> device bytes while it runs: resident weights, the slots of every streamed component on the
+    device then (its own, and those its role does not exclude), and with ``pinned`` the pinned components loaded
+    then (itself and those of a role it does not exclude: CLIP beside T5)."""
     resident = sum(e.nbytes for e in dmap.entries.values() if e.placement is Placement.GPU)
     blocks: dict[str, list[int]] = {}
     for entry in dmap.entries.values():
         if entry.placement is Placement.LAYER_WINDOW:
             blocks.setdefault(owning_component(entry.path, dmap.components), []).append(entry.nbytes)
-    return resident + sum(device_footprint(0, max(sizes), min(window, len(sizes))) for sizes in blocks.values())
+    slots = {name: device_footprint(0, max(sizes), min(window, len(sizes))) for name, sizes in blocks.items()}
+    sizes = _component_bytes(dmap)
+    out = {}
+    for name, role in dmap.components.items():
+        present = [other for other in dmap.components if other == name or not role.excludes(dmap.components[other])]
+        out[name] = resident + sum(slots.get(other, 0) for other in present)
+        if pinned:
+            out[name] += sum(sizes[other] for other in present if dmap[other] is Placement.CPU_PINNED)
+    return out
+
+
+def _footprint(dmap: DeviceMap, window: int) -> int:
+    return max(_phase_bytes(dmap, window, pinned=False).values(), default=0)
 
 
 def _fit_window(dmap: DeviceMap, budget: int) -> None:
@@ -135,30 +156,33 @@ def _fit_window(dmap: DeviceMap, budget: int) -> None:
 
 
 def _warn_pinned_over_budget(dmap: DeviceMap, budget: int) -> None:
-    # While pinned components run, a DiT's resident blocks leave but its non-block weights and slots stay;
-    # components of one role (CLIP and T5) are on the device together.
-    floor = _footprint(dmap, dmap.window)
-    together: dict[Role, list[str]] = {}
-    for name, role in dmap.components.items():
-        if dmap[name] is Placement.CPU_PINNED and role is not Role.DIT:
-            together.setdefault(role, []).append(name)
+    # Components of one role (CLIP and T5) are on the device together; a streamed DiT's slots leave for them.
     sizes = _component_bytes(dmap)
-    for role, names in together.items():
-        peak = floor + sum(sizes[n] for n in names)
-        if peak > budget:
-            logger.warning(
-                "%s (%s, cpu-pinned) will hold %s of device memory while %s, above the budget of %s: "
-                "give at least %s, or run %s elsewhere", ", ".join(names), human_bytes(sum(sizes[n] for n in names)),
-                human_bytes(peak), "they run" if len(names) > 1 else "it runs", human_bytes(budget), human_bytes(peak),
-                "them" if len(names) > 1 else "it",
-            )
+    warned: set[Role] = set()
+    for name, peak in _phase_bytes(dmap, dmap.window, pinned=True).items():
+        role = dmap.components[name]
+        if dmap[name] is not Placement.CPU_PINNED or role is Role.DIT or role in warned or peak <= budget:
+            continue
+        warned.add(role)
+        names = [n for n, r in dmap.components.items() if r is role and dmap[n] is Placement.CPU_PINNED]
+        logger.warning(
+            "%s (%s, cpu-pinned) will hold %s of device memory while %s, above the budget of %s: "
+            "give at least %s, or run %s elsewhere", ", ".join(names), human_bytes(sum(sizes[n] for n in names)),
+            human_bytes(peak), "they run" if len(names) > 1 else "it runs", human_bytes(budget), human_bytes(peak),
+            "them" if len(names) > 1 else "it",
+        )
 
 
-def _place(found: PipelineModules, strategy: str, device: str, window: int) -> DeviceMap:
+def _streams(comp, sizes: dict[str, int]) -> bool:
+    # Under "layerwise": every DiT (an error below if it has no blocks), and big components with blocks.
+    return comp.role is Role.DIT or (sizes[comp.name] >= STREAM_MIN_BYTES and bool(comp.blocks()))
+
+
+def _place(found: PipelineModules, strategy: str, device: str, window: int, sizes: dict[str, int]) -> DeviceMap:
     dmap = DeviceMap(device, {c.name: c.role for c in found.components.values()}, window=window, strategy=strategy)
     for comp in found.components.values():
         offloaded = strategy != "none" and comp.role is not Role.OTHER and not comp.resident
-        if strategy == "layerwise" and comp.role is Role.DIT and offloaded:
+        if strategy == "layerwise" and offloaded and _streams(comp, sizes):
             blocks = comp.blocks()
             if not blocks:
                 raise ValueError(

@@ -36,7 +36,7 @@ class Unit:
 
 @dataclass
 class Ring:
-    """A DiT's streamed blocks (declaration order) sharing ``window`` device slots."""
+    """A component's streamed blocks (declaration order) sharing ``window`` device slots."""
 
     component: str
     blocks: list[Unit]
@@ -157,7 +157,7 @@ def _check_sizes(dmap: DeviceMap, units: dict[str, Unit]) -> None:
 def _check_rules(dmap: DeviceMap, comps: dict, units: dict[str, Unit]) -> dict[str, list[str]]:
     block_paths: dict[str, list[str]] = {}
     for name, comp in comps.items():
-        if dmap.components[name] is Role.DIT and any(u.placement is Placement.LAYER_WINDOW for p, u in units.items() if owning_component(p, dmap.components) == name):
+        if any(u.placement is Placement.LAYER_WINDOW for p, u in units.items() if owning_component(p, dmap.components) == name):
             block_paths[name] = [path for path, _ in comp.blocks()]
     streamed: dict[str, list[str]] = {}
     for path, unit in units.items():
@@ -170,10 +170,12 @@ def _check_rules(dmap: DeviceMap, comps: dict, units: dict[str, Unit]) -> dict[s
                 raise ValueError(f"device map entry {inner[0]!r} is inside the 'cpu-pinned' component {path!r}, which moves as a whole; remove the inner entry")
         elif unit.placement is Placement.LAYER_WINDOW:
             if path not in block_paths.get(comp, ()):
-                raise ValueError(
-                    f"device map entry {path!r}: 'layer-window' applies only to blocks of a DiT's block lists; "
-                    f"{comp!r} blocks are {block_paths.get(comp, [])[:3]}..."
-                )
+                blocks = block_paths.get(comp)
+                found = (f"{comp!r} blocks are {blocks[:3]}{'...' if len(blocks) > 3 else ''}" if blocks else
+                         f"{comp!r} ({type(comps[comp].module).__name__}) has no block lists: declare them on its class, "
+                         f"e.g. _layerwise_offload_blocks_attrs = ['encoder.block'], or place it 'cpu-pinned'")
+                raise ValueError(f"device map entry {path!r}: 'layer-window' applies only to blocks of a component's "
+                                 f"block lists; {found}")
             moving = [p for p in inner if units[p].placement is not Placement.GPU]
             if moving:
                 raise ValueError(

@@ -1,9 +1,10 @@
-"""A streamed DiT: its blocks' units, the slots they take turns in, the prefetcher, and residency changes.
+"""A streamed component: its blocks' units, the slots they take turns in, the prefetcher, and residency changes.
 
-Ownership (one ``BlockRing`` per DiT with ``"layer-window"`` blocks): the ring owns its ``SlotPool`` (replaced
-by ``set_residency``, freed by ``free``) and decides nothing: which blocks keep which head bytes on the device,
-and how many slots, come from the plan (``Runtime.set_residency``). Heads (kept parts, blocks kept whole) are
-on the device while the DiT is active and leave when a component it excludes runs (``drop_heads``).
+Ownership (one ``BlockRing`` per component with ``"layer-window"`` blocks, a DiT or an encoder): the ring owns
+its ``SlotPool`` and decides nothing: which blocks keep which head bytes on the device, and how many slots,
+come from the plan (``Runtime.set_residency``). The slots and the heads (kept parts, blocks kept whole) are on
+the device while the component is active (``enter``) and leave when a component it excludes runs (``leave``),
+so components that take turns never hold their slots at the same time.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ class BlockRing:
         self.stats = stats
         self.window = window
         self.prefetcher = Prefetcher(name, units, copier, stats)
+        # Allocated once here, so that a device too small fails at dispatch; given back until the component runs.
         self.pool = self._allocate(window)
-        self.prefetcher.restart(self.pool.slots)
+        self.active = True
+        self.leave()
 
     @property
     def paths(self) -> list[str]:
@@ -43,38 +46,53 @@ class BlockRing:
 
     @property
     def slot_bytes(self) -> int:
-        """Bytes of one slot."""
-        return self.pool.nbytes
+        """Bytes of one slot: the largest streamed part of a block (as the copier pads it)."""
+        return self.copier.slot_bytes(max((unit.streamed_bytes for unit in self.units), default=0))
+
+    @property
+    def slot_count(self) -> int:
+        return min(self.window, sum(1 for unit in self.units if unit.streamed_bytes))
 
     @property
     def device_bytes(self) -> int:
-        """Device memory the slots hold."""
-        return self.pool.device_bytes
+        """Device memory the slots hold while the component is active."""
+        return self.slot_bytes * self.slot_count
 
     def _allocate(self, window: int) -> SlotPool:
-        streamed = [unit.streamed_bytes for unit in self.units if unit.streamed_bytes]
-        return SlotPool(min(window, len(streamed)), self.copier.slot_bytes(max(streamed, default=0)), self.ordering)
+        return SlotPool(min(window, self.slot_count), self.slot_bytes, self.ordering)
 
     def set_residency(self, kept: dict[int, int], window: int) -> None:
         """From now on keep the first ``kept[i]`` bytes of block ``i`` (all of them: the block stays whole) on the
-        device, and stream the rest through ``window`` slots. Called at a forward boundary."""
+        device, and stream the rest through ``window`` slots. Called at a forward boundary of the active ring."""
         self.free()
         for index, unit in enumerate(self.units):
             unit.set_kept(kept.get(index, 0))
         self.window = window
-        self.pool = self._allocate(window)
-        self.prefetcher.restart(self.pool.slots)
+        self.enter()
+
+    def enter(self) -> None:
+        """The component is about to run: its slots and kept parts on the device. Safe to call twice."""
+        if not self.pool.slots and self.slot_count:
+            self.pool = self._allocate(self.window)
+            self.prefetcher.restart(self.pool.slots)
         self.fetch_heads()
+        self.active = True
+
+    def leave(self) -> None:
+        """A component this one excludes is about to run: its slots and kept parts leave the device."""
+        if self.active:
+            self.free()
+            self.active = False
 
     def fetch_heads(self) -> None:
-        """Bring every kept part to the device (the DiT is about to run). Safe to call twice."""
+        """Bring every kept part to the device. Safe to call twice."""
         for unit in self.units:
             copied = unit.fetch_head()
             if copied:
                 self.stats.add_block(copied, on_demand=False)
 
     def drop_heads(self) -> None:
-        """Let every kept part go (a component the DiT excludes is about to run). Safe to call twice."""
+        """Let every kept part go. Safe to call twice."""
         for unit in self.units:
             unit.drop_head()
 

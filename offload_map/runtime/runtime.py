@@ -111,7 +111,8 @@ class Runtime:
 
     @property
     def slot_bytes(self) -> int:
-        """Device memory held by the slots of every streamed DiT."""
+        """Device memory the slots of every streamed component hold while it runs (components that take turns hold
+        theirs in turn)."""
         return sum(ring.device_bytes for ring in self.rings.values())
 
     @property
@@ -129,7 +130,7 @@ class Runtime:
         return self.host.buffers if self.host is not None else []
 
     def on_device(self) -> list[str]:
-        """Names of the components whose weights are on the device now (a streamed DiT always counts)."""
+        """Names of the components on the device now (``Swapper.on_device``)."""
         return [c.name for c in self.plan.components if self.swapper.on_device(c.name)]
 
     def modules_changed(self) -> bool:

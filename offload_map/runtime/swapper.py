@@ -1,9 +1,9 @@
 """Model-level swapping: components take turns on the device, by role.
 
 A ``"cpu-pinned"`` component is an ``OffloadedUnit`` whose head is all of it: ``fetch_head`` before it runs,
-``drop_head`` when a component its role excludes runs. A streamed DiT's kept parts (``BlockRing`` heads)
-leave and come back the same way; its slots stay (their memory is part of every plan's footprint).
-Weights are read-only at inference, so leaving copies nothing back.
+``drop_head`` when a component its role excludes runs. A streamed component's slots and kept parts
+(``BlockRing.enter``/``leave``) come and go the same way. Weights are read-only at inference, so leaving
+copies nothing back.
 """
 
 from __future__ import annotations
@@ -46,15 +46,18 @@ class Swapper:
                 self.stats.component_evictions += 1
         for other, ring in self.rings.items():
             if other != name and role.excludes(self.roles[other]):
-                ring.drop_heads()
+                ring.leave()
         if name in self.pinned:
             copied = self.pinned[name].fetch_head(self.blocking)
             if copied:
                 self.stats.add_component(copied)
         if name in self.rings:
-            self.rings[name].fetch_heads()
+            self.rings[name].enter()
 
     def on_device(self, name: str) -> bool:
-        """Whether component ``name``'s weights are on the device now (a streamed DiT's non-block weights always are)."""
+        """Whether component ``name`` is on the device now: resident, pinned and loaded, or streamed and active (its
+        slots and kept parts there; a streamed component's non-block weights are resident throughout)."""
+        if name in self.rings:
+            return self.rings[name].active
         unit = self.pinned.get(name)
         return unit is None or unit.head is not None or not unit.nbytes

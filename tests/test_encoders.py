@@ -1,0 +1,125 @@
+"""Encoders streamed layer by layer: T5 and CLIP (Flux), UMT5 (Wan2.2), a decoder-style Llama text encoder.
+
+Outputs equal the resident run bit for bit for every window; the device map shows encoder blocks as
+``"layer-window"``; components that take turns are never on the device together; bad maps are refused with
+nothing moved.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import offload_map.mapping.compiler
+from offload_map import BudgetTooSmall, Placement, Role, compile_device_map, dispatch_pipeline
+from conftest import assert_parity, assert_restored, pipeline_state
+
+
+@pytest.fixture
+def stream_every_encoder(monkeypatch):
+    # The tiny encoders are kilobytes: lower the size from which "layerwise" streams a component.
+    monkeypatch.setattr(offload_map.mapping.compiler, "STREAM_MIN_BYTES", 0)
+
+
+def _encoders(dmap) -> list[str]:
+    return [name for name, role in dmap.components.items() if role is Role.ENCODER]
+
+
+@pytest.mark.usefixtures("stream_every_encoder")
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_layerwise_streams_the_encoders_bit_exactly(encoder_case, target, window):
+    before = pipeline_state(encoder_case.pipe)
+    handle = assert_parity(encoder_case, target, strategy="layerwise", window=window)
+    dmap = handle.device_map
+    streamed = {name for name in _encoders(dmap) if any(p.startswith(name + ".") for p in dmap.paths("layer-window"))}
+    assert streamed == set(_encoders(dmap)), f"every encoder of {encoder_case.name} has blocks and streams"
+    assert set(handle.runtime.rings) >= streamed
+    handle.remove()
+    assert_restored(encoder_case.pipe, before)
+
+
+def test_small_encoders_move_whole_and_big_ones_stream(encoder_case, monkeypatch):
+    dmap = compile_device_map(encoder_case.pipe, "layerwise", "cpu")
+    assert all(dmap[name] is Placement.CPU_PINNED for name in _encoders(dmap)), "kilobyte encoders stay whole"
+    sizes = {name: sum(e.nbytes for p, e in dmap.entries.items() if p == name or p.startswith(name + "."))
+             for name in _encoders(dmap)}
+    largest = max(sizes, key=sizes.get)
+    monkeypatch.setattr(offload_map.mapping.compiler, "STREAM_MIN_BYTES", sizes[largest])
+    dmap = compile_device_map(encoder_case.pipe, "layerwise", "cpu")
+    for name in _encoders(dmap):
+        streams = any(p.startswith(name + ".") for p in dmap.paths("layer-window"))
+        assert streams == (sizes[name] >= sizes[largest]), name
+
+
+@pytest.mark.usefixtures("stream_every_encoder")
+def test_components_that_take_turns_are_never_on_the_device_together(encoder_case, target):
+    pipe = encoder_case.pipe
+    handle = dispatch_pipeline(pipe, "layerwise", target, window=2)
+    roles = dict(handle.device_map.components)
+    modules = {name: module for name, module in _components(pipe)}
+    seen = []
+
+    def probe(name):
+        def check(*_):
+            on = handle.on_device()
+            seen.append((name, on))
+            assert name in on, f"{name} runs but is not on the device"
+            dits = [n for n in on if roles[n] is Role.DIT]
+            assert len(dits) <= 1, f"two DiTs on the device together: {on}"
+            assert not (dits and any(roles[n] is Role.ENCODER for n in on)), f"a DiT and an encoder together: {on}"
+        return check
+
+    hooks = [modules[name].register_forward_hook(probe(name)) for name in roles if roles[name] is not Role.OTHER]
+    try:
+        assert torch.equal(encoder_case.run(pipe).cpu(), encoder_case.reference)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert {name for name, _ in seen} >= set(_encoders(handle.device_map))
+    handle.remove()
+
+
+def _components(pipe):
+    from offload_map.module_collector import ModuleDiscovery
+
+    return [(c.name, c.module) for c in ModuleDiscovery.discover(pipe).components.values()]
+
+
+def test_an_edited_map_streams_one_encoder_and_keeps_blocks_of_another_resident(encoder_case, target):
+    pipe = encoder_case.pipe
+    dmap = compile_device_map(pipe, "layerwise", target)
+    name = _encoders(dmap)[-1]
+    from offload_map.collect.blocks import get_blocks
+
+    blocks = [f"{name}.{path}" for path, _ in get_blocks(dict(_components(pipe))[name])]
+    dmap[name] = "gpu"
+    for path in blocks:
+        dmap[path] = "layer-window"
+    dmap[blocks[0]] = "gpu"  # one block of the streamed encoder stays resident
+    handle = dispatch_pipeline(pipe, device_map=dmap)
+    for _ in range(2):
+        assert torch.equal(encoder_case.run(pipe).cpu(), encoder_case.reference)
+    assert [u.path for u in handle.runtime.rings[name].units] == blocks[1:]
+    handle.remove()
+
+
+def test_streaming_an_encoder_without_block_lists_is_refused_naming_the_fix():
+    from offload_map.demo import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline()  # its text encoder is an embedding and a Sequential of mixed layers
+    dmap = compile_device_map(pipe, "layerwise", "cpu")
+    dmap["text_encoder"] = "gpu"
+    dmap["text_encoder.layers"] = "layer-window"
+    with pytest.raises(ValueError, match=r"'text_encoder' \(TinyTextEncoder\) has no block lists: declare them"):
+        dispatch_pipeline(pipe, device_map=dmap)
+    assert not hasattr(pipe, "_offload_map_handle") and not hasattr(pipe.text_encoder, "_hf_hook")
+
+
+@pytest.mark.usefixtures("stream_every_encoder")
+def test_a_budget_below_the_streamed_pipelines_minimum_is_refused_with_nothing_moved(encoder_case):
+    pipe = encoder_case.pipe
+    before = pipeline_state(pipe)
+    with pytest.raises(BudgetTooSmall, match="below the minimum") as err:
+        dispatch_pipeline(pipe, "layerwise", "cpu", gpu_budget=1024)
+    assert err.value.minimum > 1024
+    assert_restored(pipe, before)
