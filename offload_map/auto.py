@@ -10,6 +10,14 @@ their largest submodules on the device, and the window. The runtime applies it a
 (``Runtime.set_residency``), and the handle's ``device_map`` becomes a new map that records it; the map the
 user passed or read before is never changed.
 
+A streamed DiT's kept blocks leave the device while the components it excludes run (encoders, the VAE), and
+come back for the next call: a copy of everything kept, once per call. With a budget the planner weighs that
+against keeping them there: it also plans the DiT within the budget less a reserve for those components'
+phases (their slots or whole size, and ``ACTIVATION_SHARE`` of the budget for activations) and keeps the plan
+whose call is predicted faster, weighting the DiT's step by how often it runs in one call (``runs_per_call``:
+``DEFAULT_DIT_RUNS`` unless given). Streamed encoders are planned within what is left beside the DiT's kept
+blocks if those stay.
+
 This module holds the policy; the runtime only carries it out.
 """
 
@@ -21,7 +29,8 @@ from dataclasses import replace
 import torch
 
 from .mapping.device_map import DeviceMap, MapEntry
-from .mapping.memory import BudgetTooSmall
+from .collect.components import Role
+from .mapping.memory import ACTIVATION_SHARE, BudgetTooSmall, device_footprint
 from .mapping.placement import Placement
 from .mapping.sizes import human_bytes
 from .planning.bind import ExecutionPlan, Unit, direct_child
@@ -32,30 +41,46 @@ from .runtime.runtime import Runtime
 
 logger = logging.getLogger("offload_map")
 
+# How often a DiT runs in one call unless ``runs_per_call`` says otherwise: diffusers' default steps for Flux.
+DEFAULT_DIT_RUNS = 28
+
 
 class AutoPlanner:
-    """Re-plans each streamed DiT of ``runtime`` after its second forward, within ``budget`` bytes.
+    """Re-plans each streamed component of ``runtime`` after its second forward, within ``budget`` bytes.
+
+    Args:
+        runs_per_call: component name -> how often it runs in one call of the pipeline (default: each DiT
+            ``DEFAULT_DIT_RUNS`` times, every other component once).
 
     Attributes:
         plans: component name -> the ``BlockPlan`` in force (after calibration).
+        stays: component name -> whether its kept blocks stay on the device while the components it excludes run.
         device_map: the map in force: ``device_map`` as given until a plan is applied, then a new map recording it.
     """
 
-    def __init__(self, runtime: Runtime, plan: ExecutionPlan, device_map: DeviceMap, budget: int, bandwidth: float) -> None:
+    def __init__(self, runtime: Runtime, plan: ExecutionPlan, device_map: DeviceMap, budget: int, bandwidth: float,
+                 runs_per_call: dict[str, int] | None = None) -> None:
         self.runtime = runtime
         self.execution = plan
         self.device_map = device_map
         self.budget = budget
         self.bandwidth = bandwidth
+        self.roles = {c.name: c.role for c in plan.components}
+        self.runs = {name: (runs_per_call or {}).get(name, DEFAULT_DIT_RUNS if role is Role.DIT else 1)
+                     for name, role in self.roles.items()}
         self.plans: dict[str, BlockPlan] = {}
-        self.resident = sum(u.nbytes for u in plan.resident)  # every DiT's non-block weights and the rest
+        self.stays: dict[str, bool] = {}
+        self.kept_bytes: dict[str, int] = {}
+        self.resident = sum(u.nbytes for u in plan.resident)  # every streamed component's non-block weights and the rest
         for ring in plan.rings:
             own = sum(u.nbytes for u in plan.resident if plan.component_of(u.path).name == ring.component)
             runtime.arm_calibration(ring.component, lambda cost, name=ring.component, own=own: self.replan(name, cost, own))
 
     def replan(self, name: str, cost: ModelCost, own: int) -> None:
-        """Choose resident blocks, kept parts and the window for DiT ``name`` from its measured ``cost``; apply them."""
-        dit_budget = self.budget - (self.resident - own)
+        """Choose resident blocks, kept parts, the window and whether they stay for component ``name`` from its measured
+        ``cost``; apply them."""
+        staying = sum(self.kept_bytes[n] for n, stays in self.stays.items() if stays and n != name)
+        budget = self.budget - (self.resident - own) - staying
         cost = self.runtime.agree(cost)  # one plan for all ranks that load blocks together, or their loads diverge
         # Copies beside compute run slower than the idle probe measured: plan with what they achieved. Sharded
         # loads (1/N per rank, then an all-gather) may beat the one link the probe measured: theirs alone count.
@@ -65,23 +90,74 @@ class AutoPlanner:
         else:
             bandwidth = measured if self.runtime.sharded else min(self.bandwidth, measured)
         try:
-            plan = plan_blocks(cost, dit_budget, bandwidth)
+            options = [self._option(cost, budget, bandwidth, name, stays=False)]
         except BudgetTooSmall as err:
             logger.warning("%s: %s; measured activations need %s. Keeping every block streamed.",
                            name or "DiT", err, human_bytes(cost.activation_bytes))
             return
+        if self._may_stay(name):
+            try:
+                options.append(self._option(cost, budget - self._reserve(name), bandwidth, name, stays=True))
+            except BudgetTooSmall:
+                pass
+        seconds, plan, stays = min(options, key=lambda option: option[0])
         kept = {cost.blocks[i].path: cost.blocks[i].nbytes for i in plan.resident}
         kept.update((cost.blocks[i].path, size) for i, size in plan.kept.items())
         try:
-            self.runtime.set_residency(name, kept, plan.window)
+            self.runtime.set_residency(name, kept, plan.window, stays)
         except torch.OutOfMemoryError as err:
             logger.warning("%s: %s. Streaming every block through one slot instead.", name or "DiT", err)
             return
-        self.plans[name] = plan
+        self.plans[name], self.stays[name], self.kept_bytes[name] = plan, stays, sum(kept.values())
         ring = next(r for r in self.execution.rings if r.component == name)
         self.device_map = _recorded(self.device_map, ring.blocks, kept, plan.window)
-        logger.info("%s: %d of %d blocks resident, %d in part, window %d, predicted step %.1f ms within %s", name or "DiT",
-                    len(plan.resident), len(ring.blocks), len(plan.kept), plan.window, plan.step_s * 1e3, human_bytes(dit_budget))
+        logger.info("%s: %d of %d blocks resident, %d in part, window %d%s, predicted step %.1f ms, %.2f s per call",
+                    name or "DiT", len(plan.resident), len(ring.blocks), len(plan.kept), plan.window,
+                    ", kept blocks stay" if stays else "", plan.step_s * 1e3, seconds)
+
+    def _option(self, cost: ModelCost, budget: int, bandwidth: float, name: str, stays: bool):
+        # (predicted seconds per call, plan, stays): the steps, and unless the kept blocks stay, copying them back.
+        plan = plan_blocks(cost, budget, bandwidth)
+        kept = sum(b.nbytes for b in cost.blocks) - plan.streamed_bytes
+        refetch = 0.0 if stays or not self._excludes_any(name) else kept / bandwidth
+        return self.runs[name] * plan.step_s + refetch, plan, stays
+
+    def _excludes_any(self, name: str) -> bool:
+        return any(other != name and self.roles[name].excludes(role) for other, role in self.roles.items())
+
+    def _may_stay(self, name: str) -> bool:
+        # One DiT only: two (Wan2.2's experts) take turns with each other, and both staying would not fit.
+        dits = [n for n, role in self.roles.items() if role is Role.DIT]
+        return self.roles[name] is Role.DIT and dits == [name] and self._excludes_any(name)
+
+    def _reserve(self, name: str) -> int:
+        """Device bytes the phases of the components ``name`` excludes need beside its kept blocks: the largest phase
+        (pinned components whole, streamed ones' slots, the components of one role together) and an activation
+        allowance."""
+        plan, role = self.execution, self.roles[name]
+        pinned = {plan.component_of(u.path).name: u.nbytes for u in plan.pinned}
+        slots = {r.component: device_footprint(0, max(u.nbytes for u in r.blocks), min(r.window, len(r.blocks)))
+                 for r in plan.rings}
+        largest = 0
+        for other, other_role in self.roles.items():
+            if other == name or not role.excludes(other_role):
+                continue
+            present = [n for n in self.roles if n != name and (n == other or not other_role.excludes(self.roles[n]))]
+            largest = max(largest, sum(pinned.get(n, 0) + slots.get(n, 0) for n in present))
+        return largest + int(ACTIVATION_SHARE * self.budget)
+
+    def summary(self) -> str:
+        """Per planned component: where its blocks are and what a call is predicted to cost it."""
+        lines = []
+        for name, plan in self.plans.items():
+            kept = sum(b.nbytes for b in plan.cost.blocks) - plan.streamed_bytes
+            refetch = 0.0 if self.stays[name] or not self._excludes_any(name) else kept / plan.bandwidth
+            where = ("kept blocks stay on the device while the components it excludes run" if self.stays[name] else
+                     f"kept blocks leave while the components it excludes run and come back: {refetch:.2f} s per call")
+            lines.append(f"{name or 'the DiT'}: {len(plan.resident)} of {len(plan.cost.blocks)} blocks resident, "
+                         f"{len(plan.kept)} in part, window {plan.window}; {where}; {self.runs[name]} runs per call x "
+                         f"{plan.step_s * 1e3:.1f} ms = {self.runs[name] * plan.step_s + refetch:.2f} s per call")
+        return "\n".join(lines)
 
 
 def _recorded(dmap: DeviceMap, blocks: list[Unit], kept: dict[str, int], window: int) -> DeviceMap:

@@ -47,6 +47,7 @@ def dispatch_pipeline(
     pin_memory: bool = True,
     blocking: bool = False,
     progress: bool | None = None,
+    runs_per_call: dict[str, int] | None = None,
 ) -> OffloadHandle:
     """Place ``pipeline``'s modules by strategy (or by an explicit device map) and hook them to run there.
 
@@ -79,6 +80,9 @@ def dispatch_pipeline(
         pin_memory: keep host copies in page-locked memory (fast, asynchronous copies). CUDA only.
         blocking: make component copies synchronous (for HSDP, where collectives read the weights at once).
         progress: show a progress bar while packing host weights (default: when it takes over a second).
+        runs_per_call: with a budget, how often each component runs in one call of the pipeline, e.g.
+            ``{"transformer": 50}`` for 50 steps (default: each DiT ``auto.DEFAULT_DIT_RUNS`` times, every other
+            component once). The planner weighs a DiT's step time by it against copies made once per call.
 
     Returns:
         An ``OffloadHandle``; ``handle.remove()`` restores the pipeline.
@@ -108,13 +112,14 @@ def dispatch_pipeline(
     if budget is not None and (device_map is not None or strategy not in ("layerwise", "auto")):
         raise ValueError("a memory budget (max_memory/gpu_budget) applies to strategy 'layerwise' or 'auto' only")
     _check_not_managed(pipeline, found)
+    _check_runs(runs_per_call, found)
     tensors = collect_tensors(found)
     if device_map is None:
         device_map = compile_found(found, tensors, strategy, str(target), window, budget)
     else:  # validated as a loaded map is; the user's object is never changed
         device_map = DeviceMap.from_dict(device_map.to_dict())
     options = dict(budget=budget, pin_memory=pin_memory, blocking=blocking, progress=progress,
-                   share_host_copy=share_host_copy, shard_copies=shard_copies)
+                   share_host_copy=share_host_copy, shard_copies=shard_copies, runs_per_call=runs_per_call)
 
     def rebuild(dmap: DeviceMap):
         # After refresh() restored a pipeline whose modules changed: collect it anew, same map, sizes re-read.
@@ -132,14 +137,28 @@ def dispatch_pipeline(
 
 def _build(pipeline: object, found: PipelineModules, tensors, dmap: DeviceMap, weights, *, budget: int | None,
            pin_memory: bool, blocking: bool, progress: bool | None, share_host_copy: bool | None,
-           shard_copies: bool) -> tuple[DeviceMap, Runtime, AutoPlanner | None]:
+           shard_copies: bool, runs_per_call: dict | None) -> tuple[DeviceMap, Runtime, AutoPlanner | None]:
     plan = bind(dmap, found, tensors)
     dmap = dmap.sized({path: unit.tensors for path, unit in plan.units.items()})
     source = WeightSource(plan, weights)
     runtime = Runtime(plan, pin_memory=pin_memory, blocking=blocking, progress=progress, source=source or None,
                       share_host_copy=share_host_copy, shard_copies=shard_copies)
-    planner = AutoPlanner(runtime, plan, dmap, budget, bandwidth(plan.device)) if budget is not None and plan.rings else None
+    planner = None
+    if budget is not None and plan.rings:
+        planner = AutoPlanner(runtime, plan, dmap, budget, bandwidth(plan.device), runs_per_call)
     return dmap, runtime, planner
+
+
+def _check_runs(runs_per_call: object, found: PipelineModules) -> None:
+    if runs_per_call is None:
+        return
+    if not isinstance(runs_per_call, dict):
+        raise ValueError(f"runs_per_call must be a dict {{component: runs}}, e.g. {{'transformer': 50}}, got {runs_per_call!r:.60}")
+    for name, runs in runs_per_call.items():
+        if name not in found.components:
+            raise ValueError(f"runs_per_call names {name!r}, which is not a component of the pipeline {sorted(found.components)}")
+        if type(runs) is not int or runs < 1:
+            raise ValueError(f"runs_per_call[{name!r}] must be an int >= 1 (forwards per call), got {runs!r:.40}")
 
 
 def _check_not_managed(pipeline: object, found: PipelineModules) -> None:

@@ -71,6 +71,8 @@ class OffloadHandle:
             plan = self._planner.plans.get(ring.component)
             title = f"plan for {ring.component or 'the DiT'}"
             parts.append(f"{title}:\n{plan.explain()}" if plan else f"{title}: not measured yet; its second forward times every block, then the plan is made")
+        if self._planner.plans:
+            parts.append(f"per call:\n{self._planner.summary()}")
         return "\n\n".join(parts)
 
     def refresh(self) -> None:

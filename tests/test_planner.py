@@ -220,3 +220,46 @@ def test_calibration_measures_the_bandwidth_copies_achieved_and_plans_with_the_l
     assert plan.bandwidth == plan.cost.copy_bandwidth
     assert f"at {plan.bandwidth / 1e9:.1f} GB/s" in handle.explain()
     handle.remove()
+
+
+def _dit_kept_parts_on_device(handle) -> bool:
+    return any(unit.head is not None for unit in handle.runtime.rings["transformer"].units)
+
+
+@pytest.mark.parametrize("runs, stays", [(1, True), (1000, False)])
+def test_under_a_budget_the_dits_kept_blocks_stay_while_the_encoder_runs_when_that_is_faster(target, monkeypatch, runs, stays):
+    # On a slow link nothing hides under compute: leaving room for the encoder's phase makes every step stream more
+    # bytes, and copying the kept blocks back costs them once a call. Few steps a call: they stay; many: they leave.
+    from offload_map.demo import make_tiny_pipeline
+
+    monkeypatch.setattr("offload_map.dispatch.bandwidth", lambda device: 1e5)  # a slow link: kept bytes are dear
+    pipe = make_tiny_pipeline()
+    reference = resident_run(pipe, lambda: pipe("stay", steps=3), target)
+    total = sum(compile_device_map(pipe, "none", target).bytes_by_placement().values())
+    handle = dispatch_pipeline(pipe, "auto", target, gpu_budget=int(total * 0.95),
+                               runs_per_call={"transformer": runs})
+    seen = []
+    probe = pipe.text_encoder.register_forward_hook(lambda *_: seen.append(_dit_kept_parts_on_device(handle)))
+    try:
+        for _ in range(3):
+            assert torch.equal(pipe("stay", steps=3).cpu(), reference)
+    finally:
+        probe.remove()
+    plan = handle.plans["transformer"]
+    assert plan.resident or plan.kept
+    if stays:
+        assert seen[1:] == [True, True] and "kept blocks stay on the device" in handle.explain()
+    else:
+        assert seen[1:] == [False, False] and "come back:" in handle.explain()
+    handle.remove()
+
+
+def test_runs_per_call_naming_no_component_or_not_a_count_is_refused():
+    from offload_map.demo import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline()
+    with pytest.raises(ValueError, match=r"runs_per_call names 'unet', which is not a component"):
+        dispatch_pipeline(pipe, "auto", "cpu", gpu_budget="1GiB", runs_per_call={"unet": 3})
+    with pytest.raises(ValueError, match=r"runs_per_call\['transformer'\] must be an int >= 1"):
+        dispatch_pipeline(pipe, "auto", "cpu", gpu_budget="1GiB", runs_per_call={"transformer": 0})
+    assert not hasattr(pipe, "_offload_map_handle")

@@ -4,7 +4,8 @@ Ownership (one ``BlockRing`` per component with ``"layer-window"`` blocks, a DiT
 its ``SlotPool`` and decides nothing: which blocks keep which head bytes on the device, and how many slots,
 come from the plan (``Runtime.set_residency``). The slots and the heads (kept parts, blocks kept whole) are on
 the device while the component is active (``enter``) and leave when a component it excludes runs (``leave``),
-so components that take turns never hold their slots at the same time.
+so components that take turns never hold their slots at the same time. A plan may keep the heads on the
+device across those turns (``stays``): the DiT's resident blocks then stay while the encoders stream beside them.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class BlockRing:
         self.stats = stats
         self.window = window
         self.prefetcher = Prefetcher(name, units, copier, stats)
+        self.stays = False  # whether the kept parts stay on the device while components this one excludes run
         # Allocated once here, so that a device too small fails at dispatch; given back until the component runs.
         self.pool = self._allocate(window)
         self.active = True
@@ -61,14 +63,19 @@ class BlockRing:
     def _allocate(self, window: int) -> SlotPool:
         return SlotPool(min(window, self.slot_count), self.slot_bytes, self.ordering)
 
-    def set_residency(self, kept: dict[int, int], window: int) -> None:
+    def set_residency(self, kept: dict[int, int], window: int, stays: bool = False) -> None:
         """From now on keep the first ``kept[i]`` bytes of block ``i`` (all of them: the block stays whole) on the
-        device, and stream the rest through ``window`` slots. Called at a forward boundary of the active ring."""
+        device, and stream the rest through ``window`` slots; with ``stays``, the kept parts stay on the device
+        while components this one excludes run. Called at a forward boundary; an inactive ring takes its slots and
+        kept parts when it next runs."""
+        active = self.active
         self.free()
         for index, unit in enumerate(self.units):
             unit.set_kept(kept.get(index, 0))
         self.window = window
-        self.enter()
+        self.stays = stays
+        if active:
+            self.enter()
 
     def enter(self) -> None:
         """The component is about to run: its slots and kept parts on the device. Safe to call twice."""
@@ -79,9 +86,14 @@ class BlockRing:
         self.active = True
 
     def leave(self) -> None:
-        """A component this one excludes is about to run: its slots and kept parts leave the device."""
+        """A component this one excludes is about to run: its slots leave the device, and its kept parts unless
+        they stay."""
         if self.active:
-            self.free()
+            self.settle()
+            if not self.stays:
+                self.drop_heads()
+            self.pool.free()
+            self.prefetcher.restart([])
             self.active = False
 
     def fetch_heads(self) -> None:

@@ -157,10 +157,11 @@ class Runtime:
         load blocks together must make the same choices."""
         return self.copier.agree(value) if self.sharded else value
 
-    def set_residency(self, name: str, kept: Mapping[str, int], window: int) -> None:
-        """Keep the first ``kept[path]`` bytes of each named block of DiT ``name`` on the device (its whole size: the
-        block stays whole; split points only) and stream the rest through ``window`` slots. Call at a forward
-        boundary (between forwards, or from ``arm_calibration``'s callback).
+    def set_residency(self, name: str, kept: Mapping[str, int], window: int, stays: bool = False) -> None:
+        """Keep the first ``kept[path]`` bytes of each named block of component ``name`` on the device (its whole size:
+        the block stays whole; split points only) and stream the rest through ``window`` slots; with ``stays``, those
+        kept bytes stay on the device while the components it excludes run (else they leave and come back). Call at
+        a forward boundary (between forwards, or from ``arm_calibration``'s callback).
 
         Raises:
             torch.OutOfMemoryError: the device cannot hold it; every block of the DiT then streams through one slot.
@@ -169,7 +170,7 @@ class Runtime:
         index = {path: i for i, path in enumerate(ring.paths)}
         by_index = {index[path]: size for path, size in kept.items() if size}
         try:
-            self._within_memory(f"re-planning {name!r}", ring.set_residency, by_index, window)
+            self._within_memory(f"re-planning {name!r}", ring.set_residency, by_index, window, stays)
         except BaseException:
             ring.set_residency({}, 1)  # the smallest plan, which dispatch checked fits
             raise
