@@ -80,7 +80,9 @@ class AutoPlanner:
         """Choose resident blocks, kept parts, the window and whether they stay for component ``name`` from its measured
         ``cost``; apply them."""
         staying = sum(self.kept_bytes[n] for n, stays in self.stays.items() if stays and n != name)
-        budget = self.budget - (self.resident - own) - staying
+        role, pinned = self.roles[name], self._pinned()
+        beside = sum(size for n, size in pinned.items() if not role.excludes(self.roles[n]))  # CLIP beside T5
+        budget = self.budget - (self.resident - own) - staying - beside
         cost = self.runtime.agree(cost)  # one plan for all ranks that load blocks together, or their loads diverge
         # Copies beside compute run slower than the idle probe measured: plan with what they achieved. Sharded
         # loads (1/N per rank, then an all-gather) may beat the one link the probe measured: theirs alone count.
@@ -134,8 +136,7 @@ class AutoPlanner:
         """Device bytes the phases of the components ``name`` excludes need beside its kept blocks: the largest phase
         (pinned components whole, streamed ones' slots, the components of one role together) and an activation
         allowance."""
-        plan, role = self.execution, self.roles[name]
-        pinned = {plan.component_of(u.path).name: u.nbytes for u in plan.pinned}
+        plan, role, pinned = self.execution, self.roles[name], self._pinned()
         slots = {r.component: device_footprint(0, max(u.nbytes for u in r.blocks), min(r.window, len(r.blocks)))
                  for r in plan.rings}
         largest = 0
@@ -145,6 +146,9 @@ class AutoPlanner:
             present = [n for n in self.roles if n != name and (n == other or not other_role.excludes(self.roles[n]))]
             largest = max(largest, sum(pinned.get(n, 0) + slots.get(n, 0) for n in present))
         return largest + int(ACTIVATION_SHARE * self.budget)
+
+    def _pinned(self) -> dict[str, int]:
+        return {self.execution.component_of(u.path).name: u.nbytes for u in self.execution.pinned}
 
     def summary(self) -> str:
         """Per planned component: where its blocks are and what a call is predicted to cost it."""

@@ -103,19 +103,20 @@ def _sized(dmap: DeviceMap, tensors: list[TensorRef]) -> DeviceMap:
     return dmap.sized(assign_tensors(dmap.placements(), tensors))
 
 
-def _component_bytes(dmap: DeviceMap) -> dict[str, int]:
+def _component_bytes(dmap: DeviceMap, placement: Placement | None = None) -> dict[str, int]:
+    # Per component, the bytes of its entries (of one placement only, if given).
     out = dict.fromkeys(dmap.components, 0)
     for entry in dmap.entries.values():
-        out[owning_component(entry.path, dmap.components)] += entry.nbytes
+        if placement is None or entry.placement is placement:
+            out[owning_component(entry.path, dmap.components)] += entry.nbytes
     return out
 
 
 def _keep_encoders(dmap: DeviceMap, budget: int) -> None:
     sizes = _component_bytes(dmap)
+    on_device = _component_bytes(dmap, Placement.GPU)
     dits = [sizes[n] for n, role in dmap.components.items() if role is Role.DIT]
-    held = max(dits, default=0) + sum(
-        sizes[n] for n, role in dmap.components.items() if role is not Role.DIT and dmap[n] is Placement.GPU
-    )
+    held = max(dits, default=0) + sum(on_device[n] for n, role in dmap.components.items() if role is not Role.DIT)
     pinned = [n for n in dmap.components if dmap[n] is Placement.CPU_PINNED and dmap.components[n] is not Role.DIT]
     for name in sorted(pinned, key=lambda n: sizes[n]):
         if held + sizes[name] > (1 - ACTIVATION_SHARE) * budget:

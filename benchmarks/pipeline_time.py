@@ -1,0 +1,271 @@
+"""Time whole pipeline calls under several offload strategies: encoders, DiT and VAE, through the pipeline's own
+``__call__``, all strategies in one process on one machine.
+
+Usage (GPU)::
+
+    python benchmarks/pipeline_time.py --out DIR [--strategies resident,layerwise,auto-8GiB,...]
+
+Usage (no GPU, checks the script on a tiny pipeline)::
+
+    python benchmarks/pipeline_time.py --out DIR --cpu-smoke
+
+The pipeline is a full-size ``FluxPipeline`` (CLIP-L, T5-XXL 4.8B, Flux-12B, the Flux VAE) built with random bf16
+weights (N(0, 0.02), norm scales 1 + N(0, 0.02)) and word-level tokenizers built in code; nothing is
+downloaded. It is rebuilt from the same seed before every strategy. Each strategy: setup, a warm-up call of 2
+steps (two for ``auto`` budgets, which calibrate their DiT in the first and streamed encoders in the second), then a
+1-step and an 8-step call at 1024x1024 (guidance 3.5, 512 text tokens): per step = (t8 - t1) / 7, fixed part
+(encoding, decoding, swaps) = t1 - per step, a 28-step call = fixed + 28 x per step. Peak GPU memory is the
+allocator's peak over the timed calls; host RSS is read after setup (after ``malloc_trim``) and sampled for its
+peak during setup and the calls. Every image is compared with the resident run's, bit for bit.
+
+Strategies: ``resident`` (``pipe.to``), ``layerwise`` and ``model`` (``dispatch_pipeline``), ``auto-<N>GiB``
+(``dispatch_pipeline(pipe, "auto", max_memory={0: "<N>GiB"})``), ``diffusers-model`` (``enable_model_cpu_offload``),
+``diffusers-group`` (``enable_group_offload``, block_level, one block per group, ``use_stream=True``),
+``diffusers-sequential`` (``enable_sequential_cpu_offload``; slow: one 1-step and one 2-step call).
+
+Writes ``DIR/pipeline_time_flux.jsonl`` (an environment row, one row per strategy, appended as they finish) and
+``DIR/pipeline_time_flux.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from step_time import RssSampler, host_info, read_status_bytes, release_host_and_device_memory, versions  # noqa: E402
+
+from offload_map import model_zoo  # noqa: E402
+
+GIB = 2**30
+DEFAULT_STRATEGIES = "resident,layerwise,auto-8GiB,auto-12GiB,auto-24GiB,diffusers-group,diffusers-model"
+PROMPT = "a photo of a red cat sitting in the forest at night"
+WORDS = ("a an the of and with in on at to photo picture cat dog bird red green blue big small sitting running "
+         "forest city beach river night day sky").split()
+
+
+def _tokenizer(kind: str, length: int):
+    from tokenizers import Tokenizer, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "clip":
+        tokens = ["<|unk|>", *WORDS, "<|startoftext|>", "<|endoftext|>"]
+        special = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|unk|>")
+        template = "<|startoftext|> $A <|endoftext|>"
+    else:
+        tokens = ["<pad>", "</s>", "<unk>", *WORDS]
+        special = dict(eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+        template = "$A </s>"
+    vocab = {token: i for i, token in enumerate(tokens)}
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token=special["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(t, vocab[t]) for t in template.split() if t in vocab])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=length, **special)
+
+
+def configs(tiny: bool) -> dict:
+    """Constructor configs of the four models: the real FLUX.1-dev ones, or tiny ones for ``--cpu-smoke``."""
+    if tiny:
+        return {
+            "clip": dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         max_position_embeddings=77, projection_dim=32),
+            "t5": dict(vocab_size=32128, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, feed_forward_proj="gated-gelu"),
+            "flux": dict(model_zoo.TINY_FLUX_CONFIG, joint_attention_dim=32, pooled_projection_dim=32, in_channels=64),
+            "vae": dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16), layers_per_block=1,
+                        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159),
+        }
+    return {
+        "clip": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                     max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu"),
+        "t5": dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128),
+        "flux": dict(model_zoo.FLUX_DEV_CONFIG),
+        "vae": dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                    norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                    use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159),
+    }
+
+
+def build_pipeline(tiny: bool, gen_device: str, seed: int = 0):
+    """The FluxPipeline with seeded random bf16 weights in CPU memory (see the module docstring)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    cfg = configs(tiny)
+    with init_empty_weights(include_buffers=False):
+        parts = {
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**cfg["clip"])),
+            "text_encoder_2": T5EncoderModel(T5Config(**cfg["t5"])),
+            "transformer": FluxTransformer2DModel(**cfg["flux"]),
+            "vae": AutoencoderKL(**cfg["vae"]),
+        }
+    for offset, module in enumerate(parts.values()):
+        model_zoo.materialize_(module, seed + offset, gen_device=gen_device)
+        if any(p.is_meta for p in module.parameters()):
+            raise RuntimeError(f"{type(module).__name__} kept meta parameters after materialising")
+        module.eval().requires_grad_(False)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, tokenizer=_tokenizer("clip", 77), tokenizer_2=_tokenizer("t5", 512), **parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def call(pipe, steps: int, size: int, text_len: int) -> torch.Tensor:
+    out = pipe(PROMPT, height=size, width=size, num_inference_steps=steps, guidance_scale=3.5, max_sequence_length=text_len,
+               generator=torch.Generator("cpu").manual_seed(0), output_type="pt")
+    return out.images
+
+
+def setup(name: str, pipe, device: str):
+    """Apply strategy ``name``; returns (undo, the offload_map handle or None)."""
+    import offload_map
+
+    if name == "resident":
+        pipe.to(device)
+        return (lambda: pipe.to("cpu")), None
+    if name in ("layerwise", "model"):
+        handle = offload_map.dispatch_pipeline(pipe, name, device)
+        return handle.remove, handle
+    if name.startswith("auto-"):
+        handle = offload_map.dispatch_pipeline(pipe, "auto", device, max_memory={torch.device(device).index or 0 if device != "cpu" else "cpu": name[5:]})
+        return handle.remove, handle
+    if name == "diffusers-model":
+        pipe.enable_model_cpu_offload(device=device)
+        return pipe.remove_all_hooks, None
+    if name == "diffusers-sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+        return pipe.remove_all_hooks, None
+    if name == "diffusers-group":
+        pipe.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                                  offload_type="block_level", num_blocks_per_group=1, use_stream=device != "cpu")
+        return (lambda: None), None
+    raise ValueError(f"unknown strategy {name!r}")
+
+
+def timed_call(pipe, steps: int, args, cuda: bool) -> tuple[float, torch.Tensor]:
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    image = call(pipe, steps, args.size, args.text_len)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, image.cpu()
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit, NaNs included (random weights may produce them)."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def run_strategy(name: str, args, reference: dict) -> dict:
+    cuda = args.device != "cpu"
+    row: dict = {"strategy": name}
+    gen_device = args.device if cuda else "cpu"
+    start = time.perf_counter()
+    pipe = build_pipeline(args.cpu_smoke, gen_device)
+    row["build_s"] = time.perf_counter() - start
+    row["weights_bytes"] = sum(p.numel() * p.element_size() for c in pipe.components.values() if isinstance(c, torch.nn.Module)
+                               for p in c.parameters())
+    sampler = RssSampler()
+    with sampler:
+        start = time.perf_counter()
+        undo, handle = setup(name, pipe, args.device)
+        row["setup_s"] = time.perf_counter() - start
+        release_host_and_device_memory(False)
+        row["rss_after_setup_bytes"] = read_status_bytes("VmRSS")
+        sequential = name == "diffusers-sequential"
+        # offload_map's budgets calibrate the DiT in the first call and streamed encoders in the second.
+        for _ in range(2 if name.startswith("auto-") else 1):
+            call(pipe, 1 if sequential else 2, args.size, args.text_len)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        long = 2 if sequential else 8
+        t1, image1 = timed_call(pipe, 1, args, cuda)
+        tn, image = timed_call(pipe, long, args, cuda)
+    step = (tn - t1) / (long - 1)
+    row.update(t1_s=t1, tn_s=tn, steps_long=long, per_step_s=step, fixed_s=t1 - step, call_28_s=t1 - step + 28 * step,
+               peak_gpu_bytes=torch.cuda.max_memory_allocated() if cuda else None, rss_peak_bytes=sampler.peak)
+    if name == "resident":
+        reference.update({1: image1, long: image})
+    row["bit_exact"] = same_bits(image1, reference[1]) and (long not in reference or same_bits(image, reference[long]))
+    if handle is not None:
+        row["device_map"] = str(handle.device_map)
+        row["explain"] = handle.explain().split("\n\n", 1)[-1] if handle.plans else None
+    undo()
+    del pipe, handle, undo
+    release_host_and_device_memory(cuda)
+    return row
+
+
+def render(env: dict, rows: list[dict]) -> str:
+    lines = [f"# pipeline_time: FluxPipeline (CLIP-L, T5-XXL, Flux-12B, VAE), {env['size']}x{env['size']}, {env['text_len']} text tokens",
+             "", f"- device: {env['device_name']}; {env['versions']}",
+             f"- weights: {next((r['weights_bytes'] for r in rows if 'weights_bytes' in r), 0) / 1e9:.1f} GB bf16",
+             "- per step = (t8 - t1) / 7; fixed = t1 - per step; 28-step = fixed + 28 x per step; peak GPU: allocator peak "
+             "over the timed calls; RSS: after setup / peak", "",
+             "| strategy | fixed s | per step s | 28-step s | x resident | peak GPU GiB | host RSS GB | setup s | bit-exact |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    base = next((r["call_28_s"] for r in rows if r["strategy"] == "resident"), None)
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['strategy']} | error: {r['error'][:80]} | | | | | | | |")
+            continue
+        ratio = f"{r['call_28_s'] / base:.2f}" if base else "-"
+        gpu = f"{r['peak_gpu_bytes'] / GIB:.1f}" if r["peak_gpu_bytes"] is not None else "-"
+        rss = f"{r['rss_after_setup_bytes'] / 1e9:.1f} / {r['rss_peak_bytes'] / 1e9:.1f}"
+        lines.append(f"| {r['strategy']} | {r['fixed_s']:.3f} | {r['per_step_s']:.3f} | {r['call_28_s']:.2f} | {ratio} | {gpu} | "
+                     f"{rss} | {r['setup_s']:.2f} | {'yes' if r['bit_exact'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--strategies", default=DEFAULT_STRATEGIES)
+    p.add_argument("--device", default="cuda:0")
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--text-len", type=int, default=512)
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny configs on the CPU: checks the script, no timings")
+    args = p.parse_args(argv)
+    if args.cpu_smoke:
+        args.device, args.size, args.text_len = "cpu", 64, 32
+    names = [n.strip() for n in args.strategies.split(",") if n.strip()]
+    if "resident" in names:
+        names = ["resident"] + [n for n in names if n != "resident"]
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, "pipeline_time_flux")
+    env = {"kind": "env", "device_name": torch.cuda.get_device_name() if args.device != "cpu" else "cpu", "versions": versions(),
+           "host": host_info(), "size": args.size, "text_len": args.text_len}
+    with open(stem + ".jsonl", "w") as f:
+        f.write(json.dumps(env) + "\n")
+    rows, reference = [], {}
+    for name in names:
+        print(f"{name} ...", flush=True)
+        try:
+            row = run_strategy(name, args, reference)
+        except Exception as exc:  # noqa: BLE001 - recorded in the row; the next strategy still runs
+            row = {"strategy": name, "error": f"{type(exc).__name__}: {exc}"}
+            release_host_and_device_memory(args.device != "cpu")
+        rows.append(row)
+        with open(stem + ".jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        with open(stem + ".md", "w") as f:
+            f.write(render(env, rows))
+        print(render(env, rows).splitlines()[-1], flush=True)
+    print(render(env, rows))
+
+
+if __name__ == "__main__":
+    main()
