@@ -149,7 +149,7 @@ def test_refresh_with_copies_in_flight_keeps_the_new_weights(strategy):
 
 def _overwrite_free_memory(nbytes: int) -> list[torch.Tensor]:
     # Allocations on the default stream that reuse freed blocks, filled at once with garbage.
-    return [torch.full((nbytes,), 255, dtype=torch.uint8, device="cuda") for _ in range(4)]
+    return [torch.full((nbytes,), 255, dtype=torch.uint8, device="cuda") for _ in range(12)]
 
 
 @torch.inference_mode()
