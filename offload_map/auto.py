@@ -14,9 +14,10 @@ A streamed DiT's kept blocks leave the device while the components it excludes r
 come back for the next call: a copy of everything kept, once per call. With a budget the planner weighs that
 against keeping them there: it also plans the DiT within the budget less a reserve for those components'
 phases (their slots or whole size, and ``ACTIVATION_SHARE`` of the budget for activations) and keeps the plan
-whose call is predicted faster, weighting the DiT's step by how often it runs in one call (``runs_per_call``:
-``DEFAULT_DIT_RUNS`` unless given). Streamed encoders are planned within what is left beside the DiT's kept
-blocks if those stay.
+whose call is predicted faster, weighting the DiT's step by how often it runs in one call: as ``runs_per_call``
+says, else as counted in the first call (``Runtime.watch_calls``; until then ``DEFAULT_DIT_RUNS``), choosing
+again once it is counted. Streamed encoders are planned within what is left beside the DiT's kept blocks if
+those stay.
 
 This module holds the policy; the runtime only carries it out.
 """
@@ -66,8 +67,10 @@ class AutoPlanner:
         self.budget = budget
         self.bandwidth = bandwidth
         self.roles = {c.name: c.role for c in plan.components}
-        self.runs = {name: (runs_per_call or {}).get(name, DEFAULT_DIT_RUNS if role is Role.DIT else 1)
-                     for name, role in self.roles.items()}
+        self.given = dict(runs_per_call or {})
+        self.runs = {name: self.given.get(name, DEFAULT_DIT_RUNS if role is Role.DIT else 1) for name, role in self.roles.items()}
+        self.learned = False
+        self.options: dict[str, list] = {}  # component -> its candidate plans, to choose again once runs are counted
         self.plans: dict[str, BlockPlan] = {}
         self.stays: dict[str, bool] = {}
         self.kept_bytes: dict[str, int] = {}
@@ -75,6 +78,17 @@ class AutoPlanner:
         for ring in plan.rings:
             own = sum(u.nbytes for u in plan.resident if plan.component_of(u.path).name == ring.component)
             runtime.arm_calibration(ring.component, lambda cost, name=ring.component, own=own: self.replan(name, cost, own))
+        runtime.watch_calls(self.learn)
+
+    def learn(self, counts: dict[str, int]) -> None:
+        """The first call ended: weigh each component by how often it ran (where ``runs_per_call`` did not say) and
+        choose again between the plans made so far."""
+        if self.learned:
+            return
+        self.learned = True
+        self.runs.update((name, runs) for name, runs in counts.items() if name not in self.given)
+        for name in list(self.options):
+            self._choose(name)
 
     def replan(self, name: str, cost: ModelCost, own: int) -> None:
         """Choose resident blocks, kept parts, the window and whether they stay for component ``name`` from its measured
@@ -102,27 +116,42 @@ class AutoPlanner:
                 options.append(self._option(cost, budget - self._reserve(name), bandwidth, name, stays=True))
             except BudgetTooSmall:
                 pass
-        seconds, plan, stays = min(options, key=lambda option: option[0])
+        self.options[name] = options
+        self._choose(name)
+
+    def _choose(self, name: str) -> None:
+        # The option predicted fastest for a call as now weighed; applied if it is not the one in force.
+        plan, stays = min(self.options[name], key=lambda option: self._seconds(name, *option))[:2]
+        if self.plans.get(name) is plan:
+            return
+        cost = plan.cost
         kept = {cost.blocks[i].path: cost.blocks[i].nbytes for i in plan.resident}
         kept.update((cost.blocks[i].path, size) for i, size in plan.kept.items())
         try:
             self.runtime.set_residency(name, kept, plan.window, stays)
         except torch.OutOfMemoryError as err:
             logger.warning("%s: %s. Streaming every block through one slot instead.", name or "DiT", err)
+            self.options.pop(name)
             return
         self.plans[name], self.stays[name], self.kept_bytes[name] = plan, stays, sum(kept.values())
         ring = next(r for r in self.execution.rings if r.component == name)
         self.device_map = _recorded(self.device_map, ring.blocks, kept, plan.window)
-        logger.info("%s: %d of %d blocks resident, %d in part, window %d%s, predicted step %.1f ms, %.2f s per call",
+        logger.info("%s: %d of %d blocks resident, %d in part, window %d%s, predicted step %.1f ms, %.2f s per call of %d runs",
                     name or "DiT", len(plan.resident), len(ring.blocks), len(plan.kept), plan.window,
-                    ", kept blocks stay" if stays else "", plan.step_s * 1e3, seconds)
+                    ", kept blocks stay" if stays else "", plan.step_s * 1e3, self._seconds(name, plan, stays), self.runs[name])
 
-    def _option(self, cost: ModelCost, budget: int, bandwidth: float, name: str, stays: bool):
-        # (predicted seconds per call, plan, stays): the steps, and unless the kept blocks stay, copying them back.
-        plan = plan_blocks(cost, budget, bandwidth)
-        kept = sum(b.nbytes for b in cost.blocks) - plan.streamed_bytes
-        refetch = 0.0 if stays or not self._excludes_any(name) else kept / bandwidth
-        return self.runs[name] * plan.step_s + refetch, plan, stays
+    def _option(self, cost: ModelCost, budget: int, bandwidth: float, name: str, stays: bool) -> tuple[BlockPlan, bool]:
+        return plan_blocks(cost, budget, bandwidth), stays
+
+    def _seconds(self, name: str, plan: BlockPlan, stays: bool) -> float:
+        """Predicted seconds of a call spent on component ``name``: its runs, and unless its kept blocks stay, copying
+        them back once."""
+        return self.runs[name] * plan.step_s + self._refetch(name, plan, stays)
+
+    def _refetch(self, name: str, plan: BlockPlan, stays: bool) -> float:
+        if stays or not self._excludes_any(name):
+            return 0.0
+        return (sum(b.nbytes for b in plan.cost.blocks) - plan.streamed_bytes) / plan.bandwidth
 
     def _excludes_any(self, name: str) -> bool:
         return any(other != name and self.roles[name].excludes(role) for other, role in self.roles.items())
@@ -154,13 +183,13 @@ class AutoPlanner:
         """Per planned component: where its blocks are and what a call is predicted to cost it."""
         lines = []
         for name, plan in self.plans.items():
-            kept = sum(b.nbytes for b in plan.cost.blocks) - plan.streamed_bytes
-            refetch = 0.0 if self.stays[name] or not self._excludes_any(name) else kept / plan.bandwidth
+            refetch = self._refetch(name, plan, self.stays[name])
             where = ("kept blocks stay on the device while the components it excludes run" if self.stays[name] else
                      f"kept blocks leave while the components it excludes run and come back: {refetch:.2f} s per call")
             lines.append(f"{name or 'the DiT'}: {len(plan.resident)} of {len(plan.cost.blocks)} blocks resident, "
                          f"{len(plan.kept)} in part, window {plan.window}; {where}; {self.runs[name]} runs per call x "
-                         f"{plan.step_s * 1e3:.1f} ms = {self.runs[name] * plan.step_s + refetch:.2f} s per call")
+                         f"{plan.step_s * 1e3:.1f} ms = {self._seconds(name, plan, self.stays[name]):.2f} s per call"
+                         f"{'' if self.learned or name in self.given else ' (runs assumed until the first call ends)'}")
         return "\n".join(lines)
 
 

@@ -263,3 +263,19 @@ def test_runs_per_call_naming_no_component_or_not_a_count_is_refused():
     with pytest.raises(ValueError, match=r"runs_per_call\['transformer'\] must be an int >= 1"):
         dispatch_pipeline(pipe, "auto", "cpu", gpu_budget="1GiB", runs_per_call={"transformer": 0})
     assert not hasattr(pipe, "_offload_map_handle")
+
+
+def test_the_planner_weighs_the_dit_by_the_runs_it_counted_in_the_first_call(target, monkeypatch):
+    from offload_map.demo import make_tiny_pipeline
+
+    monkeypatch.setattr("offload_map.dispatch.bandwidth", lambda device: 1e5)  # a slow link, as above
+    pipe = make_tiny_pipeline()
+    reference = resident_run(pipe, lambda: pipe("count", steps=1), target)
+    total = sum(compile_device_map(pipe, "none", target).bytes_by_placement().values())
+    handle = dispatch_pipeline(pipe, "auto", target, gpu_budget=int(total * 0.95))
+    for _ in range(3):  # one step a call: the first call is counted before the DiT's second forward calibrates it
+        assert torch.equal(pipe("count", steps=1).cpu(), reference)
+    explained = handle.explain()
+    assert "1 runs per call" in explained and "runs assumed" not in explained
+    assert "kept blocks stay on the device" in explained  # as with runs_per_call={"transformer": 1}
+    handle.remove()

@@ -23,6 +23,7 @@ import torch
 from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
 from torch import nn
 
+from .calls import CallWatch
 from .guard import ComponentGuard
 from .ring import BlockRing
 from .swapper import Swapper
@@ -31,14 +32,16 @@ from .swapper import Swapper
 class ComponentHook(ModelHook):
     """Before a component runs: evict what it excludes, load it if pinned, move inputs to its device."""
 
-    def __init__(self, name: str, device: torch.device, swapper: Swapper, ring: BlockRing | None) -> None:
+    def __init__(self, name: str, device: torch.device, swapper: Swapper, ring: BlockRing | None, calls: CallWatch) -> None:
         self.name = name
         self.execution_device = device
         self.swapper = swapper
         self.ring = ring
+        self.calls = calls
 
     @torch.compiler.disable
     def pre_forward(self, module, *args, **kwargs):
+        self.calls.forward(self.name)
         self.swapper.activate(self.name)
         if self.ring is not None:
             self.ring.prefetcher.begin_forward()

@@ -9,9 +9,9 @@ runs backwards (also when a later step fails):
 3. ``resident`` (``ResidentTensors``): the ``"gpu"`` tensors moved to the device;
 4. ``hooks`` (``HookSet``): accelerate hooks on every component and streamed block, and the guards.
 
-Public surface for policy (``offload_map.auto``): ``arm_calibration`` (time a DiT's next forward),
-``agree`` (one decision for all ranks that stream together), ``set_residency`` (apply a plan at a forward
-boundary).
+Public surface for policy (``offload_map.auto``): ``arm_calibration`` (time a component's next forward),
+``watch_calls`` (how often each component runs in a call), ``agree`` (one decision for all ranks that stream
+together), ``set_residency`` (apply a plan at a forward boundary).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from ..mapping.sizes import human_bytes
 from ..planning.bind import ExecutionPlan
 from ..planning.cost_model import ModelCost
 from .calibration import BlockTimer
+from .calls import CallWatch
 from .hooks import BlockHook, ComponentHook, HookSet
 from .host_buffer import HostBuffer
 from .host_store import HostStore
@@ -91,10 +92,11 @@ class Runtime:
         roles = {c.name: c.role for c in plan.components}
         pinned = {plan.component_of(u.path).name: self.host.units[u.path] for u in plan.pinned}
         self.swapper = Swapper(roles, pinned, self.rings, blocking, self.stats)
+        self.calls = CallWatch(roles)
         self._undo.append(self.hooks.remove)
         for comp in plan.components:
             ring = self.rings.get(comp.name)
-            self.hooks.attach(comp.module, ComponentHook(comp.name, self.device, self.swapper, ring))
+            self.hooks.attach(comp.module, ComponentHook(comp.name, self.device, self.swapper, ring, self.calls))
             if ring is not None or comp.name in pinned:
                 self.hooks.guard(comp.name, comp.module)
         for name, ring in self.rings.items():
@@ -146,6 +148,11 @@ class Runtime:
         other = sum(u.nbytes for u in self.plan.resident if self.plan.component_of(u.path).name == name)
         ring.arm(BlockTimer(self.ordering, ring.paths, [u.nbytes for u in ring.units], [u.split_points() for u in ring.units],
                             other, on_done, skip))
+
+    def watch_calls(self, listener: Callable[[dict[str, int]], None]) -> None:
+        """Call ``listener`` with each component's forward count when a call of the pipeline ends
+        (``calls.CallWatch``); it runs at that forward boundary, before the next call's first component."""
+        self.calls.listeners.append(listener)
 
     @property
     def sharded(self) -> bool:
