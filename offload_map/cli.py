@@ -1,19 +1,14 @@
-"""The ``offload-map`` command line.
+"""The ``offload-map`` command line (also ``python -m offload_map``); ``DESCRIPTION`` is its help.
 
-- ``offload-map demo [--device DEV] [--steps N]``: builds a tiny pipeline in code, prints its compiled
-  device map, runs it under every strategy and prints each report and whether the output matches the
-  resident run.
-- ``offload-map profile --model flux-12b --out FILE`` (on a GPU): builds the full-size transformer with
-  random weights, measures the pinned host-to-device bandwidth and each block's compute time in one
-  calibration forward at 1024x1024, and adds them to the device profile FILE.
-- ``offload-map plan --model flux-12b --budget 12GiB [--profile FILE]`` (no GPU needed): prints the plan
-  for that budget from a stored profile (by default the H100 profile shipped with offload_map).
+A user mistake or a missing optional dependency ends with one line on stderr saying what to do and exit status
+2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,11 +18,36 @@ import torch
 from .mapping.sizes import parse_size
 from .mapping.compiler import STRATEGIES, compile_device_map
 from .dispatch import dispatch_pipeline
-from .planning.planner import plan_blocks
+from .mapping.sizes import human_bytes, human_rate
+from .planning.planner import plan_blocks, plan_memory
 from .planning.profile import DeviceProfile
-from .runtime.bandwidth import bandwidth, device_name
+from .runtime.bandwidth import bandwidth, device_memory, device_name
 
 SHIPPED_PROFILE = Path(__file__).parent / "profiles" / "h100.json"
+
+DESCRIPTION = """\
+Compile diffusion pipelines into a device map and run them with weights offloaded.
+
+  offload-map demo [--device DEV] [--steps N]
+      builds a tiny pipeline in code, prints its device map, runs it under every strategy and prints each
+      report and whether the output matches the resident run
+  offload-map profile --model flux-12b --out FILE [--device cuda]
+      on a GPU: builds the full-size transformer with random weights, measures the pinned host-to-device
+      bandwidth and each block's compute time in one forward at 1024x1024, and adds them to FILE
+  offload-map plan --model flux-12b --budget 12GiB [--profile FILE]
+      no GPU needed: prints the plan for that budget from a stored profile (default: the shipped H100 one)
+"""
+
+
+class UsageError(Exception):
+    """A mistake on the command line or a missing optional dependency: printed as one line, exit status 2."""
+
+
+def _needs(module: str, what: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(f"{what} needs {module}, which is not installed: pip install 'offload-map[diffusers]'")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -61,6 +81,10 @@ def _demo(args: argparse.Namespace) -> int:
 def _profile(args: argparse.Namespace) -> int:
     from . import model_zoo
 
+    _needs("diffusers", "building the model to profile")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available on this machine; profile on a GPU, or pass "
+                         "--device cpu to time the model on the CPU")
     device = torch.device(args.device)
     spec = model_zoo.resolve_spec(args.model)
     print(f"building {spec.name} ({spec.class_name}) with random weights...", flush=True)
@@ -74,31 +98,49 @@ def _profile(args: argparse.Namespace) -> int:
     cost = handle.plans[""].cost
     handle.remove()
     path = Path(args.out)
-    profile = DeviceProfile.load(path) if path.exists() else DeviceProfile(device_name(device), bandwidth(device))
+    profile = DeviceProfile.load(path) if path.exists() else DeviceProfile(device_name(device), bandwidth(device), {},
+                                                                          device_memory(device))
     if profile.device_name != device_name(device):
         print(f"{path} holds a profile of {profile.device_name}, not {device_name(device)}; use another --out", file=sys.stderr)
         return 2
     profile.models[spec.name] = cost
     profile.save(path)
     print(f"{spec.name}: {len(cost.blocks)} blocks, compute {cost.compute_s * 1e3:.1f} ms per forward, "
-          f"activations {cost.activation_bytes / 2**30:.2f} GiB; bandwidth {profile.h2d_bytes_per_s / 1e9:.1f} GB/s -> {path}")
+          f"activations {cost.activation_bytes / 2**30:.2f} GiB; bandwidth {human_rate(profile.h2d_bytes_per_s)} -> {path}")
     return 0
 
 
 def _plan(args: argparse.Namespace) -> int:
-    profile = DeviceProfile.load(args.profile)
+    try:
+        profile = DeviceProfile.load(args.profile)
+    except OSError as err:
+        raise UsageError(f"cannot read the profile {args.profile}: {err.strerror or err}") from None
     if args.model not in profile.models:
-        print(f"profile {args.profile} has no model {args.model!r}; it has {sorted(profile.models)}", file=sys.stderr)
-        return 2
-    plan = plan_blocks(profile.models[args.model], parse_size(args.budget, "--budget"), profile.h2d_bytes_per_s)
-    print(f"{args.model} on {profile.device_name} ({profile.h2d_bytes_per_s / 1e9:.1f} GB/s), budget {args.budget}:\n")
+        raise UsageError(f"profile {args.profile} has no model {args.model!r}; it has {sorted(profile.models)}")
+    cost = profile.models[args.model]
+    budget = parse_size(args.budget, "--budget")
+    plan = plan_blocks(cost, budget, profile.h2d_bytes_per_s)
+    print(f"{args.model} on {profile.device_name} ({human_rate(profile.h2d_bytes_per_s)}), budget {args.budget}:\n")
     print(plan.explain())
+    whole = plan_memory(cost, frozenset(), 1)
+    if budget > whole:
+        print(f"\nnote: {args.budget} is more than this model needs ({human_bytes(whole)} with every block resident)")
+    if profile.device_memory_bytes and budget > profile.device_memory_bytes:
+        print(f"note: {args.budget} is more than the {human_bytes(profile.device_memory_bytes)} that "
+              f"{profile.device_name} has")
     return 0
 
 
+def _known_models(path: Path) -> str:
+    try:
+        return ", ".join(sorted(DeviceProfile.load(path).models))
+    except (OSError, ValueError):
+        return "see the profile"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``offload-map`` console script."""
-    parser = argparse.ArgumentParser(prog="offload-map", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Entry point of the ``offload-map`` console script and of ``python -m offload_map``."""
+    parser = argparse.ArgumentParser(prog="offload-map", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a tiny pipeline under every strategy and print the device map and reports")
     demo.add_argument("--device", help="target device (default: cuda if available, else cpu)")
@@ -109,16 +151,20 @@ def main(argv: list[str] | None = None) -> int:
     profile.add_argument("--out", required=True, help="device profile JSON to create or extend")
     profile.add_argument("--device", default="cuda", help="device to profile (default cuda)")
     plan = sub.add_parser("plan", help="print the plan for a budget from a stored profile (no GPU needed)")
-    plan.add_argument("--model", required=True, help="a model name in the profile, e.g. flux-12b")
+    plan.add_argument("--model", required=True, help=f"a model in the profile (the shipped one has: {_known_models(SHIPPED_PROFILE)})")
     plan.add_argument("--budget", required=True, help="device memory for the DiT, e.g. 12GiB or 12GB")
     plan.add_argument("--profile", default=str(SHIPPED_PROFILE), help="device profile JSON (default: the shipped H100 profile)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     try:
         return {"demo": _demo, "profile": _profile, "plan": _plan}[args.command](args)
-    except ValueError as err:
+    except (UsageError, ValueError) as err:
         print(f"offload-map {args.command}: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (``offload-map plan ... | head -1``): nothing more to print, and nothing wrong.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from .mapping.devices import resolve_device
 from .mapping.sizes import device_budget
 from .planning.bind import bind
 from .runtime.bandwidth import bandwidth
+from .runtime.hooks import BlockHook, ComponentHook
 from .runtime.runtime import Runtime
 
 logger = logging.getLogger("offload_map")
@@ -34,10 +35,10 @@ __all__ = ["OffloadHandle", "dispatch_pipeline"]
 
 def dispatch_pipeline(
     pipeline: object,
-    strategy: str = "model",
+    strategy: str | None = None,
     device: "str | torch.device | None" = None,
     *,
-    window: int = 2,
+    window: int | None = None,
     device_map: DeviceMap | None = None,
     max_memory: dict | None = None,
     gpu_budget: "str | int | None" = None,
@@ -54,14 +55,17 @@ def dispatch_pipeline(
     Args:
         pipeline: a diffusers ``DiffusionPipeline``, any object holding ``nn.Module``s, or an ``nn.Module``
             (a lone DiT is fine).
-        strategy: ``"none"`` (all resident), ``"model"`` (components take turns on the device),
-            ``"layerwise"`` (DiT blocks streamed through ``window`` device slots; encoders take turns) or
-            ``"auto"`` (the fastest predicted map within a budget, re-planned after the first DiT forward).
-            Ignored when ``device_map`` is given.
-        device: target device; ``None`` picks this rank's GPU (``LOCAL_RANK``), or the CPU without one.
-            On the CPU the same code runs with synchronous copies.
-        window: device slots per streamed DiT, an int >= 1 (default 2: one computing, one loading).
-        device_map: a map from ``compile_device_map`` (possibly edited, or loaded from JSON) to use instead.
+        strategy: ``"model"`` (the default: components take turns on the device), ``"none"`` (all resident),
+            ``"layerwise"`` (DiT blocks, and those of encoders of 1 GiB or more, streamed through ``window``
+            device slots; smaller components take turns) or ``"auto"`` (the fastest predicted map within a
+            budget, re-planned after each streamed component's first forwards). Not with ``device_map``.
+        device: target device; ``None`` picks this rank's GPU (``LOCAL_RANK``), or the CPU without one. With
+            ``device_map``, the map runs on ``device`` instead of the one it names. On the CPU the same code
+            runs with synchronous copies.
+        window: device slots per streamed component, an int >= 1 (default 2: one computing, one loading). With
+            ``device_map``, it replaces the map's window.
+        device_map: a map from ``compile_device_map`` (possibly edited, or loaded from JSON) to use instead of a
+            strategy; the map you pass is not changed.
         max_memory: accelerate's convention, ``{0: "12GiB"}``: the device memory the map may use. With
             ``"layerwise"`` or ``"auto"`` the planner keeps as many blocks resident as pays within it.
         gpu_budget: shorthand for ``max_memory={<this device>: gpu_budget}``.
@@ -105,9 +109,14 @@ def dispatch_pipeline(
     start = time.perf_counter()
     found = ModuleDiscovery.discover(pipeline)
     if device_map is None:
-        strategy = check_strategy(strategy)
+        strategy = check_strategy("model" if strategy is None else strategy)
+        window = check_window(2 if window is None else window)
+    elif strategy is not None:
+        raise ValueError(f"strategy={strategy!r} and device_map= were both given: the map holds every placement; "
+                         "pass one of them (to compile a map for a strategy: compile_device_map(pipe, strategy))")
+    elif window is not None:
         check_window(window)
-    target = resolve_device(device if device_map is None else device_map.device)
+    target = resolve_device(device if device is not None or device_map is None else device_map.device)
     budget = device_budget(target, max_memory, gpu_budget)
     if budget is not None and (device_map is not None or strategy not in ("layerwise", "auto")):
         raise ValueError("a memory budget (max_memory/gpu_budget) applies to strategy 'layerwise' or 'auto' only")
@@ -118,6 +127,9 @@ def dispatch_pipeline(
         device_map = compile_found(found, tensors, strategy, str(target), window, budget)
     else:  # validated as a loaded map is; the user's object is never changed
         device_map = DeviceMap.from_dict(device_map.to_dict())
+        device_map.device = str(target)
+        if window is not None:
+            device_map.window = window
     options = dict(budget=budget, pin_memory=pin_memory, blocking=blocking, progress=progress,
                    share_host_copy=share_host_copy, shard_copies=shard_copies, runs_per_call=runs_per_call)
 
@@ -171,6 +183,11 @@ def _check_not_managed(pipeline: object, found: PipelineModules) -> None:
     for comp in found.components.values():
         for path, module in comp.module.named_modules():
             where = f"{comp.name}.{path}".strip(".") or type(pipeline).__name__
+            if isinstance(getattr(module, "_hf_hook", None), (ComponentHook, BlockHook)):
+                raise RuntimeError(
+                    f"{where} is already dispatched by offload_map as part of another pipeline (its hook is a "
+                    f"{type(module._hf_hook).__name__}); call remove() on that dispatch's handle first"
+                )
             if hasattr(module, "_hf_hook"):
                 raise RuntimeError(
                     f"{where} already carries an accelerate hook ({type(module._hf_hook).__name__}), e.g. from "

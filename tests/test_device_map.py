@@ -137,3 +137,59 @@ def test_unknown_placement_on_edit_lists_the_valid_ones(pipe):
     dmap = compile_device_map(pipe, "model", "cpu")
     with pytest.raises(ValueError, match="expected one of 'gpu', 'cpu-pinned', 'layer-window'"):
         dmap["vae"] = "disk"
+
+
+def test_a_removed_block_entry_is_an_edit_not_another_model(pipe):
+    reference = pipe("edit", steps=2)
+    dmap = compile_device_map(pipe, "layerwise", "cpu")
+    del dmap.entries["transformer.single_blocks.1"]  # its tensors now belong to 'transformer', resident
+    handle = dispatch_pipeline(pipe, device_map=dmap)
+    assert torch.equal(pipe("edit", steps=2), reference)
+    assert "transformer.single_blocks.1" not in handle.device_map
+    assert handle.device_map["transformer"] is Placement.GPU
+    handle.remove()
+
+
+def test_a_misspelled_entry_is_named_with_the_path_it_resembles(pipe):
+    dmap = compile_device_map(pipe, "layerwise", "cpu")
+    dmap["transformer.singel_blocks.1"] = "gpu"
+    with pytest.raises(ValueError, match=r"'transformer.singel_blocks.1' names no module.*did you mean 'transformer.single_blocks.1'\?"):
+        dispatch_pipeline(pipe, device_map=dmap)
+    assert not hasattr(pipe, "_offload_map_handle")
+
+
+def test_a_map_saved_for_a_gpu_runs_on_the_cpu_when_asked(pipe, tmp_path):
+    reference = pipe("device", steps=2)
+    dmap = compile_device_map(pipe, "layerwise", "cpu")
+    dmap.device = "cuda:0"
+    dmap.save(tmp_path / "map.json")
+    handle = dispatch_pipeline(pipe, device="cpu", device_map=DeviceMap.load(tmp_path / "map.json"), window=1)
+    assert handle.device_map.device == "cpu" and handle.device_map.window == 1
+    assert torch.equal(pipe("device", steps=2), reference)
+    handle.remove()
+
+
+def test_a_strategy_beside_a_device_map_is_refused_not_ignored(pipe):
+    dmap = compile_device_map(pipe, "layerwise", "cpu")
+    with pytest.raises(ValueError, match="strategy='model' and device_map= were both given"):
+        dispatch_pipeline(pipe, "model", device_map=dmap)
+    assert not hasattr(pipe, "_offload_map_handle")
+
+
+def test_printed_rows_collapse_only_alike_blocks_and_say_what_gpu_means_on_the_cpu(pipe):
+    dmap = compile_device_map(pipe, "layerwise", "cpu")
+    dmap["transformer.single_blocks.1.mlp"] = "gpu"  # a kept part: its block's row must not fold it in
+    text = str(dmap.sized({p: [] for p in dmap.entries}))
+    assert "'gpu' means resident there" in text
+    table = str(compile_device_map(pipe, "layerwise", "cpu"))
+    sizes = {e.nbytes for p, e in compile_device_map(pipe, "layerwise", "cpu").entries.items() if ".double_blocks." in p}
+    assert len(sizes) == 1 and "double_blocks.0..1" in table  # alike: collapsed, exact size
+    lines = [line for line in str(dmap).splitlines() if "single_blocks" in line]
+    assert any("single_blocks.1.mlp" in line for line in lines) and not any("single_blocks.0..2" in line for line in lines)
+
+
+def test_dispatching_a_component_of_a_dispatched_pipeline_names_offload_map_not_accelerate(pipe):
+    handle = dispatch_pipeline(pipe, "layerwise", "cpu")
+    with pytest.raises(RuntimeError, match="already dispatched by offload_map as part of another pipeline"):
+        dispatch_pipeline(pipe.transformer, "layerwise", "cpu")
+    handle.remove()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..collect.components import ModuleDiscovery, Role
 from ..collect.tensors import collect_tensors
-from .ownership import assign_tensors, entry_module, owning_component
+from .ownership import assign_tensors, entry_module, owner_entry, owning_component
 from .placement import Placement
 from .schema import parse_json, typed
 from .sizes import human_bytes
@@ -72,8 +72,22 @@ class DeviceMap:
 
     def __setitem__(self, path: str, placement: "str | Placement") -> None:
         value = Placement.parse(placement, f"device map entry {path!r}")
+        check_path(path)
         entry = self.entries.get(path)
-        self.entries[path] = replace(entry, placement=value) if entry else MapEntry(path, value)
+        if entry is not None:
+            self.entries[path] = replace(entry, placement=value)
+            return
+        # A new entry goes right after the entries of the module it is inside, so the map reads in module order.
+        owner = owner_entry(path, self.entries)
+        paths = list(self.entries)
+        at = len(paths)
+        if owner is not None:
+            at = paths.index(owner) + 1
+            while at < len(paths) and (not owner or paths[at].startswith(owner + ".")):
+                at += 1
+        items = list(self.entries.items())
+        items.insert(at, (path, MapEntry(path, value)))
+        self.entries = dict(items)
 
     def __contains__(self, path: object) -> bool:
         return path in self.entries
@@ -156,7 +170,7 @@ class DeviceMap:
         for i, raw in enumerate(typed(data, "entries", list, where)):
             if not isinstance(raw, dict):
                 raise ValueError(f"device map entry #{i} must be an object, got a {type(raw).__name__}")
-            path = typed(raw, "path", str, f"device map entry #{i}")
+            path = check_path(typed(raw, "path", str, f"device map entry #{i}"))
             if path in dmap.entries:
                 raise ValueError(f"device map entry {path!r} appears twice")
             nbytes = raw.get("bytes", 0)
@@ -226,6 +240,13 @@ def _disjoint_names(path: str, module, units: dict) -> list[str]:
     return names
 
 
+def check_path(path: object) -> str:
+    """Return ``path`` if it is a module path (``""`` for the root, else dot-separated names), else a ValueError."""
+    if not isinstance(path, str) or (path and "" in path.split(".")):
+        raise ValueError(f"device map entry {path!r} is not a module path; write paths like 'transformer.blocks.0'")
+    return path
+
+
 def check_window(window: object) -> int:
     """Return ``window`` if it is an int >= 1, else raise a ValueError that says what to pass."""
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
@@ -237,13 +258,15 @@ _NUMBERED = re.compile(r"^(.*\.)(\d+)$")
 
 
 def _rows(dmap: DeviceMap) -> list[tuple[str, str, str, str]]:
+    # Consecutive numbered entries collapse into one row only when they are alike: same placement, dtype and
+    # bytes, so "4 x 134.4 KiB" is exact, never an average.
     rows: list[list] = []
     for e in dmap.entries.values():
         m = _NUMBERED.match(e.path)
         last = rows[-1] if rows else None
-        if m and last and last[5] == m.group(1) and last[1] is e.placement and last[3] == e.dtype and last[6] + 1 == int(m.group(2)):
+        if (m and last and last[5] == m.group(1) and last[1] is e.placement and last[3] == e.dtype
+                and last[2] == e.nbytes and last[6] + 1 == int(m.group(2))):
             last[6] = int(m.group(2))
-            last[2] += e.nbytes
             last[4] += 1
             continue
         rows.append([e.path, e.placement, e.nbytes, e.dtype, 1, m.group(1) if m else None, int(m.group(2)) if m else -1])
@@ -251,9 +274,7 @@ def _rows(dmap: DeviceMap) -> list[tuple[str, str, str, str]]:
     for path, placement, nbytes, dtype, count, prefix, end in rows:
         if count > 1:
             path = f"{path}..{end}"
-            size = f"{count} x {human_bytes(nbytes // count)}"
-        else:
-            size = human_bytes(nbytes)
+        size = f"{count} x {human_bytes(nbytes)}" if count > 1 else human_bytes(nbytes)
         out.append((path or "(root)", placement.value, size, dtype))
     return out
 
@@ -263,6 +284,8 @@ def format_table(dmap: DeviceMap) -> str:
     rows = [("module", "placement", "bytes", "dtype"), *_rows(dmap)]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = [f"DeviceMap -> {dmap.device} (strategy {dmap.strategy}, window {dmap.window})"]
+    if not dmap.device.startswith("cuda"):
+        lines.append(f"  (the target is {dmap.device!r}: 'gpu' means resident there)")
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     totals = dmap.bytes_by_placement()
     lines.append("  totals: " + " | ".join(f"{p.value} {human_bytes(totals[p])}" for p in Placement))

@@ -8,6 +8,8 @@ share one tensor, since it can only move once.
 
 from __future__ import annotations
 
+import difflib
+
 from ..collect.components import Role
 from ..collect.tensors import TensorRef
 from .placement import Placement
@@ -100,7 +102,11 @@ def entry_module(path: str, components: dict, roles: "dict[str, Role]"):
     except KeyError as err:
         raise ValueError(err.args[0]) from None
     rel = path[len(comp) + 1:] if comp else path
+    module = components[comp].module
     try:
-        return components[comp].module.get_submodule(rel) if rel else components[comp].module
+        return module.get_submodule(rel) if rel else module
     except AttributeError:
-        raise ValueError(f"device map entry {path!r} names no module of the pipeline (component {comp!r} has no {rel!r})") from None
+        known = [f"{comp}.{name}".lstrip(".") for name, _ in module.named_modules() if name]
+        close = difflib.get_close_matches(path, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"device map entry {path!r} names no module of the pipeline (component {comp!r} has no {rel!r}){hint}") from None

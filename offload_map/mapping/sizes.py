@@ -73,3 +73,16 @@ def human_bytes(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"
+
+
+def human_rate(bytes_per_s: float) -> str:
+    """``5.4e10`` -> ``"54.0 GB/s"``; slow links in the unit that shows them.
+
+    Example:
+        >>> human_rate(5.4e10), human_rate(4.7e6)
+        ('54.0 GB/s', '4.7 MB/s')
+    """
+    for unit, scale in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
+        if bytes_per_s >= scale:
+            return f"{bytes_per_s / scale:.1f} {unit}"
+    return f"{bytes_per_s:.0f} B/s"

@@ -97,7 +97,7 @@ def bind(dmap: DeviceMap, found: PipelineModules, tensors: list[TensorRef]) -> E
             raise ValueError(f"component {name or '<root>'!r} has no entry of its own; add one (e.g. {name!r}: 'gpu')")
         plan.components.append(ComponentPlan(name, comp.module, dmap.components[name], root.placement))
     streamed = _check_rules(dmap, comps, units)
-    _check_sizes(dmap, units)
+    _check_sizes(dmap, comps, units)
     for path, unit in units.items():
         if unit.placement is Placement.GPU:
             plan.resident.append(unit)
@@ -138,8 +138,9 @@ def block_order(qualnames: list[str], sizes: list[int], path: str) -> list[int]:
     return sorted(range(len(qualnames)), key=lambda i: (child[i] is None, -total.get(child[i], 0), first.get(child[i], 0), i))
 
 
-def _check_sizes(dmap: DeviceMap, units: dict[str, Unit]) -> None:
-    # Per component, so that splitting an entry (a new nested entry records 0 bytes) stays valid.
+def _check_sizes(dmap: DeviceMap, comps: dict, units: dict[str, Unit]) -> None:
+    # Per component, so that splitting an entry (a new nested entry records 0 bytes) stays valid. A block entry
+    # removed from the map leaves its bytes to the entries around it: that is an edit, not another model.
     recorded: dict[str, int] = {}
     actual: dict[str, int] = {}
     for path, unit in units.items():
@@ -147,11 +148,29 @@ def _check_sizes(dmap: DeviceMap, units: dict[str, Unit]) -> None:
         recorded[comp] = recorded.get(comp, 0) + dmap.entries[path].nbytes
         actual[comp] = actual.get(comp, 0) + unit.nbytes
     for comp, nbytes in recorded.items():
-        if nbytes and nbytes != actual[comp]:
-            raise ValueError(
-                f"the device map records {nbytes} bytes for component {comp!r} but the pipeline's holds "
-                f"{actual[comp]}; the map was made for another model: compile a new one"
-            )
+        if not nbytes or nbytes == actual[comp]:
+            continue
+        blocks = _blocks_of(comps[comp])
+        removed = sum(_subtree_bytes(block) for path, block in blocks if path not in dmap.entries)
+        if removed and nbytes + removed == actual[comp]:
+            continue
+        raise ValueError(
+            f"the device map records {nbytes} bytes for component {comp!r} but the pipeline's holds "
+            f"{actual[comp]}; the map was made for another model (or another dtype): compile a new one with "
+            "compile_device_map(pipe), or edit that one"
+        )
+
+
+def _blocks_of(comp) -> list:
+    try:
+        return comp.blocks()
+    except AttributeError:  # a wrong declaration is reported where blocks are needed, not here
+        return []
+
+
+def _subtree_bytes(module: nn.Module) -> int:
+    seen = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return sum(t.numel() * t.element_size() for t in seen.values())
 
 
 def _check_rules(dmap: DeviceMap, comps: dict, units: dict[str, Unit]) -> dict[str, list[str]]:

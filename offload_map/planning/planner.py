@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..mapping.memory import BudgetTooSmall, device_footprint
-from ..mapping.sizes import human_bytes
+from ..mapping.sizes import human_bytes, human_rate
 from .cost_model import ModelCost, Timeline, floor_s, load_bytes, simulate
 
 WINDOWS = (1, 2, 3, 4)
@@ -98,7 +98,7 @@ class BlockPlan:
         split = f", {len(self.kept)} of them in part" if self.kept else ""
         lines += [
             f"window {self.window}; {len(self.streamed)} of {len(self.cost.blocks)} blocks streamed{split} "
-            f"({human_bytes(self.streamed_bytes)} per step) at {self.bandwidth / 1e9:.1f} GB/s",
+            f"({human_bytes(self.streamed_bytes)} per step) at {human_rate(self.bandwidth)}",
             f"predicted step {self.step_s * 1e3:.1f} ms (floor {floor * 1e3:.1f} ms); predicted peak "
             f"{human_bytes(self.memory)} of the {human_bytes(self.budget)} budget "
             f"(activation allowance {human_bytes(self.cost.activation_bytes)})",

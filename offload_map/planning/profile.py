@@ -20,18 +20,23 @@ from .planner import MIN_BANDWIDTH
 
 @dataclass
 class DeviceProfile:
-    """Measured numbers for one device, and model costs measured on it (name -> ``ModelCost``)."""
+    """Measured numbers for one device, and model costs measured on it (name -> ``ModelCost``); ``device_memory_bytes``
+    is the device's memory where it was recorded (profiles from before it was recorded have none)."""
 
     device_name: str
     h2d_bytes_per_s: float
     models: dict[str, ModelCost] = field(default_factory=dict)
+    device_memory_bytes: int | None = None
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "device_name": self.device_name,
             "h2d_bytes_per_s": self.h2d_bytes_per_s,
             "models": {name: _cost_to_dict(cost) for name, cost in self.models.items()},
         }
+        if self.device_memory_bytes is not None:
+            out["device_memory_bytes"] = self.device_memory_bytes
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "DeviceProfile":
@@ -43,7 +48,8 @@ class DeviceProfile:
         if bandwidth < MIN_BANDWIDTH:
             raise ValueError(f"profile: 'h2d_bytes_per_s' must be at least {MIN_BANDWIDTH:g} bytes/s, got {bandwidth!r}")
         models = typed(data, "models", dict, "profile")
-        return cls(name, bandwidth, {str(k): _cost_from_dict(v, f"models[{k!r}]") for k, v in models.items()})
+        memory = count(data, "device_memory_bytes", "profile") if "device_memory_bytes" in data else None
+        return cls(name, bandwidth, {str(k): _cost_from_dict(v, f"models[{k!r}]") for k, v in models.items()}, memory)
 
     def save(self, path: "str | Path") -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))

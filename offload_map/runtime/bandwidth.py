@@ -18,6 +18,11 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def device_memory(device: torch.device) -> int | None:
+    """The device's memory in bytes (None for the CPU)."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
 def cache_path() -> Path:
     """Where probed bandwidths are kept (``$OFFLOAD_MAP_CACHE`` or ``~/.cache/offload_map``)."""
     root = os.environ.get("OFFLOAD_MAP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "offload_map")
