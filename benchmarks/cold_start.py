@@ -47,11 +47,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step_time import RssSampler, read_status_bytes  # noqa: E402
-
 from offload_map import dispatch_pipeline, empty_model  # noqa: E402
 from offload_map import model_zoo as models  # noqa: E402
 from offload_map.runtime.host_store import PACK_THREADS  # noqa: E402
+
+from step_time import RssSampler, read_status_bytes  # noqa: E402
 
 GB = 1e9
 SHARD = 5 * 10**9
@@ -94,15 +94,20 @@ def write(spec, ckpt: Path, cuda: bool) -> dict:
     weight_map = {}
     for i, group in enumerate(groups):
         file = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {name: (torch.randn(shape, generator=gen, device=gen.device, dtype=models.DTYPE) * 0.02).cpu()
-                   for name, shape in group}
+        tensors = {
+            name: (torch.randn(shape, generator=gen, device=gen.device, dtype=models.DTYPE) * 0.02).cpu() for name, shape in group
+        }
         save_file(tensors, ckpt / file, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, file))
         del tensors
     (ckpt / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     model.save_config(ckpt)
-    return {"phase": "write", "seconds": time.perf_counter() - start, "shards": len(groups),
-            "bytes": sum(f.stat().st_size for f in shards(ckpt))}
+    return {
+        "phase": "write",
+        "seconds": time.perf_counter() - start,
+        "shards": len(groups),
+        "bytes": sum(f.stat().st_size for f in shards(ckpt)),
+    }
 
 
 def read(ckpt: Path) -> dict:
@@ -122,7 +127,7 @@ def read(ckpt: Path) -> dict:
             f.seek(pos)
             done = 0
             while done < n:
-                done += f.readinto(view[at + done:at + n])
+                done += f.readinto(view[at + done : at + n])
 
     start = time.perf_counter()
     with ThreadPoolExecutor(PACK_THREADS) as pool:
@@ -151,15 +156,19 @@ def load_offload_map(cls, ckpt: Path, device: str, shard: bool = False) -> tuple
     model = empty_model(cls, ckpt, dtype=models.DTYPE)
     built = time.perf_counter() - start
     handle = dispatch_pipeline(model, "layerwise", device, weights=ckpt, progress=False, shard_copies=shard)
-    handle.breakdown = {"empty_model_s": built, "dispatch_s": handle.report().setup_seconds,
-                        **{k: v for k, v in vars(handle.report().setup_times).items()}}
+    handle.breakdown = {
+        "empty_model_s": built,
+        "dispatch_s": handle.report().setup_seconds,
+        **{k: v for k, v in vars(handle.report().setup_times).items()},
+    }
     return model, handle
 
 
 def load_diffusers(cls, ckpt: Path, device: str) -> tuple[torch.nn.Module, None]:
     model = cls.from_pretrained(ckpt, torch_dtype=models.DTYPE)
-    model.enable_group_offload(torch.device(device), offload_type="block_level", num_blocks_per_group=1,
-                               use_stream=device != "cpu")
+    model.enable_group_offload(
+        torch.device(device), offload_type="block_level", num_blocks_per_group=1, use_stream=device != "cpu"
+    )
     return model, None
 
 
@@ -180,8 +189,15 @@ def single(phase: str, spec, ckpt: Path, device: str) -> dict:
         ready = time.perf_counter() - start
         after = sampler.sample()
         steps = timed_steps(model, spec, device)
-    return {"phase": phase, "ready_s": ready, "rss_after_gb": after / GB, "rss_peak_gb": sampler.peak / GB,
-            "step_s": statistics.median(steps), "steps": steps, "breakdown": getattr(handle, "breakdown", None)}
+    return {
+        "phase": phase,
+        "ready_s": ready,
+        "rss_after_gb": after / GB,
+        "rss_peak_gb": sampler.peak / GB,
+        "step_s": statistics.median(steps),
+        "steps": steps,
+        "breakdown": getattr(handle, "breakdown", None),
+    }
 
 
 def pss() -> int:
@@ -203,9 +219,18 @@ def rank_worker(spec, ckpt: Path, out: Path, shard: bool) -> None:
     copy = handle.host_copy
     dist.barrier()  # time the steps of all ranks together
     steps = timed_steps(model, spec, device)
-    row = {"phase": f"ranks{state.num_processes}" + ("-sharded" if shard else ""), "rank": state.process_index, "device": device, "ready_s": ready,
-           "shared": copy is not None and copy.flat is not None, "creator": bool(copy and copy.creator),
-           "pss_gb": pss() / GB, "rss_gb": read_status_bytes("VmRSS") / GB, "step_s": statistics.median(steps), "steps": steps}
+    row = {
+        "phase": f"ranks{state.num_processes}" + ("-sharded" if shard else ""),
+        "rank": state.process_index,
+        "device": device,
+        "ready_s": ready,
+        "shared": copy is not None and copy.flat is not None,
+        "creator": bool(copy and copy.creator),
+        "pss_gb": pss() / GB,
+        "rss_gb": read_status_bytes("VmRSS") / GB,
+        "step_s": statistics.median(steps),
+        "steps": steps,
+    }
     dist.barrier()
     with open(out, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -232,8 +257,22 @@ def ranks(n: int, shard: bool, args, out: Path) -> dict:
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(29600 + n),
-           __file__, "--model", args.model, "--ckpt", str(args.ckpt), "--rank-worker", str(rows)] + (["--shard"] if shard else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(n),
+        "--master_port",
+        str(29600 + n),
+        __file__,
+        "--model",
+        args.model,
+        "--ckpt",
+        str(args.ckpt),
+        "--rank-worker",
+        str(rows),
+    ] + (["--shard"] if shard else [])
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     stop.set()
@@ -241,24 +280,37 @@ def ranks(n: int, shard: bool, args, out: Path) -> dict:
     if done.returncode:
         return {"phase": name, "error": done.stderr[-2000:]}
     per_rank = [json.loads(line) for line in rows.read_text().splitlines()]
-    return {"phase": name, "wall_s": time.perf_counter() - start, "host_used_peak_gb": peak[0] / GB,
-            "pss_sum_gb": sum(r["pss_gb"] for r in per_rank), "per_rank": per_rank}
+    return {
+        "phase": name,
+        "wall_s": time.perf_counter() - start,
+        "host_used_peak_gb": peak[0] / GB,
+        "pss_sum_gb": sum(r["pss_gb"] for r in per_rank),
+        "per_rank": per_rank,
+    }
 
 
 def table(rows: list[dict], weights_gb: float) -> str:
-    lines = [f"weights (safetensors bytes): {weights_gb:.1f} GB", "",
-             "| phase | ready s | step s | host RSS after GB | host RSS peak GB | note |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"weights (safetensors bytes): {weights_gb:.1f} GB",
+        "",
+        "| phase | ready s | step s | host RSS after GB | host RSS peak GB | note |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r["phase"] == "read":
             lines.append(f"| read files alone | {r['seconds']:.2f} | | | | {r['GBps']:.2f} GB/s, {r['threads']} threads |")
         elif r["phase"] in ("offload_map", "diffusers"):
-            lines.append(f"| {r['phase']} | {r['ready_s']:.2f} | {r['step_s']:.3f} | {r['rss_after_gb']:.1f} | {r['rss_peak_gb']:.1f} | |")
+            lines.append(
+                f"| {r['phase']} | {r['ready_s']:.2f} | {r['step_s']:.3f} | {r['rss_after_gb']:.1f} | {r['rss_peak_gb']:.1f} | |"
+            )
         elif "per_rank" in r:
             ranks_ = r["per_rank"]
             steps = ", ".join(f"{x['step_s']:.3f}" for x in ranks_)
-            lines.append(f"| {r['phase']} | {max(x['ready_s'] for x in ranks_):.2f} | "
-                         f"{steps} | PSS sum {r['pss_sum_gb']:.1f} | "
-                         f"used {r['host_used_peak_gb']:.1f} | shared {[x['shared'] for x in ranks_]} |")
+            lines.append(
+                f"| {r['phase']} | {max(x['ready_s'] for x in ranks_):.2f} | "
+                f"{steps} | PSS sum {r['pss_sum_gb']:.1f} | "
+                f"used {r['host_used_peak_gb']:.1f} | shared {[x['shared'] for x in ranks_]} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -297,7 +349,11 @@ def main() -> None:
         else:
             cmd = [sys.executable, __file__, "--model", args.model, "--ckpt", str(args.ckpt), "--phase", phase]
             done = subprocess.run(cmd + (["--cpu-smoke"] if args.cpu_smoke else []), capture_output=True, text=True)
-            row = json.loads(done.stdout.splitlines()[-1]) if done.returncode == 0 else {"phase": phase, "error": done.stderr[-2000:]}
+            row = (
+                json.loads(done.stdout.splitlines()[-1])
+                if done.returncode == 0
+                else {"phase": phase, "error": done.stderr[-2000:]}
+            )
         row.update(model=spec.name, cache=args.cache, device=torch.cuda.get_device_name(0) if cuda else "cpu")
         rows.append(row)
         print(json.dumps(row), flush=True)

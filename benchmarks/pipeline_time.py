@@ -39,15 +39,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from step_time import RssSampler, host_info, read_status_bytes, release_host_and_device_memory, versions  # noqa: E402
-
 from offload_map import model_zoo  # noqa: E402
+
+from step_time import RssSampler, host_info, read_status_bytes, release_host_and_device_memory, versions  # noqa: E402
 
 GIB = 2**30
 DEFAULT_STRATEGIES = "resident,layerwise,auto-8GiB,auto-12GiB,auto-24GiB,diffusers-group,diffusers-model"
 PROMPT = "a photo of a red cat sitting in the forest at night"
-WORDS = ("a an the of and with in on at to photo picture cat dog bird red green blue big small sitting running "
-         "forest city beach river night day sky").split()
+WORDS = (
+    "a an the of and with in on at to photo picture cat dog bird red green blue big small sitting running "
+    "forest city beach river night day sky"
+).split()
 
 
 def _tokenizer(kind: str, length: int):
@@ -67,7 +69,8 @@ def _tokenizer(kind: str, length: int):
     tok = Tokenizer(WordLevel(vocab=vocab, unk_token=special["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(
-        single=template, special_tokens=[(t, vocab[t]) for t in template.split() if t in vocab])
+        single=template, special_tokens=[(t, vocab[t]) for t in template.split() if t in vocab]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=length, **special)
 
 
@@ -75,23 +78,69 @@ def configs(tiny: bool) -> dict:
     """Constructor configs of the four models: the real FLUX.1-dev ones, or tiny ones for ``--cpu-smoke``."""
     if tiny:
         return {
-            "clip": dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         max_position_embeddings=77, projection_dim=32),
+            "clip": dict(
+                vocab_size=49408,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                projection_dim=32,
+            ),
             "t5": dict(vocab_size=32128, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, feed_forward_proj="gated-gelu"),
             "flux": dict(model_zoo.TINY_FLUX_CONFIG, joint_attention_dim=32, pooled_projection_dim=32, in_channels=64),
-            "vae": dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16), layers_per_block=1,
-                        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159),
+            "vae": dict(
+                in_channels=3,
+                out_channels=3,
+                latent_channels=16,
+                block_out_channels=(8, 16),
+                layers_per_block=1,
+                norm_num_groups=4,
+                down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+                scaling_factor=0.3611,
+                shift_factor=0.1159,
+            ),
         }
     return {
-        "clip": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                     max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu"),
-        "t5": dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128),
+        "clip": dict(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+        ),
+        "t5": dict(
+            vocab_size=32128,
+            d_model=4096,
+            d_kv=64,
+            d_ff=10240,
+            num_layers=24,
+            num_heads=64,
+            feed_forward_proj="gated-gelu",
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=128,
+        ),
         "flux": dict(model_zoo.FLUX_DEV_CONFIG),
-        "vae": dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                    norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                    use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159),
+        "vae": dict(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=16,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            norm_num_groups=32,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+        ),
     }
 
 
@@ -114,16 +163,25 @@ def build_pipeline(tiny: bool, gen_device: str, seed: int = 0):
         if any(p.is_meta for p in module.parameters()):
             raise RuntimeError(f"{type(module).__name__} kept meta parameters after materialising")
         module.eval().requires_grad_(False)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+    )
     pipe = FluxPipeline(scheduler=scheduler, tokenizer=_tokenizer("clip", 77), tokenizer_2=_tokenizer("t5", 512), **parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def call(pipe, steps: int, size: int, text_len: int) -> torch.Tensor:
-    out = pipe(PROMPT, height=size, width=size, num_inference_steps=steps, guidance_scale=3.5, max_sequence_length=text_len,
-               generator=torch.Generator("cpu").manual_seed(0), output_type="pt")
+    out = pipe(
+        PROMPT,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=3.5,
+        max_sequence_length=text_len,
+        generator=torch.Generator("cpu").manual_seed(0),
+        output_type="pt",
+    )
     return out.images
 
 
@@ -138,7 +196,9 @@ def setup(name: str, pipe, device: str):
         handle = offload_map.dispatch_pipeline(pipe, name, device)
         return handle.remove, handle
     if name.startswith("auto-"):
-        handle = offload_map.dispatch_pipeline(pipe, "auto", device, max_memory={torch.device(device).index or 0 if device != "cpu" else "cpu": name[5:]})
+        handle = offload_map.dispatch_pipeline(
+            pipe, "auto", device, max_memory={torch.device(device).index or 0 if device != "cpu" else "cpu": name[5:]}
+        )
         return handle.remove, handle
     if name == "diffusers-model":
         pipe.enable_model_cpu_offload(device=device)
@@ -147,8 +207,13 @@ def setup(name: str, pipe, device: str):
         pipe.enable_sequential_cpu_offload(device=device)
         return pipe.remove_all_hooks, None
     if name == "diffusers-group":
-        pipe.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
-                                  offload_type="block_level", num_blocks_per_group=1, use_stream=device != "cpu")
+        pipe.enable_group_offload(
+            onload_device=torch.device(device),
+            offload_device=torch.device("cpu"),
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            use_stream=device != "cpu",
+        )
         return (lambda: None), None
     raise ValueError(f"unknown strategy {name!r}")
 
@@ -165,7 +230,11 @@ def timed_call(pipe, steps: int, args, cuda: bool) -> tuple[float, torch.Tensor]
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit for bit, NaNs included (random weights may produce them)."""
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    return (
+        a.shape == b.shape
+        and a.dtype == b.dtype
+        and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    )
 
 
 def run_strategy(name: str, args, reference: dict) -> dict:
@@ -175,8 +244,9 @@ def run_strategy(name: str, args, reference: dict) -> dict:
     start = time.perf_counter()
     pipe = build_pipeline(args.cpu_smoke, gen_device)
     row["build_s"] = time.perf_counter() - start
-    row["weights_bytes"] = sum(p.numel() * p.element_size() for c in pipe.components.values() if isinstance(c, torch.nn.Module)
-                               for p in c.parameters())
+    row["weights_bytes"] = sum(
+        p.numel() * p.element_size() for c in pipe.components.values() if isinstance(c, torch.nn.Module) for p in c.parameters()
+    )
     sampler = RssSampler()
     with sampler:
         start = time.perf_counter()
@@ -195,8 +265,16 @@ def run_strategy(name: str, args, reference: dict) -> dict:
         t1, image1 = timed_call(pipe, 1, args, cuda)
         tn, image = timed_call(pipe, long, args, cuda)
     step = (tn - t1) / (long - 1)
-    row.update(t1_s=t1, tn_s=tn, steps_long=long, per_step_s=step, fixed_s=t1 - step, call_28_s=t1 - step + 28 * step,
-               peak_gpu_bytes=torch.cuda.max_memory_allocated() if cuda else None, rss_peak_bytes=sampler.peak)
+    row.update(
+        t1_s=t1,
+        tn_s=tn,
+        steps_long=long,
+        per_step_s=step,
+        fixed_s=t1 - step,
+        call_28_s=t1 - step + 28 * step,
+        peak_gpu_bytes=torch.cuda.max_memory_allocated() if cuda else None,
+        rss_peak_bytes=sampler.peak,
+    )
     if name == "resident":
         reference.update({1: image1, long: image})
     row["bit_exact"] = same_bits(image1, reference[1]) and (long not in reference or same_bits(image, reference[long]))
@@ -210,13 +288,17 @@ def run_strategy(name: str, args, reference: dict) -> dict:
 
 
 def render(env: dict, rows: list[dict]) -> str:
-    lines = [f"# pipeline_time: FluxPipeline (CLIP-L, T5-XXL, Flux-12B, VAE), {env['size']}x{env['size']}, {env['text_len']} text tokens",
-             "", f"- device: {env['device_name']}; {env['versions']}",
-             f"- weights: {next((r['weights_bytes'] for r in rows if 'weights_bytes' in r), 0) / 1e9:.1f} GB bf16",
-             "- per step = (t8 - t1) / 7; fixed = t1 - per step; 28-step = fixed + 28 x per step; peak GPU: allocator peak "
-             "over the timed calls; RSS: after setup / peak", "",
-             "| strategy | fixed s | per step s | 28-step s | x resident | peak GPU GiB | host RSS GB | setup s | bit-exact |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# pipeline_time: FluxPipeline (CLIP-L, T5-XXL, Flux-12B, VAE), {env['size']}x{env['size']}, {env['text_len']} text tokens",
+        "",
+        f"- device: {env['device_name']}; {env['versions']}",
+        f"- weights: {next((r['weights_bytes'] for r in rows if 'weights_bytes' in r), 0) / 1e9:.1f} GB bf16",
+        "- per step = (t8 - t1) / 7; fixed = t1 - per step; 28-step = fixed + 28 x per step; peak GPU: allocator peak "
+        "over the timed calls; RSS: after setup / peak",
+        "",
+        "| strategy | fixed s | per step s | 28-step s | x resident | peak GPU GiB | host RSS GB | setup s | bit-exact |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     base = next((r["call_28_s"] for r in rows if r["strategy"] == "resident"), None)
     for r in rows:
         if "error" in r:
@@ -225,8 +307,10 @@ def render(env: dict, rows: list[dict]) -> str:
         ratio = f"{r['call_28_s'] / base:.2f}" if base else "-"
         gpu = f"{r['peak_gpu_bytes'] / GIB:.1f}" if r["peak_gpu_bytes"] is not None else "-"
         rss = f"{r['rss_after_setup_bytes'] / 1e9:.1f} / {r['rss_peak_bytes'] / 1e9:.1f}"
-        lines.append(f"| {r['strategy']} | {r['fixed_s']:.3f} | {r['per_step_s']:.3f} | {r['call_28_s']:.2f} | {ratio} | {gpu} | "
-                     f"{rss} | {r['setup_s']:.2f} | {'yes' if r['bit_exact'] else 'NO'} |")
+        lines.append(
+            f"| {r['strategy']} | {r['fixed_s']:.3f} | {r['per_step_s']:.3f} | {r['call_28_s']:.2f} | {ratio} | {gpu} | "
+            f"{rss} | {r['setup_s']:.2f} | {'yes' if r['bit_exact'] else 'NO'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -246,8 +330,14 @@ def main(argv=None) -> None:
         names = ["resident"] + [n for n in names if n != "resident"]
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "pipeline_time_flux")
-    env = {"kind": "env", "device_name": torch.cuda.get_device_name() if args.device != "cpu" else "cpu", "versions": versions(),
-           "host": host_info(), "size": args.size, "text_len": args.text_len}
+    env = {
+        "kind": "env",
+        "device_name": torch.cuda.get_device_name() if args.device != "cpu" else "cpu",
+        "versions": versions(),
+        "host": host_info(),
+        "size": args.size,
+        "text_len": args.text_len,
+    }
     with open(stem + ".jsonl", "w") as f:
         f.write(json.dumps(env) + "\n")
     rows, reference = [], {}

@@ -44,8 +44,12 @@ def load(model: str) -> tuple[dict, list[dict]]:
             row = json.loads(line)
             if row.get("kind") == "env":
                 env = env or row
-            elif (row.get("step_s") and row.get("peak_gpu_alloc_bytes") and row["strategy"] not in seen
-                  and not row["strategy"].endswith("-compiled")):
+            elif (
+                row.get("step_s")
+                and row.get("peak_gpu_alloc_bytes")
+                and row["strategy"] not in seen
+                and not row["strategy"].endswith("-compiled")
+            ):
                 seen.add(row["strategy"])
                 rows.append(row)
     return env, rows
@@ -61,8 +65,13 @@ def plot(model: str, out: str) -> None:
         x, y = row["peak_gpu_alloc_bytes"] / GB, row["step_s"]
         ax.scatter(x, y, marker=marker, color=colour, s=70, label=None if label in seen else label, zorder=3)
         seen.add(label)
-        ax.annotate(row["strategy"].replace("layerwise-", "").replace("auto-", ""), (x, y), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
+        ax.annotate(
+            row["strategy"].replace("layerwise-", "").replace("auto-", ""),
+            (x, y),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8,
+        )
     if env.get("floor_s"):
         ax.axhline(env["floor_s"], ls="--", color="tab:green", label="floor: all blocks streamed at pinned bandwidth")
     ax.set_yscale("log")

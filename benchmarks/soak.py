@@ -28,10 +28,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step_time import read_status_bytes, trim_host_heap  # noqa: E402
-
 from offload_map import dispatch_pipeline  # noqa: E402
 from offload_map import model_zoo as models  # noqa: E402
+
+from step_time import read_status_bytes, trim_host_heap  # noqa: E402
 
 GB = 1e9
 WARMUP = 10
@@ -63,9 +63,14 @@ def soak(spec, name: str, steps: int, every: int, device: str, out) -> dict:
             seconds = time.perf_counter() - start
             if step % every == 0 or step in (1, steps):
                 trim_host_heap()
-                row = {"strategy": name, "step": step, "step_s": seconds, "rss_gb": read_status_bytes("VmRSS") / GB,
-                       "allocated_gb": torch.cuda.memory_allocated() / GB if cuda else None,
-                       "reserved_gb": torch.cuda.memory_reserved() / GB if cuda else None}
+                row = {
+                    "strategy": name,
+                    "step": step,
+                    "step_s": seconds,
+                    "rss_gb": read_status_bytes("VmRSS") / GB,
+                    "allocated_gb": torch.cuda.memory_allocated() / GB if cuda else None,
+                    "reserved_gb": torch.cuda.memory_reserved() / GB if cuda else None,
+                }
                 rows.append(row)
                 out.write(json.dumps(row) + "\n")
                 out.flush()
@@ -77,21 +82,33 @@ def soak(spec, name: str, steps: int, every: int, device: str, out) -> dict:
         values = [r[key] for r in after if r[key] is not None]
         return (min(values), max(values)) if values else None
 
-    return {"strategy": name, "summary": True, "steps": steps, "last_equals_reference": bool(torch.equal(last, reference)),
-            "rss_gb_range": spread("rss_gb"), "allocated_gb_range": spread("allocated_gb"),
-            "reserved_gb_range": spread("reserved_gb"), "step_s_range": spread("step_s")}
+    return {
+        "strategy": name,
+        "summary": True,
+        "steps": steps,
+        "last_equals_reference": bool(torch.equal(last, reference)),
+        "rss_gb_range": spread("rss_gb"),
+        "allocated_gb_range": spread("allocated_gb"),
+        "reserved_gb_range": spread("reserved_gb"),
+        "step_s_range": spread("step_s"),
+    }
 
 
 def table(summaries: list[dict], device: str) -> str:
     def fmt(pair, digits=2):
         return "-" if pair is None else f"{pair[0]:.{digits}f} .. {pair[1]:.{digits}f}"
 
-    lines = [f"device: {device}; ranges after the first {WARMUP} steps", "",
-             "| strategy | steps | host RSS GB | device allocated GB | device reserved GB | step s | last output = reference |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"device: {device}; ranges after the first {WARMUP} steps",
+        "",
+        "| strategy | steps | host RSS GB | device allocated GB | device reserved GB | step s | last output = reference |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for s in summaries:
-        lines.append(f"| {s['strategy']} | {s['steps']} | {fmt(s['rss_gb_range'])} | {fmt(s['allocated_gb_range'], 3)} | "
-                     f"{fmt(s['reserved_gb_range'], 3)} | {fmt(s['step_s_range'], 3)} | {'yes' if s['last_equals_reference'] else 'NO'} |")
+        lines.append(
+            f"| {s['strategy']} | {s['steps']} | {fmt(s['rss_gb_range'])} | {fmt(s['allocated_gb_range'], 3)} | "
+            f"{fmt(s['reserved_gb_range'], 3)} | {fmt(s['step_s_range'], 3)} | {'yes' if s['last_equals_reference'] else 'NO'} |"
+        )
     return "\n".join(lines) + "\n"
 
 

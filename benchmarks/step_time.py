@@ -78,9 +78,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from offload_map import model_zoo as models  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_STRATEGIES = (
-    "resident,layerwise-w1,layerwise-w2,layerwise-w3,layerwise-w4,diffusers-block,diffusers-leaf,accelerate-cpu"
-)
+DEFAULT_STRATEGIES = "resident,layerwise-w1,layerwise-w2,layerwise-w3,layerwise-w4,diffusers-block,diffusers-leaf,accelerate-cpu"
 GB = 1e9
 GIB = 2**30
 
@@ -213,8 +211,13 @@ def h2d_bandwidth(nbytes: int, pinned: bool, iters: int, device: str) -> dict:
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
     times = copy_seconds(src, dst, iters)
     del src, dst
-    return {"bytes": nbytes, "pinned": pinned, "median_Bps": nbytes / statistics.median(times),
-            "max_Bps": nbytes / min(times), "times_s": times}
+    return {
+        "bytes": nbytes,
+        "pinned": pinned,
+        "median_Bps": nbytes / statistics.median(times),
+        "max_Bps": nbytes / min(times),
+        "times_s": times,
+    }
 
 
 def measure_bandwidths(largest_block_bytes: int, device: str) -> dict:
@@ -275,8 +278,9 @@ def offload_map_package(ctx: Ctx, before: bool):
         if not ctx.args.before:
             sys.exit("before-* strategies need --before DIR (a folder holding the earlier offload_map package)")
         root = os.path.join(ctx.args.before, "offload_map")
-        spec = importlib.util.spec_from_file_location("offload_map_before", os.path.join(root, "__init__.py"),
-                                                      submodule_search_locations=[root])
+        spec = importlib.util.spec_from_file_location(
+            "offload_map_before", os.path.join(root, "__init__.py"), submodule_search_locations=[root]
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules["offload_map_before"] = module
         spec.loader.exec_module(module)
@@ -313,12 +317,21 @@ def plan_summary(ctx: Ctx) -> dict:
     plan = next(iter(handle.plans.values()), None) if handle is not None else None
     if plan is None:
         return {"planned": False, "predicted_step_s": None}
-    return {"planned": True, "budget_bytes": plan.budget, "predicted_step_s": plan.step_s, "window": plan.window,
-            "resident_blocks": len(plan.resident), "streamed_blocks": len(plan.streamed),
-            "streamed_bytes": plan.streamed_bytes, "kept_blocks": len(plan.kept),
-            "predicted_peak_bytes": plan.memory, "activation_bytes": plan.cost.activation_bytes,
-            "measured_compute_s": plan.cost.compute_s, "planner_bandwidth_Bps": plan.bandwidth,
-            "explain": plan.explain()}
+    return {
+        "planned": True,
+        "budget_bytes": plan.budget,
+        "predicted_step_s": plan.step_s,
+        "window": plan.window,
+        "resident_blocks": len(plan.resident),
+        "streamed_blocks": len(plan.streamed),
+        "streamed_bytes": plan.streamed_bytes,
+        "kept_blocks": len(plan.kept),
+        "predicted_peak_bytes": plan.memory,
+        "activation_bytes": plan.cost.activation_bytes,
+        "measured_compute_s": plan.cost.compute_s,
+        "planner_bandwidth_Bps": plan.bandwidth,
+        "explain": plan.explain(),
+    }
 
 
 def make_group_offload(offload_type: str):
@@ -408,6 +421,7 @@ def time_forwards(model, ctx: Ctx, grad_mode: str) -> tuple[list[float], list[fl
     synchronisation between steps, so one step's prefetch of the next step's first blocks overlaps that step),
     each timed between device events at consecutive forward starts; then ``repeats`` more, each bracketed by
     device synchronisation (what a loop that waits for every step, e.g. to print a latent statistic, sees)."""
+
     def one_at_a_time(count: int) -> list[float]:
         nonlocal out
         seconds = []
@@ -449,8 +463,10 @@ def mark_seconds(start, end) -> float:
 def gpu_peak(ctx: Ctx) -> dict:
     if not ctx.cuda:
         return {"peak_gpu_alloc_bytes": None, "peak_gpu_reserved_bytes": None}
-    return {"peak_gpu_alloc_bytes": torch.cuda.max_memory_allocated(),
-            "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved()}
+    return {
+        "peak_gpu_alloc_bytes": torch.cuda.max_memory_allocated(),
+        "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved(),
+    }
 
 
 def compare_output(out: torch.Tensor, ctx: Ctx) -> dict:
@@ -470,8 +486,12 @@ def placement_report(model, ctx: Ctx) -> dict:
     hooks += sum(len(m._diffusers_hook.hooks) for m in model.modules() if hasattr(m, "_diffusers_hook"))
     fp = models.fingerprint(model)
     intact = fp is not None and ctx.build_fingerprint is not None and torch.equal(fp, ctx.build_fingerprint)
-    return {"devices_after_undo": devices, "hooks_after_undo": hooks, "weights_intact_after_undo": intact,
-            "restored": devices == ["cpu"] and hooks == 0 and intact}
+    return {
+        "devices_after_undo": devices,
+        "hooks_after_undo": hooks,
+        "weights_intact_after_undo": intact,
+        "restored": devices == ["cpu"] and hooks == 0 and intact,
+    }
 
 
 def timing_summary(warm: list[float], timed: list[float], synced: list[float]) -> dict:
@@ -526,8 +546,13 @@ def attempt(name: str, model, ctx: Ctx, grad_mode: str) -> dict:
 
     Host RSS is sampled during setup and the forwards only; the undo runs afterwards.
     """
-    row = {"kind": "strategy", "strategy": name, "grad_mode": grad_mode, "note": smoke_note(name, ctx),
-           "rss_before_setup_bytes": read_status_bytes("VmRSS")}
+    row = {
+        "kind": "strategy",
+        "strategy": name,
+        "grad_mode": grad_mode,
+        "note": smoke_note(name, ctx),
+        "rss_before_setup_bytes": read_status_bytes("VmRSS"),
+    }
     if ctx.cuda:
         row["gpu_alloc_before_setup_bytes"] = torch.cuda.memory_allocated()
         with contextlib.suppress(Exception):  # so pinned_allocated_bytes_peak is this strategy's
@@ -567,8 +592,7 @@ def run_strategy(name: str, ctx: Ctx, spare: list) -> dict:
     del model
     release_host_and_device_memory(ctx.cuda)
     if row.get("failed_in") == "forward" and ctx.args.grad_mode == "inference" and ctx.args.retry_no_grad:
-        print(f"    {name}: forward failed under inference_mode ({row['error']}); retrying under no_grad",
-              flush=True)
+        print(f"    {name}: forward failed under inference_mode ({row['error']}); retrying under no_grad", flush=True)
         model, build_s = fresh_model(ctx, spare)
         retry = attempt(name, model, ctx, "no_grad")
         del model
@@ -586,8 +610,13 @@ def versions() -> dict:
     import accelerate
     import diffusers
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-           "diffusers": diffusers.__version__, "accelerate": accelerate.__version__}
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__,
+        "accelerate": accelerate.__version__,
+    }
     try:
         import offload_map
 
@@ -606,16 +635,19 @@ def host_info() -> dict:
                 key, value = line.split(":", 1)
                 if key in ("MemTotal", "MemAvailable"):
                     mem[key] = int(value.split()[0]) * 1024
-    return {"cpu_count": os.cpu_count(), "host_mem_total_bytes": mem.get("MemTotal"),
-            "host_mem_available_bytes": mem.get("MemAvailable"), "platform": platform.platform()}
+    return {
+        "cpu_count": os.cpu_count(),
+        "host_mem_total_bytes": mem.get("MemTotal"),
+        "host_mem_available_bytes": mem.get("MemAvailable"),
+        "platform": platform.platform(),
+    }
 
 
 def check_smoke_size(ctx: Ctx) -> None:
     """Refuse to materialise a big model on CPU in smoke mode (the meta build is cheap)."""
     n = models.block_stats(models.build_meta_model(ctx.spec))["num_params"]
     if n > 200_000_000:
-        sys.exit(f"--cpu-smoke builds the model on CPU; {ctx.spec.name} has {n / 1e9:.1f} B parameters. "
-                 "Use --model tiny-flux.")
+        sys.exit(f"--cpu-smoke builds the model on CPU; {ctx.spec.name} has {n / 1e9:.1f} B parameters. Use --model tiny-flux.")
 
 
 def prepare(ctx: Ctx) -> tuple[dict, list]:
@@ -628,19 +660,39 @@ def prepare(ctx: Ctx) -> tuple[dict, list]:
     stats = models.block_stats(model)
     ctx.build_fingerprint = models.fingerprint(model)
     ctx.inputs = models.make_inputs(ctx.spec, model, ctx.device, ctx.args.seed + 1)
-    env = {"kind": "env", "model": ctx.spec.name, "class_name": ctx.spec.class_name,
-           "config": dict(ctx.spec.config), "resolution": ctx.spec.resolution, "text_len": ctx.spec.text_len,
-           "inputs": models.describe_inputs(ctx.inputs), "device": ctx.device, "cpu_smoke": not ctx.cuda,
-           "device_name": torch.cuda.get_device_name(ctx.device) if ctx.cuda else platform.processor() or "cpu",
-           **versions(), **host_info(), **stats, "build_s": build_s,
-           "rss_after_build_bytes": read_status_bytes("VmRSS"), "grad_mode": ctx.args.grad_mode,
-           "warmup": ctx.args.warmup, "repeats": ctx.args.repeats, "seed": ctx.args.seed,
-           "weight_std": ctx.args.weight_std, "pinned_Bps": None, "pageable_Bps": None, "floor_s": None}
+    env = {
+        "kind": "env",
+        "model": ctx.spec.name,
+        "class_name": ctx.spec.class_name,
+        "config": dict(ctx.spec.config),
+        "resolution": ctx.spec.resolution,
+        "text_len": ctx.spec.text_len,
+        "inputs": models.describe_inputs(ctx.inputs),
+        "device": ctx.device,
+        "cpu_smoke": not ctx.cuda,
+        "device_name": torch.cuda.get_device_name(ctx.device) if ctx.cuda else platform.processor() or "cpu",
+        **versions(),
+        **host_info(),
+        **stats,
+        "build_s": build_s,
+        "rss_after_build_bytes": read_status_bytes("VmRSS"),
+        "grad_mode": ctx.args.grad_mode,
+        "warmup": ctx.args.warmup,
+        "repeats": ctx.args.repeats,
+        "seed": ctx.args.seed,
+        "weight_std": ctx.args.weight_std,
+        "pinned_Bps": None,
+        "pageable_Bps": None,
+        "floor_s": None,
+    }
     if ctx.cuda:
         bw = measure_bandwidths(stats["largest_block_bytes"], ctx.device)
-        env.update(bandwidth=bw, pinned_Bps=bw["pinned_1GiB"]["median_Bps"],
-                   pinned_largest_block_Bps=bw["pinned_largest_block"]["median_Bps"],
-                   pageable_Bps=bw["pageable_1GiB"]["median_Bps"])
+        env.update(
+            bandwidth=bw,
+            pinned_Bps=bw["pinned_1GiB"]["median_Bps"],
+            pinned_largest_block_Bps=bw["pinned_largest_block"]["median_Bps"],
+            pageable_Bps=bw["pageable_1GiB"]["median_Bps"],
+        )
         env["floor_s"] = stats["block_bytes"] / env["pinned_Bps"]
     return env, [model]
 
@@ -650,8 +702,7 @@ def warn_host_memory(env: dict) -> None:
     need = 2.7 * env["model_bytes"]
     avail = env.get("host_mem_available_bytes")
     if avail is not None and avail < need:
-        print(f"WARNING: {avail / GB:.0f} GB host memory available; the diffusers rows may need ~{need / GB:.0f} GB",
-              flush=True)
+        print(f"WARNING: {avail / GB:.0f} GB host memory available; the diffusers rows may need ~{need / GB:.0f} GB", flush=True)
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -682,16 +733,30 @@ def table_line(row: dict) -> str:
     gpu = f"{fmt(row.get('peak_gpu_alloc_bytes'), '.2f', GIB)} / {fmt(row.get('peak_gpu_reserved_bytes'), '.2f', GIB)}"
     rss = f"{fmt(row.get('rss_after_setup_bytes'), '.1f', GB)} / {fmt(row.get('rss_peak_bytes'), '.1f', GB)}"
     exact = "-" if row.get("bit_exact") is None else ("yes" if row["bit_exact"] else f"no ({row['max_abs_diff']:.3g})")
-    cells = [row["strategy"], step, fmt(row.get("step_synced_s")), fmt(row.get("x_floor"), ".2f"),
-             fmt(row.get("x_max_resident_floor"), ".2f"),
-             fmt(row.get("predicted_step_s")), gpu, rss, fmt(row.get("setup_s"), ".2f"), exact]
+    cells = [
+        row["strategy"],
+        step,
+        fmt(row.get("step_synced_s")),
+        fmt(row.get("x_floor"), ".2f"),
+        fmt(row.get("x_max_resident_floor"), ".2f"),
+        fmt(row.get("predicted_step_s")),
+        gpu,
+        rss,
+        fmt(row.get("setup_s"), ".2f"),
+        exact,
+    ]
     return "| " + " | ".join(cells) + " |"
 
 
 def env_lines(env: dict) -> list[str]:
-    bw = "-" if env["pinned_Bps"] is None else (
-        f"pinned {env['pinned_Bps'] / GB:.1f} GB/s (1 GiB), {env['pinned_largest_block_Bps'] / GB:.1f} GB/s "
-        f"({env['largest_block_bytes'] / GB:.2f} GB block); pageable {env['pageable_Bps'] / GB:.1f} GB/s")
+    bw = (
+        "-"
+        if env["pinned_Bps"] is None
+        else (
+            f"pinned {env['pinned_Bps'] / GB:.1f} GB/s (1 GiB), {env['pinned_largest_block_Bps'] / GB:.1f} GB/s "
+            f"({env['largest_block_bytes'] / GB:.2f} GB block); pageable {env['pageable_Bps'] / GB:.1f} GB/s"
+        )
+    )
     return [
         f"# step_time: {env['model']} ({env['class_name']}, {env['num_params'] / 1e9:.2f} B params, "
         f"{env['model_bytes'] / GB:.2f} GB bf16)",
@@ -712,15 +777,24 @@ def env_lines(env: dict) -> list[str]:
 
 
 def render_markdown(env: dict, rows: list[dict]) -> str:
-    header = ["| strategy | step s | synced s | x floor | x max(resident,floor) | predicted s | peak GPU GiB | host RSS GB | setup s | bit-exact |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    header = [
+        "| strategy | step s | synced s | x floor | x max(resident,floor) | predicted s | peak GPU GiB | host RSS GB | setup s | bit-exact |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     lines = env_lines(env) + header + [table_line(r) for r in rows]
     notes = [f"- {r['strategy']}: {r['note']}" for r in rows if r.get("note")]
-    notes += [f"- {r['strategy']}: ran under no_grad; inference_mode failed: {r['inference_mode_error']}"
-              for r in rows if r.get("inference_mode_error")]
+    notes += [
+        f"- {r['strategy']}: ran under no_grad; inference_mode failed: {r['inference_mode_error']}"
+        for r in rows
+        if r.get("inference_mode_error")
+    ]
     notes += [f"- {r['strategy']} (failed in {r.get('failed_in')}): {r['error']}" for r in rows if r.get("error")]
-    notes += [f"- {r['strategy']}: undo left devices {r['devices_after_undo']}, {r['hooks_after_undo']} hooks, "
-              f"weights intact {r['weights_intact_after_undo']}" for r in rows if r.get("restored") is False]
+    notes += [
+        f"- {r['strategy']}: undo left devices {r['devices_after_undo']}, {r['hooks_after_undo']} hooks, "
+        f"weights intact {r['weights_intact_after_undo']}"
+        for r in rows
+        if r.get("restored") is False
+    ]
     return "\n".join(lines + ([""] + ["Notes:"] + notes if notes else [])) + "\n"
 
 
@@ -729,17 +803,18 @@ def progress_line(i: int, n: int, row: dict) -> str:
     if row.get("error"):
         return f"{head} ERROR in {row.get('failed_in')}: {row['error']}"
     rss = f"{fmt(row.get('rss_after_setup_bytes'), '.1f', GB)}/{fmt(row.get('rss_peak_bytes'), '.1f', GB)}"
-    return (f"{head} step {fmt(row['step_s'])} s (min {fmt(row['step_min_s'])}), x floor {fmt(row['x_floor'], '.2f')}, "
-            f"setup {fmt(row['setup_s'], '.2f')} s, peak GPU {fmt(row['peak_gpu_alloc_bytes'], '.1f', GB)} GB, "
-            f"RSS {rss} GB, bit-exact {row['bit_exact']}, restored {row.get('restored')}, build {row['build_s']:.1f} s")
+    return (
+        f"{head} step {fmt(row['step_s'])} s (min {fmt(row['step_min_s'])}), x floor {fmt(row['x_floor'], '.2f')}, "
+        f"setup {fmt(row['setup_s'], '.2f')} s, peak GPU {fmt(row['peak_gpu_alloc_bytes'], '.1f', GB)} GB, "
+        f"RSS {rss} GB, bit-exact {row['bit_exact']}, restored {row.get('restored')}, build {row['build_s']:.1f} s"
+    )
 
 
 # ----------------------------------------------------------------------------- main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="flux-12b | sd35-medium | tiny-flux | path/to/config.json")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--strategies", default=DEFAULT_STRATEGIES, help="comma-separated; default: %(default)s")
@@ -748,10 +823,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda:0")
     p.add_argument("--cpu-smoke", action="store_true", help="run on CPU (checks the script, no timings)")
     p.add_argument("--grad-mode", choices=("inference", "no_grad"), default="inference")
-    p.add_argument("--retry-no-grad", action=argparse.BooleanOptionalAction, default=True,
-                   help="rerun a strategy under no_grad when its forward fails under inference_mode")
-    p.add_argument("--layerwise-via", choices=("model", "pipeline"), default="model",
-                   help="pass the transformer itself to dispatch_pipeline, or a holder with .transformer")
+    p.add_argument(
+        "--retry-no-grad",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="rerun a strategy under no_grad when its forward fails under inference_mode",
+    )
+    p.add_argument(
+        "--layerwise-via",
+        choices=("model", "pipeline"),
+        default="model",
+        help="pass the transformer itself to dispatch_pipeline, or a holder with .transformer",
+    )
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: model's)")
     p.add_argument("--text-len", type=int, default=None, help="text tokens (default: flux 512, sd3 333)")
     p.add_argument("--before", default=None, help="folder holding an earlier offload_map package (before-* strategies)")
@@ -796,8 +879,11 @@ def main(argv=None) -> None:
     stem = os.path.join(args.out, f"step_time_{ctx.spec.name}")
     print(f"building {ctx.spec.name} on {ctx.device} ...", flush=True)
     env, spare = prepare(ctx)
-    print(f"built in {env['build_s']:.1f} s; {env['num_params'] / 1e9:.2f} B params; floor {fmt(env['floor_s'])} s; "
-          f"pinned {fmt(env['pinned_Bps'], '.1f', GB)} GB/s", flush=True)
+    print(
+        f"built in {env['build_s']:.1f} s; {env['num_params'] / 1e9:.2f} B params; floor {fmt(env['floor_s'])} s; "
+        f"pinned {fmt(env['pinned_Bps'], '.1f', GB)} GB/s",
+        flush=True,
+    )
     warn_host_memory(env)
     with open(stem + ".jsonl", "w") as f:
         f.write(json.dumps(env) + "\n")

@@ -101,7 +101,7 @@ def record_step(model, inputs) -> dict:
     copies = [(block, ms(s), ms(e), n) for block, (n, s, e) in zip(REC.copy_blocks, REC.copies)]
     link = {"host_late_ms": 0.0, "slot_wait_ms": 0.0, "busy_ms": 0.0, "bytes": 0}
     prev_end = None
-    for (block, start, end, n), issue in zip(copies, issues):
+    for (_block, start, end, n), issue in zip(copies, issues):
         link["busy_ms"] += end - start
         link["bytes"] += n
         if prev_end is not None and start > prev_end:
@@ -127,10 +127,15 @@ def record_step(model, inputs) -> dict:
             last_end = t
     step_ms = next(m for m in marks if m[0] == "done")[2]
     lead = [r["start_ms"] - r["host_ms"] for r in rows]
-    return {"step_ms": step_ms, "link": link, "compute": compute,
-            "link_GBps": link["bytes"] / link["busy_ms"] / 1e6 if link["busy_ms"] else None,
-            "host_lead_ms": {"min": min(lead), "median": statistics.median(lead)} if lead else None,
-            "rows": rows, "copies": copies}
+    return {
+        "step_ms": step_ms,
+        "link": link,
+        "compute": compute,
+        "link_GBps": link["bytes"] / link["busy_ms"] / 1e6 if link["busy_ms"] else None,
+        "host_lead_ms": {"min": min(lead), "median": statistics.median(lead)} if lead else None,
+        "rows": rows,
+        "copies": copies,
+    }
 
 
 def copies_beside_compute(nbytes: int, device: str, copies: int = 8) -> dict:
@@ -181,7 +186,7 @@ def main() -> None:
             handle = offload_map.dispatch_pipeline(model, strategy="auto", device=device, gpu_budget=parse_size(budget))
         times = []
         with torch.inference_mode():
-            for i in range(3 + args.repeats):
+            for _ in range(3 + args.repeats):
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 model(**inputs, return_dict=False)
@@ -193,15 +198,30 @@ def main() -> None:
             torch.cuda.synchronize()
             unsynced = (time.perf_counter() - t0) / args.repeats
             measured = record_step(model, inputs)
-        row = {"kind": "budget", "budget": budget, "step_s": statistics.median(times[3:]), "unsynced_step_s": unsynced,
-               "measured": measured}
+        row = {
+            "kind": "budget",
+            "budget": budget,
+            "step_s": statistics.median(times[3:]),
+            "unsynced_step_s": unsynced,
+            "measured": measured,
+        }
         plan = next(iter(handle.plans.values()), None)
         if plan is not None:
-            predicted = [{"path": p, "streamed": s, "copy": [c0, c1], "compute": [s0, s1]} for p, s, c0, c1, s0, s1 in plan.timeline.rows]
-            row.update({"budget_bytes": plan.budget, "predicted_step_s": plan.step_s, "window": plan.window,
-                        "streamed_blocks": len(plan.streamed), "bandwidth_Bps": plan.bandwidth,
-                        "streamed_bytes": sum(plan.cost.blocks[i].nbytes for i in plan.streamed), "predicted": predicted,
-                        "pattern": "".join("S" if i in plan.streamed else "R" for i in range(len(plan.cost.blocks)))})
+            predicted = [
+                {"path": p, "streamed": s, "copy": [c0, c1], "compute": [s0, s1]} for p, s, c0, c1, s0, s1 in plan.timeline.rows
+            ]
+            row.update(
+                {
+                    "budget_bytes": plan.budget,
+                    "predicted_step_s": plan.step_s,
+                    "window": plan.window,
+                    "streamed_blocks": len(plan.streamed),
+                    "bandwidth_Bps": plan.bandwidth,
+                    "streamed_bytes": sum(plan.cost.blocks[i].nbytes for i in plan.streamed),
+                    "predicted": predicted,
+                    "pattern": "".join("S" if i in plan.streamed else "R" for i in range(len(plan.cost.blocks))),
+                }
+            )
         summary = {k: v for k, v in row.items() if k not in ("measured", "predicted")}
         summary.update({k: v for k, v in measured.items() if k not in ("rows", "copies")})
         print(json.dumps(summary), flush=True)

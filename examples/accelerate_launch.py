@@ -59,9 +59,12 @@ def main() -> None:
     parser.add_argument("--prompt", action="append", default=[], help="repeatable; split between the ranks")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--window", type=int, default=2)
-    parser.add_argument("--shard", action="store_true",
-                        help="each rank streams 1/N of every block over its own link; the ranks all-gather the rest "
-                             "(one GPU per rank; all ranks must get the same number of prompts)")
+    parser.add_argument(
+        "--shard",
+        action="store_true",
+        help="each rank streams 1/N of every block over its own link; the ranks all-gather the rest "
+        "(one GPU per rank; all ranks must get the same number of prompts)",
+    )
     parser.add_argument("--out", default="images")
     args = parser.parse_args()
     if not args.demo and not args.pipeline:
@@ -90,7 +93,10 @@ def main() -> None:
             else:
                 image = pipe(prompt, num_inference_steps=args.steps).images[0]
                 image.save(out / f"rank{state.process_index}_{i}.png")
-            print(f"rank {state.process_index}: {prompt!r} in {time.perf_counter() - start:.1f} s, PSS {pss_gb():.2f} GB", flush=True)
+            print(
+                f"rank {state.process_index}: {prompt!r} in {time.perf_counter() - start:.1f} s, PSS {pss_gb():.2f} GB",
+                flush=True,
+            )
     handle.remove()
     state.wait_for_everyone()
 

@@ -31,7 +31,9 @@ def code(cell_id: str, source: str) -> None:
 
 # --------------------------------------------------------------------------------------------- intro
 
-md("intro", """
+md(
+    "intro",
+    """
     # Memory vs speed: what GPU budget to give `offload_map`
 
     `offload_map` keeps a diffusion transformer's blocks either **resident** on the GPU or **streamed**
@@ -52,9 +54,12 @@ md("intro", """
     CPU, where only the plans and the bit-exactness mean anything, and the plots come from the committed H100
     benchmark results (`benchmarks/results/`) and the H100 profile shipped with offload_map
     (`offload_map/profiles/h100.json`), from which the planner predicts step times without a GPU.
-""")
+""",
+)
 
-md("params-md", """
+md(
+    "params-md",
+    """
     ## Parameters
 
     `MODEL` is what the live sweep runs: `"tiny"` (a toy text-to-image pipeline, runs anywhere in seconds),
@@ -63,9 +68,12 @@ md("params-md", """
     `offload_map.model_zoo` with random weights: `"flux-12b"` (FLUX.1-dev, 23.8 GB in bf16: needs about 64 GB
     of host memory and several minutes, mostly diffusers' setup and accelerate's slow steps), `"sd35-medium"`
     (5 GB), or a path to a diffusers `config.json`. Budgets are in GB (10⁹ bytes), as in the benchmark results.
-""")
+""",
+)
 
-code("params", """
+code(
+    "params",
+    """
     MODEL = "tiny"             # live sweep: "tiny" or "tiny-flux" anywhere; on a GPU also "flux-12b", "sd35-medium", a config.json
     BUDGETS_GB = None          # auto budgets for the live sweep, e.g. [4, 8, 12, 16]; None: four from the minimum up
     WINDOWS = [1, 2, 3, 4]     # layerwise windows for the live sweep
@@ -75,9 +83,12 @@ code("params", """
 
     REFERENCE_MODEL = "flux-12b"   # committed H100 results and shipped profile: "flux-12b" or "sd35-medium"
     REFERENCE_BUDGET_GIB = 8       # H100 plan drawn in sections 3 and 4 when there is no GPU (GiB, as the committed auto-*GiB runs)
-""")
+""",
+)
 
-code("setup", """
+code(
+    "setup",
+    """
     %matplotlib inline
     import gc
     import json
@@ -122,11 +133,14 @@ code("setup", """
     print(f"offload_map {offload_map.__version__}, torch {torch.__version__}; live device: {DEVICE} ({DEVICE_NAME})")
     print(f"results: {RESULTS}; reference profile: {PROFILE.device_name}, "
           f"{PROFILE.h2d_bytes_per_s / GB:.1f} GB/s pinned host-to-device")
-""")
+""",
+)
 
 # --------------------------------------------------------------------------------------------- live sweep
 
-md("sweep-md", """
+md(
+    "sweep-md",
+    """
     ## 1. Live sweep
 
     Each strategy is set up on the same weights, run for a few warm-up steps, then timed over `REPEATS` steps
@@ -144,9 +158,12 @@ md("sweep-md", """
     **On the CPU the timings mean nothing** (there is no host-to-device link to hide): read the table for the
     plans that the budgets produce and for the last column, which says whether the output is bit-identical to
     the resident run.
-""")
+""",
+)
 
-code("sweep-defs", """
+code(
+    "sweep-defs",
+    """
     class Workload:
         \"\"\"What the sweep runs: ``target`` is what gets dispatched, ``run()`` is one step.\"\"\"
 
@@ -271,26 +288,29 @@ code("sweep-defs", """
 
     def sweep_table(rows):
         lines = [f"{'strategy':<18} {'step ms':>9} {'peak GPU':>10} {'plan memory':>11} {'window':>6} "
-                 f"{'resident blocks':>15} {'bit-exact':>9}"]
+                 f"{'resident blocks':>22} {'bit-exact':>9}"]
         for r in rows:
             if not r["ok"]:
                 lines.append(f"{r['strategy']:<18} {'skipped' if r['skipped'] else 'FAILED'}: {r['error'][:300]}")
                 continue
             plan = r.get("plan")
             if plan is not None:
-                resident = f"{len(plan.resident)} of {len(plan.cost.blocks)}"
+                resident = f"{len(plan.resident)} of {len(plan.cost.blocks)}" + (f" +{len(plan.kept)} in part" if plan.kept else "")
             elif r["strategy"] == "resident":
                 resident = "all"
             else:
                 resident = "all (fits)" if r["strategy"].startswith("auto-") else \\
                     "none" if r["strategy"].startswith("layerwise-") else "-"
             lines.append(f"{r['strategy']:<18} {r['step_s'] * 1e3:>9.2f} {size(r['peak_gpu_alloc_bytes']):>10} "
-                         f"{size(plan.memory) if plan else '-':>11} {r.get('window', '-')!s:>6} {resident:>15} "
+                         f"{size(plan.memory) if plan else '-':>11} {r.get('window', '-')!s:>6} {resident:>22} "
                          f"{'yes' if r['bit_exact'] else 'NO':>9}")
         return "\\n".join(lines)
-""")
+""",
+)
 
-code("sweep-run", """
+code(
+    "sweep-run",
+    """
     work = Workload(MODEL)
     if BUDGETS_GB:
         budgets = sorted(b * GB for b in BUDGETS_GB)
@@ -322,17 +342,23 @@ code("sweep-run", """
     broken = [r["strategy"] for r in rows
               if r["strategy"] not in BASELINES and not r["skipped"] and not (r["ok"] and r["bit_exact"])]
     assert not broken, f"offload_map strategies failed or changed the output: {broken}"
-""")
+""",
+)
 
-code("sweep-explain", """
+code(
+    "sweep-explain",
+    """
     # What a user sees: the device map and the per-block plan of one auto budget (PLAN_BUDGET_GB).
     print(f"{PLAN_STRATEGY}:\\n")
     print(live[PLAN_STRATEGY].get("explain", live[PLAN_STRATEGY]["error"]))
-""")
+""",
+)
 
 # --------------------------------------------------------------------------------------------- pareto
 
-md("pareto-md", """
+md(
+    "pareto-md",
+    """
     ## 2. The trade-off curve
 
     Each marker is one way of running the model: **x** is the peak GPU memory allocated during a step,
@@ -360,9 +386,12 @@ md("pareto-md", """
       in the first minutes after it started, while the link's own bandwidth wandered between 48 and 55 GB/s),
       and every run is bit-identical to the resident one. From 8 GiB up the plans keep part of most blocks
       on the GPU (whole submodules) and stream the rest, so the two slots hold a part, not a whole block.
-""")
+""",
+)
 
-code("pareto-code", """
+code(
+    "pareto-code",
+    """
     STYLE = {  # strategy prefix -> (legend label, marker, colour)
         "auto-": ("offload_map auto (label: budget)", "o", "tab:blue"),
         "layerwise-": ("offload_map layerwise (label: window)", "s", "tab:cyan"),
@@ -496,11 +525,14 @@ code("pareto-code", """
         for r in sorted(ref_rows, key=lambda r: r["peak_gpu_alloc_bytes"]):
             print(f"  {r['strategy']:<16} {r['step_s'] * 1e3:7.0f} ms  {r['peak_gpu_alloc_bytes'] / GB:5.1f} GB"
                   f"  {r['step_s'] / resident_row['step_s']:5.2f}x resident  bit-exact: {r.get('bit_exact')}")
-""")
+""",
+)
 
 # --------------------------------------------------------------------------------------------- timeline
 
-md("timeline-md", """
+md(
+    "timeline-md",
+    """
     ## 3. The timeline of one plan
 
     One steady-state step of one plan, block by block in execution order (top to bottom), as the planner's cost
@@ -522,9 +554,12 @@ md("timeline-md", """
     stream whole (all but one). The slots then hold 377 MB, not 680 MB, and the memory saved keeps more weights resident.
     The step is copy-bound and ends where the copies end: more budget means fewer bytes copied, which is what
     the curve above shows.
-""")
+""",
+)
 
-code("timeline-code", """
+code(
+    "timeline-code",
+    """
     def chosen_plan():
         \"\"\"(plan, model, device name, source) for sections 3 and 4: the live plan on a GPU, else the H100 one.\"\"\"
         live_plan = live.get(PLAN_STRATEGY, {}).get("plan")
@@ -537,13 +572,16 @@ code("timeline-code", """
     def draw_timeline(plan, title):
         rows = plan.timeline.rows
         t0 = rows[-1][5] - plan.step_s  # the step starts where the last block ends minus one step
-        ms = lambda t: (t - t0) * 1e3
+
+        def ms(t):
+            return (t - t0) * 1e3
+
         n = len(rows)
         fig, ax = plt.subplots(figsize=(11, max(4, 0.14 * n + 1.5)))
         other = plan.cost.other_compute_s * 1e3
         if other > 0:
             ax.barh(-1, other, left=0, height=0.6, color="tab:gray")
-        for y, (path, streamed, c0, c1, s0, s1) in enumerate(rows):
+        for y, (_path, streamed, c0, c1, s0, s1) in enumerate(rows):
             if streamed:
                 ax.barh(y - 0.2, ms(c1) - ms(c0), left=ms(c0), height=0.4, color="tab:orange")
             ax.barh(y + 0.2, ms(s1) - ms(s0), left=ms(s0), height=0.4,
@@ -572,11 +610,14 @@ code("timeline-code", """
     draw_timeline(plan, f"{plan_model} on {plan_device} ({plan_source})\\nwindow {plan.window}, "
                         f"{len(plan.streamed)} of {len(plan.cost.blocks)} blocks streamed, "
                         f"predicted step {plan.step_s * 1e3:.1f} ms")
-""")
+""",
+)
 
 # --------------------------------------------------------------------------------------------- memory
 
-md("memory-md", """
+md(
+    "memory-md",
+    """
     ## 4. GPU memory over a step
 
     **On a GPU** this is measured: `torch.cuda.memory_allocated()` sampled by forward pre- and post-hooks on
@@ -593,9 +634,12 @@ md("memory-md", """
     the measured peak of the committed H100 run at the same budget is drawn too: that run planned from its own
     calibration step, so its plan (and its predicted peak, given in the legend) differ slightly from the one
     planned here, but its measured peak lands within about 1 % of its own prediction.
-""")
+""",
+)
 
-code("memory-code", """
+code(
+    "memory-code",
+    """
     def block_module(root, path):
         return reduce(getattr, path.split("."), root)
 
@@ -671,26 +715,29 @@ code("memory-code", """
         rows = plan.timeline.rows
         t0 = rows[-1][5] - plan.step_s
         end_ms = plan.step_s * 1e3
-        fig, ax = plt.subplots(figsize=(12, 4.8))
+        # The blocks' timeline gets a strip of its own above the memory axes: it is time, not memory.
+        fig, (strip, ax) = plt.subplots(2, 1, figsize=(12, 5.2), sharex=True, gridspec_kw={"height_ratios": [1, 8]})
         ax.stackplot([0, end_ms], *[[size / unit] * 2 for _, size, _ in layers], colors=[c for *_, c in layers],
                      labels=[f"{label}: {size / unit:.3g} {name}" for label, size, _ in layers], alpha=0.75)
         budget = plan.budget / unit
-        ax.axhline(budget, ls="--", color="tab:red", label=f"budget {budget:.3g} {name}")
+        gib = plan.budget / 2**30
+        ax.axhline(budget, ls="--", color="tab:red",
+                   label=f"budget {gib:g} GiB ({budget:.3g} {name})" if gib == round(gib) else f"budget {budget:.3g} {name}")
         if committed and committed.get("peak_gpu_alloc_bytes"):
             predicted = committed.get("predicted_peak_bytes")
             ax.axhline(committed["peak_gpu_alloc_bytes"] / unit, ls="-.", color="black",
                        label=f"measured peak, committed {committed['strategy']} run: "
                              f"{committed['peak_gpu_alloc_bytes'] / unit:.3g} {name}"
                              + (f"\\n(its own plan predicted {predicted / unit:.3g} {name})" if predicted else ""))
-        for path, streamed, c0, c1, s0, s1 in rows:  # which block computes when, as in section 3
-            ax.broken_barh([((s0 - t0) * 1e3, (s1 - s0) * 1e3)], (budget * 1.08, budget * 0.06),
-                           color="tab:blue" if streamed else "tab:green")
-        ax.text(0, budget * 1.16, "block computing (blue: streamed, green: resident)", fontsize=8, va="bottom")
+        for _path, streamed, _c0, _c1, s0, s1 in rows:  # which block computes when, as in section 3
+            strip.broken_barh([((s0 - t0) * 1e3, (s1 - s0) * 1e3)], (0, 1), color="tab:blue" if streamed else "tab:green")
+        strip.set_yticks([])
+        strip.set_title("block computing (blue: streamed, green: resident)", fontsize=8, loc="left")
+        fig.suptitle(title, fontsize=10)
         ax.set_xlim(0, end_ms)
-        ax.set_ylim(0, budget * 1.28)
+        ax.set_ylim(0, budget * 1.15)
         ax.set_xlabel("time within one steady-state step (ms), as predicted by the planner")
         ax.set_ylabel(f"GPU memory ({name} = {power} bytes)")
-        ax.set_title(title, fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         fig.tight_layout()
@@ -710,14 +757,17 @@ code("memory-code", """
     else:
         committed = {r["strategy"]: r for r in ref_rows}.get(f"auto-{REFERENCE_BUDGET_GIB:g}GiB")
         draw_composition(plan, f"{plan_model} on {plan_device}: predicted GPU memory over one step\\n"
-                               f"budget {plan.budget / GB:g} GB (window {plan.window}, "
+                               f"budget {plan.budget / 2**30:g} GiB (window {plan.window}, "
                                f"{len(plan.streamed)} of {len(plan.cost.blocks)} blocks streamed)",
                          committed=committed if plan_model == REFERENCE_MODEL else None)
-""")
+""",
+)
 
 # --------------------------------------------------------------------------------------------- choosing
 
-md("choose-md", """
+md(
+    "choose-md",
+    """
     ## Choosing a budget
 
     The planner's predictions for `REFERENCE_MODEL` on the H100, budget by budget (no GPU needed: the same as
@@ -725,30 +775,34 @@ md("choose-md", """
     expect measured steps about 10 % slower than predicted (section 2). On another GPU, profile it first with
     `offload-map profile --model ... --out FILE` and plan from that profile (`--profile FILE`); at run time
     `dispatch_pipeline(pipe, "auto", gpu_budget=...)` plans from your own first steps anyway.
-""")
+""",
+)
 
-code("choose-code", """
+code(
+    "choose-code",
+    """
     compute_s = REFERENCE_COST.compute_s
     print(f"{REFERENCE_MODEL} on {PROFILE.device_name}, planned from the shipped profile: compute-bound step "
           f"{compute_s * 1e3:.0f} ms with all {len(REFERENCE_COST.blocks)} blocks resident\\n")
-    print(f"{'budget GB':>9} {'plan uses GB':>12} {'window':>6} {'resident blocks':>15} {'predicted ms':>12} "
-          f"{'vs compute-bound':>16}")
+    print(f"{'budget GB':>9} {'plan uses GB':>12} {'window':>6} {'resident blocks':>15} {'in part':>7} "
+          f"{'predicted ms':>12} {'vs compute-bound':>16}")
     distinct = {}
     for p in sorted(frontier, key=lambda p: p.budget):
-        distinct.setdefault((p.window, p.streamed), p)  # a larger budget that changes nothing is left out
+        distinct.setdefault((p.window, p.streamed, tuple(sorted(p.kept.items()))), p)  # one row per distinct plan
     for p in distinct.values():
-        print(f"{p.budget / GB:>9.2f} {p.memory / GB:>12.2f} {p.window:>6} {len(p.resident):>15} "
+        print(f"{p.budget / GB:>9.2f} {p.memory / GB:>12.2f} {p.window:>6} {len(p.resident):>15} {len(p.kept):>7} "
               f"{p.step_s * 1e3:>12.0f} {p.step_s / compute_s:>15.2f}x")
     print()
     for slack in (1.1, 1.5, 2.0):
         fits = [p for p in frontier if p.step_s <= slack * compute_s]
         print(f"within {slack:.1f}x of the compute-bound step from a budget of "
               f"{min(p.budget for p in fits) / GB:.1f} GB (of the budgets above)")
-""")
+""",
+)
 
 
 def build() -> nbformat.NotebookNode:
-    """The notebook, without outputs."""
+    """The notebook's cells, without outputs (``execute`` runs it)."""
     nb = new_notebook()
     nb.metadata = {
         "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
@@ -764,10 +818,52 @@ def build() -> nbformat.NotebookNode:
     return nb
 
 
+def execute(nb: nbformat.NotebookNode, timeout: int = 600) -> nbformat.NotebookNode:
+    """Run ``nb`` in place from ``notebooks/``, in a kernel of this interpreter (a kernelspec written to a temporary
+    folder first on JUPYTER_PATH, so a missing or foreign ``python3`` kernelspec does not matter)."""
+    import json
+    import os
+    import tempfile
+
+    import nbclient
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = Path(tmp) / "kernels" / "offload-map-python"
+        spec.mkdir(parents=True)
+        spec.joinpath("kernel.json").write_text(
+            json.dumps(
+                {
+                    "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                    "display_name": "offload_map",
+                    "language": "python",
+                }
+            )
+        )
+        saved = os.environ.get("JUPYTER_PATH")
+        os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [tmp, saved]))
+        try:
+            nbclient.NotebookClient(
+                nb, timeout=timeout, kernel_name="offload-map-python", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+            ).execute()
+        finally:
+            if saved is None:
+                os.environ.pop("JUPYTER_PATH")
+            else:
+                os.environ["JUPYTER_PATH"] = saved
+    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    return nb
+
+
 def main(argv: list[str]) -> int:
-    out = Path(argv[1]) if len(argv) > 1 else NOTEBOOK
-    nbformat.write(build(), out)
-    print(f"wrote {out}")
+    """``python notebooks/build_notebook.py [OUT] [--execute]``: write the notebook (executed, with its figures, when
+    asked: needs ``pip install -e ".[notebook]"``)."""
+    args = [a for a in argv[1:] if a != "--execute"]
+    out = Path(args[0]) if args else NOTEBOOK
+    nb = build()
+    if "--execute" in argv:
+        nb = execute(nb)
+    nbformat.write(nb, out)
+    print(f"wrote {out}" + (" (executed)" if "--execute" in argv else ""))
     return 0
 
 

@@ -29,8 +29,8 @@ from dataclasses import replace
 
 import torch
 
-from .mapping.device_map import DeviceMap, MapEntry
 from .collect.components import Role
+from .mapping.device_map import DeviceMap, MapEntry
 from .mapping.memory import ACTIVATION_SHARE, BudgetTooSmall, device_footprint
 from .mapping.placement import Placement
 from .mapping.sizes import human_bytes
@@ -59,8 +59,15 @@ class AutoPlanner:
         device_map: the map in force: ``device_map`` as given until a plan is applied, then a new map recording it.
     """
 
-    def __init__(self, runtime: Runtime, plan: ExecutionPlan, device_map: DeviceMap, budget: int, bandwidth: float,
-                 runs_per_call: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        plan: ExecutionPlan,
+        device_map: DeviceMap,
+        budget: int,
+        bandwidth: float,
+        runs_per_call: dict[str, int] | None = None,
+    ) -> None:
         self.runtime = runtime
         self.execution = plan
         self.device_map = device_map
@@ -108,8 +115,12 @@ class AutoPlanner:
         try:
             options = [self._option(cost, budget, bandwidth, name, stays=False)]
         except BudgetTooSmall as err:
-            logger.warning("%s: %s; measured activations need %s. Keeping every block streamed.",
-                           name or "DiT", err, human_bytes(cost.activation_bytes))
+            logger.warning(
+                "%s: %s; measured activations need %s. Keeping every block streamed.",
+                name or "DiT",
+                err,
+                human_bytes(cost.activation_bytes),
+            )
             return
         if self._may_stay(name):
             try:
@@ -136,9 +147,18 @@ class AutoPlanner:
         self.plans[name], self.stays[name], self.kept_bytes[name] = plan, stays, sum(kept.values())
         ring = next(r for r in self.execution.rings if r.component == name)
         self.device_map = _recorded(self.device_map, ring.blocks, kept, plan.window)
-        logger.info("%s: %d of %d blocks resident, %d in part, window %d%s, predicted step %.1f ms, %.2f s per call of %d runs",
-                    name or "DiT", len(plan.resident), len(ring.blocks), len(plan.kept), plan.window,
-                    ", kept blocks stay" if stays else "", plan.step_s * 1e3, self._seconds(name, plan, stays), self.runs[name])
+        logger.info(
+            "%s: %d of %d blocks resident, %d in part, window %d%s, predicted step %.1f ms, %.2f s per call of %d runs",
+            name or "DiT",
+            len(plan.resident),
+            len(ring.blocks),
+            len(plan.kept),
+            plan.window,
+            ", kept blocks stay" if stays else "",
+            plan.step_s * 1e3,
+            self._seconds(name, plan, stays),
+            self.runs[name],
+        )
 
     def _option(self, cost: ModelCost, budget: int, bandwidth: float, name: str, stays: bool) -> tuple[BlockPlan, bool]:
         return plan_blocks(cost, budget, bandwidth), stays
@@ -166,8 +186,9 @@ class AutoPlanner:
         (pinned components whole, streamed ones' slots, the components of one role together) and an activation
         allowance."""
         plan, role, pinned = self.execution, self.roles[name], self._pinned()
-        slots = {r.component: device_footprint(0, max(u.nbytes for u in r.blocks), min(r.window, len(r.blocks)))
-                 for r in plan.rings}
+        slots = {
+            r.component: device_footprint(0, max(u.nbytes for u in r.blocks), min(r.window, len(r.blocks))) for r in plan.rings
+        }
         largest = 0
         for other, other_role in self.roles.items():
             if other == name or not role.excludes(other_role):
@@ -184,12 +205,17 @@ class AutoPlanner:
         lines = []
         for name, plan in self.plans.items():
             refetch = self._refetch(name, plan, self.stays[name])
-            where = ("kept blocks stay on the device while the components it excludes run" if self.stays[name] else
-                     f"kept blocks leave while the components it excludes run and come back: {refetch:.2f} s per call")
-            lines.append(f"{name or 'the DiT'}: {len(plan.resident)} of {len(plan.cost.blocks)} blocks resident, "
-                         f"{len(plan.kept)} in part, window {plan.window}; {where}; {self.runs[name]} runs per call x "
-                         f"{plan.step_s * 1e3:.1f} ms = {self._seconds(name, plan, self.stays[name]):.2f} s per call"
-                         f"{'' if self.learned or name in self.given else ' (runs assumed until the first call ends)'}")
+            where = (
+                "kept blocks stay on the device while the components it excludes run"
+                if self.stays[name]
+                else f"kept blocks leave while the components it excludes run and come back: {refetch:.2f} s per call"
+            )
+            lines.append(
+                f"{name or 'the DiT'}: {len(plan.resident)} of {len(plan.cost.blocks)} blocks resident, "
+                f"{len(plan.kept)} in part, window {plan.window}; {where}; {self.runs[name]} runs per call x "
+                f"{plan.step_s * 1e3:.1f} ms = {self._seconds(name, plan, self.stays[name]):.2f} s per call"
+                f"{'' if self.learned or name in self.given else ' (runs assumed until the first call ends)'}"
+            )
         return "\n".join(lines)
 
 
@@ -211,8 +237,10 @@ def _recorded(dmap: DeviceMap, blocks: list[Unit], kept: dict[str, int], window:
                 child = f"{block.path}.{direct_child(ref.qualname, block.path)}"
                 children[child] = children.get(child, 0) + ref.nbytes
         entry = dmap.entries[block.path]
-        planned[block.path] = [replace(entry, placement=Placement.LAYER_WINDOW, nbytes=block.nbytes - sum(children.values())),
-                               *(MapEntry(child, Placement.GPU, n, entry.dtype) for child, n in children.items())]
+        planned[block.path] = [
+            replace(entry, placement=Placement.LAYER_WINDOW, nbytes=block.nbytes - sum(children.values())),
+            *(MapEntry(child, Placement.GPU, n, entry.dtype) for child, n in children.items()),
+        ]
     out = dmap.copy()
     out.window = window
     out.entries = {}

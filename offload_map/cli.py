@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .mapping.sizes import parse_size
-from .mapping.compiler import STRATEGIES, compile_device_map
 from .dispatch import dispatch_pipeline
-from .mapping.sizes import human_bytes, human_rate
+from .mapping.compiler import STRATEGIES, compile_device_map
+from .mapping.sizes import human_bytes, human_rate, parse_size
 from .planning.planner import plan_blocks, plan_memory
 from .planning.profile import DeviceProfile
 from .runtime.bandwidth import bandwidth, device_memory, device_name
@@ -69,7 +68,9 @@ def _demo(args: argparse.Namespace) -> int:
         elapsed = time.perf_counter() - start
         same = torch.equal(image, reference)
         ok &= same
-        print(f"\n== strategy {strategy!r}: {elapsed * 1e3:.1f} ms, output {'identical to' if same else 'DIFFERS from'} the resident run")
+        print(
+            f"\n== strategy {strategy!r}: {elapsed * 1e3:.1f} ms, output {'identical to' if same else 'DIFFERS from'} the resident run"
+        )
         print(handle.report())
         if strategy == "auto":
             print(handle.explain().split("\n\n", 1)[-1])
@@ -83,8 +84,10 @@ def _profile(args: argparse.Namespace) -> int:
 
     _needs("diffusers", "building the model to profile")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: CUDA is not available on this machine; profile on a GPU, or pass "
-                         "--device cpu to time the model on the CPU")
+        raise UsageError(
+            f"--device {args.device}: CUDA is not available on this machine; profile on a GPU, or pass "
+            "--device cpu to time the model on the CPU"
+        )
     device = torch.device(args.device)
     spec = model_zoo.resolve_spec(args.model)
     print(f"building {spec.name} ({spec.class_name}) with random weights...", flush=True)
@@ -98,15 +101,20 @@ def _profile(args: argparse.Namespace) -> int:
     cost = handle.plans[""].cost
     handle.remove()
     path = Path(args.out)
-    profile = DeviceProfile.load(path) if path.exists() else DeviceProfile(device_name(device), bandwidth(device), {},
-                                                                          device_memory(device))
+    profile = (
+        DeviceProfile.load(path)
+        if path.exists()
+        else DeviceProfile(device_name(device), bandwidth(device), {}, device_memory(device))
+    )
     if profile.device_name != device_name(device):
         print(f"{path} holds a profile of {profile.device_name}, not {device_name(device)}; use another --out", file=sys.stderr)
         return 2
     profile.models[spec.name] = cost
     profile.save(path)
-    print(f"{spec.name}: {len(cost.blocks)} blocks, compute {cost.compute_s * 1e3:.1f} ms per forward, "
-          f"activations {cost.activation_bytes / 2**30:.2f} GiB; bandwidth {human_rate(profile.h2d_bytes_per_s)} -> {path}")
+    print(
+        f"{spec.name}: {len(cost.blocks)} blocks, compute {cost.compute_s * 1e3:.1f} ms per forward, "
+        f"activations {cost.activation_bytes / 2**30:.2f} GiB; bandwidth {human_rate(profile.h2d_bytes_per_s)} -> {path}"
+    )
     return 0
 
 
@@ -126,8 +134,7 @@ def _plan(args: argparse.Namespace) -> int:
     if budget > whole:
         print(f"\nnote: {args.budget} is more than this model needs ({human_bytes(whole)} with every block resident)")
     if profile.device_memory_bytes and budget > profile.device_memory_bytes:
-        print(f"note: {args.budget} is more than the {human_bytes(profile.device_memory_bytes)} that "
-              f"{profile.device_name} has")
+        print(f"note: {args.budget} is more than the {human_bytes(profile.device_memory_bytes)} that {profile.device_name} has")
     return 0
 
 
@@ -140,7 +147,9 @@ def _known_models(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``offload-map`` console script and of ``python -m offload_map``."""
-    parser = argparse.ArgumentParser(prog="offload-map", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="offload-map", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a tiny pipeline under every strategy and print the device map and reports")
     demo.add_argument("--device", help="target device (default: cuda if available, else cpu)")
@@ -151,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     profile.add_argument("--out", required=True, help="device profile JSON to create or extend")
     profile.add_argument("--device", default="cuda", help="device to profile (default cuda)")
     plan = sub.add_parser("plan", help="print the plan for a budget from a stored profile (no GPU needed)")
-    plan.add_argument("--model", required=True, help=f"a model in the profile (the shipped one has: {_known_models(SHIPPED_PROFILE)})")
+    plan.add_argument(
+        "--model", required=True, help=f"a model in the profile (the shipped one has: {_known_models(SHIPPED_PROFILE)})"
+    )
     plan.add_argument("--budget", required=True, help="device memory for the DiT, e.g. 12GiB or 12GB")
     plan.add_argument("--profile", default=str(SHIPPED_PROFILE), help="device profile JSON (default: the shipped H100 profile)")
     args = parser.parse_args(argv)

@@ -112,8 +112,10 @@ def dispatch_pipeline(
         strategy = check_strategy("model" if strategy is None else strategy)
         window = check_window(2 if window is None else window)
     elif strategy is not None:
-        raise ValueError(f"strategy={strategy!r} and device_map= were both given: the map holds every placement; "
-                         "pass one of them (to compile a map for a strategy: compile_device_map(pipe, strategy))")
+        raise ValueError(
+            f"strategy={strategy!r} and device_map= were both given: the map holds every placement; "
+            "pass one of them (to compile a map for a strategy: compile_device_map(pipe, strategy))"
+        )
     elif window is not None:
         check_window(window)
     target = resolve_device(device if device is not None or device_map is None else device_map.device)
@@ -130,8 +132,15 @@ def dispatch_pipeline(
         device_map.device = str(target)
         if window is not None:
             device_map.window = window
-    options = dict(budget=budget, pin_memory=pin_memory, blocking=blocking, progress=progress,
-                   share_host_copy=share_host_copy, shard_copies=shard_copies, runs_per_call=runs_per_call)
+    options = dict(
+        budget=budget,
+        pin_memory=pin_memory,
+        blocking=blocking,
+        progress=progress,
+        share_host_copy=share_host_copy,
+        shard_copies=shard_copies,
+        runs_per_call=runs_per_call,
+    )
 
     def rebuild(dmap: DeviceMap):
         # After refresh() restored a pipeline whose modules changed: collect it anew, same map, sizes re-read.
@@ -147,14 +156,33 @@ def dispatch_pipeline(
     return handle
 
 
-def _build(pipeline: object, found: PipelineModules, tensors, dmap: DeviceMap, weights, *, budget: int | None,
-           pin_memory: bool, blocking: bool, progress: bool | None, share_host_copy: bool | None,
-           shard_copies: bool, runs_per_call: dict | None) -> tuple[DeviceMap, Runtime, AutoPlanner | None]:
+def _build(
+    pipeline: object,
+    found: PipelineModules,
+    tensors,
+    dmap: DeviceMap,
+    weights,
+    *,
+    budget: int | None,
+    pin_memory: bool,
+    blocking: bool,
+    progress: bool | None,
+    share_host_copy: bool | None,
+    shard_copies: bool,
+    runs_per_call: dict | None,
+) -> tuple[DeviceMap, Runtime, AutoPlanner | None]:
     plan = bind(dmap, found, tensors)
     dmap = dmap.sized({path: unit.tensors for path, unit in plan.units.items()})
     source = WeightSource(plan, weights)
-    runtime = Runtime(plan, pin_memory=pin_memory, blocking=blocking, progress=progress, source=source or None,
-                      share_host_copy=share_host_copy, shard_copies=shard_copies)
+    runtime = Runtime(
+        plan,
+        pin_memory=pin_memory,
+        blocking=blocking,
+        progress=progress,
+        source=source or None,
+        share_host_copy=share_host_copy,
+        shard_copies=shard_copies,
+    )
     planner = None
     if budget is not None and plan.rings:
         planner = AutoPlanner(runtime, plan, dmap, budget, bandwidth(plan.device), runs_per_call)
@@ -165,7 +193,9 @@ def _check_runs(runs_per_call: object, found: PipelineModules) -> None:
     if runs_per_call is None:
         return
     if not isinstance(runs_per_call, dict):
-        raise ValueError(f"runs_per_call must be a dict {{component: runs}}, e.g. {{'transformer': 50}}, got {runs_per_call!r:.60}")
+        raise ValueError(
+            f"runs_per_call must be a dict {{component: runs}}, e.g. {{'transformer': 50}}, got {runs_per_call!r:.60}"
+        )
     for name, runs in runs_per_call.items():
         if name not in found.components:
             raise ValueError(f"runs_per_call names {name!r}, which is not a component of the pipeline {sorted(found.components)}")
@@ -201,4 +231,3 @@ def _check_not_managed(pipeline: object, found: PipelineModules) -> None:
                     f"{where} is managed by diffusers' {names[0]} hook (enable_group_offload?); remove it first "
                     "(e.g. rebuild the pipeline, or remove the hooks from the module's _diffusers_hook registry)"
                 )
-

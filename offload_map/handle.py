@@ -21,8 +21,15 @@ class OffloadHandle:
         pipeline: the dispatched pipeline.
     """
 
-    def __init__(self, pipeline: object, device_map: DeviceMap, runtime: Runtime, setup_seconds: float,
-                 planner: AutoPlanner | None, rebuild: Callable[[DeviceMap], tuple[DeviceMap, Runtime, AutoPlanner | None]]) -> None:
+    def __init__(
+        self,
+        pipeline: object,
+        device_map: DeviceMap,
+        runtime: Runtime,
+        setup_seconds: float,
+        planner: AutoPlanner | None,
+        rebuild: Callable[[DeviceMap], tuple[DeviceMap, Runtime, AutoPlanner | None]],
+    ) -> None:
         self.pipeline = pipeline
         self._map = device_map
         self._runtime = runtime
@@ -70,7 +77,11 @@ class OffloadHandle:
         for ring in self._runtime.plan.rings:
             plan = self._planner.plans.get(ring.component)
             title = f"plan for {ring.component or 'the DiT'}"
-            parts.append(f"{title}:\n{plan.explain()}" if plan else f"{title}: not measured yet; its second forward times every block, then the plan is made")
+            parts.append(
+                f"{title}:\n{plan.explain()}"
+                if plan
+                else f"{title}: not measured yet; its second forward times every block, then the plan is made"
+            )
         if self._planner.plans:
             parts.append(f"per call:\n{self._planner.summary()}")
         return "\n\n".join(parts)

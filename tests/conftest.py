@@ -10,7 +10,8 @@ same suite against a GPU (CUDA-only tests are marked ``cuda`` and skip cleanly w
 from __future__ import annotations
 
 import socket
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import torch
 from offload_map import Role, dispatch_pipeline
 from offload_map.demo import make_tiny_pipeline
 from offload_map.module_collector import ModuleDiscovery
+
 from tiny_pipelines import make_flux_pipeline, make_llama_pipeline, make_wan22_pipeline, run_flux, run_llama, run_wan22
 
 PIPELINES = {

@@ -26,11 +26,11 @@ from accelerate import PartialState
 from diffusers import FluxTransformer2DModel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_pipelines import make_flux_pipeline, run_flux  # noqa: E402
-
 from offload_map import CheckpointError, dispatch_pipeline, empty_model
 from offload_map.loading.checkpoint import Checkpoint  # noqa: E402
 from offload_map.runtime import shared_host  # noqa: E402
+
+from tiny_pipelines import make_flux_pipeline, run_flux  # noqa: E402
 
 
 class warnings_to:
@@ -55,6 +55,7 @@ def memfd_inodes() -> set[str]:
 def main(out: Path, checkpoint: Path, mode: str) -> None:
     state = PartialState(cpu=True)
     if mode == "nomemfd":
+
         def refuse(*args):
             raise OSError(38, "Function not implemented")
 
@@ -68,11 +69,15 @@ def main(out: Path, checkpoint: Path, mode: str) -> None:
         import offload_map.dispatch
 
         offload_map.dispatch.bandwidth = lambda device: 1e4
-        total = sum(p.numel() * p.element_size() for c in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae)
-                    for p in c.parameters())
+        total = sum(
+            p.numel() * p.element_size()
+            for c in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae)
+            for p in c.parameters()
+        )
         options = {"strategy": "auto", "gpu_budget": int(total * 1.1)}
     if mode == "fail-pack":
         if state.process_index == 0:
+
             def broken(self, name, out):
                 raise CheckpointError("simulated: the disk went away")
 
@@ -80,8 +85,11 @@ def main(out: Path, checkpoint: Path, mode: str) -> None:
         try:
             dispatch_pipeline(pipe, "layerwise", "cpu", weights={"transformer": checkpoint})
         except (CheckpointError, RuntimeError) as err:
-            seen = {"error": str(err), "meta": all(p.is_meta for p in pipe.transformer.parameters()),
-                    "hooked": any(hasattr(m, "_hf_hook") for m in pipe.transformer.modules())}
+            seen = {
+                "error": str(err),
+                "meta": all(p.is_meta for p in pipe.transformer.parameters()),
+                "hooked": any(hasattr(m, "_hf_hook") for m in pipe.transformer.modules()),
+            }
             torch.save(seen, out / f"rank{state.process_index}.pt")
         return
     gathers = []
@@ -98,8 +106,14 @@ def main(out: Path, checkpoint: Path, mode: str) -> None:
 
         sharded_copy._all_gather_into = spy
     with warnings_to(out / f"log{state.process_index}.txt"):
-        handle = dispatch_pipeline(pipe, options.pop("strategy", "layerwise"), "cpu", weights={"transformer": checkpoint},
-                                   shard_copies=mode in ("shard", "shard-auto", "diverge"), **options)
+        handle = dispatch_pipeline(
+            pipe,
+            options.pop("strategy", "layerwise"),
+            "cpu",
+            weights={"transformer": checkpoint},
+            shard_copies=mode in ("shard", "shard-auto", "diverge"),
+            **options,
+        )
     copy = handle.host_copy
     seen = {
         "rank": state.process_index,

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from offload_map.cli import SHIPPED_PROFILE, main
 from offload_map.planning.profile import DeviceProfile
@@ -29,18 +32,30 @@ def test_plan_reads_the_shipped_h100_profile(capsys):
 
 @pytest.mark.parametrize("splits", [[5, 3], [0], [1000], "12", [1.5]])
 def test_a_profile_with_bad_split_points_is_refused(splits):
-    data = {"device_name": "x", "h2d_bytes_per_s": 1e9, "models": {"m": {
-        "blocks": [{"path": "b.0", "bytes": 1000, "compute_s": 1e-3, "splits": splits}],
-        "other_bytes": 0, "other_compute_s": 0.0, "activation_bytes": 0}}}
+    data = {
+        "device_name": "x",
+        "h2d_bytes_per_s": 1e9,
+        "models": {
+            "m": {
+                "blocks": [{"path": "b.0", "bytes": 1000, "compute_s": 1e-3, "splits": splits}],
+                "other_bytes": 0,
+                "other_compute_s": 0.0,
+                "activation_bytes": 0,
+            }
+        },
+    }
     with pytest.raises(ValueError, match=r"models\['m'\].blocks\[0\].splits"):
         DeviceProfile.from_dict(data)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["plan", "--model", "flux-12b", "--budget", "1GB"], "below the minimum"),
-    (["plan", "--model", "nope", "--budget", "1GB"], "has no model 'nope'"),
-    (["plan", "--model", "flux-12b", "--budget", "lots"], "is not a size"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["plan", "--model", "flux-12b", "--budget", "1GB"], "below the minimum"),
+        (["plan", "--model", "nope", "--budget", "1GB"], "has no model 'nope'"),
+        (["plan", "--model", "flux-12b", "--budget", "lots"], "is not a size"),
+    ],
+)
 def test_plan_errors_are_clear(capsys, args, message):
     assert main(args) == 2
     assert message in capsys.readouterr().err
@@ -54,3 +69,65 @@ def test_profile_records_a_model_on_the_cpu(tmp_path, monkeypatch):
     assert data["device_name"] == "cpu" and len(data["models"]["tiny-flux"]["blocks"]) == 5
     cost = DeviceProfile.load(out).models["tiny-flux"]
     assert cost.compute_s > 0 and all(b.splits for b in cost.blocks)
+
+
+def _console(*args: str) -> subprocess.CompletedProcess:
+    """The console script as a user runs it, in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "offload_map", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["plan", "--model", "flux-12b", "--budget", "12GiB", "--profile", "/nope.json"],
+            "cannot read the profile /nope.json: No such file or directory",
+        ),
+        (["plan", "--model", "flux-12b", "--budget", "lots"], "'lots' is not a size"),
+        (["plan", "--model", "sdxl", "--budget", "12GiB"], "has no model 'sdxl'"),
+    ],
+)
+def test_the_console_script_reports_mistakes_in_one_line_without_a_traceback(args, message):
+    done = _console(*args)
+    assert done.returncode == 2 and message in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_profile_without_cuda_or_without_diffusers_says_what_to_do(monkeypatch, capsys):
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        assert main(["profile", "--model", "tiny-flux", "--out", "x.json"]) == 2
+        assert "CUDA is not available on this machine" in capsys.readouterr().err
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else real(name, *a))
+    assert main(["profile", "--model", "tiny-flux", "--out", "x.json", "--device", "cpu"]) == 2
+    assert "pip install 'offload-map[diffusers]'" in capsys.readouterr().err
+
+
+def test_plan_output_cut_short_by_its_reader_is_not_an_error():
+    done = subprocess.run(
+        f"{sys.executable} -m offload_map plan --model flux-12b --budget 12GiB | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.stdout.startswith("flux-12b on ") and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
+
+
+def test_help_is_plain_text_and_lists_the_models_a_plan_knows():
+    top, plan = _console("--help"), _console("plan", "--help")
+    assert top.returncode == 0 and "``" not in top.stdout and "offload-map plan --model flux-12b" in top.stdout
+    assert "flux-12b" in plan.stdout and "sd35-medium" in plan.stdout
+
+
+def test_a_budget_above_what_the_model_needs_is_noted(capsys):
+    assert main(["plan", "--model", "flux-12b", "--budget", "200GB"]) == 0
+    assert "note: 200GB is more than this model needs" in capsys.readouterr().out
+
+
+def test_the_demo_prints_no_warning_about_its_own_pipeline():
+    done = _console("demo", "--device", "cpu", "--steps", "2")
+    assert done.returncode == 0 and "all strategies bit-identical" in done.stdout
+    assert "above the budget" not in done.stdout + done.stderr and "WARNING" not in done.stderr.upper()

@@ -644,13 +644,22 @@ def test_an_object_without_attributes_raises_type_error(holder):
 # 5. Encoders: the transformers classes diffusers pipelines use as text and image encoders
 # ---------------------------------------------------------------------------------------------------------
 
+
 def _tiny_encoder_configs() -> dict:
     import transformers as tf
 
-    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=2)
-    clip = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=16, projection_dim=16)
+    text = dict(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2
+    )
+    clip = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        projection_dim=16,
+    )
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
     t5 = dict(vocab_size=64, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2)
     return {
@@ -669,8 +678,19 @@ def _tiny_encoder_configs() -> dict:
         "Qwen3Model": tf.Qwen3Config(**text, head_dim=16),
         "Qwen2_5_VLForConditionalGeneration": tf.Qwen2_5_VLConfig(
             text_config=dict(text, rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]}),
-            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=2,
-                               spatial_merge_size=2, temporal_patch_size=1, fullatt_block_indexes=[1], window_size=8)),
+            vision_config=dict(
+                depth=2,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=2,
+                out_hidden_size=32,
+                patch_size=2,
+                spatial_merge_size=2,
+                temporal_patch_size=1,
+                fullatt_block_indexes=[1],
+                window_size=8,
+            ),
+        ),
     }
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
-from conftest import resident_run
-from tiny_pipelines import make_flux_pipeline, run_flux
 
 from offload_map import dispatch_pipeline
+
+from conftest import resident_run
+from tiny_pipelines import make_flux_pipeline, run_flux
 
 
 @pytest.mark.parametrize("strategy", ["layerwise", "model"])

@@ -75,7 +75,9 @@ def test_copies_overlap_compute():
     model(x)
     step = _timed(lambda: model(x))
     serial = compute + n * copy
-    print(f"copy/block {copy * 1e3:.2f} ms, compute {compute * 1e3:.1f} ms, serial {serial * 1e3:.1f} ms, step {step * 1e3:.1f} ms")
+    print(
+        f"copy/block {copy * 1e3:.2f} ms, compute {compute * 1e3:.1f} ms, serial {serial * 1e3:.1f} ms, step {step * 1e3:.1f} ms"
+    )
     assert step < 0.7 * serial, "copies did not overlap compute"
     assert step < 1.25 * max(compute, n * copy)
     handle.remove()

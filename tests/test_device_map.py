@@ -30,7 +30,9 @@ def test_layerwise_map_places_blocks_in_the_window_and_the_rest_by_role(pipe):
         f"transformer.single_blocks.{i}" for i in range(3)
     ]
     assert dmap.paths(Placement.CPU_PINNED) == ["text_encoder", "vae"]
-    total = sum(p.numel() * p.element_size() for p in pipe.parameters()) + sum(b.numel() * b.element_size() for b in pipe.buffers())
+    total = sum(p.numel() * p.element_size() for p in pipe.parameters()) + sum(
+        b.numel() * b.element_size() for b in pipe.buffers()
+    )
     assert sum(dmap.bytes_by_placement().values()) == total
     assert dmap.entries["transformer.double_blocks.0"].dtype == "float32"
 
@@ -122,9 +124,24 @@ def test_map_for_another_model_is_rejected(pipe):
         ({}, "not an offload_map device map"),
         ({"version": 1, "device": "cpu", "window": 2, "components": {"x": "wizard"}, "entries": []}, "unknown role"),
         ({"version": 1, "device": "cpu", "window": 0, "components": {}, "entries": []}, "window must be an int >= 1"),
-        ({"version": 1, "device": "cpu", "window": 2, "components": {}, "entries": [{"path": "a", "placement": "disk"}]}, "unknown placement 'disk'"),
-        ({"version": 1, "device": "cpu", "window": 2, "components": {}, "entries": [{"path": "a", "placement": "gpu", "bytes": -1}]}, "non-negative"),
-        ({"version": 1, "device": "cpu", "window": 2, "components": {}, "entries": [{"path": "a", "placement": "gpu"}] * 2}, "appears twice"),
+        (
+            {"version": 1, "device": "cpu", "window": 2, "components": {}, "entries": [{"path": "a", "placement": "disk"}]},
+            "unknown placement 'disk'",
+        ),
+        (
+            {
+                "version": 1,
+                "device": "cpu",
+                "window": 2,
+                "components": {},
+                "entries": [{"path": "a", "placement": "gpu", "bytes": -1}],
+            },
+            "non-negative",
+        ),
+        (
+            {"version": 1, "device": "cpu", "window": 2, "components": {}, "entries": [{"path": "a", "placement": "gpu"}] * 2},
+            "appears twice",
+        ),
         ({"version": 1, "device": 3, "window": 2, "components": {}, "entries": []}, "'device' must be a str"),
     ],
 )
@@ -153,7 +170,9 @@ def test_a_removed_block_entry_is_an_edit_not_another_model(pipe):
 def test_a_misspelled_entry_is_named_with_the_path_it_resembles(pipe):
     dmap = compile_device_map(pipe, "layerwise", "cpu")
     dmap["transformer.singel_blocks.1"] = "gpu"
-    with pytest.raises(ValueError, match=r"'transformer.singel_blocks.1' names no module.*did you mean 'transformer.single_blocks.1'\?"):
+    with pytest.raises(
+        ValueError, match=r"'transformer.singel_blocks.1' names no module.*did you mean 'transformer.single_blocks.1'\?"
+    ):
         dispatch_pipeline(pipe, device_map=dmap)
     assert not hasattr(pipe, "_offload_map_handle")
 

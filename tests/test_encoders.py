@@ -12,6 +12,7 @@ import torch
 
 import offload_map.mapping.compiler
 from offload_map import BudgetTooSmall, Placement, Role, compile_device_map, dispatch_pipeline
+
 from conftest import assert_parity, assert_restored, pipeline_state
 
 
@@ -41,8 +42,9 @@ def test_layerwise_streams_the_encoders_bit_exactly(encoder_case, target, window
 def test_small_encoders_move_whole_and_big_ones_stream(encoder_case, monkeypatch):
     dmap = compile_device_map(encoder_case.pipe, "layerwise", "cpu")
     assert all(dmap[name] is Placement.CPU_PINNED for name in _encoders(dmap)), "kilobyte encoders stay whole"
-    sizes = {name: sum(e.nbytes for p, e in dmap.entries.items() if p == name or p.startswith(name + "."))
-             for name in _encoders(dmap)}
+    sizes = {
+        name: sum(e.nbytes for p, e in dmap.entries.items() if p == name or p.startswith(name + ".")) for name in _encoders(dmap)
+    }
     largest = max(sizes, key=sizes.get)
     monkeypatch.setattr(offload_map.mapping.compiler, "STREAM_MIN_BYTES", sizes[largest])
     dmap = compile_device_map(encoder_case.pipe, "layerwise", "cpu")
@@ -67,6 +69,7 @@ def test_components_that_take_turns_are_never_on_the_device_together(encoder_cas
             dits = [n for n in on if roles[n] is Role.DIT]
             assert len(dits) <= 1, f"two DiTs on the device together: {on}"
             assert not (dits and any(roles[n] is Role.ENCODER for n in on)), f"a DiT and an encoder together: {on}"
+
         return check
 
     hooks = [modules[name].register_forward_hook(probe(name)) for name in roles if roles[name] is not Role.OTHER]

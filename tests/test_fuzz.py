@@ -75,14 +75,71 @@ NAN, INF = float("nan"), float("inf")
 ROLE_VALUES = [r.value for r in Role]
 PLACEMENT_VALUES = [p.value for p in Placement]
 FIELD_NAMES = [
-    "version", "device", "strategy", "window", "components", "entries", "path", "placement", "bytes", "dtype",
-    "device_name", "h2d_bytes_per_s", "models", "blocks", "compute_s", "other_bytes", "other_compute_s",
+    "version",
+    "device",
+    "strategy",
+    "window",
+    "components",
+    "entries",
+    "path",
+    "placement",
+    "bytes",
+    "dtype",
+    "device_name",
+    "h2d_bytes_per_s",
+    "models",
+    "blocks",
+    "compute_s",
+    "other_bytes",
+    "other_compute_s",
     "activation_bytes",
 ]
 SPECIAL_SCALARS = [
-    0, 1, -1, 2, 3, 2**31, 2**53 + 1, 2**63, -(2**63), 10**400, -(10**400), 1.0, 1.5, -0.0, 0.5, 1e-300, 5e-324,
-    1e308, NAN, INF, -INF, True, False, None, "", "1", "2", "-1", "nan", "gpu", "cpu", "cuda:0", "cpu-pinned",
-    "layer-window", "layer_window", "GPU", " gpu", "dit", "DIT", "encoder", "vae", "other", "unet", "\x00", "\ud800",
+    0,
+    1,
+    -1,
+    2,
+    3,
+    2**31,
+    2**53 + 1,
+    2**63,
+    -(2**63),
+    10**400,
+    -(10**400),
+    1.0,
+    1.5,
+    -0.0,
+    0.5,
+    1e-300,
+    5e-324,
+    1e308,
+    NAN,
+    INF,
+    -INF,
+    True,
+    False,
+    None,
+    "",
+    "1",
+    "2",
+    "-1",
+    "nan",
+    "gpu",
+    "cpu",
+    "cuda:0",
+    "cpu-pinned",
+    "layer-window",
+    "layer_window",
+    "GPU",
+    " gpu",
+    "dit",
+    "DIT",
+    "encoder",
+    "vae",
+    "other",
+    "unet",
+    "\x00",
+    "\ud800",
 ]
 
 scalars = st.one_of(
@@ -221,11 +278,19 @@ def _check_map_dict(data: object) -> None:
 
 @st.composite
 def valid_map_dicts(draw) -> dict:
-    components = draw(st.dictionaries(st.one_of(st.text(max_size=10), st.sampled_from(["transformer", "vae", ""])),
-                                      st.sampled_from(ROLE_VALUES), max_size=4))
+    components = draw(
+        st.dictionaries(
+            st.one_of(st.text(max_size=10), st.sampled_from(["transformer", "vae", ""])), st.sampled_from(ROLE_VALUES), max_size=4
+        )
+    )
     module_paths = st.sampled_from(["transformer", "transformer.blocks.0", "transformer.blocks.1", "vae", ""])
-    paths = draw(st.lists(st.one_of(st.text(max_size=16), module_paths).filter(lambda p: not p or "" not in p.split(".")),
-                          unique=True, max_size=8))
+    paths = draw(
+        st.lists(
+            st.one_of(st.text(max_size=16), module_paths).filter(lambda p: not p or "" not in p.split(".")),
+            unique=True,
+            max_size=8,
+        )
+    )
     entries = []
     for path in paths:
         entry = {"path": path, "placement": draw(st.sampled_from(PLACEMENT_VALUES))}
@@ -242,7 +307,9 @@ def valid_map_dicts(draw) -> dict:
         "entries": entries,
     }
     if draw(st.booleans()):
-        data["strategy"] = draw(st.one_of(st.sampled_from(["none", "model", "layerwise", "auto", "custom"]), st.text(max_size=10)))
+        data["strategy"] = draw(
+            st.one_of(st.sampled_from(["none", "model", "layerwise", "auto", "custom"]), st.text(max_size=10))
+        )
     if draw(st.booleans()):
         data["x-" + draw(st.text(max_size=6))] = draw(json_values)  # unknown keys are ignored
     return data
@@ -253,8 +320,22 @@ BYTES_VALUES = [-1, -(2**70), 0, 2**70, 1.0, 1.5, True, False, "10", None, NAN, 
 VERSION_VALUES = [0, 2, -1, 1, "1", 1.0, True, False, None, [], {}, [1], NAN, 2**64 + 1]
 PLACEMENT_MUTANTS = [*PLACEMENT_VALUES, "GPU", "gpu ", "cpu", "cuda", "", "layer_window", None, 1, True, ["gpu"], {"gpu": 1}]
 ROLE_MUTANTS = [*ROLE_VALUES, "DIT", "dit ", "unet", "", None, 1, True, 1.5, ["dit"], {}, {"dit": 1}, []]
-MAP_MUTATIONS = ["top", "delete_top", "window", "version", "entry_field", "entry_delete_field", "entry_replace",
-                 "entries_replace", "duplicate", "bytes", "placement", "role", "add_component", "components_replace"]
+MAP_MUTATIONS = [
+    "top",
+    "delete_top",
+    "window",
+    "version",
+    "entry_field",
+    "entry_delete_field",
+    "entry_replace",
+    "entries_replace",
+    "duplicate",
+    "bytes",
+    "placement",
+    "role",
+    "add_component",
+    "components_replace",
+]
 
 
 @st.composite
@@ -335,8 +416,8 @@ def _text_mutations(draw, text: str) -> str:
     if op == "insert":
         return text[:at] + draw(st.one_of(st.sampled_from(list('{}[]",:0-e.ntfNI\\ ')), st.text(max_size=3))) + text[at:]
     if op == "delete":
-        return text[:at] + text[at + 1:]
-    return text[:at] + draw(st.text(min_size=1, max_size=2)) + text[at + 1:]
+        return text[:at] + text[at + 1 :]
+    return text[:at] + draw(st.text(min_size=1, max_size=2)) + text[at + 1 :]
 
 
 @st.composite
@@ -426,10 +507,17 @@ def _profile_problem(data: object) -> str | None:
             if _count_problem(raw.get("bytes")) or _number_problem(raw.get("compute_s")):
                 return f"a block number of {name!r}"
             splits = raw.get("splits", [])  # optional: ascending distinct ints strictly inside the block
-            if not isinstance(splits, list) or not all(_is_int(p) and 0 < p < raw["bytes"] for p in splits) \
-                    or splits != sorted(set(splits)):
+            if (
+                not isinstance(splits, list)
+                or not all(_is_int(p) and 0 < p < raw["bytes"] for p in splits)
+                or splits != sorted(set(splits))
+            ):
                 return f"the split points of a block of {name!r}"
-        for key, check in (("other_bytes", _count_problem), ("other_compute_s", _number_problem), ("activation_bytes", _count_problem)):
+        for key, check in (
+            ("other_bytes", _count_problem),
+            ("other_compute_s", _number_problem),
+            ("activation_bytes", _count_problem),
+        ):
             if check(cost.get(key)):
                 return f"{key} of {name!r}"
     return None
@@ -480,10 +568,45 @@ profiles = st.builds(
 
 BASE_PROFILE = DeviceProfile("x", 1e9, {"m": ModelCost((BlockCost("b.0", 10, 1e-3, (4,)),), 0, 0.0, 0)})
 SPLIT_MUTANTS = [[], [0], [10], [3, 3], [5, 2], [2.0], [True], ["2"], [-1], None, 4, {}, [1, 9]]
-NUMBER_MUTANTS = [NAN, INF, -INF, -1, -1e-300, -0.0, 0, 0.0, 1, 1.5, 5e-324, 1e308, 2**53 + 1, 10**400, -(10**400),
-                  True, False, "1", "nan", None, [], [1], {}]
-PROFILE_MUTATIONS = ["top", "delete_top", "number", "number", "number", "model_replace", "blocks_replace", "block_replace", "block_field", "splits",
-                     "delete_field", "add_model"]
+NUMBER_MUTANTS = [
+    NAN,
+    INF,
+    -INF,
+    -1,
+    -1e-300,
+    -0.0,
+    0,
+    0.0,
+    1,
+    1.5,
+    5e-324,
+    1e308,
+    2**53 + 1,
+    10**400,
+    -(10**400),
+    True,
+    False,
+    "1",
+    "nan",
+    None,
+    [],
+    [1],
+    {},
+]
+PROFILE_MUTATIONS = [
+    "top",
+    "delete_top",
+    "number",
+    "number",
+    "number",
+    "model_replace",
+    "blocks_replace",
+    "block_replace",
+    "block_field",
+    "splits",
+    "delete_field",
+    "add_model",
+]
 
 
 @st.composite
@@ -572,7 +695,11 @@ def planner_cases(draw):
     )
     low, high = minimum_memory(cost), plan_memory(cost, frozenset(), 1)
     budget = st.one_of(
-        st.integers(0, low), st.integers(low, high), st.integers(low, high), st.integers(low, high), st.integers(high, 2 * high),
+        st.integers(0, low),
+        st.integers(low, high),
+        st.integers(low, high),
+        st.integers(low, high),
+        st.integers(high, 2 * high),
         st.sampled_from([0, max(low - 1, 0), low, low + 1, high - 1, high, high + 1]),
     )
     return cost, draw(bandwidths), draw(st.lists(budget, min_size=1, max_size=3))
@@ -648,10 +775,16 @@ def _expected_size(value: object) -> "int | None":
 @st.composite
 def size_texts(draw) -> str:
     space = st.sampled_from(["", " ", "  ", "\t", "\n", "\u00a0", "\u2003"])
-    digits = st.one_of(st.from_regex(r"[0-9]{1,6}", fullmatch=True), st.from_regex(r"[0-9]{0,3}\.[0-9]{1,4}", fullmatch=True),
-                       st.integers(300, 500).map(lambda k: "9" * k), st.sampled_from(["0", "0.0", ".5", "5.", "1e3", "-1", "+1", "١٢"]))
-    unit = st.one_of(st.sampled_from(_UNITS + ["gib", "Gb", "kIb", "K", "iB", "GiBs", "bytes", "G B"]),
-                     st.from_regex(r"[A-Za-z]{0,4}", fullmatch=True))
+    digits = st.one_of(
+        st.from_regex(r"[0-9]{1,6}", fullmatch=True),
+        st.from_regex(r"[0-9]{0,3}\.[0-9]{1,4}", fullmatch=True),
+        st.integers(300, 500).map(lambda k: "9" * k),
+        st.sampled_from(["0", "0.0", ".5", "5.", "1e3", "-1", "+1", "١٢"]),
+    )
+    unit = st.one_of(
+        st.sampled_from(_UNITS + ["gib", "Gb", "kIb", "K", "iB", "GiBs", "bytes", "G B"]),
+        st.from_regex(r"[A-Za-z]{0,4}", fullmatch=True),
+    )
     return draw(space) + draw(digits) + draw(space) + draw(unit) + draw(space)
 
 
@@ -712,8 +845,22 @@ def _assert_pipeline_pristine(pipe, reference, weights, identities) -> None:
     assert torch.equal(pipe("x", steps=2), reference)
 
 
-DISPATCH_MUTATIONS = ["drop", "placement", "placement", "add_real", "add_real", "add_real", "add_fake", "clear_bytes",
-                      "clear_bytes", "window", "role", "shuffle", "drop_component", "add_component"]
+DISPATCH_MUTATIONS = [
+    "drop",
+    "placement",
+    "placement",
+    "add_real",
+    "add_real",
+    "add_real",
+    "add_fake",
+    "clear_bytes",
+    "clear_bytes",
+    "window",
+    "role",
+    "shuffle",
+    "drop_component",
+    "add_component",
+]
 
 
 @st.composite
@@ -731,17 +878,39 @@ def edited_maps(draw) -> dict:
             draw(st.sampled_from(entries))["placement"] = placement
         elif op in ("add_real", "add_fake"):
             real = draw(st.sampled_from(modules))
-            path = real if op == "add_real" else draw(st.one_of(
-                st.sampled_from([f"{real}.", f".{real}", f"{real}..", real.replace(".", "..", 1), f"{real}.nope", f"{real}.0",
-                                 "transformer.double_blocks.7", "transformer.proj_in.weight", "transformer.single_blocks.0.scale",
-                                 "transformer.double_blocks", "transformer.single_blocks", "text_encoder.layers", ""]),
-                st.text(max_size=10),
-            ))
+            path = (
+                real
+                if op == "add_real"
+                else draw(
+                    st.one_of(
+                        st.sampled_from(
+                            [
+                                f"{real}.",
+                                f".{real}",
+                                f"{real}..",
+                                real.replace(".", "..", 1),
+                                f"{real}.nope",
+                                f"{real}.0",
+                                "transformer.double_blocks.7",
+                                "transformer.proj_in.weight",
+                                "transformer.single_blocks.0.scale",
+                                "transformer.double_blocks",
+                                "transformer.single_blocks",
+                                "text_encoder.layers",
+                                "",
+                            ]
+                        ),
+                        st.text(max_size=10),
+                    )
+                )
+            )
             existing = [e for e in entries if e["path"] == path]
             if existing:
                 existing[0]["placement"] = placement
             else:
-                entries.insert(draw(st.integers(0, len(entries))), {"path": path, "placement": placement, "bytes": 0, "dtype": ""})
+                entries.insert(
+                    draw(st.integers(0, len(entries))), {"path": path, "placement": placement, "bytes": 0, "dtype": ""}
+                )
         elif op == "clear_bytes":
             for entry in entries:
                 entry["bytes"] = 0
@@ -754,7 +923,9 @@ def edited_maps(draw) -> dict:
         elif op == "drop_component" and data["components"]:
             data["components"].pop(draw(st.sampled_from(sorted(data["components"]))))
         elif op == "add_component":
-            data["components"][draw(st.sampled_from(["unet", "vae.decoder", "transformer.proj_in", ""]))] = draw(st.sampled_from(ROLE_VALUES))
+            data["components"][draw(st.sampled_from(["unet", "vae.decoder", "transformer.proj_in", ""]))] = draw(
+                st.sampled_from(ROLE_VALUES)
+            )
     return data
 
 
@@ -798,8 +969,13 @@ def _check_dispatch(data: dict) -> None:
 # --------------------------------------------------------------------------------------------------
 # Regressions: the minimal reproductions of the bugs the fuzzers found, now fixed.
 
-VALID_MAP = {"version": 1, "device": "cpu", "window": 2, "components": {"t": "dit"},
-             "entries": [{"path": "t", "placement": "gpu", "bytes": 0, "dtype": ""}]}
+VALID_MAP = {
+    "version": 1,
+    "device": "cpu",
+    "window": 2,
+    "components": {"t": "dit"},
+    "entries": [{"path": "t", "placement": "gpu", "bytes": 0, "dtype": ""}],
+}
 
 
 def _raises_value_error(fn, *args, **kwargs) -> bool:
@@ -816,7 +992,9 @@ def test_regression_device_map_unhashable_role_escapes_as_type_error():
 
 
 def test_regression_device_map_json_role_object_escapes_as_type_error():
-    assert _raises_value_error(DeviceMap.from_json, '{"version": 1, "device": "cpu", "window": 2, "components": {"t": {}}, "entries": []}')
+    assert _raises_value_error(
+        DeviceMap.from_json, '{"version": 1, "device": "cpu", "window": 2, "components": {"t": {}}, "entries": []}'
+    )
 
 
 @pytest.mark.parametrize("version", [True, 1.0])

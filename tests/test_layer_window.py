@@ -6,11 +6,12 @@ import logging
 
 import pytest
 import torch
-from conftest import resident_run
 from torch import nn
 
 from offload_map import dispatch_pipeline
 from offload_map.demo import TinyBlock
+
+from conftest import resident_run
 
 
 class ShuffledDiT(nn.Module):

@@ -9,12 +9,13 @@ import struct
 
 import pytest
 import torch
-from conftest import resident_run
 from diffusers import FluxTransformer2DModel
-from tiny_pipelines import make_flux_pipeline, run_flux
 
 from offload_map import CheckpointError, dispatch_pipeline, empty_model
 from offload_map.loading.checkpoint import Checkpoint
+
+from conftest import resident_run
+from tiny_pipelines import make_flux_pipeline, run_flux
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def _corrupt(root, tmp_path, how: str):
         data = struct.pack("<Q", 2**62) + data[8:]
     elif how == "bad-shape":  # same header length: one digit of the first shape changes
         at = data.index(b'"shape":[') + len(b'"shape":[')
-        data = data[:at] + (b"8" if data[at:at + 1] == b"9" else b"9") + data[at + 1:]
+        data = data[:at] + (b"8" if data[at : at + 1] == b"9" else b"9") + data[at + 1 :]
     if how == "missing-shard":
         sharded = root / "sharded"
         for f in sharded.iterdir():
@@ -100,14 +101,17 @@ def _corrupt(root, tmp_path, how: str):
     return dst
 
 
-@pytest.mark.parametrize("how, message", [
-    ("truncated", "not fully covered.*corrupt or truncated"),
-    ("garbage-header", "invalid JSON in header.*corrupt or truncated"),
-    ("huge-header", "header too large.*corrupt or truncated"),
-    ("bad-shape", "invalid shape, data type, or offset.*corrupt or truncated"),
-    ("missing-shard", "lists shard\\(s\\) that do not exist"),
-    ("pickle", "pickle-based"),
-])
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("truncated", "not fully covered.*corrupt or truncated"),
+        ("garbage-header", "invalid JSON in header.*corrupt or truncated"),
+        ("huge-header", "header too large.*corrupt or truncated"),
+        ("bad-shape", "invalid shape, data type, or offset.*corrupt or truncated"),
+        ("missing-shard", "lists shard\\(s\\) that do not exist"),
+        ("pickle", "pickle-based"),
+    ],
+)
 def test_a_bad_checkpoint_is_refused_and_nothing_is_allocated(meta_pipe, target, tmp_path, how, message):
     pipe, root, _ = meta_pipe
     bad = _corrupt(root, tmp_path, how)
@@ -171,14 +175,20 @@ def test_weights_must_match_meta_components(meta_pipe, target):
 
 def test_a_lone_dit_takes_one_path(saved, target):
     pipe, root = saved
-    inputs = dict(hidden_states=torch.randn(1, 16, pipe.transformer.config.in_channels, generator=torch.Generator().manual_seed(0)),
-                  encoder_hidden_states=torch.randn(1, 8, pipe.transformer.config.joint_attention_dim),
-                  pooled_projections=torch.randn(1, pipe.transformer.config.pooled_projection_dim),
-                  timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3))
+    inputs = dict(
+        hidden_states=torch.randn(1, 16, pipe.transformer.config.in_channels, generator=torch.Generator().manual_seed(0)),
+        encoder_hidden_states=torch.randn(1, 8, pipe.transformer.config.joint_attention_dim),
+        pooled_projections=torch.randn(1, pipe.transformer.config.pooled_projection_dim),
+        timestep=torch.tensor([0.5]),
+        img_ids=torch.zeros(16, 3),
+        txt_ids=torch.zeros(8, 3),
+    )
     if pipe.transformer.config.guidance_embeds:
         inputs["guidance"] = torch.tensor([3.5])
     with torch.no_grad():
-        reference = resident_run(pipe.transformer, lambda: pipe.transformer(**{k: v.to(target) for k, v in inputs.items()}).sample, target)
+        reference = resident_run(
+            pipe.transformer, lambda: pipe.transformer(**{k: v.to(target) for k, v in inputs.items()}).sample, target
+        )
         model = empty_model(FluxTransformer2DModel, root / "sharded")
         handle = dispatch_pipeline(model, "layerwise", target, weights=str(root / "sharded"))
         assert torch.equal(model(**{k: v.to(target) for k, v in inputs.items()}).sample.cpu(), reference)
@@ -190,13 +200,21 @@ def _write_safetensors(path, header: dict, data: bytes) -> None:
     path.write_bytes(struct.pack("<Q", len(text)) + text + data)
 
 
-@pytest.mark.parametrize("header, message", [
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
-     "invalid offset for tensor `b`"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, "invalid offset for tensor `a`"),
-    ({"a": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}, "invalid JSON in header"),
-    ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, "invalid JSON in header"),
-])
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            "invalid offset for tensor `b`",
+        ),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, "invalid offset for tensor `a`"),
+        ({"a": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}, "invalid JSON in header"),
+        ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, "invalid JSON in header"),
+    ],
+)
 def test_headers_that_safetensors_itself_would_refuse_are_refused(tmp_path, header, message):
     path = tmp_path / "bad.safetensors"
     _write_safetensors(path, header, bytes(16))
@@ -240,8 +258,10 @@ def test_several_indexes_are_refused_unless_one_is_named(saved, tmp_path):
     assert Checkpoint(index).tensors.keys() == Checkpoint(root / "sharded").tensors.keys()
 
 
-@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64, torch.complex64,
-                                   torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, torch.bfloat16])
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.uint16, torch.uint32, torch.uint64, torch.complex64, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, torch.bfloat16],
+)
 def test_every_dtype_safetensors_stores_is_read(tmp_path, dtype):
     from safetensors.torch import save_file
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import resident_run
 from peft import LoraConfig
-from tiny_pipelines import make_flux_pipeline, run_flux
 
 from offload_map import dispatch_pipeline
+
+from conftest import resident_run
+from tiny_pipelines import make_flux_pipeline, run_flux
 
 CONFIG = dict(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
 

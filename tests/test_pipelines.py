@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_parity, assert_restored, dits, pipeline_state, resident_run
 
 from offload_map import Role, dispatch_pipeline
+
+from conftest import assert_parity, assert_restored, dits, pipeline_state, resident_run
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +40,11 @@ def test_model_strategy_is_bit_exact_and_exclusive(case, target):
         assert not (pinned_dits and any(roles[n] is Role.ENCODER for n in on)), f"DiT and encoder together: {on}"
 
     probes = [m.register_forward_hook(probe) for _, m in dits(pipe)]
-    probes += [c.register_forward_hook(probe) for n, c in pipe.components.items() if isinstance(c, torch.nn.Module)] if hasattr(pipe, "components") else []
+    probes += (
+        [c.register_forward_hook(probe) for n, c in pipe.components.items() if isinstance(c, torch.nn.Module)]
+        if hasattr(pipe, "components")
+        else []
+    )
     try:
         assert torch.equal(run(pipe).cpu(), reference)
         assert torch.equal(run(pipe).cpu(), reference)

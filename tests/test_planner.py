@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch
-from conftest import resident_run
 
 from offload_map import Placement, compile_device_map, dispatch_pipeline
 from offload_map.mapping.sizes import parse_size
@@ -18,6 +17,8 @@ from offload_map.planning.planner import (
     plan_blocks,
     plan_memory,
 )
+
+from conftest import resident_run
 
 
 def random_cost(rng: random.Random) -> ModelCost:
@@ -236,8 +237,7 @@ def test_under_a_budget_the_dits_kept_blocks_stay_while_the_encoder_runs_when_th
     pipe = make_tiny_pipeline()
     reference = resident_run(pipe, lambda: pipe("stay", steps=3), target)
     total = sum(compile_device_map(pipe, "none", target).bytes_by_placement().values())
-    handle = dispatch_pipeline(pipe, "auto", target, gpu_budget=int(total * 0.95),
-                               runs_per_call={"transformer": runs})
+    handle = dispatch_pipeline(pipe, "auto", target, gpu_budget=int(total * 0.95), runs_per_call={"transformer": runs})
     seen = []
     probe = pipe.text_encoder.register_forward_hook(lambda *_: seen.append(_dit_kept_parts_on_device(handle)))
     try:

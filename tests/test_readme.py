@@ -20,7 +20,7 @@ README = (Path(__file__).parent.parent / "README.md").read_text()
 def _section(title: str) -> str:
     start = README.index(f"## {title}")
     end = README.find("\n## ", start + 1)
-    return README[start:end if end != -1 else None]
+    return README[start : end if end != -1 else None]
 
 
 def _code_blocks(section: str, language: str) -> list[str]:
@@ -49,9 +49,11 @@ def test_every_attribute_the_api_table_names_exists():
     def row(cls) -> str:
         return next(line for line in table.splitlines() if line.startswith(f"| `{cls.__name__}` |")).split("|")[2]
 
-    named = {offload_map.OffloadHandle: re.findall(r"`\.([a-z_]+)", row(offload_map.OffloadHandle)),
-             offload_map.DeviceMap: re.findall(r"`([a-z_]+)[(/`]", row(offload_map.DeviceMap))
-             + re.findall(r"/([a-z_]+)`", row(offload_map.DeviceMap))}
+    named = {
+        offload_map.OffloadHandle: re.findall(r"`\.([a-z_]+)", row(offload_map.OffloadHandle)),
+        offload_map.DeviceMap: re.findall(r"`([a-z_]+)[(/`]", row(offload_map.DeviceMap))
+        + re.findall(r"/([a-z_]+)`", row(offload_map.DeviceMap)),
+    }
     for cls, names in named.items():
         assert len(names) >= 8
         for name in names:
@@ -72,14 +74,20 @@ def _substituted(code: str, replacements: dict[str, str]) -> str:
 def test_the_quick_example_runs(target, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     quick, edit, _ = _code_blocks(_section("Quick example"), "python")
-    budget = "{0: \"12GiB\"}" if target.startswith("cuda") else "{\"cpu\": \"12GiB\"}"
-    code = _substituted(quick, {
-        'FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", dtype=torch.bfloat16)': "make_flux_pipeline()",
-        '"cuda:0"': repr(target),
-        "num_inference_steps=28": "num_inference_steps=2",
-        'pipe("a red cat").images[0]': 'pipe("a red cat", num_inference_steps=2).images[0]',
-        'max_memory={0: "12GiB"}': f"device={target!r}, max_memory={budget}",
-    }) + "\nhandle.remove()\n"
+    budget = '{0: "12GiB"}' if target.startswith("cuda") else '{"cpu": "12GiB"}'
+    code = (
+        _substituted(
+            quick,
+            {
+                'FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", dtype=torch.bfloat16)': "make_flux_pipeline()",
+                '"cuda:0"': repr(target),
+                "num_inference_steps=28": "num_inference_steps=2",
+                'pipe("a red cat").images[0]': 'pipe("a red cat", num_inference_steps=2).images[0]',
+                'max_memory={0: "12GiB"}': f"device={target!r}, max_memory={budget}",
+            },
+        )
+        + "\nhandle.remove()\n"
+    )
     code += _substituted(edit, {'"cuda:0"': repr(target)}) + "\nhandle.remove()\n"
     from tiny_pipelines import make_flux_pipeline
 
@@ -93,12 +101,15 @@ def test_the_loading_example_runs(target, tmp_path):
 
     make_flux_pipeline().save_pretrained(tmp_path / "FLUX.1-dev")
     loading = _code_blocks(_section("Quick example"), "python")[2]
-    code = _substituted(loading, {
-        '"/models/FLUX.1-dev"': repr(str(tmp_path / "FLUX.1-dev")),
-        '"layerwise", weights=': f'"layerwise", {target!r}, weights=',
-        "dtype=torch.bfloat16)  # meta": "dtype=torch.float32)  # meta",
-        "transformer=transformer, dtype=torch.bfloat16)": "transformer=transformer, dtype=torch.float32)",
-    })
+    code = _substituted(
+        loading,
+        {
+            '"/models/FLUX.1-dev"': repr(str(tmp_path / "FLUX.1-dev")),
+            '"layerwise", weights=': f'"layerwise", {target!r}, weights=',
+            "dtype=torch.bfloat16)  # meta": "dtype=torch.float32)  # meta",
+            "transformer=transformer, dtype=torch.bfloat16)": "transformer=transformer, dtype=torch.float32)",
+        },
+    )
     scope = {"torch": torch}
     exec(compile(code, "README.md", "exec"), scope)
     assert not any(p.is_meta for p in scope["pipe"].transformer.parameters())
@@ -106,8 +117,7 @@ def test_the_loading_example_runs(target, tmp_path):
 
 
 def test_the_console_commands_the_readme_shows_run(capsys):
-    commands = [line for block in _code_blocks(README, "bash") for line in block.splitlines()
-                if line.startswith("offload-map ")]
+    commands = [line for block in _code_blocks(README, "bash") for line in block.splitlines() if line.startswith("offload-map ")]
     assert commands
     for line in commands:
         assert main(line.split()[1:]) == 0, line

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import resident_run
 
 import offload_map
 from offload_map import (
@@ -23,10 +22,20 @@ from offload_map import (
 )
 from offload_map.demo import make_tiny_pipeline
 
+from conftest import resident_run
+
 
 def test_contract_names_import_from_the_package_and_the_seed_submodules():
-    for name in ("OffloadBackend", "LayerWiseOffloadBackend", "ModelLevelOffloadBackend", "OffloadConfig",
-                 "OffloadStrategy", "apply_sequential_offload", "get_offload_backend", "remove_sequential_offload"):
+    for name in (
+        "OffloadBackend",
+        "LayerWiseOffloadBackend",
+        "ModelLevelOffloadBackend",
+        "OffloadConfig",
+        "OffloadStrategy",
+        "apply_sequential_offload",
+        "get_offload_backend",
+        "remove_sequential_offload",
+    ):
         assert hasattr(offload_map, name)
     assert importlib.import_module("offload_map.base").OffloadBackend is OffloadBackend
     assert importlib.import_module("offload_map.layerwise_backend").LayerWiseOffloadBackend is LayerWiseOffloadBackend

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from conftest import assert_restored, pipeline_state
 
 import offload_map.auto
 from offload_map import DeviceMap, Placement, compile_device_map, dispatch_pipeline
@@ -13,6 +12,8 @@ from offload_map.planning.planner import BlockPlan, plan_blocks, plan_memory
 from offload_map.runtime.host_buffer import HostBuffer
 from offload_map.runtime.streams import SyncOrdering
 from offload_map.runtime.unit import OffloadedUnit
+
+from conftest import assert_restored, pipeline_state
 
 
 def _rings(handle):
@@ -37,8 +38,16 @@ def test_split_points_cut_only_between_whole_submodules(diffusers_case, target):
                 assert points, f"{path}: a block of several submodules can be cut"
                 assert list(points) == sorted(set(points)) and 0 < points[0] and points[-1] < unit.nbytes
                 for point in points:
-                    before = {r.qualname[len(path) + 1:].split(".")[0] for r, g in zip(unit.refs, unit.host.regions) if g.offset < point}
-                    after = {r.qualname[len(path) + 1:].split(".")[0] for r, g in zip(unit.refs, unit.host.regions) if g.offset >= point}
+                    before = {
+                        r.qualname[len(path) + 1 :].split(".")[0]
+                        for r, g in zip(unit.refs, unit.host.regions)
+                        if g.offset < point
+                    }
+                    after = {
+                        r.qualname[len(path) + 1 :].split(".")[0]
+                        for r, g in zip(unit.refs, unit.host.regions)
+                        if g.offset >= point
+                    }
                     assert before and after and not before & after, (path, point, before, after)
     finally:
         handle.remove()
@@ -101,8 +110,11 @@ def test_auto_writes_a_split_plan_into_the_map_and_the_saved_map_dispatches_agai
         assert torch.equal(run(pipe).cpu(), reference)
     assert handle.plans and all(plan.kept for plan in handle.plans.values())
     dmap = handle.device_map
-    nested = {p: e for p, e in dmap.entries.items() if e.placement is Placement.GPU and any(
-        p.startswith(b + ".") for b in dmap.paths(Placement.LAYER_WINDOW))}
+    nested = {
+        p: e
+        for p, e in dmap.entries.items()
+        if e.placement is Placement.GPU and any(p.startswith(b + ".") for b in dmap.paths(Placement.LAYER_WINDOW))
+    }
     assert nested, "kept submodules appear as 'gpu' entries inside their blocks"
     text = dmap.to_json()
     streamed_before = {n: [u.nbytes for u in r.units] for n, r in _rings(handle).items()}
@@ -121,8 +133,11 @@ def test_zero_size_tensors_get_views_and_add_no_cut():
     block.a = torch.nn.Linear(4, 4)
     block.z = torch.nn.Module()
     block.z.register_buffer("e", torch.zeros(0))
-    refs = [TensorRef(block.a, "weight", True, "b.a.weight", "b.a"), TensorRef(block.a, "bias", True, "b.a.bias", "b.a"),
-            TensorRef(block.z, "e", False, "b.z.e", "b.z")]
+    refs = [
+        TensorRef(block.a, "weight", True, "b.a.weight", "b.a"),
+        TensorRef(block.a, "bias", True, "b.a.bias", "b.a"),
+        TensorRef(block.z, "e", False, "b.z.e", "b.z"),
+    ]
     host = HostBuffer([r.tensor for r in refs])
     for index, ref in enumerate(refs):
         host.write(index, ref.tensor)

@@ -16,11 +16,12 @@ import time
 
 import pytest
 import torch
-from conftest import resident_run
 from torch import nn
 
 from offload_map import dispatch_pipeline
 from offload_map.demo import make_tiny_pipeline
+
+from conftest import resident_run
 
 pytestmark = pytest.mark.cuda
 

@@ -15,8 +15,19 @@ from offload_map.demo import make_tiny_pipeline
 PACKAGE = Path(offload_map.__file__).parent
 # Each stage may import the stages before it, never those after: pipeline -> collect -> map -> plan -> runtime.
 STAGES = ["collect", "mapping", "planning", "loading", "runtime"]
-ABOVE = {"dispatch", "handle", "auto", "compat", "base", "layerwise_backend", "sequential_backend", "module_collector",
-         "cli", "demo", "model_zoo"}
+ABOVE = {
+    "dispatch",
+    "handle",
+    "auto",
+    "compat",
+    "base",
+    "layerwise_backend",
+    "sequential_backend",
+    "module_collector",
+    "cli",
+    "demo",
+    "model_zoo",
+}
 
 
 def _imported(path: Path) -> set[str]:
@@ -26,7 +37,7 @@ def _imported(path: Path) -> set[str]:
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level:
-            base = package[:len(package) - node.level + 1]
+            base = package[: len(package) - node.level + 1]
             target = [*base, *(node.module.split(".") if node.module else [])]
             names = [target] if node.module else [[*target, alias.name] for alias in node.names]
             out.update(name[1] for name in names if len(name) > 1)
@@ -40,7 +51,7 @@ def _imported(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_a_stage_imports_only_the_stages_before_it(stage):
-    allowed = set(STAGES[:STAGES.index(stage) + 1]) - ({"loading"} if stage in ("collect", "mapping", "planning") else set())
+    allowed = set(STAGES[: STAGES.index(stage) + 1]) - ({"loading"} if stage in ("collect", "mapping", "planning") else set())
     for path in sorted((PACKAGE / stage).glob("*.py")):
         wrong = _imported(path) - allowed
         assert not wrong, f"{path.relative_to(PACKAGE)} imports {sorted(wrong)}, a later stage or the layer above"
@@ -63,9 +74,12 @@ def test_one_dispatch_discovers_the_pipeline_once_and_binds_the_map_once(monkeyp
         def wrapper(*args, **kwargs):
             calls[name] += 1
             return fn(*args, **kwargs)
+
         return wrapper
 
-    monkeypatch.setattr(dispatch.ModuleDiscovery, "discover", staticmethod(counted("discover", dispatch.ModuleDiscovery.discover)))
+    monkeypatch.setattr(
+        dispatch.ModuleDiscovery, "discover", staticmethod(counted("discover", dispatch.ModuleDiscovery.discover))
+    )
     monkeypatch.setattr(dispatch, "bind", counted("bind", dispatch.bind))
     pipe = make_tiny_pipeline()
     total = sum(compile_device_map(pipe, "none", "cpu").bytes_by_placement().values())

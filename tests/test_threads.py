@@ -7,10 +7,11 @@ import threading
 
 import pytest
 import torch
-from conftest import resident_run
 
 from offload_map import dispatch_pipeline
 from offload_map.demo import make_tiny_pipeline
+
+from conftest import resident_run
 
 
 def on_another_thread(call):

@@ -423,8 +423,15 @@ class LlamaTextPipeline(torch.nn.Module):
         super().__init__()
         from offload_map.demo import TinyDiT, TinyVAE
 
-        config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        config = LlamaConfig(
+            vocab_size=256,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
         self.text_encoder = LlamaModel(config)
         self.transformer = TinyDiT()
         self.vae = TinyVAE()

@@ -109,7 +109,9 @@ def get_blocks_attr_names(model: nn.Module) -> list[str]:
     legacy = getattr(cls, _LEGACY, None)
     if names is None and legacy is not None:
         legacy = [legacy] if isinstance(legacy, str) else list(legacy)
-        warnings.warn(f"{cls.__name__}.{_LEGACY} is deprecated; declare {_DECLARED} = {legacy!r}", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"{cls.__name__}.{_LEGACY} is deprecated; declare {_DECLARED} = {legacy!r}", DeprecationWarning, stacklevel=2
+        )
         names, source = legacy, f"{cls.__name__}.{_LEGACY}"
     if names is None and cls.__name__ in KNOWN_BLOCK_ATTRS:
         names, source = KNOWN_BLOCK_ATTRS[cls.__name__], f"offload_map's registry entry for {cls.__name__}"
@@ -142,7 +144,11 @@ def _registered(model: nn.Module, name: str, source: str) -> nn.Module:
     for depth, part in enumerate(name.split(".")):
         child = module._modules.get(part) if isinstance(module, nn.Module) else None
         if child is None:
-            kind = "missing" if not hasattr(module, part) else f"a {type(getattr(module, part)).__name__}, not a registered child module"
+            kind = (
+                "missing"
+                if not hasattr(module, part)
+                else f"a {type(getattr(module, part)).__name__}, not a registered child module"
+            )
             where = ".".join(name.split(".")[:depth]) or type(model).__name__
             raise AttributeError(
                 f"{source} names {name!r}, but on this {type(model).__name__} {part!r} (in {where}) is {kind}. Block "

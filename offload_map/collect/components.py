@@ -43,6 +43,7 @@ class Role(str, Enum):
             return True
         return self is not other
 
+
 _PROTOCOL = {"_dit_modules": Role.DIT, "_encoder_modules": Role.ENCODER, "_vae_modules": Role.VAE}
 _DIT_NAMES = ("transformer", "unet", "prior", "dit", "denoiser")
 _ENCODER_NAMES = ("text_encoder", "image_encoder", "mllm", "audio_encoder")

@@ -104,6 +104,7 @@ def collect_tensors(found: PipelineModules) -> list[TensorRef]:
                         seen[id(tensor)] = ref = TensorRef(module, name, is_param, f"{path}.{name}".lstrip("."), path)
                         refs.append(ref)
                     elif not (first.module is module and first.name == name) and not any(
-                            a.module is module and a.name == name for a in first.aliases):
+                        a.module is module and a.name == name for a in first.aliases
+                    ):
                         first.aliases.append(Alias(module, name, is_param, path))
     return refs

@@ -55,14 +55,18 @@ def apply_sequential_offload(
     dits, encoders = list(dit_modules), list(encoder_modules)
     ids = [id(m) for m in dits + encoders]
     if len(set(ids)) != len(ids):
-        raise ValueError("a module appears more than once in dit_modules/encoder_modules; each module may be listed once, in one list")
+        raise ValueError(
+            "a module appears more than once in dit_modules/encoder_modules; each module may be listed once, in one list"
+        )
     if not ids:
         raise ValueError("apply_sequential_offload needs at least one module in dit_modules or encoder_modules")
     for module in dits + encoders:
         if not isinstance(module, nn.Module):
             raise ValueError(f"expected nn.Module entries, got {type(module).__name__}")
         if _SEQUENTIAL_ATTR in module.__dict__:
-            raise RuntimeError(f"{type(module).__name__} is already under sequential offload; call remove_sequential_offload first")
+            raise RuntimeError(
+                f"{type(module).__name__} is already under sequential offload; call remove_sequential_offload first"
+            )
     handle = dispatch_pipeline(_ModuleSet(dits, encoders), "model", device, pin_memory=pin_memory, blocking=use_hsdp)
     for module in dits + encoders:
         module.__dict__[_SEQUENTIAL_ATTR] = handle

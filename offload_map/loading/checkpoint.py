@@ -124,16 +124,20 @@ def _json(text: str, what: str):
 
 def _shard_files(path: Path) -> list[Path]:
     if path.suffix in _PICKLE_SUFFIXES:
-        raise CheckpointError(f"{path} is a pickle-based checkpoint; offload_map only reads safetensors (pickle can run code). "
-                              "Convert it once, e.g. with safetensors.torch.save_file(torch.load(...), 'model.safetensors')")
+        raise CheckpointError(
+            f"{path} is a pickle-based checkpoint; offload_map only reads safetensors (pickle can run code). "
+            "Convert it once, e.g. with safetensors.torch.save_file(torch.load(...), 'model.safetensors')"
+        )
     if path.is_file() and not path.name.endswith(".safetensors.index.json"):
         return [path]
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     indexes = [path] if path.is_file() else sorted(path.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
-        raise CheckpointError(f"{path} holds several indexes ({[i.name for i in indexes]}, e.g. precision variants); "
-                              "pass the path of the one to load")
+        raise CheckpointError(
+            f"{path} holds several indexes ({[i.name for i in indexes]}, e.g. precision variants); "
+            "pass the path of the one to load"
+        )
     if indexes:
         path = indexes[0].parent
         index = _json(indexes[0].read_text(), f"checkpoint index {indexes[0]}")

@@ -14,9 +14,9 @@ import os
 
 import torch
 
-from .checkpoint import Checkpoint, CheckpointError
 from ..collect.tensors import TensorRef
 from ..planning.bind import ExecutionPlan
+from .checkpoint import Checkpoint, CheckpointError
 
 
 class WeightSource:
@@ -37,8 +37,10 @@ class WeightSource:
         meta = _meta_tensors(plan)
         if isinstance(weights, (str, os.PathLike)):
             if len(meta) != 1:
-                raise CheckpointError(f"weights={str(weights)!r} is one path, but {len(meta)} components are on the meta "
-                                      f"device ({sorted(meta)}); pass a dict {{component: path}}")
+                raise CheckpointError(
+                    f"weights={str(weights)!r} is one path, but {len(meta)} components are on the meta "
+                    f"device ({sorted(meta)}); pass a dict {{component: path}}"
+                )
             weights = {next(iter(meta)): weights}
         weights = dict(weights or {})
         unknown = sorted(set(weights) - names)
@@ -57,8 +59,9 @@ class WeightSource:
         self.keys: dict[int, tuple[Checkpoint, str]] = {}
         for comp, path in weights.items():
             checkpoint = Checkpoint(path)
-            checkpoint.check({key: (tuple(ref.tensor.shape), ref.tensor.dtype) for key, ref in meta[comp].items()},
-                             comp or "the model")
+            checkpoint.check(
+                {key: (tuple(ref.tensor.shape), ref.tensor.dtype) for key, ref in meta[comp].items()}, comp or "the model"
+            )
             self.keys.update({id(ref): (checkpoint, key) for key, ref in meta[comp].items()})
 
     def __bool__(self) -> bool:
@@ -81,7 +84,7 @@ def _meta_tensors(plan: ExecutionPlan) -> dict[str, dict[str, TensorRef]]:
         comp = plan.component_of(unit.path).name
         for ref in unit.tensors:
             if ref.tensor.is_meta:
-                out.setdefault(comp, {})[ref.qualname[len(comp) + 1:] if comp else ref.qualname] = ref
+                out.setdefault(comp, {})[ref.qualname[len(comp) + 1 :] if comp else ref.qualname] = ref
     return out
 
 
@@ -114,8 +117,10 @@ def empty_model(model_class: type, path: "str | os.PathLike", dtype: torch.dtype
     from accelerate import init_empty_weights
 
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise CheckpointError(f"{path} has no config.json; build the model on the meta device yourself "
-                              "(accelerate.init_empty_weights) and pass its safetensors file")
+        raise CheckpointError(
+            f"{path} has no config.json; build the model on the meta device yourself "
+            "(accelerate.init_empty_weights) and pass its safetensors file"
+        )
     with init_empty_weights():
         if hasattr(model_class, "load_config"):
             model = model_class.from_config(model_class.load_config(path))

@@ -48,7 +48,9 @@ def check_strategy(strategy: object) -> str:
     return name
 
 
-def compile_device_map(pipeline: object, strategy: str = "model", device=None, window: int = 2, budget: int | None = None) -> DeviceMap:
+def compile_device_map(
+    pipeline: object, strategy: str = "model", device=None, window: int = 2, budget: int | None = None
+) -> DeviceMap:
     """Compile ``pipeline`` into a ``DeviceMap`` for ``strategy`` (see the module docstring).
 
     Args:
@@ -75,8 +77,9 @@ def compile_device_map(pipeline: object, strategy: str = "model", device=None, w
     return compile_found(found, collect_tensors(found), strategy, str(resolve_device(device)), window, budget)
 
 
-def compile_found(found: PipelineModules, tensors: list[TensorRef], strategy: str, device: str, window: int,
-                  budget: int | None) -> DeviceMap:
+def compile_found(
+    found: PipelineModules, tensors: list[TensorRef], strategy: str, device: str, window: int, budget: int | None
+) -> DeviceMap:
     """``compile_device_map`` on a pipeline already discovered (``found``, its ``tensors``) for a resolved device."""
     strategy = check_strategy(strategy)
     check_window(window)
@@ -168,8 +171,13 @@ def _warn_pinned_over_budget(dmap: DeviceMap, budget: int) -> None:
         names = [n for n, r in dmap.components.items() if r is role and dmap[n] is Placement.CPU_PINNED]
         logger.warning(
             "%s (%s, cpu-pinned) will hold %s of device memory while %s, above the budget of %s: "
-            "give at least %s, or run %s elsewhere", ", ".join(names), human_bytes(sum(sizes[n] for n in names)),
-            human_bytes(peak), "they run" if len(names) > 1 else "it runs", human_bytes(budget), human_bytes(peak),
+            "give at least %s, or run %s elsewhere",
+            ", ".join(names),
+            human_bytes(sum(sizes[n] for n in names)),
+            human_bytes(peak),
+            "they run" if len(names) > 1 else "it runs",
+            human_bytes(budget),
+            human_bytes(peak),
             "them" if len(names) > 1 else "it",
         )
 

@@ -160,11 +160,15 @@ class DeviceMap:
         where = "device map"
         version = data.get("version") if isinstance(data, dict) else None
         if type(version) is not int or version != FORMAT_VERSION:
-            raise ValueError(f"not an offload_map device map of version {FORMAT_VERSION} (a {type(data).__name__} with version {version!r:.40})")
+            raise ValueError(
+                f"not an offload_map device map of version {FORMAT_VERSION} (a {type(data).__name__} with version {version!r:.40})"
+            )
         comps = typed(data, "components", dict, where)
         for name, role in comps.items():
             if not isinstance(name, str) or not isinstance(role, str) or role not in {r.value for r in Role}:
-                raise ValueError(f"device map component {name!r:.80}: unknown role {role!r:.80}; expected one of {[r.value for r in Role]}")
+                raise ValueError(
+                    f"device map component {name!r:.80}: unknown role {role!r:.80}; expected one of {[r.value for r in Role]}"
+                )
         strategy = typed({"strategy": "custom", **data}, "strategy", str, where)
         dmap = cls(typed(data, "device", str, where), comps, {}, typed(data, "window", int, where), strategy)
         for i, raw in enumerate(typed(data, "entries", list, where)):
@@ -220,7 +224,7 @@ class DeviceMap:
             comp = owning_component(path, self.components)
             value = int(index) if entry.placement is Placement.GPU and self.device != "cpu" else "cpu"
             for name in _disjoint_names(path, modules[path], self.entries):
-                out[comp][name[len(comp):].lstrip(".") if comp else name] = value
+                out[comp][name[len(comp) :].lstrip(".") if comp else name] = value
         return out
 
     def __str__(self) -> str:
@@ -264,14 +268,21 @@ def _rows(dmap: DeviceMap) -> list[tuple[str, str, str, str]]:
     for e in dmap.entries.values():
         m = _NUMBERED.match(e.path)
         last = rows[-1] if rows else None
-        if (m and last and last[5] == m.group(1) and last[1] is e.placement and last[3] == e.dtype
-                and last[2] == e.nbytes and last[6] + 1 == int(m.group(2))):
+        if (
+            m
+            and last
+            and last[5] == m.group(1)
+            and last[1] is e.placement
+            and last[3] == e.dtype
+            and last[2] == e.nbytes
+            and last[6] + 1 == int(m.group(2))
+        ):
             last[6] = int(m.group(2))
             last[4] += 1
             continue
         rows.append([e.path, e.placement, e.nbytes, e.dtype, 1, m.group(1) if m else None, int(m.group(2)) if m else -1])
     out = []
-    for path, placement, nbytes, dtype, count, prefix, end in rows:
+    for path, placement, nbytes, dtype, count, _prefix, end in rows:
         if count > 1:
             path = f"{path}..{end}"
         size = f"{count} x {human_bytes(nbytes)}" if count > 1 else human_bytes(nbytes)

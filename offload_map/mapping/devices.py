@@ -33,9 +33,13 @@ def resolve_device(device: "str | int | torch.device | None") -> torch.device:
     if dev.type != "cuda":
         raise ValueError(f"device {device!r}: offload_map targets 'cuda' or 'cpu', not {dev.type!r}")
     if not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: CUDA is not available on this machine; pass device='cpu' (with a "
-                         "device map too: dispatch_pipeline(pipe, device='cpu', device_map=...)) to run the same plan on the CPU")
+        raise ValueError(
+            f"device {device!r}: CUDA is not available on this machine; pass device='cpu' (with a "
+            "device map too: dispatch_pipeline(pipe, device='cpu', device_map=...)) to run the same plan on the CPU"
+        )
     index = torch.cuda.current_device() if dev.index is None else dev.index
     if index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) exist (indices 0..{torch.cuda.device_count() - 1})")
+        raise ValueError(
+            f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) exist (indices 0..{torch.cuda.device_count() - 1})"
+        )
     return torch.device("cuda", index)

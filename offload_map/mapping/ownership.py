@@ -96,12 +96,14 @@ def entry_module(path: str, components: dict, roles: "dict[str, Role]"):
         ValueError: the path is malformed, lies in no component, or names no module of the pipeline.
     """
     if path and "" in path.split("."):
-        raise ValueError(f"device map entry {path!r} has an empty name between dots; write module paths like 'transformer.blocks.0'")
+        raise ValueError(
+            f"device map entry {path!r} has an empty name between dots; write module paths like 'transformer.blocks.0'"
+        )
     try:
         comp = owning_component(path, roles)
     except KeyError as err:
         raise ValueError(err.args[0]) from None
-    rel = path[len(comp) + 1:] if comp else path
+    rel = path[len(comp) + 1 :] if comp else path
     module = components[comp].module
     try:
         return module.get_submodule(rel) if rel else module
@@ -109,4 +111,6 @@ def entry_module(path: str, components: dict, roles: "dict[str, Role]"):
         known = [f"{comp}.{name}".lstrip(".") for name, _ in module.named_modules() if name]
         close = difflib.get_close_matches(path, known, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"device map entry {path!r} names no module of the pipeline (component {comp!r} has no {rel!r}){hint}") from None
+        raise ValueError(
+            f"device map entry {path!r} names no module of the pipeline (component {comp!r} has no {rel!r}){hint}"
+        ) from None

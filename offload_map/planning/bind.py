@@ -98,7 +98,7 @@ def bind(dmap: DeviceMap, found: PipelineModules, tensors: list[TensorRef]) -> E
         plan.components.append(ComponentPlan(name, comp.module, dmap.components[name], root.placement))
     streamed = _check_rules(dmap, comps, units)
     _check_sizes(dmap, comps, units)
-    for path, unit in units.items():
+    for unit in units.values():
         if unit.placement is Placement.GPU:
             plan.resident.append(unit)
         elif unit.placement is Placement.CPU_PINNED:
@@ -117,7 +117,7 @@ def direct_child(qualname: str, path: str) -> str | None:
     (and for a tensor outside the block)."""
     if not qualname.startswith(path + "."):
         return None
-    name, dot, _ = qualname[len(path) + 1:].partition(".")
+    name, dot, _ = qualname[len(path) + 1 :].partition(".")
     return name if dot else None
 
 
@@ -184,17 +184,25 @@ def _check_rules(dmap: DeviceMap, comps: dict, units: dict[str, Unit]) -> dict[s
         inner = [p for p in units if p != path and (not path or p.startswith(path + "."))]
         if unit.placement is Placement.CPU_PINNED:
             if path != comp:
-                raise ValueError(f"device map entry {path!r}: 'cpu-pinned' applies to whole components ({comp!r}), not to a module inside one")
+                raise ValueError(
+                    f"device map entry {path!r}: 'cpu-pinned' applies to whole components ({comp!r}), not to a module inside one"
+                )
             if inner:
-                raise ValueError(f"device map entry {inner[0]!r} is inside the 'cpu-pinned' component {path!r}, which moves as a whole; remove the inner entry")
+                raise ValueError(
+                    f"device map entry {inner[0]!r} is inside the 'cpu-pinned' component {path!r}, which moves as a whole; remove the inner entry"
+                )
         elif unit.placement is Placement.LAYER_WINDOW:
             if path not in block_paths.get(comp, ()):
                 blocks = block_paths.get(comp)
-                found = (f"{comp!r} blocks are {blocks[:3]}{'...' if len(blocks) > 3 else ''}" if blocks else
-                         f"{comp!r} ({type(comps[comp].module).__name__}) has no block lists: declare them on its class, "
-                         f"e.g. _layerwise_offload_blocks_attrs = ['encoder.block'], or place it 'cpu-pinned'")
-                raise ValueError(f"device map entry {path!r}: 'layer-window' applies only to blocks of a component's "
-                                 f"block lists; {found}")
+                found = (
+                    f"{comp!r} blocks are {blocks[:3]}{'...' if len(blocks) > 3 else ''}"
+                    if blocks
+                    else f"{comp!r} ({type(comps[comp].module).__name__}) has no block lists: declare them on its class, "
+                    f"e.g. _layerwise_offload_blocks_attrs = ['encoder.block'], or place it 'cpu-pinned'"
+                )
+                raise ValueError(
+                    f"device map entry {path!r}: 'layer-window' applies only to blocks of a component's block lists; {found}"
+                )
             moving = [p for p in inner if units[p].placement is not Placement.GPU]
             if moving:
                 raise ValueError(

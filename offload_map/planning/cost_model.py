@@ -64,8 +64,14 @@ def load_bytes(cost: ModelCost, index: int, kept: Mapping[int, int] | None) -> i
     return cost.blocks[index].nbytes - (kept or {}).get(index, 0)
 
 
-def simulate(cost: ModelCost, streamed: frozenset[int], window: int, bandwidth: float, steps: int = 4,
-             kept: Mapping[int, int] | None = None) -> Timeline:
+def simulate(
+    cost: ModelCost,
+    streamed: frozenset[int],
+    window: int,
+    bandwidth: float,
+    steps: int = 4,
+    kept: Mapping[int, int] | None = None,
+) -> Timeline:
     """Predict the steady-state step time with blocks ``streamed`` (indices) through ``window`` slots, of which
     the first ``kept[i]`` bytes of block ``i`` stay on the device.
 

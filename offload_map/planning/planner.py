@@ -78,8 +78,10 @@ class BlockPlan:
         copy = self.timeline.copy_busy_s
         compute = self.cost.compute_s
         if copy > 1.02 * compute:
-            return (f"Copies bound the step: {len(self.streamed)} streamed blocks need {copy * 1e3:.1f} ms on the link "
-                    f"against {compute * 1e3:.1f} ms of compute; more budget keeps more blocks resident.")
+            return (
+                f"Copies bound the step: {len(self.streamed)} streamed blocks need {copy * 1e3:.1f} ms on the link "
+                f"against {compute * 1e3:.1f} ms of compute; more budget keeps more blocks resident."
+            )
         if self.step_s > 1.05 * max(copy, compute):
             return "Copies and compute are poorly overlapped: a larger window or more resident blocks would help."
         return f"Compute bounds the step ({compute * 1e3:.1f} ms); copies ({copy * 1e3:.1f} ms) hide under it."
@@ -87,13 +89,15 @@ class BlockPlan:
     def explain(self) -> str:
         """Per block: placement, bytes, predicted copy and compute time and which bounds it; then totals."""
         lines = [f"{'block':<40} {'placement':<12} {'bytes':>10} {'kept':>10} {'copy ms':>8} {'compute ms':>10}  bound"]
-        for index, (path, streamed, c0, c1, s0, s1) in enumerate(self.timeline.rows):
+        for index, (path, streamed, *_) in enumerate(self.timeline.rows):
             block = self.cost.blocks[index]
             copy_ms = load_bytes(self.cost, index, self.kept) / self.bandwidth * 1e3 if streamed else 0.0
             kept = self.kept.get(index, 0) if streamed else block.nbytes
             bound = "copy" if streamed and copy_ms > block.compute_s * 1e3 else "compute"
-            lines.append(f"{path:<40} {'layer-window' if streamed else 'gpu':<12} {human_bytes(block.nbytes):>10} "
-                         f"{human_bytes(kept) if kept else '-':>10} {copy_ms:>8.2f} {block.compute_s * 1e3:>10.2f}  {bound}")
+            lines.append(
+                f"{path:<40} {'layer-window' if streamed else 'gpu':<12} {human_bytes(block.nbytes):>10} "
+                f"{human_bytes(kept) if kept else '-':>10} {copy_ms:>8.2f} {block.compute_s * 1e3:>10.2f}  {bound}"
+            )
         floor = floor_s(self.cost, self.streamed, self.bandwidth, self.kept)
         split = f", {len(self.kept)} of them in part" if self.kept else ""
         lines += [

@@ -77,10 +77,22 @@ def _cost_from_dict(data: object, where: str) -> ModelCost:
             raise ValueError(f"{where}.blocks[{i}] must be an object")
         nbytes = count(raw, "bytes", f"{where}.blocks[{i}]")
         splits = raw.get("splits", [])  # optional: profiles recorded before split blocks have none
-        if not isinstance(splits, list) or any(type(p) is not int or not 0 < p < nbytes for p in splits) or splits != sorted(set(splits)):
-            raise ValueError(f"{where}.blocks[{i}].splits must be ascending ints between 0 and the block's bytes, got {splits!r:.80}")
-        blocks.append(BlockCost(typed(raw, "path", str, f"{where}.blocks[{i}]"), nbytes,
-                                number(raw, "compute_s", f"{where}.blocks[{i}]"), tuple(splits)))
+        if (
+            not isinstance(splits, list)
+            or any(type(p) is not int or not 0 < p < nbytes for p in splits)
+            or splits != sorted(set(splits))
+        ):
+            raise ValueError(
+                f"{where}.blocks[{i}].splits must be ascending ints between 0 and the block's bytes, got {splits!r:.80}"
+            )
+        blocks.append(
+            BlockCost(
+                typed(raw, "path", str, f"{where}.blocks[{i}]"),
+                nbytes,
+                number(raw, "compute_s", f"{where}.blocks[{i}]"),
+                tuple(splits),
+            )
+        )
     if not blocks:
         raise ValueError(f"{where}.blocks is empty")
     return ModelCost(

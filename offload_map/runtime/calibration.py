@@ -50,8 +50,16 @@ class BlockTimer:
         skip: forwards to let go by before the timed one.
     """
 
-    def __init__(self, ordering, paths: list[str], nbytes: list[int], splits: list[tuple[int, ...]], other_bytes: int,
-                 on_done: Callable[[ModelCost], None], skip: int = 1) -> None:
+    def __init__(
+        self,
+        ordering,
+        paths: list[str],
+        nbytes: list[int],
+        splits: list[tuple[int, ...]],
+        other_bytes: int,
+        on_done: Callable[[ModelCost], None],
+        skip: int = 1,
+    ) -> None:
         self.ordering = ordering
         self.paths = paths
         self.nbytes = nbytes

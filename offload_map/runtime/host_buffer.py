@@ -49,7 +49,7 @@ class Region:
     def raw(self, flat: torch.Tensor, base: int = 0) -> torch.Tensor:
         """The region's elements as stored: 1-D, every element of the tensor's memory span once. ``flat`` holds
         the layout's bytes from ``base`` on."""
-        return flat[self.offset - base:self.offset - base + self.span].view(self.dtype)
+        return flat[self.offset - base : self.offset - base + self.span].view(self.dtype)
 
     def view(self, flat: torch.Tensor, base: int = 0) -> torch.Tensor:
         return self.raw(flat, base).as_strided(self.shape, self.stride)
@@ -118,7 +118,7 @@ class HostBuffer:
 
     def __init__(self, tensors: list[torch.Tensor], flat: torch.Tensor | None = None) -> None:
         self.regions, self.nbytes = layout(tensors)
-        self.flat = torch.empty(self.nbytes, dtype=torch.uint8) if flat is None else flat[:self.nbytes]
+        self.flat = torch.empty(self.nbytes, dtype=torch.uint8) if flat is None else flat[: self.nbytes]
         self.owned = flat is None
         self.pinned = False
         self._registration = None
@@ -162,8 +162,12 @@ class HostBuffer:
             self.pinned = True
             self._registration = weakref.finalize(self, _unregister, self.flat.data_ptr())
             return
-        logger.warning("cudaHostRegister of %d bytes failed (error %s)%s", self.nbytes, int(err),
-                       "; using torch's pinned allocator" if self.owned else "; this buffer stays pageable")
+        logger.warning(
+            "cudaHostRegister of %d bytes failed (error %s)%s",
+            self.nbytes,
+            int(err),
+            "; using torch's pinned allocator" if self.owned else "; this buffer stays pageable",
+        )
         if self.owned:
             self.flat = self.flat.pin_memory()
             self.pinned = True

@@ -56,8 +56,16 @@ class HostStore:
         times: where packing time went.
     """
 
-    def __init__(self, plan: ExecutionPlan, ordering, pin: bool, source, share_host_copy: bool | None,
-                 shard_backend: str | None, progress: bool | None) -> None:
+    def __init__(
+        self,
+        plan: ExecutionPlan,
+        ordering,
+        pin: bool,
+        source,
+        share_host_copy: bool | None,
+        shard_backend: str | None,
+        progress: bool | None,
+    ) -> None:
         self.ordering = ordering
         self.pin = pin
         self.source = source
@@ -92,12 +100,19 @@ class HostStore:
         """Every unit's host buffer."""
         return [unit.host for unit in self.units.values()]
 
-    def _pack(self, host_units: list[Unit], offsets: list[int], region, fills: bool, device: torch.device,
-              progress: bool | None) -> None:
+    def _pack(
+        self, host_units: list[Unit], offsets: list[int], region, fills: bool, device: torch.device, progress: bool | None
+    ) -> None:
         what = "reading weights into host memory" if self.source else "packing host weights"
         desc = f"offload_map: {what}" if fills else "offload_map: mapping the host copy shared by this host's ranks"
-        bar = tqdm(total=sum(u.nbytes for u in host_units), unit="B", unit_scale=True, desc=desc, delay=1.0,
-                   disable=progress is False or not host_units)
+        bar = tqdm(
+            total=sum(u.nbytes for u in host_units),
+            unit="B",
+            unit_scale=True,
+            desc=desc,
+            delay=1.0,
+            disable=progress is False or not host_units,
+        )
         fill_s, pin_s = [], []
 
         def pack(unit: Unit, offset: int) -> OffloadedUnit:
@@ -116,8 +131,13 @@ class HostStore:
                 buffer.pin()
             fill_s.append(filled - start)
             pin_s.append(time.perf_counter() - filled)
-            packed = OffloadedUnit(unit.path, unit.tensors, buffer, self.ordering,
-                                   kept=buffer.nbytes if unit.placement is Placement.CPU_PINNED else 0)
+            packed = OffloadedUnit(
+                unit.path,
+                unit.tensors,
+                buffer,
+                self.ordering,
+                kept=buffer.nbytes if unit.placement is Placement.CPU_PINNED else 0,
+            )
             # A rank that does not fill a shared region binds to it only once the filler is done (``ready``):
             # until then its own tensors are the only copy of the weights.
             if fills:

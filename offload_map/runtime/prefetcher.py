@@ -144,7 +144,9 @@ class Prefetcher:
             self.warned = True
             logger.warning(
                 "%s: block %s ran out of the learned order; loading it on demand (correct but slower). "
-                "This warning is shown once.", self.name, self.units[block].path,
+                "This warning is shown once.",
+                self.name,
+                self.units[block].path,
             )
         self._reset()
         self._load(block, self._take_slot(block), on_demand=True)

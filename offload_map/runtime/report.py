@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..mapping.device_map import DeviceMap
-from ..mapping.sizes import human_bytes
 from ..mapping.placement import Placement
+from ..mapping.sizes import human_bytes
 
 
 @dataclass
@@ -40,8 +40,10 @@ class SetupTimes:
     threads: int = 1
 
     def __str__(self) -> str:
-        return (f"host storage {self.pack_wall_s:.2f} s wall ({self.threads} threads: writing weights {self.fill_s:.2f} s, "
-                f"page-locking {self.pin_s:.2f} s, summed over threads)")
+        return (
+            f"host storage {self.pack_wall_s:.2f} s wall ({self.threads} threads: writing weights {self.fill_s:.2f} s, "
+            f"page-locking {self.pin_s:.2f} s, summed over threads)"
+        )
 
 
 @dataclass

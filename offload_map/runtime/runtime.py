@@ -54,9 +54,17 @@ class Runtime:
         shard_copies: each rank copies 1/N of every block and the ranks all-gather the rest.
     """
 
-    def __init__(self, plan: ExecutionPlan, *, pin_memory: bool = True, blocking: bool = False,
-                 progress: bool | None = None, source=None, share_host_copy: bool | None = False,
-                 shard_copies: bool = False) -> None:
+    def __init__(
+        self,
+        plan: ExecutionPlan,
+        *,
+        pin_memory: bool = True,
+        blocking: bool = False,
+        progress: bool | None = None,
+        source=None,
+        share_host_copy: bool | None = False,
+        shard_copies: bool = False,
+    ) -> None:
         self.plan = plan
         self.device = plan.device
         self.ordering = ordering_for(self.device)
@@ -84,8 +92,15 @@ class Runtime:
             units = [self.host.units[block.path] for block in ring.blocks]
             self._undo.append(lambda name=ring.component: self.rings.pop(name).free() if name in self.rings else None)
             self.rings[ring.component] = self._within_memory(
-                f"allocating {ring.window} slots for {ring.component!r}", BlockRing,
-                ring.component, units, ring.window, ordering, self.copier, self.stats)
+                f"allocating {ring.window} slots for {ring.component!r}",
+                BlockRing,
+                ring.component,
+                units,
+                ring.window,
+                ordering,
+                self.copier,
+                self.stats,
+            )
         resident = ResidentTensors()
         self._undo.append(lambda: resident.restore(self.built))
         self._within_memory("moving resident modules", resident.move, plan.resident, self.device, source)
@@ -99,7 +114,7 @@ class Runtime:
             self.hooks.attach(comp.module, ComponentHook(comp.name, self.device, self.swapper, ring, self.calls))
             if ring is not None or comp.name in pinned:
                 self.hooks.guard(comp.name, comp.module)
-        for name, ring in self.rings.items():
+        for ring in self.rings.values():
             for index, unit in enumerate(ring.units):
                 self.hooks.attach(plan.units[unit.path].module, BlockHook(ring, index, unit.path))
 
@@ -146,8 +161,17 @@ class Runtime:
         ``on_done`` at the end of that forward (a forward boundary, where ``set_residency`` may be called)."""
         ring = self.rings[name]
         other = sum(u.nbytes for u in self.plan.resident if self.plan.component_of(u.path).name == name)
-        ring.arm(BlockTimer(self.ordering, ring.paths, [u.nbytes for u in ring.units], [u.split_points() for u in ring.units],
-                            other, on_done, skip))
+        ring.arm(
+            BlockTimer(
+                self.ordering,
+                ring.paths,
+                [u.nbytes for u in ring.units],
+                [u.split_points() for u in ring.units],
+                other,
+                on_done,
+                skip,
+            )
+        )
 
     def watch_calls(self, listener: Callable[[dict[str, int]], None]) -> None:
         """Call ``listener`` with each component's forward count when a call of the pipeline ends
@@ -218,8 +242,10 @@ class Runtime:
 
     def _footprint(self) -> int:
         resident = sum(u.nbytes for u in self.plan.resident)
-        return resident + sum(device_footprint(0, max(u.nbytes for u in ring.blocks), min(ring.window, len(ring.blocks)))
-                              for ring in self.plan.rings)
+        return resident + sum(
+            device_footprint(0, max(u.nbytes for u in ring.blocks), min(ring.window, len(ring.blocks)))
+            for ring in self.plan.rings
+        )
 
 
 def _copier(host_copy) -> "DirectCopy | ShardedCopy":

@@ -40,7 +40,7 @@ class DirectCopy:
 
     def __call__(self, buffer: torch.Tensor, src: torch.Tensor, pinned: bool, path: str) -> None:
         """Copy the host bytes ``src`` (the streamed part of block ``path``) to the start of ``buffer``."""
-        buffer[:src.numel()].copy_(src, non_blocking=pinned)
+        buffer[: src.numel()].copy_(src, non_blocking=pinned)
 
 
 class ShardedCopy:
@@ -70,12 +70,12 @@ class ShardedCopy:
     def __call__(self, buffer: torch.Tensor, src: torch.Tensor, pinned: bool, path: str) -> None:
         nbytes = src.numel()
         chunk = self.chunk(nbytes)
-        gathered = buffer[:chunk * self.size]
+        gathered = buffer[: chunk * self.size]
         start = self.index * chunk
-        own = gathered[start:start + chunk]
+        own = gathered[start : start + chunk]
         mine = self.host_bytes(nbytes)
         if mine:
-            own[:mine].copy_(src[start:start + mine], non_blocking=pinned)
+            own[:mine].copy_(src[start : start + mine], non_blocking=pinned)
         try:
             if buffer.device.type == "cpu":
                 self._check_same_block(nbytes, path)

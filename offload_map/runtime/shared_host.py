@@ -49,7 +49,9 @@ class HostCopy:
         ranks: the global ranks of this host with the same layout.
     """
 
-    def __init__(self, flat: torch.Tensor | None, creator: bool, ranks: list[int], fd: int | None, group, shard_group=None) -> None:
+    def __init__(
+        self, flat: torch.Tensor | None, creator: bool, ranks: list[int], fd: int | None, group, shard_group=None
+    ) -> None:
         self.flat = flat
         self.creator = creator
         self.ranks = ranks
@@ -76,8 +78,10 @@ class HostCopy:
             return None
         if not (dist.is_available() and dist.is_initialized()):
             if share or shard_backend:
-                raise ValueError("share_host_copy=True and shard_copies=True need torch.distributed initialised (run "
-                                 "under accelerate launch or torchrun and create accelerate's PartialState() first)")
+                raise ValueError(
+                    "share_host_copy=True and shard_copies=True need torch.distributed initialised (run "
+                    "under accelerate launch or torchrun and create accelerate's PartialState() first)"
+                )
             return None
         world, rank = dist.get_world_size(), dist.get_rank()
         # Packing a model can take minutes (a slow disk): the exchange waits as long as that, and no longer.

@@ -29,8 +29,14 @@ class Swapper:
         e.g. Wan2.2's second expert) and, if the transformer is pinned, copies it in.
     """
 
-    def __init__(self, roles: dict[str, Role], pinned: dict[str, OffloadedUnit], rings: dict[str, BlockRing],
-                 blocking: bool, stats: TransferStats) -> None:
+    def __init__(
+        self,
+        roles: dict[str, Role],
+        pinned: dict[str, OffloadedUnit],
+        rings: dict[str, BlockRing],
+        blocking: bool,
+        stats: TransferStats,
+    ) -> None:
         self.roles = roles
         self.pinned = pinned
         self.rings = rings

@@ -109,8 +109,13 @@ class OffloadedUnit:
         binds write to: the Parameters (``.data`` keeps their identity from here on) and buffer tables."""
         for ref, view in zip(self.refs, self.host_views):
             ref.bind(view)  # may replace a meta Parameter with a new one, so the targets are read after
-        self._targets = [tuple((module._parameters[name], None, name) if is_param else (None, module._buffers, name)
-                               for module, name, is_param in ref.slots()) for ref in self.refs]
+        self._targets = [
+            tuple(
+                (module._parameters[name], None, name) if is_param else (None, module._buffers, name)
+                for module, name, is_param in ref.slots()
+            )
+            for ref in self.refs
+        ]
         self.bound = True
 
     # -- head ----------------------------------------------------------------------------------------------
@@ -128,7 +133,7 @@ class OffloadedUnit:
             ordering.record_compute(allocated)
             ordering.copy_waits(allocated)
             with ordering.on_copy_stream():
-                head.copy_(self.host.flat[:self.kept], non_blocking=self.host.pinned)
+                head.copy_(self.host.flat[: self.kept], non_blocking=self.host.pinned)
                 ordering.record_copy(ready)
             ordering.compute_waits(ready)
             if blocking and ordering.asynchronous:
@@ -141,7 +146,7 @@ class OffloadedUnit:
         """Point the head's tensors back at the host buffer and let its device buffer go. Safe to call twice."""
         if self.head is None:
             return
-        self._bind(0, self.host_views[:self.split])
+        self._bind(0, self.host_views[: self.split])
         if self.ordering.asynchronous and self.head_stream != self.ordering.compute_stream():
             self.head_stream.wait_stream(self.ordering.compute_stream())
         self.head = self.head_stream = None
@@ -159,7 +164,7 @@ class OffloadedUnit:
             return 0
         slot.holds = self
         ordering = self.ordering
-        src = self.host.flat[self.kept:]
+        src = self.host.flat[self.kept :]
         with torch.profiler.record_function(f"offload_map::load {self.path}"):
             ordering.copy_waits(slot.free)
             with ordering.on_copy_stream():
@@ -188,7 +193,7 @@ class OffloadedUnit:
         if self.state is not TailState.IN_USE:
             return
         self.ordering.record_compute(self.slot.free)
-        self._bind(self.split, self.host_views[self.split:])
+        self._bind(self.split, self.host_views[self.split :])
         self.slot, self.state = None, TailState.HOST
 
     def cancel(self) -> None:
