@@ -4,6 +4,9 @@
   to place latents), moves tensor inputs there, makes room for the component (``Swapper.activate``) and,
   on a streamed DiT, tells its ring where each forward begins and ends. diffusers' VAEs call
   ``_hf_hook.pre_forward`` from ``decode``/``encode`` too, so a pinned VAE is loaded for those.
+- Entry points other than ``forward`` that pipelines call on a component (``ENTRY_POINTS``, ``vae.decode`` and
+  the like, plus those a class names in ``_offload_map_entry_points``) run through the same hook, so the
+  component is on the device for them too; diffusers' own ``apply_forward_hook`` methods already call it.
 - ``BlockHook`` sits on every streamed block: before the block runs, its tail is waited for and bound
   into its slot; after, the slot is released and the tail points at the host again.
 
@@ -100,16 +103,51 @@ def detach(module: nn.Module) -> None:
         module.__dict__.pop("forward", None)
 
 
+# Methods besides ``forward`` through which pipelines run a component's weights.
+ENTRY_POINTS = ("encode", "decode", "tiled_encode", "tiled_decode", "get_text_features", "get_image_features")
+
+
+def entry_points(module: nn.Module) -> list[str]:
+    """The methods of ``module`` besides ``forward`` that must run with its weights on the device: those of
+    ``ENTRY_POINTS`` its class defines and those it declares in ``_offload_map_entry_points``, except the ones
+    diffusers' ``apply_forward_hook`` already routes through the component's hook."""
+    names = [*ENTRY_POINTS, *getattr(type(module), "_offload_map_entry_points", ())]
+    out = []
+    for name in dict.fromkeys(names):
+        method = getattr(type(module), name, None)
+        code = getattr(method, "__code__", None)
+        if callable(method) and not (code and code.co_name == "wrapper" and code.co_filename.endswith("accelerate_utils.py")):
+            out.append(name)
+    return out
+
+
 class HookSet:
-    """The hooks and guards of one dispatch: attached one by one, all taken off by ``remove``."""
+    """The hooks, wrapped entry points and guards of one dispatch: attached one by one, all taken off by ``remove``."""
 
     def __init__(self) -> None:
         self.modules: list[nn.Module] = []
+        self.wrapped: list[tuple[nn.Module, str]] = []
         self.guards: list[ComponentGuard] = []
 
     def attach(self, module: nn.Module, hook: ModelHook) -> None:
         attach(module, hook)
         self.modules.append(module)
+
+    def wrap_entry_points(self, module: nn.Module, hook: ModelHook) -> None:
+        """Run ``module``'s other entry points (``entry_points``) through ``hook`` as its forward is."""
+        for name in entry_points(module):
+            method = getattr(module, name)
+
+            @torch.compiler.disable
+            def hooked_pre(*args, **kwargs):
+                return hook.pre_forward(module, *args, **kwargs)
+
+            def entry(*args, _method=method, **kwargs):
+                args, kwargs = hooked_pre(*args, **kwargs)
+                return hook.post_forward(module, _method(*args, **kwargs))
+
+            module.__dict__[name] = entry
+            self.wrapped.append((module, name))
 
     def guard(self, name: str, module: nn.Module) -> None:
         self.guards.append(ComponentGuard(name, module))
@@ -120,6 +158,9 @@ class HookSet:
 
     def remove(self) -> None:
         """Take every hook and guard off. Safe to call twice."""
+        while self.wrapped:
+            module, name = self.wrapped.pop()
+            module.__dict__.pop(name, None)
         while self.modules:
             detach(self.modules.pop())
         while self.guards:

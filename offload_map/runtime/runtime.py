@@ -111,7 +111,9 @@ class Runtime:
         self._undo.append(self.hooks.remove)
         for comp in plan.components:
             ring = self.rings.get(comp.name)
-            self.hooks.attach(comp.module, ComponentHook(comp.name, self.device, self.swapper, ring, self.calls))
+            hook = ComponentHook(comp.name, self.device, self.swapper, ring, self.calls)
+            self.hooks.attach(comp.module, hook)
+            self.hooks.wrap_entry_points(comp.module, hook)
             if ring is not None or comp.name in pinned:
                 self.hooks.guard(comp.name, comp.module)
         for ring in self.rings.values():
