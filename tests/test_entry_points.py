@@ -8,6 +8,7 @@ import torch
 
 from offload_map import dispatch_pipeline
 from offload_map.demo import make_tiny_pipeline
+
 from conftest import resident_run
 
 

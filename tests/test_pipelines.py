@@ -86,4 +86,3 @@ def test_none_strategy_is_bit_exact(case, target):
     name, pipe, run, reference = case
     assert_parity(case, target, runs=1, strategy="none").remove()
     assert torch.equal(resident_run(pipe, lambda: run(pipe), target), reference)
-
