@@ -226,7 +226,7 @@ def _recorded(dmap: DeviceMap, blocks: list[Unit], kept: dict[str, int], window:
     written by an earlier plan, re-dispatched by ``refresh()``) are units of their own, outside the block: they stay."""
     planned: dict[str, list[MapEntry]] = {}
     for block in blocks:
-        regions, total = layout([ref.tensor for ref in block.tensors])
+        regions, total = layout([ref.local for ref in block.tensors])
         size = kept.get(block.path, 0)
         if size and size >= total:
             planned[block.path] = [replace(dmap.entries[block.path], placement=Placement.GPU)]

@@ -1,6 +1,8 @@
 """The tensors of a pipeline: every parameter and buffer once, where it sits, and where else it appears.
 
-A ``TensorRef`` names one parameter or buffer slot of a module; rebinding that slot is how weights move.
+A ``TensorRef`` names one parameter or buffer slot of a module; rebinding that slot is how weights move. A
+``DTensor`` (HSDP, tensor parallelism) moves by its local shard: its ``local`` tensor is what is packed and
+streamed, and binding replaces the shard under the same ``DTensor``, so its mesh and placements stay.
 The same tensor held by several modules (a tied weight, a shared buffer) is one ``TensorRef`` whose
 ``aliases`` list the other slots; they are always rebound together, so ties survive dispatch and restore.
 ``TensorRef.bind`` is the one primitive that points module slots at memory; in the runtime only the
@@ -52,8 +54,13 @@ class TensorRef:
         return (self.module._parameters if self.is_param else self.module._buffers)[self.name]
 
     @property
+    def local(self) -> torch.Tensor:
+        """The tensor's bytes on this rank: the tensor itself, or a ``DTensor``'s local shard."""
+        return local_tensor(self.tensor)
+
+    @property
     def nbytes(self) -> int:
-        tensor = self.tensor
+        tensor = self.local
         return tensor.numel() * tensor.element_size()
 
     def slots(self) -> list[tuple[nn.Module, str, bool]]:
@@ -65,6 +72,10 @@ class TensorRef:
         compiled graphs hold them), except across the meta device, which ``.data`` cannot cross: one new
         ``Parameter`` then takes every slot."""
         fresh = None
+        current = self.tensor
+        if is_dtensor(current) and not is_dtensor(data):  # the shard changes; the DTensor (mesh, placements) stays
+            current._local_tensor = data
+            return
         for module, name, is_param in self.slots():
             if not is_param:
                 module._buffers[name] = data
@@ -76,6 +87,16 @@ class TensorRef:
             if fresh is None:
                 fresh = nn.Parameter(data, requires_grad=param.requires_grad)
             module._parameters[name] = fresh
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (without importing torch.distributed)."""
+    return hasattr(tensor, "_local_tensor") and hasattr(tensor, "device_mesh")
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or its local shard when it is a ``DTensor``."""
+    return tensor._local_tensor if is_dtensor(tensor) else tensor
 
 
 def collect_tensors(found: PipelineModules) -> list[TensorRef]:

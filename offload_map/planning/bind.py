@@ -106,7 +106,7 @@ def bind(dmap: DeviceMap, found: PipelineModules, tensors: list[TensorRef]) -> E
     for comp_name, block_paths in streamed.items():
         for path in block_paths:
             unit = units[path]
-            order = block_order([r.qualname for r in unit.tensors], [r.tensor.nbytes for r in unit.tensors], path)
+            order = block_order([r.qualname for r in unit.tensors], [r.nbytes for r in unit.tensors], path)
             unit.tensors[:] = [unit.tensors[i] for i in order]
         plan.rings.append(Ring(comp_name, [units[p] for p in block_paths], min(dmap.window, len(block_paths))))
     return plan

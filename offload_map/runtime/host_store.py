@@ -73,7 +73,7 @@ class HostStore:
         self.times = SetupTimes(threads=PACK_THREADS)
         self.loaded = False
         host_units = plan.pinned + [u for ring in plan.rings for u in ring.blocks]
-        offsets, total = _page_aligned([layout([r.tensor for r in u.tensors])[1] for u in host_units])
+        offsets, total = _page_aligned([layout([r.local for r in u.tensors])[1] for u in host_units])
         self.host_copy = HostCopy.open(total, _fingerprint(host_units), share_host_copy, shard_backend)
         region = self.host_copy.flat if self.host_copy is not None else None
         fills = self.host_copy is None or self.host_copy.fills
@@ -119,13 +119,13 @@ class HostStore:
             if device.type == "cuda":  # page-locking registers with the current device; a new thread's is 0
                 torch.cuda.set_device(device)
             start = time.perf_counter()
-            buffer = HostBuffer([r.tensor for r in unit.tensors], None if region is None else region[offset:])
+            buffer = HostBuffer([r.local for r in unit.tensors], None if region is None else region[offset:])
             if fills:
                 for index, ref in enumerate(unit.tensors):
                     if self.source is not None and self.source.covers(ref):
                         self.source.read_into(ref, buffer.view(index))
                     else:
-                        buffer.write(index, ref.tensor)
+                        buffer.write(index, ref.local)
             filled = time.perf_counter()
             if self.pin:
                 buffer.pin()
@@ -203,6 +203,6 @@ def _fingerprint(units: list[Unit]) -> str:
     digest = hashlib.sha256()
     for unit in units:
         for ref in unit.tensors:
-            tensor = ref.tensor
+            tensor = ref.local
             digest.update(f"{ref.qualname}:{tuple(tensor.shape)}:{tensor.stride()}:{tensor.dtype};".encode())
     return digest.hexdigest()

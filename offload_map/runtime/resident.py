@@ -24,7 +24,7 @@ class ResidentTensors:
         """Move the tensors of ``units`` to ``device``; ``source`` reads those on the meta device (or None)."""
         for unit in units:
             for ref in unit.tensors:
-                tensor = ref.tensor.detach()
+                tensor = ref.local.detach()  # a DTensor moves by its local shard
                 if tensor.device == device:
                     continue
                 self.moved.append((ref, tensor.device))
@@ -38,4 +38,4 @@ class ResidentTensors:
         Safe to call twice."""
         while self.moved:
             ref, device = self.moved.pop()
-            ref.bind(ref.tensor.detach().to(home_device(device, loaded)))
+            ref.bind(ref.local.detach().to(home_device(device, loaded)))

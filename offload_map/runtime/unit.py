@@ -36,9 +36,23 @@ from enum import Enum
 
 import torch
 
-from ..collect.tensors import TensorRef
+from ..collect.tensors import TensorRef, is_dtensor
 from .host_buffer import HostBuffer, home_device, split_points
 from .slots import Slot
+
+
+_PARAM, _BUFFER, _SHARD = "parameter", "buffer", "DTensor shard"
+
+
+def _targets(ref: TensorRef) -> tuple:
+    # What a bind writes to, per slot: a Parameter's ``.data`` (keeps its identity), a buffer table's entry, or a
+    # DTensor's local shard (one write serves every slot holding that DTensor).
+    if is_dtensor(ref.tensor):
+        return ((_SHARD, ref.tensor, None),)
+    return tuple(
+        (_PARAM, module._parameters[name], name) if is_param else (_BUFFER, module._buffers, name)
+        for module, name, is_param in ref.slots()
+    )
 
 
 class TailState(Enum):
@@ -63,7 +77,7 @@ class OffloadedUnit:
         self.refs = refs
         self.host = host
         self.ordering = ordering
-        self.original_devices = [ref.tensor.device for ref in refs]
+        self.original_devices = [ref.local.device for ref in refs]
         self.host_views = host.views(host.flat)
         self.head: torch.Tensor | None = None
         self.head_stream = None
@@ -72,7 +86,7 @@ class OffloadedUnit:
         self.kept = 0
         self.split = 0  # index of the first tail tensor
         self.bound = False  # whether the module's tensors point into this unit's memory yet
-        self._targets: list[tuple] = []  # per tensor: (parameter, None, name) or (None, buffer table, name) per slot
+        self._targets: list[tuple] = []  # per tensor and slot: (kind, holder, name), see ``_targets``
         self.set_kept(kept)
 
     @property
@@ -96,26 +110,23 @@ class OffloadedUnit:
         self.split = self.host.first_at(kept)
 
     def _bind(self, first: int, views: list[torch.Tensor]) -> None:
-        # The hot path (twice per block and step): each slot's Parameter or buffer table, read once by bind_host.
+        # The hot path (twice per block and step): each slot's Parameter, buffer table or DTensor, read once by
+        # bind_host.
         for targets, view in zip(self._targets[first:], views):
-            for param, table, name in targets:
-                if param is None:
-                    table[name] = view
+            for kind, holder, name in targets:
+                if kind is _PARAM:
+                    holder.data = view
+                elif kind is _BUFFER:
+                    holder[name] = view
                 else:
-                    param.data = view
+                    holder._local_tensor = view
 
     def bind_host(self) -> None:
         """Point every tensor at the host buffer (at dispatch, and after the weights changed), and note what later
         binds write to: the Parameters (``.data`` keeps their identity from here on) and buffer tables."""
         for ref, view in zip(self.refs, self.host_views):
             ref.bind(view)  # may replace a meta Parameter with a new one, so the targets are read after
-        self._targets = [
-            tuple(
-                (module._parameters[name], None, name) if is_param else (None, module._buffers, name)
-                for module, name, is_param in ref.slots()
-            )
-            for ref in self.refs
-        ]
+        self._targets = [_targets(ref) for ref in self.refs]
         self.bound = True
 
     # -- head ----------------------------------------------------------------------------------------------
@@ -213,7 +224,7 @@ class OffloadedUnit:
             ValueError: a tensor's shape, strides or dtype changed since dispatch (re-dispatch instead).
         """
         for index, ref in enumerate(self.refs):
-            tensor = ref.tensor.detach()
+            tensor = ref.local.detach()
             if self.host.holds(index, tensor):
                 continue  # in-place edits already landed in the host buffer
             try:
