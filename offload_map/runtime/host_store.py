@@ -24,6 +24,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 import torch
 from tqdm import tqdm
 
+from ..collect.tensors import is_dtensor
 from ..mapping.placement import Placement
 from ..planning.bind import ExecutionPlan, Unit
 from .host_buffer import HostBuffer, layout, trim_host_heap
@@ -199,10 +200,15 @@ def _page_aligned(sizes: list[int]) -> tuple[list[int], int]:
 
 
 def _fingerprint(units: list[Unit]) -> str:
-    # Ranks share a host copy only if they would lay it out identically.
+    # Ranks share a host copy only if they would lay it out identically and hold the same bytes: a DTensor sharded
+    # over the mesh holds another shard on each rank (its coordinate on the sharded mesh dimensions tells which).
     digest = hashlib.sha256()
     for unit in units:
         for ref in unit.tensors:
             tensor = ref.local
             digest.update(f"{ref.qualname}:{tuple(tensor.shape)}:{tensor.stride()}:{tensor.dtype};".encode())
+            if is_dtensor(ref.tensor):
+                coordinate = ref.tensor.device_mesh.get_coordinate() or []
+                shard = [c for c, placement in zip(coordinate, ref.tensor.placements) if not placement.is_replicate()]
+                digest.update(f"shard{shard};".encode())
     return digest.hexdigest()

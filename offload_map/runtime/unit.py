@@ -40,7 +40,6 @@ from ..collect.tensors import TensorRef, is_dtensor
 from .host_buffer import HostBuffer, home_device, split_points
 from .slots import Slot
 
-
 _PARAM, _BUFFER, _SHARD = "parameter", "buffer", "DTensor shard"
 
 
