@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 
 from .auto import AutoPlanner
-from .collect.components import ModuleDiscovery, PipelineModules
+from .collect.components import PipelineModules, discover_components
 from .collect.tensors import collect_tensors
 from .handle import HANDLE_ATTR, OffloadHandle
 from .loading.weights import WeightSource
@@ -107,7 +107,7 @@ def dispatch_pipeline(
         >>> handle.remove()
     """
     start = time.perf_counter()
-    found = ModuleDiscovery.discover(pipeline)
+    found = discover_components(pipeline)
     if device_map is None:
         strategy = check_strategy("model" if strategy is None else strategy)
         window = check_window(2 if window is None else window)
@@ -144,7 +144,7 @@ def dispatch_pipeline(
 
     def rebuild(dmap: DeviceMap):
         # After refresh() restored a pipeline whose modules changed: collect it anew, same map, sizes re-read.
-        found = ModuleDiscovery.discover(pipeline)
+        found = discover_components(pipeline)
         dmap = dmap.copy()
         dmap.entries = {path: replace(entry, nbytes=0) for path, entry in dmap.entries.items()}
         return _build(pipeline, found, collect_tensors(found), dmap, None, **options)

@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from offload_map import Role
+from offload_map import Role, dispatch_pipeline
 from offload_map.collect.blocks import (
     KNOWN_BLOCK_ATTRS,
     get_blocks,
@@ -628,16 +628,18 @@ def test_a_bare_registered_model_is_discovered_as_one_dit(class_name):
     assert _roles(ModuleDiscovery.discover(model)) == {"": Role.DIT}
 
 
-@pytest.mark.parametrize("holder", [SimpleNamespace(scheduler=object(), name="x"), SimpleNamespace()])
-def test_an_object_holding_no_modules_raises_type_error(holder):
+@pytest.mark.parametrize(
+    "holder", [SimpleNamespace(scheduler=object(), name="x"), SimpleNamespace(), object(), {"transformer": nn.Linear(2, 2)}, 3]
+)
+def test_discovery_finds_nothing_in_an_object_holding_no_modules_and_dispatch_refuses_it(holder):
+    from offload_map.collect.components import discover_components
+
+    found = ModuleDiscovery.discover(holder)  # vllm-omni's contract: empty lists, no error
+    assert not found.components and found.dits == [] and found.dit_names == [] and found.auxiliaries == []
     with pytest.raises(TypeError, match="holds no nn.Module"):
-        ModuleDiscovery.discover(holder)
-
-
-@pytest.mark.parametrize("holder", [object(), {"transformer": nn.Linear(2, 2)}, 3])
-def test_an_object_without_attributes_raises_type_error(holder):
-    with pytest.raises(TypeError):
-        ModuleDiscovery.discover(holder)
+        discover_components(holder)
+    with pytest.raises(TypeError, match="holds no nn.Module"):
+        dispatch_pipeline(holder, "model", "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ def test_every_stage_folder_says_what_it_owns():
 
 @pytest.mark.parametrize("strategy, budget", [("layerwise", None), ("model", None), ("auto", 0.5)])
 def test_one_dispatch_discovers_the_pipeline_once_and_binds_the_map_once(monkeypatch, strategy, budget):
+    import offload_map.collect.components as components
     import offload_map.dispatch as dispatch
 
     calls = {"discover": 0, "bind": 0}
@@ -78,7 +79,7 @@ def test_one_dispatch_discovers_the_pipeline_once_and_binds_the_map_once(monkeyp
         return wrapper
 
     monkeypatch.setattr(
-        dispatch.ModuleDiscovery, "discover", staticmethod(counted("discover", dispatch.ModuleDiscovery.discover))
+        components.ModuleDiscovery, "discover", staticmethod(counted("discover", components.ModuleDiscovery.discover))
     )
     monkeypatch.setattr(dispatch, "bind", counted("bind", dispatch.bind))
     pipe = make_tiny_pipeline()

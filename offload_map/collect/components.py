@@ -58,6 +58,7 @@ class Component:
     module: nn.Module
     role: Role
     resident: bool = False
+    auxiliary: bool = False
     _blocks: list = field(default_factory=list, repr=False, compare=False)
 
     def blocks(self) -> list[tuple[str, nn.Module]]:
@@ -109,16 +110,60 @@ class PipelineModules:
     def resident(self) -> list[nn.Module]:
         return [c.module for c in self.components.values() if c.resident]
 
+    # vllm-omni's names for the same lists.
+    @property
+    def dit_names(self) -> list[str]:
+        return self.names(Role.DIT)
+
+    @property
+    def encoder_names(self) -> list[str]:
+        return self.names(Role.ENCODER)
+
+    @property
+    def vae_names(self) -> list[str]:
+        return self.names(Role.VAE)
+
+    @property
+    def resident_modules(self) -> list[nn.Module]:
+        return self.resident
+
+    @property
+    def resident_names(self) -> list[str]:
+        return [c.name for c in self.components.values() if c.resident]
+
+    @property
+    def auxiliaries(self) -> list[nn.Module]:
+        return [c.module for c in self.components.values() if c.auxiliary]
+
+    @property
+    def auxiliary_names(self) -> list[str]:
+        return [c.name for c in self.components.values() if c.auxiliary]
+
+    def outermost_dits(self) -> tuple[list[str], list[nn.Module]]:
+        """The DiTs that no other DiT contains (a DiT nested in another is offloaded with it), as (names, modules).
+
+        Example:
+            >>> from torch import nn
+            >>> pipe = nn.Module(); pipe.transformer = nn.Sequential(nn.Linear(2, 2)); pipe.dit = pipe.transformer[0]
+            >>> ModuleDiscovery.discover(pipe).outermost_dits()[0]
+            ['transformer']
+        """
+        dits = [(c.name, c.module) for c in self.components.values() if c.role is Role.DIT]
+        outer = [
+            (name, module)
+            for name, module in dits
+            if not any(other is not module and any(m is module for m in other.modules()) for _, other in dits)
+        ]
+        return [name for name, _ in outer], [module for _, module in outer]
+
 
 class ModuleDiscovery:
     """Finds a pipeline's components (see the module docstring for the rules)."""
 
     @staticmethod
     def discover(pipeline: object) -> PipelineModules:
-        """Return the components of ``pipeline``.
-
-        Raises:
-            TypeError: the pipeline holds no ``nn.Module`` at all.
+        """Return the components of ``pipeline`` (none, if it holds no ``nn.Module``: ``discover_components`` refuses
+        that).
 
         Example:
             >>> from torch import nn
@@ -129,12 +174,14 @@ class ModuleDiscovery:
         found = PipelineModules()
         seen: set[int] = set()
         declared = _declared_components(pipeline)
-        pairs = declared if declared is not None else [(n, m, _role_by_name(n), False) for n, m in _named_modules(pipeline)]
-        for name, module, role, resident in pairs:
+        pairs = (
+            declared if declared is not None else [(n, m, _role_by_name(n), False, False) for n, m in _named_modules(pipeline)]
+        )
+        for name, module, role, resident, auxiliary in pairs:
             if id(module) in seen:
                 continue
             seen.add(id(module))
-            found.components[name] = Component(name, module, role, resident)
+            found.components[name] = Component(name, module, role, resident, auxiliary)
         if declared is not None:
             for name, module in _named_modules(pipeline):
                 if id(module) not in seen:
@@ -142,12 +189,22 @@ class ModuleDiscovery:
                     found.components[name] = Component(name, module, Role.OTHER)
         if isinstance(pipeline, nn.Module) and declared is None and _is_lone_dit(pipeline, found):
             found = PipelineModules({"": Component("", pipeline, Role.DIT)})
-        if not found.components:
-            raise TypeError(
-                f"{type(pipeline).__name__} holds no nn.Module: pass a diffusers pipeline, an object whose "
-                "attributes are nn.Modules, or an nn.Module"
-            )
         return found
+
+
+def discover_components(pipeline: object) -> PipelineModules:
+    """``ModuleDiscovery.discover``, refusing a pipeline with nothing to place.
+
+    Raises:
+        TypeError: the pipeline holds no ``nn.Module`` at all.
+    """
+    found = ModuleDiscovery.discover(pipeline)
+    if not found.components:
+        raise TypeError(
+            f"{type(pipeline).__name__} holds no nn.Module: pass a diffusers pipeline, an object whose "
+            "attributes are nn.Modules, or an nn.Module"
+        )
+    return found
 
 
 def _is_lone_dit(module: nn.Module, found: PipelineModules) -> bool:
@@ -172,13 +229,14 @@ def _named_modules(pipeline: object) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in items if isinstance(m, nn.Module) and not n.startswith("_")]
 
 
-def _declared_components(pipeline: object) -> list[tuple[str, nn.Module, Role, bool]] | None:
+def _declared_components(pipeline: object) -> list[tuple[str, nn.Module, Role, bool, bool]] | None:
     cls = type(pipeline)
-    if not any(hasattr(cls, attr) for attr in (*_PROTOCOL, "_resident_modules")):
+    if not any(hasattr(cls, attr) for attr in (*_PROTOCOL, "_resident_modules", "_auxiliary_modules")):
         return None
     resident = set(getattr(cls, "_resident_modules", ()) or ())
+    auxiliary = set(getattr(cls, "_auxiliary_modules", ()) or ())
     out = []
-    for attr, role in (*_PROTOCOL.items(), ("_resident_modules", Role.OTHER)):
+    for attr, role in (*_PROTOCOL.items(), ("_resident_modules", Role.OTHER), ("_auxiliary_modules", Role.OTHER)):
         for path in getattr(cls, attr, ()) or ():
             try:
                 module = operator.attrgetter(path)(pipeline)
@@ -186,7 +244,7 @@ def _declared_components(pipeline: object) -> list[tuple[str, nn.Module, Role, b
                 logger.warning("%s.%s names %r, which the pipeline does not have; skipped", cls.__name__, attr, path)
                 continue
             if isinstance(module, nn.Module):
-                out.append((path, module, role, path in resident))
+                out.append((path, module, role, path in resident, path in auxiliary))
     return out
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 
-from ..collect.components import ModuleDiscovery, PipelineModules, Role
+from ..collect.components import PipelineModules, Role, discover_components
 from ..collect.tensors import TensorRef, collect_tensors
 from .device_map import DeviceMap, check_window
 from .devices import resolve_device
@@ -73,7 +73,7 @@ def compile_device_map(
         >>> dmap["transformer.double_blocks.0"]
         <Placement.LAYER_WINDOW: 'layer-window'>
     """
-    found = ModuleDiscovery.discover(pipeline)
+    found = discover_components(pipeline)
     return compile_found(found, collect_tensors(found), strategy, str(resolve_device(device)), window, budget)
 
 

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..collect.components import ModuleDiscovery, Role
+from ..collect.components import Role, discover_components
 from ..collect.tensors import collect_tensors
 from .ownership import assign_tensors, entry_module, owner_entry, owning_component
 from .placement import Placement
@@ -214,7 +214,7 @@ class DeviceMap:
         Raises:
             ValueError: an entry names no module of ``pipeline``, or some tensor is covered by no entry.
         """
-        found = ModuleDiscovery.discover(pipeline)
+        found = discover_components(pipeline)
         comps = {c.name: c for c in found.components.values()}
         modules = {path: entry_module(path, comps, self.components) for path in self.entries}
         assign_tensors(self.placements(), collect_tensors(found))  # every tensor covered, or the error says which

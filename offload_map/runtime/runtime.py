@@ -148,6 +148,14 @@ class Runtime:
         """The host buffer of every pinned component and streamed block."""
         return self.host.buffers if self.host is not None else []
 
+    def activate(self, name: str) -> None:
+        """Bring component ``name`` onto the device as before its forward (what it excludes leaves first)."""
+        self.swapper.activate(name)
+
+    def release(self, name: str) -> None:
+        """Let component ``name`` leave the device, as when a component that excludes it runs."""
+        self.swapper.release(name)
+
     def on_device(self) -> list[str]:
         """Names of the components on the device now (``Swapper.on_device``)."""
         return [c.name for c in self.plan.components if self.swapper.on_device(c.name)]

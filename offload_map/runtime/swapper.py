@@ -60,6 +60,14 @@ class Swapper:
         if name in self.rings:
             self.rings[name].enter()
 
+    def release(self, name: str) -> None:
+        """Let component ``name`` leave the device, as when a component that excludes it runs."""
+        if name in self.pinned and self.pinned[name].head is not None:
+            self.pinned[name].drop_head()
+            self.stats.component_evictions += 1
+        if name in self.rings:
+            self.rings[name].leave()
+
     def on_device(self, name: str) -> bool:
         """Whether component ``name`` is on the device now: resident, pinned and loaded, or streamed and active (its
         slots and kept parts there; a streamed component's non-block weights are resident throughout)."""
