@@ -10,6 +10,7 @@ same suite against a GPU (CUDA-only tests are marked ``cuda`` and skip cleanly w
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -132,6 +133,29 @@ def assert_restored(pipe, before: dict) -> None:
         for m in module.modules():
             assert not hasattr(m, "_hf_hook") and "forward" not in m.__dict__
     assert not hasattr(pipe, "_offload_map_handle")
+
+
+def two_cpu_ranks(*args: str) -> list[str]:
+    """The command that runs ``args`` (a script and its arguments) as two ranks under ``accelerate launch`` on the
+    CPU: --multi_gpu goes through torchrun (accelerate's --cpu would go through mpirun), and the script asks
+    ``PartialState(cpu=True)`` for gloo."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        *args,
+    ]
 
 
 def free_port() -> int:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import free_port
+from conftest import two_cpu_ranks
 from tiny_pipelines import make_flux_pipeline
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "accelerate_launch.py"
@@ -28,26 +28,7 @@ def test_the_example_generates_from_a_pipeline_directory_alone_and_as_two_ranks(
     assert alone.returncode == 0, alone.stderr[-3000:]
     assert "host copy private" in alone.stdout and (tmp_path / "alone" / "rank0_0.png").exists()
     ranks = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(free_port()),
-            *args,
-            "--shard",
-            "--out",
-            str(tmp_path / "ranks"),
-        ],
+        two_cpu_ranks(*args, "--shard", "--out", str(tmp_path / "ranks")),
         capture_output=True,
         text=True,
         timeout=300,

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import free_port
+from conftest import two_cpu_ranks
 from tiny_pipelines import make_flux_pipeline, run_flux
 
 WORKER = Path(__file__).parent / "rank_worker.py"
@@ -26,28 +25,7 @@ def checkpoint(tmp_path_factory):
 
 
 def launch(out: Path, checkpoint: Path, mode: str) -> subprocess.CompletedProcess:
-    # accelerate's --cpu launches through mpirun; --multi_gpu goes through torchrun, and the worker asks
-    # PartialState(cpu=True) for gloo.
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        str(WORKER),
-        str(out),
-        str(checkpoint),
-        mode,
-    ]
+    cmd = two_cpu_ranks(str(WORKER), str(out), str(checkpoint), mode)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
