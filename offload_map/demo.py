@@ -70,12 +70,16 @@ class TinyPipeline(nn.Module):
         self.transformer = TinyDiT()
         self.vae = TinyVAE()
 
+    def encode(self, ids: torch.Tensor) -> torch.Tensor:
+        """The prompt's token ids -> the context the DiT attends to."""
+        return self.text_encoder(ids)
+
     @torch.no_grad()
     def __call__(self, prompt: str, steps: int = 4, size: int = 8, seed: int = 0) -> torch.Tensor:
         device = getattr(self.transformer, "_hf_hook", None)
         device = device.execution_device if device is not None else self.transformer.proj_in.weight.device
         ids = torch.tensor([list(prompt.encode()[:16])], device=device)
-        context = self.text_encoder(ids)
+        context = self.encode(ids)
         gen = torch.Generator().manual_seed(seed)
         latents = torch.randn(1, size * size, 4, generator=gen).to(device)
         for i in range(steps):

@@ -47,6 +47,8 @@ from transformers import (
     UMT5EncoderModel,
 )
 
+from offload_map.demo import TinyPipeline
+
 __all__ = ["make_flux_pipeline", "make_llama_pipeline", "make_wan22_pipeline", "run_flux", "run_llama", "run_wan22"]
 
 # A small closed vocabulary; any other word maps to the unknown token.
@@ -414,15 +416,13 @@ def run_wan22(pipe: WanPipeline, steps: int = 4) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
-class LlamaTextPipeline(torch.nn.Module):
+class LlamaTextPipeline(TinyPipeline):
     """The demo pipeline (``offload_map.demo``) with a decoder-style language model as its text encoder, as
     HunyuanVideo (Llama), Sana (Gemma 2) or Qwen-Image (Qwen2.5-VL) use one: the prompt's last hidden states
     condition the DiT."""
 
     def __init__(self) -> None:
         super().__init__()
-        from offload_map.demo import TinyDiT, TinyVAE
-
         config = LlamaConfig(
             vocab_size=256,
             hidden_size=32,
@@ -433,19 +433,9 @@ class LlamaTextPipeline(torch.nn.Module):
             max_position_embeddings=64,
         )
         self.text_encoder = LlamaModel(config)
-        self.transformer = TinyDiT()
-        self.vae = TinyVAE()
 
-    @torch.no_grad()
-    def __call__(self, prompt: str, steps: int = 3, size: int = 8, seed: int = 0) -> torch.Tensor:
-        hook = getattr(self.transformer, "_hf_hook", None)
-        device = hook.execution_device if hook is not None else self.transformer.proj_in.weight.device
-        ids = torch.tensor([list(prompt.encode()[:16])], device=device)
-        context = self.text_encoder(input_ids=ids).last_hidden_state
-        latents = torch.randn(1, size * size, 4, generator=torch.Generator().manual_seed(seed)).to(device)
-        for i in range(steps):
-            latents = latents - self.transformer(latents, torch.tensor(1.0 - i / steps, device=device), context) / steps
-        return self.vae(latents.transpose(1, 2).reshape(1, 4, size, size)).cpu()
+    def encode(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids=ids).last_hidden_state
 
 
 def make_llama_pipeline(seed: int = 0) -> LlamaTextPipeline:
