@@ -16,8 +16,9 @@ against keeping them there: it also plans the DiT within the budget less a reser
 phases (their slots or whole size, and ``ACTIVATION_SHARE`` of the budget for activations) and keeps the plan
 whose call is predicted faster, weighting the DiT's step by how often it runs in one call: as ``runs_per_call``
 says, else as counted in the first call (``Runtime.watch_calls``; until then ``DEFAULT_DIT_RUNS``), choosing
-again once it is counted. Streamed encoders are planned within what is left beside the DiT's kept blocks if
-those stay.
+again once it is counted. Every streamed component is planned within what is left beside what the others
+hold while it runs (the DiT's kept blocks if they stay; all of an encoder that runs beside it), and planned
+again when a later plan leaves its phase over the budget.
 
 This module holds the policy; the runtime only carries it out.
 """
@@ -81,7 +82,14 @@ class AutoPlanner:
         self.plans: dict[str, BlockPlan] = {}
         self.stays: dict[str, bool] = {}
         self.kept_bytes: dict[str, int] = {}
+        self.costs: dict[str, tuple[ModelCost, int]] = {}  # component -> its measured cost and resident bytes, to plan again
+        self._refitting = False
         self.resident = sum(u.nbytes for u in plan.resident)  # every streamed component's non-block weights and the rest
+        self.pinned = {plan.component_of(u.path).name: u.nbytes for u in plan.pinned}
+        # A streamed component's slots as dispatched (every block streamed), until its plan is made.
+        self.slots = {
+            r.component: device_footprint(0, max(u.nbytes for u in r.blocks), min(r.window, len(r.blocks))) for r in plan.rings
+        }
         for ring in plan.rings:
             own = sum(u.nbytes for u in plan.resident if plan.component_of(u.path).name == ring.component)
             runtime.arm_calibration(ring.component, lambda cost, name=ring.component, own=own: self.replan(name, cost, own))
@@ -99,12 +107,14 @@ class AutoPlanner:
 
     def replan(self, name: str, cost: ModelCost, own: int) -> None:
         """Choose resident blocks, kept parts, the window and whether they stay for component ``name`` from its measured
-        ``cost``; apply them."""
-        staying = sum(self.kept_bytes[n] for n, stays in self.stays.items() if stays and n != name)
-        role, pinned = self.roles[name], self._pinned()
-        beside = sum(size for n, size in pinned.items() if not role.excludes(self.roles[n]))  # CLIP beside T5
-        budget = self.budget - (self.resident - own) - staying - beside
-        cost = self.runtime.agree(cost)  # one plan for all ranks that load blocks together, or their loads diverge
+        ``cost`` (``own``: its resident bytes outside the blocks); apply them."""
+        # One plan for all ranks that load blocks together, or their loads diverge.
+        self.costs[name] = (self.runtime.agree(cost), own)
+        self._plan(name)
+
+    def _plan(self, name: str) -> None:
+        cost, own = self.costs[name]
+        budget = self._budget(name)
         # Copies beside compute run slower than the idle probe measured: plan with what they achieved. Sharded
         # loads (1/N per rank, then an all-gather) may beat the one link the probe measured: theirs alone count.
         measured = cost.copy_bandwidth
@@ -113,7 +123,7 @@ class AutoPlanner:
         else:
             bandwidth = measured if self.runtime.sharded else min(self.bandwidth, measured)
         try:
-            options = [self._option(cost, budget, bandwidth, name, stays=False)]
+            options = [(plan_blocks(cost, budget, bandwidth), False)]
         except BudgetTooSmall as err:
             logger.warning(
                 "%s: %s; measured activations need %s. Keeping every block streamed.",
@@ -121,10 +131,13 @@ class AutoPlanner:
                 err,
                 human_bytes(cost.activation_bytes),
             )
+            window = self._ring(name).window
+            if name not in self.plans or self._apply(name, {}, window, False):
+                self._forget(name, window)
             return
         if self._may_stay(name):
             try:
-                options.append(self._option(cost, budget - self._reserve(name), bandwidth, name, stays=True))
+                options.append((plan_blocks(cost, budget - self._reserve(name), bandwidth), True))
             except BudgetTooSmall:
                 pass
         self.options[name] = options
@@ -132,20 +145,16 @@ class AutoPlanner:
 
     def _choose(self, name: str) -> None:
         # The option predicted fastest for a call as now weighed; applied if it is not the one in force.
-        plan, stays = min(self.options[name], key=lambda option: self._seconds(name, *option))[:2]
+        plan, stays = min(self.options[name], key=lambda option: self._seconds(name, *option))
         if self.plans.get(name) is plan:
             return
         cost = plan.cost
         kept = {cost.blocks[i].path: cost.blocks[i].nbytes for i in plan.resident}
         kept.update((cost.blocks[i].path, size) for i, size in plan.kept.items())
-        try:
-            self.runtime.set_residency(name, kept, plan.window, stays)
-        except torch.OutOfMemoryError as err:
-            logger.warning("%s: %s. Streaming every block through one slot instead.", name or "DiT", err)
-            self.options.pop(name)
+        if not self._apply(name, kept, plan.window, stays):
             return
         self.plans[name], self.stays[name], self.kept_bytes[name] = plan, stays, sum(kept.values())
-        ring = next(r for r in self.execution.rings if r.component == name)
+        ring = self._ring(name)
         self.device_map = _recorded(self.device_map, ring.blocks, kept, plan.window)
         logger.info(
             "%s: %d of %d blocks resident, %d in part, window %d%s, predicted step %.1f ms, %.2f s per call of %d runs",
@@ -159,9 +168,61 @@ class AutoPlanner:
             self._seconds(name, plan, stays),
             self.runs[name],
         )
+        self._refit(name)
 
-    def _option(self, cost: ModelCost, budget: int, bandwidth: float, name: str, stays: bool) -> tuple[BlockPlan, bool]:
-        return plan_blocks(cost, budget, bandwidth), stays
+    def _apply(self, name: str, kept: dict[str, int], window: int, stays: bool) -> bool:
+        """Have the runtime keep ``kept`` of component ``name``; False if the device ran out of memory (the runtime then
+        streams every block through one slot, and so does the record here)."""
+        try:
+            self.runtime.set_residency(name, kept, window, stays)
+        except torch.OutOfMemoryError as err:
+            logger.warning("%s: %s. Streaming every block through one slot instead.", name or "DiT", err)
+            self._forget(name, 1)
+            return False
+        return True
+
+    def _forget(self, name: str, window: int) -> None:
+        """No plan in force for component ``name``: every block streams through ``window`` slots."""
+        had = name in self.plans
+        for state in (self.options, self.plans, self.stays, self.kept_bytes):
+            state.pop(name, None)
+        if had:
+            self.device_map = _recorded(self.device_map, self._ring(name).blocks, {}, window)
+
+    def _refit(self, name: str) -> None:
+        """Component ``name``'s plan changed: plan again, in the order they were planned, the other components whose
+        phase no longer fits the budget beside it (an encoder planned before the DiT's kept blocks chose to stay,
+        or beside another encoder that now keeps more)."""
+        if self._refitting:
+            return  # each is planned beside the others' plans in force; one pass settles them
+        self._refitting = True
+        try:
+            for other in list(self.plans):
+                plan = self.plans.get(other)
+                if other != name and plan is not None and plan.memory > self._budget(other):
+                    self._plan(other)
+        finally:
+            self._refitting = False
+
+    def _budget(self, name: str) -> int:
+        """Device bytes component ``name``'s plan may use: the budget less what stays on the device throughout (resident
+        weights, other than its own, which its plan counts) and what other components hold while it runs."""
+        _, own = self.costs[name]
+        present = sum(self._present(name, other) for other in self.roles if other != name)
+        return self.budget - (self.resident - own) - present
+
+    def _present(self, name: str, other: str) -> int:
+        """Device bytes component ``other`` holds while ``name`` runs: all it holds if they run together (CLIP beside
+        T5), else its kept blocks if they stay."""
+        if self.roles[name].excludes(self.roles[other]):
+            return self.kept_bytes.get(other, 0) if self.stays.get(other) else 0
+        plan = self.plans.get(other)
+        if plan is not None:
+            return plan.memory - plan.cost.other_bytes - plan.cost.activation_bytes
+        return self.pinned.get(other, 0) + self.slots.get(other, 0)
+
+    def _ring(self, name: str):
+        return next(r for r in self.execution.rings if r.component == name)
 
     def _seconds(self, name: str, plan: BlockPlan, stays: bool) -> float:
         """Predicted seconds of a call spent on component ``name``: its runs, and unless its kept blocks stay, copying
@@ -183,22 +244,17 @@ class AutoPlanner:
 
     def _reserve(self, name: str) -> int:
         """Device bytes the phases of the components ``name`` excludes need beside its kept blocks: the largest phase
-        (pinned components whole, streamed ones' slots, the components of one role together) and an activation
-        allowance."""
-        plan, role, pinned = self.execution, self.roles[name], self._pinned()
-        slots = {
-            r.component: device_footprint(0, max(u.nbytes for u in r.blocks), min(r.window, len(r.blocks))) for r in plan.rings
-        }
+        (pinned components whole, streamed ones' slots as dispatched, the components of one role together) and an
+        activation allowance. Streamed components planned already are planned again within what is left
+        (``_refit``)."""
+        role = self.roles[name]
         largest = 0
         for other, other_role in self.roles.items():
             if other == name or not role.excludes(other_role):
                 continue
             present = [n for n in self.roles if n != name and (n == other or not other_role.excludes(self.roles[n]))]
-            largest = max(largest, sum(pinned.get(n, 0) + slots.get(n, 0) for n in present))
+            largest = max(largest, sum(self.pinned.get(n, 0) + self.slots.get(n, 0) for n in present))
         return largest + int(ACTIVATION_SHARE * self.budget)
-
-    def _pinned(self) -> dict[str, int]:
-        return {self.execution.component_of(u.path).name: u.nbytes for u in self.execution.pinned}
 
     def summary(self) -> str:
         """Per planned component: where its blocks are and what a call is predicted to cost it."""
@@ -222,8 +278,7 @@ class AutoPlanner:
 def _recorded(dmap: DeviceMap, blocks: list[Unit], kept: dict[str, int], window: int) -> DeviceMap:
     """A new map: ``dmap`` with ``blocks`` placed as planned. A block kept whole is ``"gpu"``; a block streamed in part
     is the ``"layer-window"`` block with its kept submodules nested right after it as ``"gpu"`` entries, so a map saved
-    from here and dispatched again keeps the same bytes on the device. Entries already nested in a block (a map
-    written by an earlier plan, re-dispatched by ``refresh()``) are units of their own, outside the block: they stay."""
+    from here and dispatched again keeps the same bytes on the device."""
     planned: dict[str, list[MapEntry]] = {}
     for block in blocks:
         regions, total = layout([ref.local for ref in block.tensors])

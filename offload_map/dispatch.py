@@ -150,8 +150,12 @@ def dispatch_pipeline(
         return _build(pipeline, found, collect_tensors(found), dmap, None, **options)
 
     device_map, runtime, planner = _build(pipeline, found, tensors, device_map, weights, **options)
-    handle = OffloadHandle(pipeline, device_map, runtime, time.perf_counter() - start, planner, rebuild)
-    pipeline.__dict__[HANDLE_ATTR] = handle
+    try:
+        handle = OffloadHandle(pipeline, device_map, runtime, time.perf_counter() - start, planner, rebuild)
+        pipeline.__dict__[HANDLE_ATTR] = handle
+    except BaseException:
+        runtime.restore()
+        raise
     logger.info("dispatched %s: %s", type(pipeline).__name__, device_map.strategy)
     return handle
 
@@ -174,6 +178,7 @@ def _build(
     plan = bind(dmap, found, tensors)
     dmap = dmap.sized({path: unit.tensors for path, unit in plan.units.items()})
     source = WeightSource(plan, weights)
+    link = bandwidth(plan.device) if budget is not None and plan.rings else None
     runtime = Runtime(
         plan,
         pin_memory=pin_memory,
@@ -183,9 +188,11 @@ def _build(
         share_host_copy=share_host_copy,
         shard_copies=shard_copies,
     )
-    planner = None
-    if budget is not None and plan.rings:
-        planner = AutoPlanner(runtime, plan, dmap, budget, bandwidth(plan.device), runs_per_call)
+    try:
+        planner = None if link is None else AutoPlanner(runtime, plan, dmap, budget, link, runs_per_call)
+    except BaseException:
+        runtime.restore()  # no handle exists yet to undo it
+        raise
     return dmap, runtime, planner
 
 

@@ -94,8 +94,10 @@ class OffloadHandle:
           loaded, kept block parts) are copied back into the host buffers. Blocks already prefetched for the next
           step are loaded again, so every later forward computes with the new values.
         - New or removed modules (``load_lora_weights``, ``add_adapter``, ``unload_lora_weights``,
-          ``delete_adapters``): the pipeline is put back and dispatched again under the same device map
-          (placements, window, budget), so the new tensors get their host buffers. Until then its forwards
+          ``delete_adapters``): the pipeline is put back and dispatched again under the map it was dispatched
+          with (placements, window; a budget is planned again from new measurements, as a budget's plan decides
+          what leaves the device between phases, which a map cannot say), so the new tensors get their host
+          buffers. Until then its forwards
           are refused with a message pointing here. With a host copy shared between ranks this is collective:
           every rank changes its modules and calls ``refresh()``. If dispatching again fails, the pipeline is
           left as ``remove()`` leaves it and the error is raised.
@@ -109,7 +111,7 @@ class OffloadHandle:
             return
         self._runtime.restore()
         try:
-            self._map, self._runtime, self._planner = self._rebuild(self.device_map)
+            self._map, self._runtime, self._planner = self._rebuild(self._map)
         except BaseException:
             self._removed = True  # restored and not dispatched again: the pipeline is as remove() leaves it
             self.pipeline.__dict__.pop(HANDLE_ATTR, None)

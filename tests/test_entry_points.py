@@ -52,3 +52,34 @@ def test_a_component_called_through_another_method_is_on_the_device_for_it(targe
     assert "vae" in seen[0] and (strategy != "model" or "transformer" not in seen[0])
     handle.remove()
     assert method not in pipe.vae.__dict__, "the wrapped entry point is gone after remove()"
+
+
+def test_an_entry_point_set_on_the_instance_is_wrapped_and_put_back(target):
+    pipe = make_tiny_pipeline()
+    pipe.vae = DecodeOnlyVAE().requires_grad_(False)
+    own = pipe.vae.decode
+    pipe.vae.decode = lambda latents: own(latents) * 2  # a user's patch of one instance
+    patched = pipe.vae.decode
+    latents = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        reference = resident_run(pipe.vae, lambda: pipe.vae.decode(latents.to(target)), target)
+        handle = dispatch_pipeline(pipe, "model", target)
+        assert pipe.vae.decode is not patched
+        assert torch.equal(pipe.vae.decode(latents).cpu(), reference)
+    handle.remove()
+    assert pipe.vae.decode is patched
+
+
+def test_an_entry_point_of_a_component_whose_modules_changed_is_refused_until_refresh(target):
+    pipe = make_tiny_pipeline()
+    pipe.vae = DecodeOnlyVAE().requires_grad_(False)
+    latents = torch.randn(1, 4, 8, 8)
+    handle = dispatch_pipeline(pipe, "model", target)
+    pipe.vae.proj = torch.nn.Linear(4, 3).requires_grad_(False)  # a module replaced, as loading a LoRA does
+    with torch.no_grad():
+        reference = pipe.vae.proj(latents.transpose(1, -1)).tanh()
+        with pytest.raises(RuntimeError, match=r"vae's modules changed since dispatch.*handle.refresh\(\)"):
+            pipe.vae.decode(latents)
+        handle.refresh()
+        assert torch.allclose(pipe.vae.decode(latents).cpu(), reference, rtol=0, atol=1e-6)
+    handle.remove()

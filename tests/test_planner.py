@@ -281,3 +281,155 @@ def test_the_planner_weighs_the_dit_by_the_runs_it_counted_in_the_first_call(mon
     assert "1 runs per call" in explained and "runs assumed" not in explained
     assert "kept blocks stay on the device" in explained  # as with runs_per_call={"transformer": 1}
     handle.remove()
+
+
+def _weights_and_slots_on_device(handle) -> int:
+    runtime = handle.runtime
+    resident = sum(unit.nbytes for unit in runtime.plan.resident)
+    heads = sum(unit.kept for unit in runtime.host.units.values() if unit.head is not None)
+    return resident + heads + sum(ring.pool.device_bytes for ring in runtime.rings.values())
+
+
+def _phase_peaks(handle, pipe, names, run, calls: int = 4) -> dict[str, int]:
+    """The most weight and slot bytes on the device while each of ``names`` ran, over ``calls`` calls of ``run``."""
+    peaks: dict[str, int] = {}
+
+    def seen(name):
+        peaks[name] = max(peaks.get(name, 0), _weights_and_slots_on_device(handle))
+
+    probes = [getattr(pipe, n).register_forward_hook(lambda *_, n=n: seen(n)) for n in names]
+    try:
+        for _ in range(calls):
+            run()
+    finally:
+        for probe in probes:
+            probe.remove()
+    return peaks
+
+
+def test_an_encoder_planned_before_the_dits_kept_blocks_stay_is_planned_again_within_the_budget(monkeypatch):
+    # The encoder calibrates (its second forward) before the DiT: planned while nothing stayed, it kept most of its
+    # blocks; the DiT's kept blocks then chose to stay while it runs, so it must keep fewer.
+    from tiny_pipelines import make_llama_pipeline
+
+    monkeypatch.setattr("offload_map.mapping.compiler.STREAM_MIN_BYTES", 0)
+    monkeypatch.setattr("offload_map.dispatch.bandwidth", lambda device: 1e5)
+    pipe = make_llama_pipeline(layers=12)
+    reference = resident_run(pipe, lambda: pipe("a red cat", steps=1), "cpu")
+    budget = int(sum(compile_device_map(pipe, "none", "cpu").bytes_by_placement().values()) * 0.6)
+    handle = dispatch_pipeline(pipe, "auto", "cpu", gpu_budget=budget)
+
+    def run():
+        assert torch.equal(pipe("a red cat", steps=1), reference)
+
+    peaks = _phase_peaks(handle, pipe, ["text_encoder", "transformer", "vae"], run)
+    assert handle._planner.stays == {"text_encoder": False, "transformer": True}
+    assert handle.plans["text_encoder"].resident, "the encoder still keeps blocks, fewer"
+    assert max(peaks.values()) <= budget, (peaks, budget)
+    handle.remove()
+
+
+def test_two_streamed_encoders_that_run_together_share_the_budget(monkeypatch):
+    from transformers import LlamaModel
+
+    from tiny_pipelines import LlamaTextPipeline, _seeded
+
+    class TwoEncoders(LlamaTextPipeline):  # CLIP beside T5, as in Flux
+        def __init__(self):
+            super().__init__(layers=10)
+            self.text_encoder_2 = LlamaModel(self.text_encoder.config)
+
+        def encode(self, ids):
+            return super().encode(ids) + self.text_encoder_2(input_ids=ids).last_hidden_state
+
+    monkeypatch.setattr("offload_map.mapping.compiler.STREAM_MIN_BYTES", 0)
+    monkeypatch.setattr("offload_map.dispatch.bandwidth", lambda device: 1e5)
+    pipe = _seeded(0, lambda: TwoEncoders().eval().requires_grad_(False))
+    reference = resident_run(pipe, lambda: pipe("a red cat", steps=2), "cpu")
+    budget = int(sum(compile_device_map(pipe, "none", "cpu").bytes_by_placement().values()) * 0.5)
+    handle = dispatch_pipeline(pipe, "auto", "cpu", gpu_budget=budget)
+
+    def run():
+        assert torch.equal(pipe("a red cat", steps=2), reference)
+
+    peaks = _phase_peaks(handle, pipe, ["text_encoder", "text_encoder_2", "transformer", "vae"], run)
+    assert set(handle.plans) == {"text_encoder", "text_encoder_2", "transformer"}
+    assert max(peaks.values()) <= budget, (peaks, budget)
+    handle.remove()
+
+
+def test_refresh_with_new_modules_plans_the_budget_again_rather_than_pinning_the_kept_blocks(monkeypatch):
+    # Kept blocks that leave while the encoder runs are "gpu" entries in the recorded map; dispatching that map
+    # again would keep them through every phase.
+    from tiny_pipelines import make_llama_pipeline
+
+    monkeypatch.setattr("offload_map.dispatch.bandwidth", lambda device: 1e5)
+    pipe = make_llama_pipeline(seed=3)
+    budget = int(sum(compile_device_map(pipe, "none", "cpu").bytes_by_placement().values()) * 0.8)
+    handle = dispatch_pipeline(pipe, "auto", "cpu", gpu_budget=budget, runs_per_call={"transformer": 1000})
+
+    def run():
+        pipe("a red cat", steps=2)
+
+    before = _phase_peaks(handle, pipe, ["text_encoder"], run, calls=3)
+    assert handle.plans["transformer"].resident and handle._planner.stays == {"transformer": False}
+    pipe.transformer.single_blocks[0].mlp[0] = torch.nn.Linear(32, 64)  # a module replaced, as loading a LoRA does
+    handle.refresh()
+    after = _phase_peaks(handle, pipe, ["text_encoder"], run, calls=3)
+    assert after == before and after["text_encoder"] <= budget
+    handle.remove()
+
+
+def test_calls_are_counted_when_the_dit_runs_first(monkeypatch):
+    # Prompt embeddings computed before dispatch: the DiT is the first component to run, and a call ends with the VAE.
+    from offload_map.demo import make_tiny_pipeline
+
+    monkeypatch.setattr("offload_map.dispatch.bandwidth", lambda device: 1e5)
+    pipe = make_tiny_pipeline()
+    with torch.no_grad():
+        context = pipe.text_encoder(torch.tensor([list(b"a cat")]))
+    budget = int(sum(compile_device_map(pipe, "none", "cpu").bytes_by_placement().values()) * 0.95)
+    handle = dispatch_pipeline(pipe, "auto", "cpu", gpu_budget=budget)
+    counted = []
+    handle.runtime.watch_calls(counted.append)
+    with torch.no_grad():
+        for _ in range(3):
+            latents = torch.randn(1, 64, 4)
+            for i in range(8):
+                latents = latents - pipe.transformer(latents, torch.tensor(1 - i / 8), context) / 8
+            pipe.vae(latents.transpose(1, 2).reshape(1, 4, 8, 8))
+    assert counted == [{"transformer": 8, "vae": 1}] * 2
+    assert "8 runs per call" in handle.explain()
+    handle.remove()
+
+
+def test_a_plan_chosen_again_that_does_not_fit_leaves_no_trace_of_itself_or_the_old_one(monkeypatch, caplog):
+    # Two steps a call: the DiT is planned in the first call (many runs assumed: its kept blocks leave), chosen again
+    # when the call ends (2 runs counted: on this copy-bound link they stay). The device cannot hold them.
+    from offload_map.demo import make_tiny_pipeline
+    from offload_map.runtime.ring import BlockRing
+
+    monkeypatch.setattr("offload_map.dispatch.bandwidth", lambda device: 1e4)
+    monkeypatch.setattr("offload_map.auto.DEFAULT_DIT_RUNS", 10**6)
+    pipe = make_tiny_pipeline()
+    reference = resident_run(pipe, lambda: pipe("again", steps=2), "cpu")
+    budget = int(sum(compile_device_map(pipe, "none", "cpu").bytes_by_placement().values()) * 1.05)
+    handle = dispatch_pipeline(pipe, "auto", "cpu", gpu_budget=budget)
+    assert torch.equal(pipe("again", steps=2), reference)
+    assert handle._planner.stays == {"transformer": False}
+    fetch = BlockRing.fetch_heads
+
+    def no_memory_between_calls(self):  # only for kept blocks that stay
+        if self.stays and any(unit.kept for unit in self.units):
+            raise torch.OutOfMemoryError("simulated")
+        fetch(self)
+
+    monkeypatch.setattr(BlockRing, "fetch_heads", no_memory_between_calls)
+    with caplog.at_level(logging.WARNING, logger="offload_map"):
+        for _ in range(2):
+            assert torch.equal(pipe("again", steps=2), reference)
+    assert "Streaming every block through one slot instead" in caplog.text
+    assert not handle.plans and not handle._planner.stays
+    assert not [p for p in handle.device_map.paths("gpu") if "blocks" in p], "the map records no kept block"
+    assert handle.device_map.window == 1 and handle.runtime.rings["transformer"].window == 1
+    handle.remove()

@@ -152,12 +152,13 @@ def test_refresh_after_a_split_plan_keeps_the_map_dispatchable(diffusers_case, t
     handle = _dispatch_split_auto(pipe, target, monkeypatch)
     for _ in range(2):
         run(pipe)
-    first = {p for p, e in handle.device_map.entries.items() if e.placement is Placement.GPU}
+    planned = {p for p, e in handle.device_map.entries.items() if e.placement is Placement.GPU}
     monkeypatch.setattr(handle.runtime, "modules_changed", lambda: True)  # as after loading a LoRA
-    handle.refresh()  # rebuilds under the map the first plan wrote; the new runtime plans again
+    handle.refresh()  # rebuilds under the map it was dispatched with; the new runtime plans again
+    assert {p for p, e in handle.device_map.entries.items() if e.placement is Placement.GPU} < planned, "no plan yet"
     for _ in range(3):
         assert torch.equal(run(pipe).cpu(), reference)
-    assert first < {p for p, e in handle.device_map.entries.items() if e.placement is Placement.GPU}
+    assert handle.plans, "planned again from new measurements"
     text = handle.device_map.to_json()
     handle.remove()
     again = dispatch_pipeline(pipe, device_map=DeviceMap.from_json(text))

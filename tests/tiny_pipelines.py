@@ -421,13 +421,13 @@ class LlamaTextPipeline(TinyPipeline):
     HunyuanVideo (Llama), Sana (Gemma 2) or Qwen-Image (Qwen2.5-VL) use one: the prompt's last hidden states
     condition the DiT."""
 
-    def __init__(self) -> None:
+    def __init__(self, layers: int = 3) -> None:
         super().__init__()
         config = LlamaConfig(
             vocab_size=256,
             hidden_size=32,
             intermediate_size=64,
-            num_hidden_layers=3,
+            num_hidden_layers=layers,
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=64,
@@ -438,9 +438,9 @@ class LlamaTextPipeline(TinyPipeline):
         return self.text_encoder(input_ids=ids).last_hidden_state
 
 
-def make_llama_pipeline(seed: int = 0) -> LlamaTextPipeline:
+def make_llama_pipeline(seed: int = 0, layers: int = 3) -> LlamaTextPipeline:
     """A ``LlamaTextPipeline`` with seeded random weights, in eval mode."""
-    return _seeded(seed, lambda: LlamaTextPipeline().eval().requires_grad_(False))
+    return _seeded(seed, lambda: LlamaTextPipeline(layers).eval().requires_grad_(False))
 
 
 def run_llama(pipe: LlamaTextPipeline) -> torch.Tensor:

@@ -41,8 +41,8 @@ class OffloadConfig:
         pin_cpu_memory: keep host copies page-locked (fast asynchronous copies).
         use_hsdp: HSDP is on, so component copies are synchronous.
         components: which components offload (``"dit"``, ``"text_encoder"``, ``"vae"``), or None for the
-            strategy's default (layer-wise: the DiT streams, encoders of 1 GiB or more too; model level: DiTs and
-            encoders take turns, the VAE stays).
+            strategy's default (layer-wise: the DiT streams, as in vllm-omni, and the rest stays on the device;
+            model level: DiTs and encoders take turns, the VAE stays).
         resident_layers: the DiT's first N blocks stay on the device (layer-wise).
         shard_copies: each rank loads 1/N of every block and the ranks all-gather the rest (layer-wise).
     """

@@ -10,8 +10,10 @@ from ..collect.components import Role
 class CallWatch:
     """Counts each component's forwards per call of the pipeline and tells ``listeners`` when a call ends.
 
-    A call begins with the first component that ever ran (the text encoder) and ends when that component runs
-    again after a DiT ran (the next prompt): encoding a negative prompt runs the encoders twice within one call.
+    A call begins with the first component that ever ran and ends when that component runs again after one on the
+    other side of the denoising loop ran: the text encoder after a DiT (encoding a negative prompt runs the
+    encoders twice within one call), or, when prompt embeddings come from elsewhere and a DiT runs first, the DiT
+    after the VAE (or any component that is not a DiT).
 
     Example:
         >>> watch, calls = CallWatch({"te": Role.ENCODER, "dit": Role.DIT}), []
@@ -20,6 +22,12 @@ class CallWatch:
         ...     watch.forward(name)
         >>> calls
         [{'te': 2, 'dit': 3}]
+        >>> watch, calls = CallWatch({"dit": Role.DIT, "vae": Role.VAE}), []
+        >>> watch.listeners.append(calls.append)
+        >>> for name in ["dit", "dit", "vae", "dit"]:
+        ...     watch.forward(name)
+        >>> calls
+        [{'dit': 2, 'vae': 1}]
     """
 
     def __init__(self, roles: dict[str, Role]) -> None:
@@ -32,8 +40,11 @@ class CallWatch:
         """Component ``name`` is about to run."""
         if self.first is None:
             self.first = name
-        elif name == self.first and any(self.roles[n] is Role.DIT for n in self.counts):
+        elif name == self.first and any(self._denoises(n) != self._denoises(name) for n in self.counts):
             finished, self.counts = self.counts, {}
             for listener in self.listeners:
                 listener(finished)
         self.counts[name] = self.counts.get(name, 0) + 1
+
+    def _denoises(self, name: str) -> bool:
+        return self.roles[name] is Role.DIT

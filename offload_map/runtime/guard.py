@@ -34,8 +34,8 @@ class ComponentGuard:
         self.depth = 0
         self._lock = threading.Lock()
         self._handles = [
-            module.register_forward_pre_hook(self._enter),
-            module.register_forward_hook(self._leave, always_call=True),
+            module.register_forward_pre_hook(self.enter),
+            module.register_forward_hook(self.leave, always_call=True),
         ]
 
     def changed(self) -> bool:
@@ -43,7 +43,8 @@ class ComponentGuard:
         return any(tuple(table.values()) != contents for table, contents in zip(self._tables, self._contents))
 
     @torch.compiler.disable
-    def _enter(self, module, args) -> None:
+    def enter(self, module, args) -> None:
+        """Before a forward (or another entry point) of ``module``: refuse it, or note this thread inside."""
         if self.changed():
             now = _tensor_names(module)
             changed = sorted(now - self.tensors) or sorted(self.tensors - now) or ["parameters replaced under their names"]
@@ -66,7 +67,8 @@ class ComponentGuard:
             self.owner, self.depth = me, self.depth + 1
 
     @torch.compiler.disable
-    def _leave(self, module, args, output) -> None:
+    def leave(self, module, args, output) -> None:
+        """After it, even one that raised."""
         with self._lock:
             if self.owner == threading.get_ident():
                 self.depth -= 1

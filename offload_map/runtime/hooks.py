@@ -104,6 +104,7 @@ def detach(module: nn.Module) -> None:
 
 
 # Methods besides ``forward`` through which pipelines run a component's weights.
+_UNSET = object()  # an entry point with no instance attribute of its own before dispatch
 ENTRY_POINTS = ("encode", "decode", "tiled_encode", "tiled_decode", "get_text_features", "get_image_features")
 
 
@@ -126,15 +127,15 @@ class HookSet:
 
     def __init__(self) -> None:
         self.modules: list[nn.Module] = []
-        self.wrapped: list[tuple[nn.Module, str]] = []
+        self.wrapped: list[tuple[nn.Module, str, object]] = []  # module, entry point, its instance attribute before
         self.guards: list[ComponentGuard] = []
 
     def attach(self, module: nn.Module, hook: ModelHook) -> None:
         attach(module, hook)
         self.modules.append(module)
 
-    def wrap_entry_points(self, module: nn.Module, hook: ModelHook) -> None:
-        """Run ``module``'s other entry points (``entry_points``) through ``hook`` as its forward is."""
+    def wrap_entry_points(self, module: nn.Module, hook: ModelHook, guard: ComponentGuard | None) -> None:
+        """Run ``module``'s other entry points (``entry_points``) through ``hook`` and ``guard`` as its forward is."""
         for name in entry_points(module):
             method = getattr(module, name)
 
@@ -143,14 +144,22 @@ class HookSet:
                 return hook.pre_forward(module, *args, **kwargs)
 
             def entry(*args, _method=method, **kwargs):
-                args, kwargs = hooked_pre(*args, **kwargs)
-                return hook.post_forward(module, _method(*args, **kwargs))
+                if guard is not None:
+                    guard.enter(module, args)
+                try:
+                    args, kwargs = hooked_pre(*args, **kwargs)
+                    return hook.post_forward(module, _method(*args, **kwargs))
+                finally:
+                    if guard is not None:
+                        guard.leave(module, args, None)
 
+            # An instance attribute the user set (``vae.decode = f``) is wrapped too, and put back on removal.
+            self.wrapped.append((module, name, module.__dict__.get(name, _UNSET)))
             module.__dict__[name] = entry
-            self.wrapped.append((module, name))
 
-    def guard(self, name: str, module: nn.Module) -> None:
+    def guard(self, name: str, module: nn.Module) -> ComponentGuard:
         self.guards.append(ComponentGuard(name, module))
+        return self.guards[-1]
 
     def modules_changed(self) -> bool:
         """Whether a guarded component's parameters changed since dispatch (a LoRA was loaded or removed)."""
@@ -159,8 +168,11 @@ class HookSet:
     def remove(self) -> None:
         """Take every hook and guard off. Safe to call twice."""
         while self.wrapped:
-            module, name = self.wrapped.pop()
-            module.__dict__.pop(name, None)
+            module, name, before = self.wrapped.pop()
+            if before is _UNSET:
+                module.__dict__.pop(name, None)
+            else:
+                module.__dict__[name] = before
         while self.modules:
             detach(self.modules.pop())
         while self.guards:

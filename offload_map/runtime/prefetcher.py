@@ -97,6 +97,8 @@ class Prefetcher:
 
     def enter(self, block: int) -> None:
         """The block is about to run: its tail (if any) in a slot, the compute stream waiting for the copy."""
+        if self.running is not None:  # the last block raised and the model caught it: that use is over
+            self._release_running()
         if self.learning:
             self.recorded.append(block)
         unit = self.units[block]
@@ -135,7 +137,11 @@ class Prefetcher:
 
     def _load(self, block: int, slot: Slot, on_demand: bool) -> None:
         timed = self.timer.copies if self.timer is not None and self.timer.timing else None
-        copied = self.units[block].load(slot, self.copier, timed)
+        try:
+            copied = self.units[block].load(slot, self.copier, timed)
+        except BaseException:
+            self.idle.appendleft(slot)  # the unit stayed on the host; the slot is free for the next load
+            raise
         if copied:
             self.stats.add_block(copied, on_demand)
 

@@ -78,11 +78,17 @@ class BlockRing:
             self.enter()
 
     def enter(self) -> None:
-        """The component is about to run: its slots and kept parts on the device. Safe to call twice."""
-        if not self.pool.slots and self.slot_count:
-            self.pool = self._allocate(self.window)
-            self.prefetcher.restart(self.pool.slots)
-        self.fetch_heads()
+        """The component is about to run: its slots and kept parts on the device. Safe to call twice. If that fails
+        (out of memory, an interrupt), nothing of it stays on the device and the ring stays inactive."""
+        try:
+            if not self.pool.slots and self.slot_count:
+                self.pool = self._allocate(self.window)
+                self.prefetcher.restart(self.pool.slots)
+            self.fetch_heads()
+        except BaseException:
+            self.free()
+            self.active = False
+            raise
         self.active = True
 
     def leave(self) -> None:

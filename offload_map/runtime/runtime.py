@@ -113,9 +113,8 @@ class Runtime:
             ring = self.rings.get(comp.name)
             hook = ComponentHook(comp.name, self.device, self.swapper, ring, self.calls)
             self.hooks.attach(comp.module, hook)
-            self.hooks.wrap_entry_points(comp.module, hook)
-            if ring is not None or comp.name in pinned:
-                self.hooks.guard(comp.name, comp.module)
+            guard = self.hooks.guard(comp.name, comp.module) if ring is not None or comp.name in pinned else None
+            self.hooks.wrap_entry_points(comp.module, hook, guard)
         for ring in self.rings.values():
             for index, unit in enumerate(ring.units):
                 self.hooks.attach(plan.units[unit.path].module, BlockHook(ring, index, unit.path))
@@ -202,7 +201,9 @@ class Runtime:
         """Keep the first ``kept[path]`` bytes of each named block of component ``name`` on the device (its whole size:
         the block stays whole; split points only) and stream the rest through ``window`` slots; with ``stays``, those
         kept bytes stay on the device while the components it excludes run (else they leave and come back). Call at
-        a forward boundary (between forwards, or from ``arm_calibration``'s callback).
+        a forward boundary (between forwards, or from ``arm_calibration``'s callback). A component that is not on the
+        device is brought in once, as before its forward, and leaves again: running out of memory shows here, where
+        it can fall back, and not in its next forward.
 
         Raises:
             torch.OutOfMemoryError: the device cannot hold it; every block of the DiT then streams through one slot.
@@ -211,10 +212,19 @@ class Runtime:
         index = {path: i for i, path in enumerate(ring.paths)}
         by_index = {index[path]: size for path, size in kept.items() if size}
         try:
-            self._within_memory(f"re-planning {name!r}", ring.set_residency, by_index, window, stays)
+            self._within_memory(f"re-planning {name!r}", self._apply_residency, ring, by_index, window, stays)
         except BaseException:
-            ring.set_residency({}, 1)  # the smallest plan, which dispatch checked fits
+            try:
+                ring.set_residency({}, 1)  # the smallest plan, which dispatch checked fits
+            except Exception:  # noqa: BLE001  (the first error says what went wrong; the ring is off the device)
+                logger.warning("%s: falling back to one slot failed too", name, exc_info=True)
             raise
+
+    def _apply_residency(self, ring: BlockRing, kept: dict[int, int], window: int, stays: bool) -> None:
+        ring.set_residency(kept, window, stays)
+        if not ring.active:
+            self.swapper.activate(ring.name)
+            self.swapper.release(ring.name)
 
     # -- weights and lifetime ------------------------------------------------------------------------------------
 

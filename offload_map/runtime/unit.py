@@ -169,10 +169,12 @@ class OffloadedUnit:
         ``timed`` (calibration), append ``(bytes, start mark, end mark)`` of the copy, marked on the copy stream."""
         if self.state is not TailState.HOST:
             return 0
-        self.slot, self.state = slot, TailState.LOADED
         if slot.holds is self:
+            self.slot, self.state = slot, TailState.LOADED
             return 0
-        slot.holds = self
+        # A copy that raises (a collective timing out, an interrupt) leaves the unit on the host and the slot
+        # holding nothing known: both are set only once the copy is issued.
+        slot.holds = None
         ordering = self.ordering
         src = self.host.flat[self.kept :]
         with torch.profiler.record_function(f"offload_map::load {self.path}"):
@@ -183,6 +185,7 @@ class OffloadedUnit:
                 ordering.record_copy(slot.ready)
                 if timed is not None:
                     timed.append((src.numel(), start, ordering.stamp()))
+        slot.holds, self.slot, self.state = self, slot, TailState.LOADED
         return copier.host_bytes(src.numel())
 
     def wait(self) -> None:
