@@ -19,6 +19,14 @@ from offload_map.runtime.unit import OffloadedUnit, TailState
 from conftest import assert_restored, pipeline_state, resident_run
 
 
+def _streamed(target: str, prompt: str, window: int):
+    """The demo pipeline, its resident output for ``prompt``, and the pipeline dispatched layer-wise with its DiT's ring."""
+    pipe = make_tiny_pipeline()
+    reference = resident_run(pipe, lambda: pipe(prompt, steps=2), target)
+    handle = dispatch_pipeline(pipe, "layerwise", target, window=window)
+    return pipe, reference, handle, handle.runtime.rings["transformer"]
+
+
 def _heads(ring: BlockRing) -> int:
     return sum(unit.head is not None for unit in ring.units)
 
@@ -35,10 +43,7 @@ def _all_on_host_and_slots_free(ring: BlockRing) -> None:
 
 @pytest.mark.parametrize("window", [1, 2])
 def test_a_copy_that_raises_leaves_the_block_on_the_host_and_later_calls_exact(target, monkeypatch, window):
-    pipe = make_tiny_pipeline()
-    reference = resident_run(pipe, lambda: pipe("copy", steps=2), target)
-    handle = dispatch_pipeline(pipe, "layerwise", target, window=window)
-    ring = handle.runtime.rings["transformer"]
+    pipe, reference, handle, ring = _streamed(target, "copy", window)
     copy, calls = sharded_copy.DirectCopy.__call__, []
 
     def fails_once(self, buffer, src, pinned, path):
@@ -60,10 +65,7 @@ def test_a_copy_that_raises_leaves_the_block_on_the_host_and_later_calls_exact(t
 
 @pytest.mark.parametrize("window", [1, 2])
 def test_a_block_run_again_after_its_caught_exception_gets_a_slot(target, window):
-    pipe = make_tiny_pipeline()
-    reference = resident_run(pipe, lambda: pipe("retry", steps=2), target)
-    handle = dispatch_pipeline(pipe, "layerwise", target, window=window)
-    ring = handle.runtime.rings["transformer"]
+    pipe, reference, handle, ring = _streamed(target, "retry", window)
     block = pipe.transformer.double_blocks[1]
     forward, failed = block._old_forward, []
 
@@ -94,10 +96,7 @@ def test_a_block_run_again_after_its_caught_exception_gets_a_slot(target, window
 
 
 def test_running_out_of_memory_while_coming_onto_the_device_leaves_nothing_there(target, monkeypatch):
-    pipe = make_tiny_pipeline()
-    reference = resident_run(pipe, lambda: pipe("enter", steps=2), target)
-    handle = dispatch_pipeline(pipe, "layerwise", target, window=2)
-    ring = handle.runtime.rings["transformer"]
+    pipe, reference, handle, ring = _streamed(target, "enter", 2)
     handle.runtime.set_residency("transformer", {p: u.nbytes for p, u in zip(ring.paths[::2], ring.units[::2])}, 2)
     fetch, failed = OffloadedUnit.fetch_head, []
 
@@ -121,10 +120,7 @@ def test_running_out_of_memory_while_coming_onto_the_device_leaves_nothing_there
 
 
 def test_a_residency_that_does_not_fit_raises_at_once_though_the_component_is_off_the_device(target, monkeypatch):
-    pipe = make_tiny_pipeline()
-    reference = resident_run(pipe, lambda: pipe("fit", steps=2), target)
-    handle = dispatch_pipeline(pipe, "layerwise", target, window=2)
-    ring = handle.runtime.rings["transformer"]
+    pipe, reference, handle, ring = _streamed(target, "fit", 2)
     pipe("fit", steps=2)  # the VAE ran last: the DiT is off the device, as between calls
     assert not ring.active
     fetch = BlockRing.fetch_heads
