@@ -224,3 +224,24 @@ def test_host_buffers_are_pinned_at_their_exact_size_and_unregistered_on_remove(
         model(torch.randn(8, DIM))
         handle.remove()
     assert not any(flat.is_pinned() for flat in flats), "a host buffer is still page-locked after remove()"
+
+
+@torch.inference_mode()
+def test_detach_with_a_component_copy_in_flight_lets_the_host_buffers_go_only_after_it():
+    # Rule 6 for detach: the handle, and with it the host buffers, may be dropped at once; a pinned component's
+    # copy still reading its host buffer must have finished (its head stays on the device, read afterwards).
+    import gc
+
+    pipe = make_tiny_pipeline()
+    expected = {name: t.clone() for name, t in pipe.text_encoder.state_dict().items()}
+    handle = dispatch_pipeline(pipe, "model", "cuda")
+    with delayed_copies(0.1, side_streams_only=True):
+        handle.runtime.activate("text_encoder")  # its copy sleeps 100 ms on the copy stream first
+        handle.detach()
+    del handle
+    gc.collect()
+    garbage = [torch.full((1 << 20,), 255, dtype=torch.uint8) for _ in range(64)]  # reuse freed host memory
+    torch.cuda.synchronize()
+    got = pipe.text_encoder.state_dict()
+    assert all(got[name].device.type == "cuda" and torch.equal(got[name].cpu(), t) for name, t in expected.items())
+    del garbage

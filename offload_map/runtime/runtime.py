@@ -242,6 +242,8 @@ class Runtime:
         while self.rings:
             self.rings.popitem()[1].free()
         self._undo.clear()
+        # The host buffers go (and are unregistered) when this runtime does: no copy may still read them.
+        self.ordering.wait_copies()
 
     def restore(self) -> None:
         """Remove the hooks and put every tensor back on its original device, bit for bit; free everything."""
