@@ -1,13 +1,21 @@
-"""A lossless code for streaming bf16 weights in fewer bytes: the exponent in 4 bits, sign and mantissa as they are.
+"""A lossless byte-plane code for streaming bf16 blocks in fewer bytes.
 
-A bf16 word is sign (1 bit), exponent (8), mantissa (7). Trained weights use few exponents, so the exponent of
-each 16-bit word is replaced by a 4-bit code for the 15 most frequent exponents of the block, and the rest are
-listed apart (escapes): 1 byte of sign and mantissa plus half a byte of code per word, about 75% of the raw
-bytes. Any 16-bit data round-trips bit for bit, whatever it holds (other dtypes and padding only compress
-worse), so a block is coded as one run of words: one table, one decode per block.
+A bf16 word is two bytes (little-endian in memory): the low byte holds the exponent's lowest bit and the
+mantissa, close to uniformly distributed, so it is stored as it is; the high byte holds the sign and the
+exponent's upper 7 bits, and trained weights use few of those. The high byte becomes a 4-bit code: a window
+of ``WINDOW`` consecutive exponent values (of the upper 7 bits) per sign, chosen per block where most words
+fall, takes codes 0-6 (positive) and 8-14 (negative); any other high byte gets code 15 and is listed apart
+(an escape: its word index and its byte). That is 1.5 bytes a word, a 512-byte table and 5 bytes an escape:
+about 75% of the bytes of trained bf16 weights. Any bytes round-trip, whatever they hold; other dtypes and
+padding only compress worse, and ``encode`` says so (``Coded.ratio``) for the caller to keep them raw.
 
-``encode`` runs once, on the host, when a block is packed; ``decode`` is plain torch and runs wherever its
-inputs are (the device, after the compressed bytes were copied there).
+Planes (``Coded``) are laid out so that any tail of the block that starts on a 512-byte boundary (where the
+host buffer's tensors start, ``host_buffer.ALIGN``) is a contiguous range of each plane: a plan that keeps a
+block's first submodules on the device decodes only the rest (``Coded.tail``).
+
+``encode`` runs on the host when a block is packed. ``decode`` is plain torch and runs wherever its inputs are:
+on the device, once the coded ranges were copied there, it writes the block's bytes into its slot. It works in
+chunks, so its temporaries stay under ``CHUNK`` words' worth whatever the block's size.
 """
 
 from __future__ import annotations
@@ -16,80 +24,113 @@ from dataclasses import dataclass
 
 import torch
 
-CODES = 15  # exponents a block's table holds; code 15 marks an escape
+WINDOW = 7  # consecutive exponent values (upper 7 bits) per sign that get a code
 ESCAPE = 15
+SAMPLE = 16  # encode picks the window from every SAMPLE-th word
+CHUNK = 1 << 23  # code bytes (two words each) decoded at once: bounds decode's temporaries to ~48 MiB
+ALIGN_WORDS = 256  # a tail starts on a 512-byte boundary
 
 
 @dataclass(frozen=True)
 class Coded:
-    """A run of 16-bit words, coded (see the module docstring).
+    """A run of 16-bit words, coded (see the module docstring); every tensor on one device.
 
     Attributes:
-        sign_mantissa: ``uint8[n]``: bit 7 the word's sign bit, bits 0-6 its low 7 bits.
-        codes: ``uint8[ceil(n / 2)]``: two 4-bit exponent codes per byte, the even word's in the low nibble.
-        table: ``uint8[16]``: code -> exponent (entry 15 unused).
-        escape_index: ``int64[e]``: the words whose exponent is not in the table.
-        escape_exponent: ``uint8[e]``: their exponents.
+        pairs: ``uint8[256, 2]``: a code byte -> the high bytes of its two words (even word first).
+        low: ``uint8[n]``: each word's low byte.
+        codes: ``uint8[n / 2]``: two 4-bit codes per byte, the even word's in the low nibble.
+        escape_index: ``int32[e]``: the words whose high byte has no code, ascending.
+        escape_high: ``uint8[e]``: their high bytes.
     """
 
-    sign_mantissa: torch.Tensor
+    pairs: torch.Tensor
+    low: torch.Tensor
     codes: torch.Tensor
-    table: torch.Tensor
     escape_index: torch.Tensor
-    escape_exponent: torch.Tensor
+    escape_high: torch.Tensor
 
     @property
     def words(self) -> int:
-        return self.sign_mantissa.numel()
+        return self.low.numel()
 
     @property
     def nbytes(self) -> int:
-        """Bytes to move: the planes, the table and the escapes (indices as int32 on the wire)."""
-        return self.words + self.codes.numel() + 16 + self.escape_exponent.numel() * 5
+        """Bytes of the planes: what a copy of them moves."""
+        return sum(t.numel() * t.element_size() for t in (self.pairs, self.low, self.codes, self.escape_index, self.escape_high))
+
+    @property
+    def ratio(self) -> float:
+        """Coded bytes per raw byte (below 1: it compresses)."""
+        return self.nbytes / (2 * self.words) if self.words else 1.0
+
+    def tail(self, start: int) -> "Coded":
+        """The code of the words from byte ``start`` on (a multiple of 512): views of each plane, the escapes' indices
+        counted from ``start`` (those are new, small tensors)."""
+        if start % (2 * ALIGN_WORDS):
+            raise ValueError(f"a coded tail starts on a 512-byte boundary, not at byte {start}")
+        first = start // 2
+        skip = int(torch.searchsorted(self.escape_index, first)) if self.escape_index.numel() else 0
+        return Coded(
+            self.pairs,
+            self.low[first:],
+            self.codes[first // 2 :],
+            self.escape_index[skip:] - first,
+            self.escape_high[skip:],
+        )
 
 
-def encode(words: torch.Tensor) -> Coded:
-    """Code a 1-D ``int16`` tensor of words.
+def encode(raw: torch.Tensor) -> Coded:
+    """Code the bytes ``raw`` (1-D ``uint8`` on the CPU, an even number of them: 16-bit words).
 
     Example:
-        >>> w = torch.randn(4096, generator=torch.Generator().manual_seed(0)).mul(0.02).bfloat16().view(torch.int16)
-        >>> coded = encode(w)
-        >>> torch.equal(decode(coded), w), round(coded.nbytes / (2 * w.numel()), 2)
-        (True, 0.75)
+        >>> w = torch.randn(4096, generator=torch.Generator().manual_seed(0)).mul(0.02).bfloat16()
+        >>> coded = encode(w.view(torch.uint8))
+        >>> torch.equal(decode(coded), w.view(torch.uint8)), round(coded.ratio, 2)
+        (True, 0.81)
     """
-    bits = words.to(torch.int32) & 0xFFFF
-    exponent = ((bits >> 7) & 0xFF).to(torch.uint8)
-    counts = torch.bincount(exponent.to(torch.int64), minlength=256)
-    common = torch.argsort(counts, descending=True, stable=True)[:CODES]
-    common = common[counts[common] > 0]
-    table = torch.zeros(16, dtype=torch.uint8)
-    table[: common.numel()] = common.to(torch.uint8)
-    code_of = torch.full((256,), ESCAPE, dtype=torch.uint8)
-    code_of[common] = torch.arange(common.numel(), dtype=torch.uint8)
-    code = code_of[exponent.to(torch.int64)]
-    escape_index = torch.nonzero(code == ESCAPE).flatten()
+    if raw.dtype != torch.uint8 or raw.dim() != 1 or raw.numel() % 2:
+        raise ValueError(f"encode takes a 1-D uint8 tensor of whole 16-bit words, got {raw.dtype} {tuple(raw.shape)}")
+    words = raw.view(-1, 2)
+    low, high = words[:, 0], words[:, 1].contiguous()
+    magnitude = high & 0x7F
+    # The window of WINDOW consecutive magnitudes (both signs together) that holds the most words, from a sample.
+    counts = torch.bincount(magnitude[::SAMPLE], minlength=128)
+    sums = torch.nn.functional.pad(counts, (0, WINDOW - 1)).unfold(0, WINDOW, 1).sum(dim=1)
+    base = int(torch.argmax(sums))
+    offset = magnitude - base  # uint8: a magnitude below the window wraps past it
+    escaped = offset >= WINDOW
+    code = (offset | ((high >> 7) << 3)).masked_fill_(escaped, ESCAPE)
+    escape_index = torch.nonzero(escaped).flatten().to(torch.int32)
     if code.numel() % 2:
         code = torch.cat([code, code.new_zeros(1)])
-    pairs = code.view(-1, 2)
+    table = torch.zeros(16, dtype=torch.uint8)
+    table[:WINDOW] = torch.arange(base, base + WINDOW, dtype=torch.uint8)
+    table[8 : 8 + WINDOW] = table[:WINDOW] | 0x80
+    values = torch.arange(256)
+    pairs = torch.stack([table[values & 0x0F], table[values >> 4]], dim=1)
     return Coded(
-        sign_mantissa=(((bits >> 8) & 0x80) | (bits & 0x7F)).to(torch.uint8),
-        codes=(pairs[:, 0] | (pairs[:, 1] << 4)).contiguous(),
-        table=table,
+        pairs=pairs,
+        low=low.clone(),
+        codes=code.view(-1, 2)[:, 0] | (code.view(-1, 2)[:, 1] << 4),
         escape_index=escape_index,
-        escape_exponent=exponent[escape_index],
+        escape_high=high[escape_index.long()].contiguous(),
     )
 
 
 def decode(coded: Coded, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The words ``coded`` holds, as a 1-D ``int16`` tensor (written into ``out`` if given), on ``coded``'s device."""
+    """The bytes ``coded`` holds, as 1-D ``uint8`` (written into ``out`` if given), on ``coded``'s device, on the
+    current stream."""
     n = coded.words
-    code = torch.stack([coded.codes & 0x0F, coded.codes >> 4], dim=1).flatten()[:n]
-    exponent = coded.table[code.to(torch.int64)]
-    exponent[coded.escape_index] = coded.escape_exponent
-    sm = coded.sign_mantissa.to(torch.int32)
-    bits = ((sm & 0x80) << 8) | (exponent.to(torch.int32) << 7) | (sm & 0x7F)
-    words = (bits - ((bits & 0x8000) << 1)).to(torch.int16)  # to the signed 16-bit value of the same bits
     if out is None:
-        return words
-    out.copy_(words)
+        out = torch.empty(2 * n, dtype=torch.uint8, device=coded.low.device)
+    words = out[: 2 * n].view(-1, 2)
+    words[:, 0] = coded.low
+    high = words[:, 1]
+    for first in range(0, coded.codes.numel(), CHUNK):
+        codes = coded.codes[first : first + CHUNK]
+        pairs = coded.pairs.index_select(0, codes.to(torch.int32)).view(-1)
+        stop = min(n, 2 * (first + codes.numel()))
+        high[2 * first : stop] = pairs[: stop - 2 * first]
+    if coded.escape_index.numel():
+        high[coded.escape_index.long()] = coded.escape_high
     return out

@@ -1,0 +1,91 @@
+"""What the lossless code (``offload_map.runtime.codec``) would buy a streamed block, measured on one machine.
+
+For a block of bf16 weights (N(0, 0.02), as trained weights are distributed; the size of a Flux-12B double block by
+default) it measures in the same run: the raw pinned host-to-device copy (today's baseline), the copy of the coded
+planes, the decode on the device into a slot, and the encode on the host. It prints one JSON line per size and
+appends it to ``--out``. On a machine without CUDA the copies are skipped and decode runs on the CPU.
+
+Usage::
+
+    python benchmarks/codec_throughput.py --out benchmarks/results/<device>/codec_throughput.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from offload_map.runtime.codec import Coded, decode, encode  # noqa: E402
+
+FLUX_DOUBLE_BLOCK = 339_831_296  # bytes of one Flux-12B double block in bf16
+
+
+def _timed(fn, device: torch.device, repeats: int) -> float:
+    """Median seconds of ``fn`` over ``repeats`` runs, timed by CUDA events on the device (wall clock on the CPU)."""
+    times = []
+    for _ in range(repeats + 1):  # the first run warms up
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            began = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - began)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def measure(nbytes: int, device: torch.device, repeats: int) -> dict:
+    weights = torch.randn(nbytes // 2, generator=torch.Generator().manual_seed(0)).mul(0.02).bfloat16()
+    raw = weights.view(torch.uint8)
+    began = time.perf_counter()
+    coded = encode(raw)
+    encode_s = time.perf_counter() - began
+    row = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "block_bytes": nbytes}
+    row.update(coded_bytes=coded.nbytes, ratio=round(coded.ratio, 4), escapes=coded.escape_index.numel())
+    row["encode_GBps"] = round(nbytes / encode_s / 1e9, 3)
+    slot = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    if device.type == "cuda":
+        pinned = raw.pin_memory()
+        planes = [t.pin_memory() for t in (coded.pairs, coded.low, coded.codes, coded.escape_index, coded.escape_high)]
+        staged = [torch.empty_like(t, device=device) for t in planes]
+        raw_s = _timed(lambda: slot.copy_(pinned, non_blocking=True), device, repeats)
+        coded_s = _timed(lambda: [d.copy_(h, non_blocking=True) for d, h in zip(staged, planes)], device, repeats)
+        row.update(raw_copy_s=raw_s, raw_copy_GBps=round(nbytes / raw_s / 1e9, 2), coded_copy_s=coded_s)
+        on_device = Coded(*staged)
+    else:
+        on_device = coded
+    decode_s = _timed(lambda: decode(on_device, out=slot), device, repeats)
+    row.update(decode_s=decode_s, decode_output_GBps=round(nbytes / decode_s / 1e9, 1))
+    row["bit_exact"] = bool(torch.equal(slot.cpu(), raw))
+    if device.type == "cuda":
+        row["coded_copy_plus_decode_vs_raw_copy"] = round((row["coded_copy_s"] + decode_s) / row["raw_copy_s"], 3)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bytes", type=int, nargs="+", default=[FLUX_DOUBLE_BLOCK], help="block sizes in bytes")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", help="append the JSON lines to this file")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for nbytes in args.bytes:
+        row = measure(nbytes - nbytes % 512, device, args.repeats)
+        print(json.dumps(row))
+        if args.out:
+            with open(args.out, "a") as out:
+                out.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
