@@ -56,7 +56,7 @@ def measure(nbytes: int, device: torch.device, repeats: int) -> dict:
     slot = torch.empty(nbytes, dtype=torch.uint8, device=device)
     if device.type == "cuda":
         pinned = raw.pin_memory()
-        planes = [t.pin_memory() for t in (coded.pairs, coded.low, coded.codes, coded.escape_index, coded.escape_high)]
+        planes = [t.pin_memory() for t in coded.planes]
         staged = [torch.empty_like(t, device=device) for t in planes]
         raw_s = _timed(lambda: slot.copy_(pinned, non_blocking=True), device, repeats)
         coded_s = _timed(lambda: [d.copy_(h, non_blocking=True) for d, h in zip(staged, planes)], device, repeats)
