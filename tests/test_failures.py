@@ -100,11 +100,11 @@ def test_running_out_of_memory_while_coming_onto_the_device_leaves_nothing_there
     handle.runtime.set_residency("transformer", {p: u.nbytes for p, u in zip(ring.paths[::2], ring.units[::2])}, 2)
     fetch, failed = OffloadedUnit.fetch_head, []
 
-    def out_of_memory_once(self, blocking=False):
+    def out_of_memory_once(self, *args, **kwargs):
         if self.path == ring.paths[2] and not failed:
             failed.append(True)
             raise torch.OutOfMemoryError("simulated")
-        return fetch(self, blocking)
+        return fetch(self, *args, **kwargs)
 
     monkeypatch.setattr(OffloadedUnit, "fetch_head", out_of_memory_once)
     with pytest.raises(torch.OutOfMemoryError):

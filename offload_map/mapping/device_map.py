@@ -25,6 +25,9 @@ from .schema import parse_json, typed
 from .sizes import human_bytes
 
 FORMAT_VERSION = 1
+# How streamed blocks may be stored and copied: "lossless" codes each bf16 block in about 3/4 of its bytes
+# (``runtime.codec``), decoded on the device bit for bit.
+COMPRESSIONS = ("lossless",)
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,9 @@ class DeviceMap:
         entries: module path -> ``MapEntry``, in pipeline order.
         window: device slots shared by each DiT's ``"layer-window"`` blocks (>= 1).
         strategy: the strategy that compiled the map (informational).
+        compression: ``None`` (blocks stream as they are) or ``"lossless"``: every ``"layer-window"`` block is kept
+            in host memory coded in fewer bytes too, copied so and decoded on the device bit for bit (a block that
+            does not compress, e.g. of float32 weights, streams as it is).
 
     Example:
         >>> dmap = DeviceMap("cpu", {"transformer": Role.DIT}, window=2)
@@ -62,10 +68,12 @@ class DeviceMap:
     entries: dict[str, MapEntry] = field(default_factory=dict)
     window: int = 2
     strategy: str = "custom"
+    compression: str | None = None
 
     def __post_init__(self) -> None:
         self.components = {name: Role(role) for name, role in self.components.items()}
         check_window(self.window)
+        check_compression(self.compression)
 
     def __getitem__(self, path: str) -> Placement:
         return self._entry(path).placement
@@ -118,7 +126,7 @@ class DeviceMap:
     def sized(self, owned: dict) -> "DeviceMap":
         """A copy of the map whose entries record the bytes and dtypes of the tensors they own (``owned``, from
         ``ownership.assign_tensors``)."""
-        out = DeviceMap(self.device, dict(self.components), {}, self.window, self.strategy)
+        out = DeviceMap(self.device, dict(self.components), {}, self.window, self.strategy, self.compression)
         for path, entry in self.entries.items():
             refs = owned[path]
             dtypes = "+".join(sorted({str(r.tensor.dtype).removeprefix("torch.") for r in refs}))
@@ -127,7 +135,7 @@ class DeviceMap:
 
     def copy(self) -> "DeviceMap":
         """An independent copy (entries are immutable, so a shallow copy of the tables suffices)."""
-        return DeviceMap(self.device, dict(self.components), dict(self.entries), self.window, self.strategy)
+        return DeviceMap(self.device, dict(self.components), dict(self.entries), self.window, self.strategy, self.compression)
 
     def bytes_by_placement(self) -> dict[Placement, int]:
         """Bytes owned by each placement (every placement present, zero when unused)."""
@@ -138,11 +146,13 @@ class DeviceMap:
 
     def to_dict(self) -> dict:
         """A JSON-ready dict; ``DeviceMap.from_dict`` reads it back."""
+        compression = {"compression": self.compression} if self.compression else {}
         return {
             "version": FORMAT_VERSION,
             "device": self.device,
             "strategy": self.strategy,
             "window": self.window,
+            **compression,
             "components": {n: r.value for n, r in self.components.items()},
             "entries": [
                 {"path": e.path, "placement": e.placement.value, "bytes": e.nbytes, "dtype": e.dtype}
@@ -170,7 +180,8 @@ class DeviceMap:
                     f"device map component {name!r:.80}: unknown role {role!r:.80}; expected one of {[r.value for r in Role]}"
                 )
         strategy = typed({"strategy": "custom", **data}, "strategy", str, where)
-        dmap = cls(typed(data, "device", str, where), comps, {}, typed(data, "window", int, where), strategy)
+        compression = data.get("compression")
+        dmap = cls(typed(data, "device", str, where), comps, {}, typed(data, "window", int, where), strategy, compression)
         for i, raw in enumerate(typed(data, "entries", list, where)):
             if not isinstance(raw, dict):
                 raise ValueError(f"device map entry #{i} must be an object, got a {type(raw).__name__}")
@@ -251,6 +262,13 @@ def check_path(path: object) -> str:
     return path
 
 
+def check_compression(compression: object) -> "str | None":
+    """Return ``compression`` if it is ``None`` or one of ``COMPRESSIONS``, else raise a ValueError that lists them."""
+    if compression is not None and compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be None or one of {list(COMPRESSIONS)}, got {compression!r:.40}")
+    return compression
+
+
 def check_window(window: object) -> int:
     """Return ``window`` if it is an int >= 1, else raise a ValueError that says what to pass."""
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
@@ -294,7 +312,8 @@ def format_table(dmap: DeviceMap) -> str:
     """The map as an aligned text table, consecutive numbered blocks collapsed, with totals."""
     rows = [("module", "placement", "bytes", "dtype"), *_rows(dmap)]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [f"DeviceMap -> {dmap.device} (strategy {dmap.strategy}, window {dmap.window})"]
+    coded = f", {dmap.compression} compression" if dmap.compression else ""
+    lines = [f"DeviceMap -> {dmap.device} (strategy {dmap.strategy}, window {dmap.window}{coded})"]
     if not dmap.device.startswith("cuda"):
         lines.append(f"  (the target is {dmap.device!r}: 'gpu' means resident there)")
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

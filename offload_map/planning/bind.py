@@ -62,6 +62,7 @@ class ExecutionPlan:
     pinned: list[Unit] = field(default_factory=list)
     rings: list[Ring] = field(default_factory=list)
     units: dict[str, Unit] = field(default_factory=dict)
+    compression: str | None = None  # the map's: how streamed blocks are kept and copied
 
     def component_of(self, path: str) -> ComponentPlan:
         names = {c.name: c.role for c in self.components}
@@ -90,7 +91,7 @@ def bind(dmap: DeviceMap, found: PipelineModules, tensors: list[TensorRef]) -> E
     modules = {path: entry_module(path, comps, dmap.components) for path in dmap.entries}
     owned = assign_tensors(dmap.placements(), tensors)
     units = {path: Unit(path, e.placement, modules[path], owned[path]) for path, e in dmap.entries.items()}
-    plan = ExecutionPlan(torch.device(dmap.device), dmap.window, [], units=units)
+    plan = ExecutionPlan(torch.device(dmap.device), dmap.window, [], units=units, compression=dmap.compression)
     for name, comp in comps.items():
         root = dmap.entries.get(name)
         if root is None:

@@ -14,9 +14,10 @@ A block's planes (``Coded``) are laid out so that the bytes between any two 512-
 host buffer's tensors start, ``host_buffer.ALIGN``) are a contiguous range of each plane (``Coded.part``): a
 plan that keeps a block's first submodules on the device copies and decodes the two parts apart.
 
-``encode`` runs on the host when a block is packed. ``decode`` is plain torch and runs wherever its inputs are:
-on the device, once a part's planes were copied there, it writes the part's bytes into a slot. It works in
-chunks, so its temporaries stay under about 6 bytes per code byte of ``CHUNK``, whatever the block's size.
+``encode`` runs on the host when a block is packed. ``decode`` runs wherever its inputs are: on a CUDA device,
+once a part's planes were copied there, one Triton kernel (``codec_kernel``) writes the part's bytes into a
+slot; elsewhere (and without Triton) plain torch does the same in chunks, so its temporaries stay under
+about 6 bytes per code byte of ``CHUNK``, whatever the block's size.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .codec_kernel import expand
 
 WINDOW = 7  # consecutive exponent values (upper 7 bits) per sign that get a code
 ZERO, ESCAPE = 7, 15
@@ -152,13 +155,16 @@ def decode(coded: Coded, out: torch.Tensor | None = None) -> torch.Tensor:
     if out is None:
         out = torch.empty(2 * n, dtype=torch.uint8, device=coded.low.device)
     words = out[: 2 * n].view(-1, 2)
-    words[:, 0] = coded.low
     high = words[:, 1]
-    for first in range(0, coded.codes.numel(), CHUNK):
-        codes = coded.codes[first : first + CHUNK]
-        pairs = coded.pairs.index_select(0, codes.to(torch.int32)).view(-1)
-        stop = min(n, 2 * (first + codes.numel()))
-        high[2 * first : stop] = pairs[: stop - 2 * first]
+    if expand is not None and out.is_cuda and n % 2 == 0:
+        expand(coded.codes, coded.low, coded.pairs, out)
+    else:
+        words[:, 0] = coded.low
+        for first in range(0, coded.codes.numel(), CHUNK):
+            codes = coded.codes[first : first + CHUNK]
+            pairs = coded.pairs.index_select(0, codes.to(torch.int32)).view(-1)
+            stop = min(n, 2 * (first + codes.numel()))
+            high[2 * first : stop] = pairs[: stop - 2 * first]
     if coded.escape_index.numel():
         high[coded.escape_index.long() - coded.first] = coded.escape_high
     return out

@@ -8,8 +8,11 @@ read from their checkpoint (``loading.weights.WeightSource``) straight into plac
 Ranks of one host may share one host copy (``shared_host.HostCopy``): units are then page-aligned slices of
 the shared region, only its creator fills them, and the others bind to them once it is filled.
 
-Ownership: ``HostStore`` owns every ``HostBuffer`` (allocated or sliced, filled and page-locked here) and the
-``HostCopy``. ``restore`` gives every tensor its own storage again and releases both; the caller has made the
+With ``compression="lossless"`` each streamed block is coded too (``coded_host.CodedHost``) right after it is
+filled, and the planes are page-locked instead of the raw buffer, which stays pageable for the module's views.
+
+Ownership: ``HostStore`` owns every ``HostBuffer`` (allocated or sliced, filled and page-locked here), each
+unit's ``CodedHost``, and the ``HostCopy``. ``restore`` gives every tensor its own storage again and releases both; the caller has made the
 host wait for the copy stream, the only reader of host buffers.
 """
 
@@ -27,6 +30,7 @@ from tqdm import tqdm
 from ..collect.tensors import is_dtensor
 from ..mapping.placement import Placement
 from ..planning.bind import ExecutionPlan, Unit
+from .coded_host import CodedHost
 from .host_buffer import HostBuffer, layout, trim_host_heap
 from .report import SetupTimes
 from .shared_host import HostCopy
@@ -70,6 +74,7 @@ class HostStore:
         self.ordering = ordering
         self.pin = pin
         self.source = source
+        self.compression = plan.compression
         self.units: dict[str, OffloadedUnit] = {}
         self.times = SetupTimes(threads=PACK_THREADS)
         self.loaded = False
@@ -114,7 +119,7 @@ class HostStore:
             delay=1.0,
             disable=progress is False or not host_units,
         )
-        fill_s, pin_s = [], []
+        fill_s, pin_s, code_s = [], [], []
 
         def pack(unit: Unit, offset: int) -> OffloadedUnit:
             if device.type == "cuda":  # page-locking registers with the current device; a new thread's is 0
@@ -128,16 +133,22 @@ class HostStore:
                     else:
                         buffer.write(index, ref.local)
             filled = time.perf_counter()
+            coded = None
+            if self.compression and unit.placement is Placement.LAYER_WINDOW:
+                coded = CodedHost.of(buffer.flat)
+            coded_at = time.perf_counter()
             if self.pin:
-                buffer.pin()
+                (buffer if coded is None else coded).pin()
             fill_s.append(filled - start)
-            pin_s.append(time.perf_counter() - filled)
+            code_s.append(coded_at - filled)
+            pin_s.append(time.perf_counter() - coded_at)
             packed = OffloadedUnit(
                 unit.path,
                 unit.tensors,
                 buffer,
                 self.ordering,
                 kept=buffer.nbytes if unit.placement is Placement.CPU_PINNED else 0,
+                coded=coded,
             )
             # A rank that does not fill a shared region binds to it only once the filler is done (``ready``):
             # until then its own tensors are the only copy of the weights.
@@ -170,7 +181,7 @@ class HostStore:
             if error is not None:
                 raise error
         self.times.pack_wall_s = time.perf_counter() - start
-        self.times.fill_s, self.times.pin_s = sum(fill_s), sum(pin_s)
+        self.times.fill_s, self.times.pin_s, self.times.code_s = sum(fill_s), sum(pin_s), sum(code_s)
 
     def restore(self) -> None:
         """Give every tensor its own storage on its original device again, bit for bit, and release the buffers and
@@ -180,6 +191,8 @@ class HostStore:
             _, unit = self.units.popitem()
             unit.restore(self.loaded)
             unit.host.release()
+            if unit.coded is not None:
+                unit.coded.release()
         if self.host_copy is not None:
             self.host_copy.close()
         trim_host_heap()

@@ -32,17 +32,37 @@ class TransferStats:
 @dataclass
 class SetupTimes:
     """Where dispatch time went: packing host storage (wall), and, summed over the packing threads, writing
-    the weights into it (copies or checkpoint reads) and page-locking it."""
+    the weights into it (copies or checkpoint reads), coding streamed blocks (``compression``) and page-locking."""
 
     pack_wall_s: float = 0.0
     fill_s: float = 0.0
     pin_s: float = 0.0
     threads: int = 1
+    code_s: float = 0.0
 
     def __str__(self) -> str:
+        coding = f"coding blocks {self.code_s:.2f} s, " if self.code_s else ""
         return (
             f"host storage {self.pack_wall_s:.2f} s wall ({self.threads} threads: writing weights {self.fill_s:.2f} s, "
-            f"page-locking {self.pin_s:.2f} s, summed over threads)"
+            f"{coding}page-locking {self.pin_s:.2f} s, summed over threads)"
+        )
+
+
+@dataclass(frozen=True)
+class CodedTotals:
+    """Streamed blocks kept coded (``compression="lossless"``): how many of them, and their bytes raw and coded."""
+
+    blocks: int
+    coded: int
+    raw_bytes: int
+    coded_bytes: int
+
+    def __str__(self) -> str:
+        ratio = self.coded_bytes / self.raw_bytes if self.raw_bytes else 1.0
+        raw = self.blocks - self.coded
+        return (
+            f"{self.coded} of {self.blocks} streamed blocks, {human_bytes(self.raw_bytes)} -> {human_bytes(self.coded_bytes)} "
+            f"({ratio:.3f} of the bytes)" + (f"; {raw} stream raw (they do not compress)" if raw else "")
         )
 
 
@@ -51,7 +71,8 @@ class Report:
     """What a dispatch placed where, what it moved, and the device memory it saw.
 
     ``peak_device_bytes`` is the allocator's peak since dispatch on a CUDA target (None on the CPU);
-    ``slot_bytes`` is the device memory held by the slot rings; ``setup_seconds`` the time dispatch took.
+    ``slot_bytes`` is the device memory held by the slot rings; ``setup_seconds`` the time dispatch took;
+    ``coded`` what compression coded (None without compression).
     """
 
     device: str
@@ -62,6 +83,7 @@ class Report:
     stats: TransferStats = field(default_factory=TransferStats)
     peak_device_bytes: int | None = None
     setup_times: SetupTimes = field(default_factory=SetupTimes)
+    coded: CodedTotals | None = None
 
     @classmethod
     def start(cls, dmap: DeviceMap, slot_bytes: int, setup_seconds: float, stats: TransferStats, times: SetupTimes) -> "Report":
@@ -78,6 +100,8 @@ class Report:
             f"  moved:     {human_bytes(s.bytes_h2d)} host->device in {s.block_loads} block loads "
             f"({s.on_demand_loads} on demand) and {s.component_loads} component loads; {s.component_evictions} evictions",
         ]
+        if self.coded is not None:
+            lines.append(f"  coded:     {self.coded}")
         if self.peak_device_bytes is not None:
             lines.append(f"  peak:      {human_bytes(self.peak_device_bytes)} device memory allocated since dispatch")
         return "\n".join(lines)

@@ -56,12 +56,17 @@ class BlockRing:
         return min(self.window, sum(1 for unit in self.units if unit.streamed_bytes))
 
     @property
+    def staging_bytes(self) -> int:
+        """Bytes of the staging buffer that coded blocks are copied through (0 when none is coded)."""
+        return max((unit.coded.staging_bytes() for unit in self.units if unit.coded is not None), default=0)
+
+    @property
     def device_bytes(self) -> int:
-        """Device memory the slots hold while the component is active."""
-        return self.slot_bytes * self.slot_count
+        """Device memory the slots and the staging buffer hold while the component is active."""
+        return self.slot_bytes * self.slot_count + self.staging_bytes
 
     def _allocate(self, window: int) -> SlotPool:
-        return SlotPool(min(window, self.slot_count), self.slot_bytes, self.ordering)
+        return SlotPool(min(window, self.slot_count), self.slot_bytes, self.ordering, self.staging_bytes)
 
     def set_residency(self, kept: dict[int, int], window: int, stays: bool = False) -> None:
         """From now on keep the first ``kept[i]`` bytes of block ``i`` (all of them: the block stays whole) on the
@@ -81,7 +86,7 @@ class BlockRing:
         """The component is about to run: its slots and kept parts on the device. Safe to call twice. If that fails
         (out of memory, an interrupt), nothing of it stays on the device and the ring stays inactive."""
         try:
-            if not self.pool.slots and self.slot_count:
+            if not self.pool.held and (self.slot_count or self.staging_bytes):
                 self.pool = self._allocate(self.window)
                 self.prefetcher.restart(self.pool.slots)
             self.fetch_heads()
@@ -105,7 +110,7 @@ class BlockRing:
     def fetch_heads(self) -> None:
         """Bring every kept part to the device. Safe to call twice."""
         for unit in self.units:
-            copied = unit.fetch_head()
+            copied = unit.fetch_head(staging=self.pool.staging)
             if copied:
                 self.stats.add_block(copied, on_demand=False)
 

@@ -31,7 +31,7 @@ from .calls import CallWatch
 from .hooks import BlockHook, ComponentHook, HookSet
 from .host_buffer import HostBuffer
 from .host_store import HostStore
-from .report import SetupTimes, TransferStats
+from .report import CodedTotals, SetupTimes, TransferStats
 from .resident import ResidentTensors
 from .ring import BlockRing
 from .sharded_copy import DirectCopy, ShardedCopy
@@ -132,6 +132,23 @@ class Runtime:
         """Device memory the slots of every streamed component hold while it runs (components that take turns hold
         theirs in turn)."""
         return sum(ring.device_bytes for ring in self.rings.values())
+
+    @property
+    def wire_ratio(self) -> float:
+        """Bytes that streaming every block moves per raw byte (below 1 when blocks are coded, ``compression``)."""
+        units = [unit for ring in self.rings.values() for unit in ring.units]
+        raw = sum(unit.nbytes for unit in units)
+        moved = sum(unit.nbytes if unit.coded is None else unit.coded.nbytes for unit in units)
+        return moved / raw if raw else 1.0
+
+    @property
+    def coded(self) -> CodedTotals | None:
+        """What ``compression`` coded (None without it)."""
+        if self.plan.compression is None:
+            return None
+        units = [unit for ring in self.rings.values() for unit in ring.units]
+        coded = [unit.coded for unit in units if unit.coded is not None]
+        return CodedTotals(len(units), len(coded), sum(c.raw_bytes for c in coded), sum(c.nbytes for c in coded))
 
     @property
     def setup_times(self) -> SetupTimes:
@@ -235,6 +252,9 @@ class Runtime:
         self.ordering.wait_copies()  # the copy stream reads host buffers; none may be in flight while they change
         for unit in self.host.units.values():
             unit.sync_to_host()
+        for ring in self.rings.values():
+            if ring.active:
+                ring.fetch_heads()
 
     def detach(self) -> None:
         """Remove every hook and point streamed blocks at their host buffers; other weights stay where they are."""

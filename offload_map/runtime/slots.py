@@ -13,6 +13,11 @@ Ownership (``SlotPool``, one per streamed DiT and residency):
 - ``SlotPool.free`` makes the allocation stream wait for every slot's last copy and last reader before it
   lets go of the buffers: the caching allocator hands freed memory to later allocations on that stream in
   stream order, so nothing reuses a slot that a copy or a block (on any stream) still uses.
+- ``SlotPool.staging`` (coded blocks only, ``coded_host``): one device ``uint8`` buffer shared by the slots,
+  allocated before them on the allocation stream (so each slot's first ``free`` event, and a kept part's
+  ``allocated`` event, come after it), used only on the copy stream (planes copied in, decoded out, one
+  piece after the other), freed by ``SlotPool.free`` after the allocation stream waited for the copy stream
+  as it is then.
 
 Which unit goes into which slot is the prefetcher's choice; moving bytes in and out is the unit's.
 """
@@ -28,7 +33,8 @@ import torch
 class Slot:
     """One device buffer, its two events, and which unit's bytes it holds (``None``: nothing usable).
 
-    ``views`` caches, per unit, that unit's streamed tensors as views into ``buffer``.
+    ``views`` caches, per unit, that unit's streamed tensors as views into ``buffer``; ``staging`` is the pool's
+    staging buffer (or None).
     """
 
     index: int
@@ -37,6 +43,7 @@ class Slot:
     free: object
     holds: object = None
     views: dict = field(default_factory=dict)
+    staging: torch.Tensor | None = None
 
 
 class SlotPool:
@@ -46,21 +53,29 @@ class SlotPool:
         count: number of slots (the window).
         nbytes: bytes per slot (the largest streamed part of a block, as the copier pads it).
         ordering: the dispatch's ``CudaOrdering``/``SyncOrdering``.
+        staging: bytes of the staging buffer (0: none).
     """
 
-    def __init__(self, count: int, nbytes: int, ordering) -> None:
+    def __init__(self, count: int, nbytes: int, ordering, staging: int = 0) -> None:
         self.ordering = ordering
         self.nbytes = nbytes
         self.allocation_stream = ordering.compute_stream()
+        self.staging = torch.empty(staging, dtype=torch.uint8, device=ordering.device) if staging else None
         self.slots: list[Slot] = []
         for index in range(count):
-            slot = Slot(index, torch.empty(nbytes, dtype=torch.uint8, device=ordering.device), ordering.event(), ordering.event())
+            buffer = torch.empty(nbytes, dtype=torch.uint8, device=ordering.device)
+            slot = Slot(index, buffer, ordering.event(), ordering.event(), staging=self.staging)
             ordering.record_compute(slot.free)
             self.slots.append(slot)
 
     @property
+    def held(self) -> bool:
+        """Whether the pool holds device memory (between allocation and ``free``)."""
+        return bool(self.slots) or self.staging is not None
+
+    @property
     def device_bytes(self) -> int:
-        return self.nbytes * len(self.slots)
+        return self.nbytes * len(self.slots) + (0 if self.staging is None else self.staging.numel())
 
     def free(self) -> None:
         """Give the buffers back once their last copy and last reader are done (stream-ordered, no host wait).
@@ -71,3 +86,8 @@ class SlotPool:
             slot.holds = None
             slot.views.clear()
         self.slots = []
+        if self.staging is not None:
+            used = self.ordering.event()
+            self.ordering.record_copy(used)
+            self.ordering.stream_waits(self.allocation_stream, used)
+            self.staging = None

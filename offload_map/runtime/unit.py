@@ -28,6 +28,8 @@ served earlier work); the compute stream waits for the copy before anything read
 makes the allocation stream wait for the current stream, where the head was last read (a component runs
 on one stream), before letting the buffer go. Slots belong to the ring's ``SlotPool``; the unit only
 copies into one (after its ``free`` event), records its ``ready`` event, waits on it, and records ``free``.
+A coded unit (``coded``, a ``coded_host.CodedHost``) copies its planes instead and decodes them into the
+head or the slot on the copy stream, through the pool's staging buffer, before the ``ready`` event.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from enum import Enum
 import torch
 
 from ..collect.tensors import TensorRef, is_dtensor
+from .coded_host import CodedHost
 from .host_buffer import HostBuffer, home_device, split_points
 from .slots import Slot
 
@@ -69,12 +72,16 @@ class OffloadedUnit:
         host: the packed host buffer (owned by the runtime's ``HostStore``).
         ordering: the dispatch's ``CudaOrdering``/``SyncOrdering``.
         kept: bytes of the head (a split point, 0, or ``host.nbytes``).
+        coded: the unit's bytes coded (``compression="lossless"``), copied instead of ``host``; or None.
     """
 
-    def __init__(self, path: str, refs: list[TensorRef], host: HostBuffer, ordering, kept: int = 0) -> None:
+    def __init__(
+        self, path: str, refs: list[TensorRef], host: HostBuffer, ordering, kept: int = 0, coded: CodedHost | None = None
+    ) -> None:
         self.path = path
         self.refs = refs
         self.host = host
+        self.coded = coded
         self.ordering = ordering
         self.original_devices = [ref.local.device for ref in refs]
         self.host_views = host.views(host.flat)
@@ -130,9 +137,10 @@ class OffloadedUnit:
 
     # -- head ----------------------------------------------------------------------------------------------
 
-    def fetch_head(self, blocking: bool = False) -> int:
-        """Copy the head to a device buffer of its own and point its tensors there; returns the bytes copied (0 if
-        the head is there already, or empty). ``blocking``: the host waits for the copy (HSDP)."""
+    def fetch_head(self, blocking: bool = False, staging: torch.Tensor | None = None) -> int:
+        """Copy the head to a device buffer of its own and point its tensors there; returns the host bytes copied
+        (0 if the head is there already, or empty). ``blocking``: the host waits for the copy (HSDP). ``staging``:
+        the pool's staging buffer, for a coded unit."""
         if self.head is not None or not self.kept:
             return 0
         ordering = self.ordering
@@ -143,14 +151,17 @@ class OffloadedUnit:
             ordering.record_compute(allocated)
             ordering.copy_waits(allocated)
             with ordering.on_copy_stream():
-                head.copy_(self.host.flat[: self.kept], non_blocking=self.host.pinned)
+                if self.coded is not None:
+                    self.coded.copy(head, 0, self.kept, staging)
+                else:
+                    head.copy_(self.host.flat[: self.kept], non_blocking=self.host.pinned)
                 ordering.record_copy(ready)
             ordering.compute_waits(ready)
             if blocking and ordering.asynchronous:
                 ready.synchronize()
         self._bind(0, self.host.views(head, 0, self.kept))
         self.head = head
-        return self.kept
+        return self.kept if self.coded is None else self.coded.part_bytes(0, self.kept)
 
     def drop_head(self) -> None:
         """Point the head's tensors back at the host buffer and let its device buffer go. Safe to call twice."""
@@ -181,11 +192,16 @@ class OffloadedUnit:
             ordering.copy_waits(slot.free)
             with ordering.on_copy_stream():
                 start = ordering.stamp() if timed is not None else None
-                copier(slot.buffer, src, self.host.pinned, self.path)
+                if self.coded is not None:  # the planner counts raw bytes: the time includes the decode
+                    self.coded.copy(slot.buffer, self.kept, self.nbytes, slot.staging)
+                else:
+                    copier(slot.buffer, src, self.host.pinned, self.path)
                 ordering.record_copy(slot.ready)
                 if timed is not None:
                     timed.append((src.numel(), start, ordering.stamp()))
         slot.holds, self.slot, self.state = self, slot, TailState.LOADED
+        if self.coded is not None:
+            return self.coded.part_bytes(self.kept, self.nbytes)
         return copier.host_bytes(src.numel())
 
     def wait(self) -> None:
@@ -233,7 +249,10 @@ class OffloadedUnit:
                 self.host.write(index, tensor)
             except ValueError as err:
                 raise ValueError(f"{ref.qualname} {err} since dispatch; remove() and dispatch again to repack it") from None
-        head = self.head is not None
+        if self.coded is not None:  # in-place edits do not show: code the bytes anew whatever changed
+            self.coded.encode(self.host.flat)
+        # A coded head needs its ring's staging buffer: the ring fetches it again (``Runtime.refresh``).
+        head = self.head is not None and self.coded is None
         self.drop_head()
         self.bind_host()
         if head:
