@@ -21,7 +21,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from offload_map.runtime import codec  # noqa: E402
 from offload_map.runtime.codec import Coded, decode, encode  # noqa: E402
+from offload_map.runtime.coded_host import CodedHost  # noqa: E402
 
 FLUX_DOUBLE_BLOCK = 339_831_296  # bytes of one Flux-12B double block in bf16
 
@@ -65,10 +67,23 @@ def measure(nbytes: int, device: torch.device, repeats: int) -> dict:
     else:
         on_device = coded
     decode_s = _timed(lambda: decode(on_device, out=slot), device, repeats)
-    row.update(decode_s=decode_s, decode_output_GBps=round(nbytes / decode_s / 1e9, 1))
+    row.update(decode_s=decode_s, decode_output_GBps=round(nbytes / decode_s / 1e9, 1), kernel=codec.expand is not None)
     row["bit_exact"] = bool(torch.equal(slot.cpu(), raw))
     if device.type == "cuda":
         row["coded_copy_plus_decode_vs_raw_copy"] = round((row["coded_copy_s"] + decode_s) / row["raw_copy_s"], 3)
+        kernel, codec.expand = codec.expand, None  # the torch fallback, for comparison
+        torch_s = _timed(lambda: decode(on_device, out=slot), device, repeats)
+        codec.expand = kernel
+        row.update(torch_decode_s=torch_s, torch_decode_output_GBps=round(nbytes / torch_s / 1e9, 1))
+        # The runtime's path: piece by piece through a staging buffer, copy and decode on one stream.
+        host = CodedHost(raw)
+        host.pin()
+        staging = torch.empty(host.staging_bytes(), dtype=torch.uint8, device=device)
+        slot.zero_()
+        piece_s = _timed(lambda: host.copy(slot, 0, nbytes, staging), device, repeats)
+        row.update(runtime_copy_decode_s=piece_s, runtime_vs_raw_copy=round(piece_s / raw_s, 3))
+        row["runtime_bit_exact"] = bool(torch.equal(slot.cpu(), raw))
+        host.release()
     return row
 
 

@@ -26,6 +26,8 @@ Strategies:
 * ``accelerate-cpu``   ``accelerate.cpu_offload(model, execution_device=device)``
 * ``auto-<N>GiB``      ``offload_map.dispatch_pipeline(model, strategy="auto", gpu_budget="<N>GiB")`` (also
   ``<N>GB``, 10**9 bytes); ``auto-unlimited`` gives it the device's whole memory
+* ``layerwise-wN-lossless``, ``auto-<N>GiB-lossless``  the same with ``compression="lossless"`` (streamed
+  blocks coded in host memory, decoded on the device); the row adds the coded/raw byte ratio
 * ``<any>-compiled``   the same after ``model.compile_repeated_blocks()`` (inductor; the warm-up forwards compile)
 * ``before-layerwise-wN``, ``before-auto-<N>GiB``  the same with offload_map as it was before a change: the
   package in ``--before DIR`` (``DIR/offload_map``, e.g. ``git archive <commit> offload_map | tar -x -C DIR``),
@@ -170,6 +172,7 @@ class Ctx:
     reference: torch.Tensor | None = None
     build_fingerprint: torch.Tensor | None = None
     handle: object = None  # the offload_map handle of an "auto" strategy, for its plan summary
+    coded: object = None  # a -lossless row's CodedTotals, for its coded_summary
 
     @property
     def cuda(self) -> bool:
@@ -287,27 +290,52 @@ def offload_map_package(ctx: Ctx, before: bool):
     return sys.modules["offload_map_before"]
 
 
-def make_layerwise(window: int, before: bool = False):
+def compression_options(compression: str | None) -> dict:
+    return {} if compression is None else {"compression": compression}
+
+
+def make_layerwise(window: int, before: bool = False, compression: str | None = None):
     def setup_layerwise(model, ctx: Ctx):
         offload_map = offload_map_package(ctx, before)
         target = model if ctx.args.layerwise_via == "model" else TransformerHolder(model)
-        handle = offload_map.dispatch_pipeline(target, strategy="layerwise", device=ctx.device, window=window)
+        handle = offload_map.dispatch_pipeline(
+            target, strategy="layerwise", device=ctx.device, window=window, **compression_options(compression)
+        )
+        ctx.coded = handle.report().coded if compression else None
         return handle.remove
 
     return setup_layerwise
 
 
-def make_auto(budget: str | None, before: bool = False):
+def make_auto(budget: str | None, before: bool = False, compression: str | None = None):
     """``strategy="auto"`` within ``budget`` (e.g. ``"12GiB"``, ``"12GB"``); None means the device's whole memory."""
 
     def setup_auto(model, ctx: Ctx):
         offload_map = offload_map_package(ctx, before)
         size = budget or (torch.cuda.mem_get_info()[1] if ctx.cuda else 10**15)
-        handle = offload_map.dispatch_pipeline(model, strategy="auto", device=ctx.device, gpu_budget=size)
+        handle = offload_map.dispatch_pipeline(
+            model, strategy="auto", device=ctx.device, gpu_budget=size, **compression_options(compression)
+        )
         ctx.handle = handle
+        ctx.coded = handle.report().coded if compression else None
         return handle.remove
 
     return setup_auto
+
+
+def coded_summary(ctx: Ctx) -> dict:
+    """For ``-lossless`` rows: how many streamed blocks were coded, and their coded/raw bytes."""
+    coded = getattr(ctx, "coded", None)
+    ctx.coded = None
+    if coded is None:
+        return {}
+    return {
+        "coded_blocks": coded.coded,
+        "streamed_blocks_total": coded.blocks,
+        "coded_raw_bytes": coded.raw_bytes,
+        "coded_bytes": coded.coded_bytes,
+        "coded_ratio": coded.coded_bytes / coded.raw_bytes if coded.raw_bytes else None,
+    }
 
 
 def plan_summary(ctx: Ctx) -> dict:
@@ -379,6 +407,8 @@ def strategy_setup(name: str):
     the undo callable."""
     if name.endswith("-compiled"):
         return compiled(strategy_setup(name.removesuffix("-compiled")))
+    compression = "lossless" if name.endswith("-lossless") else None
+    name = name.removesuffix("-lossless")
     fixed = {
         "resident": setup_resident,
         "diffusers-block": make_group_offload("block_level"),
@@ -390,10 +420,10 @@ def strategy_setup(name: str):
     before = name.startswith("before-")
     match = re.fullmatch(r"layerwise-w(\d+)", name.removeprefix("before-"))
     if match:
-        return make_layerwise(int(match.group(1)), before)
+        return make_layerwise(int(match.group(1)), before, compression)
     match = re.fullmatch(r"auto-(\d+(?:\.\d+)?(?:GB|GiB))|auto-unlimited", name.removeprefix("before-"))
     if match:
-        return make_auto(match.group(1), before)
+        return make_auto(match.group(1), before, compression)
     raise ValueError(f"unknown strategy {name!r}")
 
 
@@ -519,7 +549,13 @@ def measure(name: str, model, ctx: Ctx, row: dict, grad_mode: str, undo_box: lis
         torch.cuda.reset_peak_memory_stats()
     row["failed_in"] = "forward"
     warm, timed, synced, out = time_forwards(model, ctx, grad_mode)
-    row.update(timing_summary(warm, timed, synced), **gpu_peak(ctx), **compare_output(out, ctx), **plan_summary(ctx))
+    row.update(
+        timing_summary(warm, timed, synced),
+        **gpu_peak(ctx),
+        **compare_output(out, ctx),
+        **plan_summary(ctx),
+        **coded_summary(ctx),
+    )
     if name == "resident":
         assert row["output_finite"], "resident output is not finite; lower --weight-std"
         ctx.reference = out.detach().to("cpu")
@@ -789,6 +825,12 @@ def render_markdown(env: dict, rows: list[dict]) -> str:
         if r.get("inference_mode_error")
     ]
     notes += [f"- {r['strategy']} (failed in {r.get('failed_in')}): {r['error']}" for r in rows if r.get("error")]
+    notes += [
+        f"- {r['strategy']}: {r['coded_blocks']} of {r['streamed_blocks_total']} streamed blocks coded, "
+        f"{r['coded_bytes'] / 1e9:.2f} GB of {r['coded_raw_bytes'] / 1e9:.2f} GB raw ({r['coded_ratio']:.3f})"
+        for r in rows
+        if r.get("coded_ratio") is not None
+    ]
     notes += [
         f"- {r['strategy']}: undo left devices {r['devices_after_undo']}, {r['hooks_after_undo']} hooks, "
         f"weights intact {r['weights_intact_after_undo']}"

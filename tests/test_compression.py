@@ -1,0 +1,263 @@
+"""``compression="lossless"``: streamed blocks kept coded in host memory, decoded on the device, outputs bit-exact.
+
+CPU tests run the whole path with the torch decoder (``SyncOrdering``); the ``cuda`` tests check the Triton
+kernel against it and the stream order of copy, decode and compute with delays injected.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from offload_map import DeviceMap, compile_device_map, dispatch_pipeline
+from offload_map.runtime import codec, codec_kernel
+from offload_map.runtime.coded_host import PIECE, CodedHost
+
+from conftest import resident_run
+from tiny_pipelines import make_flux_pipeline, run_flux
+
+DIM = 256
+
+
+class Block(nn.Module):
+    """Two linears and a norm (bf16 weights ~ N(0, 0.02), as trained ones are)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(DIM, 2 * DIM)
+        self.down = nn.Linear(2 * DIM, DIM)
+        self.norm = nn.LayerNorm(DIM)
+        for linear in (self.up, self.down):
+            nn.init.normal_(linear.weight, std=0.02)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+
+
+class DiT(nn.Module):
+    _layerwise_offload_blocks_attrs = ["blocks"]
+
+    def __init__(self, n: int = 5) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block() for _ in range(n))
+        self.out = nn.Linear(DIM, DIM)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.out(x)
+
+
+def make_dit(seed: int = 0, dtype=torch.bfloat16) -> DiT:
+    torch.manual_seed(seed)
+    return DiT().eval().requires_grad_(False).to(dtype)
+
+
+def _input(dtype=torch.bfloat16) -> torch.Tensor:
+    return torch.randn(4, 8, DIM, generator=torch.Generator().manual_seed(7)).to(dtype)
+
+
+def _reference(seed: int, target: str, dtype=torch.bfloat16) -> torch.Tensor:
+    model = make_dit(seed, dtype)
+    with torch.inference_mode():
+        return resident_run(model, lambda: model(_input(dtype).to(target)), target)
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
+@torch.inference_mode()
+def test_coded_blocks_give_the_resident_output_bit_for_bit(window, target):
+    model, x = make_dit(), _input().to(target)
+    reference = _reference(0, target)
+    handle = dispatch_pipeline(model, "layerwise", target, window=window, compression="lossless")
+    assert all(torch.equal(model(x).cpu(), reference) for _ in range(3))
+    coded = handle.report().coded
+    assert (coded.blocks, coded.coded) == (5, 5)
+    assert 0.70 < coded.coded_bytes / coded.raw_bytes < 0.80
+    # What crossed the link is the code, not the raw bytes (the blocks are alike: their codes nearly so).
+    stats = handle.report().stats
+    assert stats.bytes_h2d / stats.block_loads == pytest.approx(coded.coded_bytes / 5, rel=0.01)
+    handle.remove()
+    assert torch.equal(model.to(target)(x).cpu(), reference)  # restored bit for bit
+
+
+@torch.inference_mode()
+def test_kept_parts_and_whole_kept_blocks_are_decoded_too(target):
+    model, x = make_dit(), _input().to(target)
+    reference = _reference(0, target)
+    handle = dispatch_pipeline(model, "layerwise", target, window=2, compression="lossless")
+    ring = handle.runtime.rings[""]
+    kept = {unit.path: unit.split_points()[0] for unit in ring.units[::2]}
+    kept[ring.units[1].path] = ring.units[1].nbytes
+    handle.runtime.set_residency("", kept, 2)
+    assert all(torch.equal(model(x).cpu(), reference) for _ in range(3))
+    handle.remove()
+
+
+@torch.inference_mode()
+def test_a_budget_plans_with_coded_blocks_and_stays_exact(target):
+    model, x = make_dit(), _input().to(target)
+    reference = _reference(0, target)
+    block = ring_bytes = sum(p.numel() * p.element_size() for p in model.blocks[0].parameters())
+    ring_bytes = 5 * block
+    handle = dispatch_pipeline(model, "auto", target, gpu_budget=ring_bytes // 2, compression="lossless")
+    assert all(torch.equal(model(x).cpu(), reference) for _ in range(4))
+    assert handle.device_map.compression == "lossless"  # the planner's maps keep it
+    assert handle.report().coded.coded == 5
+    handle.remove()
+
+
+@torch.inference_mode()
+def test_blocks_that_do_not_compress_stream_raw_and_say_so(target):
+    model, x = make_dit(dtype=torch.float32), _input(torch.float32).to(target)
+    reference = _reference(0, target, torch.float32)
+    handle = dispatch_pipeline(model, "layerwise", target, compression="lossless")
+    assert torch.equal(model(x).cpu(), reference)
+    report = handle.report()
+    assert report.coded.coded == 0 and "5 stream raw" in str(report)
+    assert all(unit.coded is None and unit.host.pinned == (target != "cpu") for unit in handle.runtime.rings[""].units)
+    handle.remove()
+
+
+@torch.inference_mode()
+def test_refresh_codes_new_weights_anew(target):
+    model, x = make_dit(), _input().to(target)
+    handle = dispatch_pipeline(model, "layerwise", target, window=1, compression="lossless")
+    model(x)
+    model.load_state_dict(make_dit(seed=1).state_dict())  # copies into the host buffers the blocks view
+    handle.refresh()
+    assert torch.equal(model(x).cpu(), _reference(1, target))
+    handle.remove()
+
+
+@torch.inference_mode()
+def test_a_whole_bf16_flux_pipeline_with_coded_blocks_is_bit_exact(target):
+    pipe = make_flux_pipeline()
+    pipe.to(torch.bfloat16)
+    reference = resident_run(pipe, lambda: run_flux(pipe), target)
+    handle = dispatch_pipeline(pipe, "layerwise", target, window=2, compression="lossless")
+    assert torch.equal(run_flux(pipe).cpu(), reference)
+    assert handle.report().coded.coded == handle.report().coded.blocks > 0
+    handle.remove()
+
+
+def test_the_map_carries_compression_through_json_and_print(tmp_path):
+    dmap = compile_device_map(make_dit(), "layerwise")
+    assert dmap.compression is None and "compression" not in dmap.to_dict()
+    dmap.compression = "lossless"
+    path = tmp_path / "map.json"
+    dmap.save(path)
+    assert json.loads(path.read_text())["compression"] == "lossless"
+    loaded = DeviceMap.load(path)
+    assert loaded.compression == "lossless" and "lossless compression" in str(loaded)
+    handle = dispatch_pipeline(make_dit(), device_map=loaded, device="cpu")
+    assert handle.report().coded.coded == 5
+    handle.remove()
+
+
+def test_bad_compression_values_and_combinations_are_refused_with_nothing_moved():
+    model = make_dit()
+    weight = model.blocks[0].up.weight
+    with pytest.raises(ValueError, match=r"compression must be None or one of \['lossless'\], got 'zstd'"):
+        dispatch_pipeline(model, "layerwise", "cpu", compression="zstd")
+    with pytest.raises(ValueError, match="does not combine with shard_copies"):
+        dispatch_pipeline(model, "layerwise", "cpu", compression="lossless", shard_copies=True)
+    with pytest.raises(ValueError, match="compression must be"):
+        DeviceMap.from_dict({**compile_device_map(model, "layerwise").to_dict(), "compression": "fp4"})
+    assert model.blocks[0].up.weight is weight and not hasattr(model, "_hf_hook")
+    dispatch_pipeline(model, "layerwise", "cpu", compression="lossless").remove()  # and it still dispatches
+
+
+def test_pieces_of_a_large_unit_decode_through_a_small_staging_buffer():
+    raw = torch.randn(3 * PIECE // 2 + 1024, generator=torch.Generator().manual_seed(3)).mul(0.02).bfloat16()
+    raw = raw.view(torch.uint8)
+    raw[1000:1200] = 0xFF  # escapes in the first piece
+    host = CodedHost.of(raw)
+    staging = torch.empty(host.staging_bytes(), dtype=torch.uint8)
+    assert host.staging_bytes() < PIECE  # one piece's planes, not the unit's
+    out = torch.zeros_like(raw)
+    host.copy(out, 0, raw.numel(), staging)
+    assert torch.equal(out, raw)
+    tail = torch.zeros(raw.numel() - 512 * 7, dtype=torch.uint8)
+    host.copy(tail, 512 * 7, raw.numel(), staging)  # from a kept part's end
+    assert torch.equal(tail, raw[512 * 7 :])
+    assert host.part_bytes(0, raw.numel()) == host.nbytes + 2 * 512  # each of the 3 pieces copies the 512-byte table
+
+
+# -- on the GPU -------------------------------------------------------------------------------------------
+
+
+def _kernel_cases() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    every_pattern = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.uint8)
+    return [
+        torch.randn(1 << 20, generator=g).mul(0.02).bfloat16().view(torch.uint8),
+        torch.randint(0, 256, (1 << 20,), dtype=torch.uint8, generator=g),  # all escapes
+        every_pattern,
+        torch.zeros(4096, dtype=torch.uint8),
+        torch.randn(1 << 18, generator=g).half().view(torch.uint8),
+    ]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", range(5))
+def test_the_kernel_decodes_what_the_torch_decoder_does(case):
+    assert codec_kernel.expand is not None, "Triton is missing on this CUDA machine"
+    raw = _kernel_cases()[case]
+    coded = codec.encode(raw)
+    for start, stop in [(0, raw.numel()), (512, raw.numel()), (1024, raw.numel() - 2048)]:
+        part = coded.part(start, stop)
+        staging = torch.empty(codec.footprint(part) + 4096, dtype=torch.uint8, device="cuda")
+        planes = part.like(staging[512:])  # not at the buffer's start
+        for dst, src in zip(planes.planes, part.planes):
+            dst.copy_(src)
+        out = torch.full((stop - start + 512,), 0xAB, dtype=torch.uint8, device="cuda")
+        codec.decode(planes, out[:-512])
+        assert torch.equal(out[:-512].cpu(), raw[start:stop])
+        assert torch.equal(out[-512:].cpu(), torch.full((512,), 0xAB, dtype=torch.uint8))  # nothing written past
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("window", [1, 2, 3])
+@torch.inference_mode()
+def test_slow_copies_and_slow_decodes_give_the_resident_output(window, monkeypatch):
+    # The block waits for the decode (``ready`` after it), the next piece's copy into the staging buffer waits
+    # for the decode that reads it, and a slot is decoded into only after its last reader.
+    from test_stream_order import _cycles_for, delayed_copies
+
+    expand = codec.expand
+
+    def slow_expand(*args):
+        torch.cuda._sleep(_cycles_for(0.002))
+        expand(*args)
+
+    monkeypatch.setattr(codec, "expand", slow_expand)
+    monkeypatch.setattr("offload_map.runtime.coded_host.PIECE", 64 * 1024)  # several pieces per block
+    model, x = make_dit(), _input().cuda()
+    reference = _reference(0, "cuda")
+    handle = dispatch_pipeline(model, "layerwise", "cuda", window=window, compression="lossless")
+    ring = handle.runtime.rings[""]
+    handle.runtime.set_residency("", {ring.units[0].path: ring.units[0].split_points()[0]}, window)
+    with delayed_copies(0.002):
+        outputs = [model(x) for _ in range(3)]
+    assert all(torch.equal(out.cpu(), reference) for out in outputs)
+    handle.remove()
+
+
+@pytest.mark.cuda
+@torch.inference_mode()
+def test_coded_streaming_never_synchronises_the_host():
+    model, x = make_dit(), _input().cuda()
+    handle = dispatch_pipeline(model, "layerwise", "cuda", window=2, compression="lossless")
+    model(x)
+    model(x)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            model(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    handle.remove()
