@@ -15,6 +15,8 @@ from torch import nn
 from offload_map import DeviceMap, compile_device_map, dispatch_pipeline
 from offload_map.runtime import codec, codec_kernel
 from offload_map.runtime.coded_host import PIECE, CodedHost
+from offload_map.runtime.slots import Staging
+from offload_map.runtime.streams import SyncOrdering
 
 from conftest import resident_run
 from tiny_pipelines import make_flux_pipeline, run_flux
@@ -175,15 +177,18 @@ def test_pieces_of_a_large_unit_decode_through_a_small_staging_buffer():
     raw = raw.view(torch.uint8)
     raw[1000:1200] = 0xFF  # escapes in the first piece
     host = CodedHost.of(raw)
-    staging = torch.empty(host.staging_bytes(), dtype=torch.uint8)
-    assert host.staging_bytes() < PIECE  # one piece's planes, not the unit's
+    ordering = SyncOrdering(torch.device("cpu"))
+    staging = Staging(host.staging_bytes(), ordering)
+    assert host.staging_bytes() < PIECE  # one piece's code, not the unit's
     out = torch.zeros_like(raw)
-    host.copy(out, 0, raw.numel(), staging)
+    host.copy(out, 0, raw.numel(), staging, ordering)
     assert torch.equal(out, raw)
-    tail = torch.zeros(raw.numel() - 512 * 7, dtype=torch.uint8)
-    host.copy(tail, 512 * 7, raw.numel(), staging)  # from a kept part's end
-    assert torch.equal(tail, raw[512 * 7 :])
-    assert host.part_bytes(0, raw.numel()) == host.nbytes + 512  # each of the 2 pieces copies the 512-byte table
+    assert host.part_bytes(0, raw.numel()) == host.nbytes
+    for start, stop in [(512 * 7, raw.numel()), (0, PIECE + 512), (PIECE - 512, PIECE + 1024)]:  # parts of pieces
+        part = torch.zeros(stop - start, dtype=torch.uint8)
+        host.copy(part, start, stop, staging, ordering)
+        assert torch.equal(part, raw[start:stop])
+        assert host.part_bytes(start, stop) < (stop - start) * 0.8 + 2 * 3072  # + each piece's table and alignment
 
 
 # -- on the GPU -------------------------------------------------------------------------------------------

@@ -2,35 +2,36 @@
 
 With ``compression="lossless"`` every ``"layer-window"`` block that codes to at most ``WORTH`` of its bytes
 gets a ``CodedHost`` beside its raw ``HostBuffer``: the raw buffer stays what the module's tensors view on the
-host (a refresh writes there, a restore reads from there) but is no longer page-locked or copied; the planes
-are, in fewer bytes. A block that does not compress (float32 weights, say) keeps streaming raw.
+host (a refresh writes there, a restore reads from there) but is no longer page-locked or copied; the code
+is, in fewer bytes. A block that does not compress (float32 weights, say) keeps streaming raw.
 
-A copy goes ``PIECE`` raw bytes at a time: the piece's planes are copied into the ring's staging buffer and
-decoded from there into the target (a slot, or a kept part's buffer), both on the copy stream, so the next
-piece's copy into the same staging buffer is ordered after the decode that reads it, and the target's
-``ready`` event (recorded after the last decode) covers the whole block. The staging buffer therefore holds
-one piece, whatever the block's size.
+The block's bytes are cut into pieces of ``PIECE`` bytes, each coded on its own (its own table) and stored
+as one contiguous run of planes (``codec.Coded.like``'s layout), so a whole piece crosses the link in one
+copy. A copy of bytes ``start:stop`` goes piece by piece: the piece's planes are copied into one of the
+two buffers of the ring's ``Staging`` on the copy stream, and decoded from there into the target (a slot,
+or a kept part's buffer) on the decode stream, while the copy stream goes on with the next piece into the
+other buffer (see ``slots.Staging`` for the events). Only a piece cut by ``start`` or ``stop`` (where a
+kept part ends) is copied plane by plane, just the part of it that is needed.
 
-Ownership (``CodedHost``, one per coded unit, owned by its ``OffloadedUnit``): ``store`` holds the planes,
-allocated and page-locked here, read only by copies on the copy stream, replaced by ``encode`` (refresh) and
-let go by ``release`` only after the host waited for the copy stream (the caller's duty, as for raw buffers).
-The staging buffer belongs to the ring's ``SlotPool``.
+Ownership (``CodedHost``, one per coded unit, owned by its ``OffloadedUnit``): ``store`` holds every piece's
+planes, allocated and page-locked here, read only by copies on the copy stream, replaced by ``encode``
+(refresh) and let go by ``release`` only after the host waited for the copy stream (the caller's duty, as
+for raw buffers). The staging buffers belong to the ring's ``SlotPool``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .codec import BOUNDARY, Coded, decode, encode
+from .codec import Coded, decode, encode
 from .host_buffer import HostBuffer
 
-PIECE = 64 << 20  # raw bytes copied and decoded at once: what bounds the staging buffer
+PIECE = 64 << 20  # raw bytes coded, copied and decoded at once: bounds the staging buffers
 WORTH = 0.95  # a block whose code takes more of its raw bytes than this streams raw
-MAX_WORDS = 1 << 31  # escape indices are int32
 
 
 class CodedHost:
-    """The planes of a unit's raw bytes (see the module docstring); ``of`` makes one when it is worth it.
+    """The coded pieces of a unit's raw bytes (see the module docstring); ``of`` makes one when it is worth it.
 
     Args:
         raw: the unit's packed bytes (1-D ``uint8`` on the CPU, a multiple of 512 of them).
@@ -39,44 +40,43 @@ class CodedHost:
     def __init__(self, raw: torch.Tensor) -> None:
         self.raw_bytes = raw.numel()
         self.store: HostBuffer | None = None
-        self.coded: Coded | None = None
-        self.escapes = 0
-        self._parts: dict[tuple[int, int], Coded] = {}
+        self.pieces: list[Coded] = []  # views of ``store``, one per piece
+        self.runs: list[torch.Tensor] = []  # each piece's planes as one run of ``store``
+        self._parts: dict[tuple[int, int, int], Coded] = {}
         self.encode(raw)
 
     @classmethod
     def of(cls, raw: torch.Tensor) -> "CodedHost | None":
-        """A ``CodedHost`` of ``raw``, or None when the code would not save enough (``WORTH``) or ``raw`` is empty or
-        too large for int32 escape indices."""
-        if not raw.numel() or raw.numel() // 2 >= MAX_WORDS:
+        """A ``CodedHost`` of ``raw``, or None when ``raw`` is empty or its code would not save enough (``WORTH``)."""
+        if not raw.numel():
             return None
         coded = cls(raw)
         return coded if coded.ratio <= WORTH else None
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the planes (what copying the whole unit moves)."""
-        return self.coded.nbytes
+        """Bytes of the code, alignment included (what copying the whole unit moves)."""
+        return sum(run.numel() for run in self.runs)
 
     @property
     def ratio(self) -> float:
         return self.nbytes / self.raw_bytes
 
-    @property
-    def pinned(self) -> bool:
-        return self.store.pinned
-
     def encode(self, raw: torch.Tensor) -> None:
-        """Code ``raw`` anew (at dispatch, and after the weights changed); pinned again if it was. The caller has
-        waited for the copy stream."""
+        """Code ``raw`` anew (at dispatch, and after the weights changed); page-locked again if it was. The caller
+        has waited for the copy stream."""
         pin = self.store is not None and self.store.pinned
         self.release()
-        coded = encode(raw)
-        store = HostBuffer(list(coded.planes))
-        for index, plane in enumerate(coded.planes):
+        pieces = [encode(raw[a:b]) for a, b in _pieces(0, self.raw_bytes)]
+        planes = [plane for piece in pieces for plane in piece.planes]
+        store = HostBuffer(planes)  # each piece's planes in a row, laid out as ``Coded.like`` carves them
+        for index, plane in enumerate(planes):
             store.write(index, plane)
-        self.store, self.coded = store, Coded(*store.views(store.flat))
-        self.escapes = coded.escape_index.numel()
+        views = store.views(store.flat)
+        self.store = store
+        self.pieces = [Coded(*views[5 * i : 5 * i + 5]) for i in range(len(pieces))]
+        starts = [region.offset for region in store.regions[::5]] + [store.nbytes]
+        self.runs = [store.flat[a:b] for a, b in zip(starts, starts[1:])]
         self._parts = {}
         if pin:
             self.pin()
@@ -85,38 +85,57 @@ class CodedHost:
         self.store.pin()
 
     def release(self) -> None:
-        """Let go of the planes (after the host waited for the copy stream). Safe to call twice."""
+        """Let go of the code (after the host waited for the copy stream). Safe to call twice."""
         if self.store is not None:
             self.store.release()
-        self.store = self.coded = None
+        self.store, self.pieces, self.runs = None, [], []
 
     def staging_bytes(self) -> int:
-        """Bytes of staging that any piece of this unit needs (from any 512-byte boundary on): a piece's planes at
-        their largest, each on a 512-byte boundary."""
-        words = min(PIECE, self.raw_bytes) // 2
-        escapes = min(self.escapes, words)
-        return sum(-(-nbytes // BOUNDARY) * BOUNDARY for nbytes in (512, words, -(-words // 2), 4 * escapes, escapes))
+        """Bytes of one staging buffer that any piece of this unit (or part of one) fits in."""
+        return max(run.numel() for run in self.runs)
 
     def part_bytes(self, start: int, stop: int) -> int:
         """Bytes a copy of raw bytes ``start:stop`` moves."""
-        return sum(self._part(a, b).nbytes for a, b in _pieces(start, stop))
+        return sum(run.numel() if part is None else part.nbytes for _, _, run, part in self._plan(start, stop))
 
-    def copy(self, target: torch.Tensor, start: int, stop: int, staging: torch.Tensor) -> None:
-        """Write raw bytes ``start:stop`` into ``target`` (from its offset 0): each piece's planes copied into
-        ``staging`` and decoded from there. Call on the copy stream, after ``target`` and ``staging`` are free."""
+    def copy(self, target: torch.Tensor, start: int, stop: int, staging, ordering) -> None:
+        """Write raw bytes ``start:stop`` into ``target`` (from its offset 0), piece by piece through ``staging``
+        (a ``slots.Staging``). Call on the copy stream, after ``target`` is free; the decodes run on the decode
+        stream, so the caller records its ``ready`` event there."""
+        for a, b, run, part in self._plan(start, stop):
+            buffer = staging.take()
+            ordering.copy_waits(buffer.decoded)  # the decode that last read this buffer
+            if part is None:  # the whole piece: one copy
+                buffer.tensor[: run.numel()].copy_(run, non_blocking=self.store.pinned)
+                planes = self.pieces[a // PIECE].like(buffer.tensor)
+            else:
+                planes = part.like(buffer.tensor)
+                for dst, src in zip(planes.planes, part.planes):
+                    dst.copy_(src, non_blocking=self.store.pinned)
+            ordering.record_copy(buffer.copied)
+            with ordering.on_decode_stream():
+                ordering.decode_waits(buffer.copied)
+                decode(planes, target[a - start : b - start])
+                ordering.record_decode(buffer.decoded)
+
+    def _plan(self, start: int, stop: int) -> list[tuple[int, int, torch.Tensor, Coded | None]]:
+        # (a, b, the piece's run, None for the whole piece or the needed part of it) for each piece in start:stop.
+        plan = []
         for a, b in _pieces(start, stop):
-            part = self._part(a, b)
-            planes = part.like(staging)
-            for dst, src in zip(planes.planes, part.planes):
-                dst.copy_(src, non_blocking=self.store.pinned)
-            decode(planes, target[a - start : b - start])
+            index = a // PIECE
+            first = index * PIECE
+            whole = a == first and b == min(first + PIECE, self.raw_bytes)
+            plan.append((a, b, self.runs[index], None if whole else self._part(index, a - first, b - first)))
+        return plan
 
-    def _part(self, start: int, stop: int) -> Coded:
-        part = self._parts.get((start, stop))
+    def _part(self, index: int, start: int, stop: int) -> Coded:
+        part = self._parts.get((index, start, stop))
         if part is None:
-            part = self._parts[(start, stop)] = self.coded.part(start, stop)
+            part = self._parts[(index, start, stop)] = self.pieces[index].part(start, stop)
         return part
 
 
 def _pieces(start: int, stop: int) -> list[tuple[int, int]]:
-    return [(a, min(a + PIECE, stop)) for a in range(start, stop, PIECE)]
+    """Bytes ``start:stop`` cut where the pieces' grid (multiples of ``PIECE`` from 0) cuts them."""
+    cuts = [start, *range((start // PIECE + 1) * PIECE, stop, PIECE), stop]
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if a < b]

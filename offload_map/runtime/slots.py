@@ -13,11 +13,13 @@ Ownership (``SlotPool``, one per streamed DiT and residency):
 - ``SlotPool.free`` makes the allocation stream wait for every slot's last copy and last reader before it
   lets go of the buffers: the caching allocator hands freed memory to later allocations on that stream in
   stream order, so nothing reuses a slot that a copy or a block (on any stream) still uses.
-- ``SlotPool.staging`` (coded blocks only, ``coded_host``): one device ``uint8`` buffer shared by the slots,
-  allocated before them on the allocation stream (so each slot's first ``free`` event, and a kept part's
-  ``allocated`` event, come after it), used only on the copy stream (planes copied in, decoded out, one
-  piece after the other), freed by ``SlotPool.free`` after the allocation stream waited for the copy stream
-  as it is then.
+- ``SlotPool.staging`` (coded blocks only, ``coded_host``): a ``Staging``, two device ``uint8`` buffers shared by
+  the slots, allocated before them on the allocation stream (so each slot's first ``free`` event, and a kept
+  part's ``allocated`` event, come after it). A piece's planes are copied into a buffer on the copy stream,
+  which then records the buffer's ``copied`` event; the decode stream waits on it, decodes the piece out of
+  the buffer into its slot and records ``decoded``; the copy stream waits on ``decoded`` before it copies into
+  that buffer again. Freed by ``SlotPool.free`` after the allocation stream waited for the copy and decode
+  streams as they are then.
 
 Which unit goes into which slot is the prefetcher's choice; moving bytes in and out is the unit's.
 """
@@ -43,7 +45,48 @@ class Slot:
     free: object
     holds: object = None
     views: dict = field(default_factory=dict)
-    staging: torch.Tensor | None = None
+    staging: "Staging | None" = None
+
+
+@dataclass(eq=False)
+class StagingBuffer:
+    """One staging buffer and its two events (see the module docstring)."""
+
+    tensor: torch.Tensor
+    copied: object
+    decoded: object
+
+
+class Staging:
+    """Two staging buffers of ``nbytes`` bytes each, used in turn (see the module docstring)."""
+
+    def __init__(self, nbytes: int, ordering) -> None:
+        self.ordering = ordering
+        self.buffers = [
+            StagingBuffer(torch.empty(nbytes, dtype=torch.uint8, device=ordering.device), ordering.event(), ordering.event())
+            for _ in range(2)
+        ]
+        self.turn = 0
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(buffer.tensor.numel() for buffer in self.buffers)
+
+    def take(self) -> StagingBuffer:
+        """The buffer whose turn it is (the caller waits for its ``decoded`` event before writing it)."""
+        buffer = self.buffers[self.turn]
+        self.turn ^= 1
+        return buffer
+
+    def free(self, stream) -> None:
+        """Let the buffers go once the copy and decode streams, as they are now, are done (``stream``: the allocation
+        stream)."""
+        copied, decoded = self.ordering.event(), self.ordering.event()
+        self.ordering.record_copy(copied)
+        self.ordering.record_decode(decoded)
+        self.ordering.stream_waits(stream, copied)
+        self.ordering.stream_waits(stream, decoded)
+        self.buffers = []
 
 
 class SlotPool:
@@ -53,14 +96,14 @@ class SlotPool:
         count: number of slots (the window).
         nbytes: bytes per slot (the largest streamed part of a block, as the copier pads it).
         ordering: the dispatch's ``CudaOrdering``/``SyncOrdering``.
-        staging: bytes of the staging buffer (0: none).
+        staging: bytes of each staging buffer (0: none).
     """
 
     def __init__(self, count: int, nbytes: int, ordering, staging: int = 0) -> None:
         self.ordering = ordering
         self.nbytes = nbytes
         self.allocation_stream = ordering.compute_stream()
-        self.staging = torch.empty(staging, dtype=torch.uint8, device=ordering.device) if staging else None
+        self.staging = Staging(staging, ordering) if staging else None
         self.slots: list[Slot] = []
         for index in range(count):
             buffer = torch.empty(nbytes, dtype=torch.uint8, device=ordering.device)
@@ -75,7 +118,7 @@ class SlotPool:
 
     @property
     def device_bytes(self) -> int:
-        return self.nbytes * len(self.slots) + (0 if self.staging is None else self.staging.numel())
+        return self.nbytes * len(self.slots) + (0 if self.staging is None else self.staging.device_bytes)
 
     def free(self) -> None:
         """Give the buffers back once their last copy and last reader are done (stream-ordered, no host wait).
@@ -87,7 +130,5 @@ class SlotPool:
             slot.views.clear()
         self.slots = []
         if self.staging is not None:
-            used = self.ordering.event()
-            self.ordering.record_copy(used)
-            self.ordering.stream_waits(self.allocation_stream, used)
+            self.staging.free(self.allocation_stream)
             self.staging = None

@@ -2,7 +2,9 @@
 
 ``CudaOrdering`` owns the one dedicated copy stream of a dispatch. Every host-to-device weight copy is issued
 on it (block loads into slots, kept block parts, pinned components), so it is the only stream that reads
-host buffers. The compute stream is whatever stream is current when a module runs (a user's own stream
+host buffers. With ``compression`` it also owns a decode stream (high priority, created on first use): coded
+pieces copied into a staging buffer are decoded there into their slot, so the copy stream goes on copying the
+next piece meanwhile; such a load's ``ready`` event is recorded on the decode stream after its last decode. The compute stream is whatever stream is current when a module runs (a user's own stream
 included). Work is ordered across streams with events only (``record`` / ``wait_event``); the host waits
 (``wait_copies``, ``synchronize``) only outside the steady state: refresh, re-plan, restore.
 
@@ -27,6 +29,14 @@ class CudaOrdering:
         self.device = device
         # Orders every host-to-device weight copy of this dispatch, one after another, so the link stays busy.
         self.copy_stream = torch.cuda.Stream(device)
+        self._decode_stream: torch.cuda.Stream | None = None
+
+    @property
+    def decode_stream(self) -> torch.cuda.Stream:
+        # High priority: a decode is short, and a block waits for it.
+        if self._decode_stream is None:
+            self._decode_stream = torch.cuda.Stream(self.device, priority=-1)
+        return self._decode_stream
 
     def compute_stream(self) -> torch.cuda.Stream:
         """The stream modules run on now: the current stream of the device."""
@@ -38,8 +48,17 @@ class CudaOrdering:
     def on_copy_stream(self):
         return torch.cuda.stream(self.copy_stream)
 
+    def on_decode_stream(self):
+        return torch.cuda.stream(self.decode_stream)
+
     def record_copy(self, event: torch.cuda.Event) -> None:
         event.record(self.copy_stream)
+
+    def record_decode(self, event: torch.cuda.Event) -> None:
+        event.record(self.decode_stream)
+
+    def decode_waits(self, event: torch.cuda.Event) -> None:
+        self.decode_stream.wait_event(event)
 
     def record_compute(self, event: torch.cuda.Event) -> None:
         event.record(self.compute_stream())
@@ -54,8 +73,10 @@ class CudaOrdering:
         stream.wait_event(event)
 
     def wait_copies(self) -> None:
-        """The host waits for every copy issued so far (before host buffers are written or released)."""
+        """The host waits for every copy (and decode) issued so far (before host buffers are written or released)."""
         self.copy_stream.synchronize()
+        if self._decode_stream is not None:
+            self._decode_stream.synchronize()
 
     def synchronize(self) -> None:
         """The host waits for all work on the device, on every stream (before ``restore`` frees anything that a
@@ -93,8 +114,12 @@ class SyncOrdering:
     def on_copy_stream(self):
         return contextlib.nullcontext()
 
+    on_decode_stream = on_copy_stream
+
     def record_copy(self, event: None) -> None:
         pass
+
+    record_decode = decode_waits = record_copy
 
     def record_compute(self, event: None) -> None:
         pass

@@ -28,8 +28,9 @@ served earlier work); the compute stream waits for the copy before anything read
 makes the allocation stream wait for the current stream, where the head was last read (a component runs
 on one stream), before letting the buffer go. Slots belong to the ring's ``SlotPool``; the unit only
 copies into one (after its ``free`` event), records its ``ready`` event, waits on it, and records ``free``.
-A coded unit (``coded``, a ``coded_host.CodedHost``) copies its planes instead and decodes them into the
-head or the slot on the copy stream, through the pool's staging buffer, before the ``ready`` event.
+A coded unit (``coded``, a ``coded_host.CodedHost``) copies its code instead, through the pool's staging
+buffers, and the decode stream decodes it into the head or the slot; ``ready`` is then recorded on the decode
+stream, after the last decode.
 """
 
 from __future__ import annotations
@@ -137,10 +138,10 @@ class OffloadedUnit:
 
     # -- head ----------------------------------------------------------------------------------------------
 
-    def fetch_head(self, blocking: bool = False, staging: torch.Tensor | None = None) -> int:
+    def fetch_head(self, blocking: bool = False, staging=None) -> int:
         """Copy the head to a device buffer of its own and point its tensors there; returns the host bytes copied
         (0 if the head is there already, or empty). ``blocking``: the host waits for the copy (HSDP). ``staging``:
-        the pool's staging buffer, for a coded unit."""
+        the pool's ``Staging``, for a coded unit."""
         if self.head is not None or not self.kept:
             return 0
         ordering = self.ordering
@@ -152,10 +153,11 @@ class OffloadedUnit:
             ordering.copy_waits(allocated)
             with ordering.on_copy_stream():
                 if self.coded is not None:
-                    self.coded.copy(head, 0, self.kept, staging)
+                    self.coded.copy(head, 0, self.kept, staging, ordering)
+                    ordering.record_decode(ready)
                 else:
                     head.copy_(self.host.flat[: self.kept], non_blocking=self.host.pinned)
-                ordering.record_copy(ready)
+                    ordering.record_copy(ready)
             ordering.compute_waits(ready)
             if blocking and ordering.asynchronous:
                 ready.synchronize()
@@ -192,13 +194,17 @@ class OffloadedUnit:
             ordering.copy_waits(slot.free)
             with ordering.on_copy_stream():
                 start = ordering.stamp() if timed is not None else None
-                if self.coded is not None:  # the planner counts raw bytes: the time includes the decode
-                    self.coded.copy(slot.buffer, self.kept, self.nbytes, slot.staging)
-                else:
+                if self.coded is None:
                     copier(slot.buffer, src, self.host.pinned, self.path)
-                ordering.record_copy(slot.ready)
+                    ordering.record_copy(slot.ready)
+                    end = ordering.stamp() if timed is not None else None
+                else:  # the planner counts raw bytes, over the time to the last decode
+                    self.coded.copy(slot.buffer, self.kept, self.nbytes, slot.staging, ordering)
+                    with ordering.on_decode_stream():
+                        ordering.record_decode(slot.ready)
+                        end = ordering.stamp() if timed is not None else None
                 if timed is not None:
-                    timed.append((src.numel(), start, ordering.stamp()))
+                    timed.append((src.numel(), start, end))
         slot.holds, self.slot, self.state = self, slot, TailState.LOADED
         if self.coded is not None:
             return self.coded.part_bytes(self.kept, self.nbytes)
