@@ -2,8 +2,8 @@
 
 With ``compression="lossless"`` every ``"layer-window"`` block that codes to at most ``WORTH`` of its bytes
 gets a ``CodedHost`` beside its raw ``HostBuffer``: the raw buffer stays what the module's tensors view on the
-host (a refresh writes there, a restore reads from there) but is no longer page-locked or copied; the code
-is, in fewer bytes. A block that does not compress (float32 weights, say) keeps streaming raw.
+host (a refresh writes there, a restore reads from there) but is no longer copied; the code is, in fewer
+bytes. Host memory therefore holds both (about 1.75 times the block's bytes). A block that does not compress (float32 weights, say) keeps streaming raw.
 
 The block's bytes are cut into pieces of ``PIECE`` bytes, each coded on its own (its own table) and stored
 as one contiguous run of planes (``codec.Coded.like``'s layout), so a whole piece crosses the link in one
@@ -13,6 +13,10 @@ or a kept part's buffer) on the decode stream, while the copy stream goes on wit
 other buffer (see ``slots.Staging`` for the events). Only a piece cut by ``start`` or ``stop`` (where a
 kept part ends) is copied plane by plane, just the part of it that is needed.
 
+Coding runs where the blocks will be decoded: on a CUDA device each piece is coded there (a few
+milliseconds) and its planes copied back into the page-locked store, one unit at a time (``_DEVICE_CODING``
+bounds the device memory it takes to about three times a unit); on the CPU, with torch's CPU kernels.
+
 Ownership (``CodedHost``, one per coded unit, owned by its ``OffloadedUnit``): ``store`` holds every piece's
 planes, allocated and page-locked here, read only by copies on the copy stream, replaced by ``encode``
 (refresh) and let go by ``release`` only after the host waited for the copy stream (the caller's duty, as
@@ -21,6 +25,8 @@ for raw buffers). The staging buffers belong to the ring's ``SlotPool``.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .codec import Coded, decode, encode
@@ -28,17 +34,23 @@ from .host_buffer import HostBuffer
 
 PIECE = 64 << 20  # raw bytes coded, copied and decoded at once: bounds the staging buffers
 WORTH = 0.95  # a block whose code takes more of its raw bytes than this streams raw
+_DEVICE_CODING = threading.Lock()  # packing threads code one unit at a time on the device
 
 
 class CodedHost:
     """The coded pieces of a unit's raw bytes (see the module docstring); ``of`` makes one when it is worth it.
 
     Args:
-        raw: the unit's packed bytes (1-D ``uint8`` on the CPU, a multiple of 512 of them).
+        raw: the unit's packed bytes (1-D ``uint8`` on the CPU, a multiple of 512 of them; page-locked for a
+            fast copy to ``device``).
+        device: a CUDA device to code on, or None (the CPU).
+        pin: page-lock the code (CUDA only).
     """
 
-    def __init__(self, raw: torch.Tensor) -> None:
+    def __init__(self, raw: torch.Tensor, device: torch.device | None = None, pin: bool = False) -> None:
         self.raw_bytes = raw.numel()
+        self.device = device
+        self.pinned = pin
         self.store: HostBuffer | None = None
         self.pieces: list[Coded] = []  # views of ``store``, one per piece
         self.runs: list[torch.Tensor] = []  # each piece's planes as one run of ``store``
@@ -46,12 +58,15 @@ class CodedHost:
         self.encode(raw)
 
     @classmethod
-    def of(cls, raw: torch.Tensor) -> "CodedHost | None":
+    def of(cls, raw: torch.Tensor, device: torch.device | None = None, pin: bool = False) -> "CodedHost | None":
         """A ``CodedHost`` of ``raw``, or None when ``raw`` is empty or its code would not save enough (``WORTH``)."""
         if not raw.numel():
             return None
-        coded = cls(raw)
-        return coded if coded.ratio <= WORTH else None
+        coded = cls(raw, device, pin)
+        if coded.ratio <= WORTH:
+            return coded
+        coded.release()
+        return None
 
     @property
     def nbytes(self) -> int:
@@ -63,13 +78,20 @@ class CodedHost:
         return self.nbytes / self.raw_bytes
 
     def encode(self, raw: torch.Tensor) -> None:
-        """Code ``raw`` anew (at dispatch, and after the weights changed); page-locked again if it was. The caller
-        has waited for the copy stream."""
-        pin = self.store is not None and self.store.pinned
+        """Code ``raw`` anew (at dispatch, and after the weights changed). The caller has waited for the copy stream."""
         self.release()
-        pieces = [encode(raw[a:b]) for a, b in _pieces(0, self.raw_bytes)]
+        if self.device is None:
+            self._store([encode(raw[a:b]) for a, b in _pieces(0, self.raw_bytes)])
+            return
+        with _DEVICE_CODING:
+            on_device = raw.to(self.device, non_blocking=raw.is_pinned())
+            self._store([encode(on_device[a:b]) for a, b in _pieces(0, self.raw_bytes)])
+
+    def _store(self, pieces: list[Coded]) -> None:
         planes = [plane for piece in pieces for plane in piece.planes]
         store = HostBuffer(planes)  # each piece's planes in a row, laid out as ``Coded.like`` carves them
+        if self.pinned:  # before writing: planes coded on the device come back at page-locked speed
+            store.pin()
         for index, plane in enumerate(planes):
             store.write(index, plane)
         views = store.views(store.flat)
@@ -78,11 +100,6 @@ class CodedHost:
         starts = [region.offset for region in store.regions[::5]] + [store.nbytes]
         self.runs = [store.flat[a:b] for a, b in zip(starts, starts[1:])]
         self._parts = {}
-        if pin:
-            self.pin()
-
-    def pin(self) -> None:
-        self.store.pin()
 
     def release(self) -> None:
         """Let go of the code (after the host waited for the copy stream). Safe to call twice."""

@@ -8,8 +8,8 @@ read from their checkpoint (``loading.weights.WeightSource``) straight into plac
 Ranks of one host may share one host copy (``shared_host.HostCopy``): units are then page-aligned slices of
 the shared region, only its creator fills them, and the others bind to them once it is filled.
 
-With ``compression="lossless"`` each streamed block is coded too (``coded_host.CodedHost``) right after it is
-filled, and the planes are page-locked instead of the raw buffer, which stays pageable for the module's views.
+With ``compression="lossless"`` each streamed block is coded too (``coded_host.CodedHost``, on the target device)
+right after it is filled and page-locked; the code is page-locked as well, and is what its copies read.
 
 Ownership: ``HostStore`` owns every ``HostBuffer`` (allocated or sliced, filled and page-locked here), each
 unit's ``CodedHost``, and the ``HostCopy``. ``restore`` gives every tensor its own storage again and releases both; the caller has made the
@@ -133,15 +133,15 @@ class HostStore:
                     else:
                         buffer.write(index, ref.local)
             filled = time.perf_counter()
+            if self.pin:
+                buffer.pin()
+            pinned = time.perf_counter()
             coded = None
             if self.compression and unit.placement is Placement.LAYER_WINDOW:
-                coded = CodedHost.of(buffer.flat)
-            coded_at = time.perf_counter()
-            if self.pin:
-                (buffer if coded is None else coded).pin()
+                coded = CodedHost.of(buffer.flat, device if device.type == "cuda" else None, self.pin)
             fill_s.append(filled - start)
-            code_s.append(coded_at - filled)
-            pin_s.append(time.perf_counter() - coded_at)
+            pin_s.append(pinned - filled)
+            code_s.append(time.perf_counter() - pinned)
             packed = OffloadedUnit(
                 unit.path,
                 unit.tensors,
