@@ -154,17 +154,17 @@ def decode(coded: Coded, out: torch.Tensor | None = None) -> torch.Tensor:
     n = coded.words
     if out is None:
         out = torch.empty(2 * n, dtype=torch.uint8, device=coded.low.device)
+    if expand is not None and out.is_cuda and n % 2 == 0:
+        expand(coded, out)
+        return out
     words = out[: 2 * n].view(-1, 2)
     high = words[:, 1]
-    if expand is not None and out.is_cuda and n % 2 == 0:
-        expand(coded.codes, coded.low, coded.pairs, out)
-    else:
-        words[:, 0] = coded.low
-        for first in range(0, coded.codes.numel(), CHUNK):
-            codes = coded.codes[first : first + CHUNK]
-            pairs = coded.pairs.index_select(0, codes.to(torch.int32)).view(-1)
-            stop = min(n, 2 * (first + codes.numel()))
-            high[2 * first : stop] = pairs[: stop - 2 * first]
+    words[:, 0] = coded.low
+    for first in range(0, coded.codes.numel(), CHUNK):
+        codes = coded.codes[first : first + CHUNK]
+        pairs = coded.pairs.index_select(0, codes.to(torch.int32)).view(-1)
+        stop = min(n, 2 * (first + codes.numel()))
+        high[2 * first : stop] = pairs[: stop - 2 * first]
     if coded.escape_index.numel():
         high[coded.escape_index.long() - coded.first] = coded.escape_high
     return out

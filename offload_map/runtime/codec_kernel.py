@@ -4,7 +4,8 @@ Each program handles ``BLOCK`` code bytes, i.e. twice as many words: it reads a 
 bytes beside it, looks the two high bytes up in the part's 512-byte table (``Coded.pairs``, read as 256
 16-bit entries: the even word's high byte in the low half) and writes the two words as one 32-bit store. A
 part always holds a whole number of 512-byte runs (``codec.BOUNDARY``), so word pairs never straddle its
-end and every plane and output starts aligned. Escapes are patched afterwards by ``codec.decode``.
+end and every plane and output starts aligned. A second kernel, on the same stream, then writes each
+escape's high byte (both launches are all a part costs the host: the stream waits for nothing).
 
 ``expand`` is None where Triton is missing (the CPU build, or a CUDA build without it): ``codec.decode``
 then does the same with torch ops, slower but bit for bit the same.
@@ -21,6 +22,7 @@ except ImportError:  # the CPU build of torch comes without Triton
     triton = None
 
 BLOCK = 4096  # code bytes per program
+ESCAPE_BLOCK = 1024  # escapes per program
 
 if triton is not None:
 
@@ -34,15 +36,31 @@ if triton is not None:
         word_pair = (low & 0xFF) | ((high & 0xFF) << 8) | ((low & 0xFF00) << 8) | ((high & 0xFF00) << 16)
         tl.store(out_ptr + index, word_pair, mask=mask)
 
-    def expand(codes: torch.Tensor, low: torch.Tensor, pairs: torch.Tensor, out: torch.Tensor) -> None:
-        """Write into ``out`` (``uint8``, ``low.numel()`` words) the words of ``codes``/``low`` with the high bytes
-        ``pairs`` gives, escapes not patched; every tensor on one CUDA device, ``low.numel()`` even."""
-        n_codes = low.numel() // 2
-        if not n_codes:
-            return
-        _expand_kernel[(triton.cdiv(n_codes, BLOCK),)](
-            codes, low.view(torch.int16), pairs.view(torch.int16), out[: 4 * n_codes].view(torch.int32), n_codes, BLOCK=BLOCK
-        )
+    @triton.jit
+    def _patch_kernel(index_ptr, high_ptr, out_ptr, first, n_escapes, BLOCK: tl.constexpr):
+        index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = index < n_escapes
+        word = tl.load(index_ptr + index, mask=mask, other=0).to(tl.int64) - first
+        tl.store(out_ptr + 2 * word + 1, tl.load(high_ptr + index, mask=mask, other=0), mask=mask)
+
+    def expand(coded, out: torch.Tensor) -> None:
+        """Write into ``out`` (``uint8``) the words ``coded`` (a ``codec.Coded`` of an even number of words) holds,
+        escapes included; every tensor on one CUDA device."""
+        n_codes = coded.low.numel() // 2
+        if n_codes:
+            _expand_kernel[(triton.cdiv(n_codes, BLOCK),)](
+                coded.codes,
+                coded.low.view(torch.int16),
+                coded.pairs.view(torch.int16),
+                out[: 4 * n_codes].view(torch.int32),
+                n_codes,
+                BLOCK=BLOCK,
+            )
+        n_escapes = coded.escape_index.numel()
+        if n_escapes:
+            _patch_kernel[(triton.cdiv(n_escapes, ESCAPE_BLOCK),)](
+                coded.escape_index, coded.escape_high, out, coded.first, n_escapes, BLOCK=ESCAPE_BLOCK
+            )
 
 else:
     expand = None

@@ -85,7 +85,9 @@ class CodedHost:
             return
         with _DEVICE_CODING:
             on_device = raw.to(self.device, non_blocking=raw.is_pinned())
-            self._store([encode(on_device[a:b]) for a, b in _pieces(0, self.raw_bytes)])
+            pieces = [encode(on_device[a:b]) for a, b in _pieces(0, self.raw_bytes)]
+            del on_device
+        self._store(pieces)  # page-locking the store is host work: other units code on the device meanwhile
 
     def _store(self, pieces: list[Coded]) -> None:
         planes = [plane for piece in pieces for plane in piece.planes]
@@ -100,6 +102,7 @@ class CodedHost:
         starts = [region.offset for region in store.regions[::5]] + [store.nbytes]
         self.runs = [store.flat[a:b] for a, b in zip(starts, starts[1:])]
         self._parts = {}
+        self._version = object()  # names this code in the staging buffers' caches of plane views
 
     def release(self) -> None:
         """Let go of the code (after the host waited for the copy stream). Safe to call twice."""
@@ -119,16 +122,19 @@ class CodedHost:
         """Write raw bytes ``start:stop`` into ``target`` (from its offset 0), piece by piece through ``staging``
         (a ``slots.Staging``). Call on the copy stream, after ``target`` is free; the decodes run on the decode
         stream, so the caller records its ``ready`` event there."""
+        pinned = self.store.pinned
         for a, b, run, part in self._plan(start, stop):
             buffer = staging.take()
             ordering.copy_waits(buffer.decoded)  # the decode that last read this buffer
+            key = (self._version, a, b)
+            planes = buffer.views.get(key)
+            if planes is None:
+                planes = buffer.views[key] = (self.pieces[a // PIECE] if part is None else part).like(buffer.tensor)
             if part is None:  # the whole piece: one copy
-                buffer.tensor[: run.numel()].copy_(run, non_blocking=self.store.pinned)
-                planes = self.pieces[a // PIECE].like(buffer.tensor)
+                buffer.tensor[: run.numel()].copy_(run, non_blocking=pinned)
             else:
-                planes = part.like(buffer.tensor)
                 for dst, src in zip(planes.planes, part.planes):
-                    dst.copy_(src, non_blocking=self.store.pinned)
+                    dst.copy_(src, non_blocking=pinned)
             ordering.record_copy(buffer.copied)
             with ordering.on_decode_stream():
                 ordering.decode_waits(buffer.copied)

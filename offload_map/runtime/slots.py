@@ -50,11 +50,13 @@ class Slot:
 
 @dataclass(eq=False)
 class StagingBuffer:
-    """One staging buffer and its two events (see the module docstring)."""
+    """One staging buffer and its two events (see the module docstring); ``views`` caches, per coded piece (or part
+    of one), its planes as views into ``tensor``."""
 
     tensor: torch.Tensor
     copied: object
     decoded: object
+    views: dict = field(default_factory=dict)
 
 
 class Staging:
