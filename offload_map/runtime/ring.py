@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .prefetcher import Prefetcher
 from .report import TransferStats
-from .slots import SlotPool
+from .slots import STAGING_BUFFERS, SlotPool
 from .unit import OffloadedUnit
 
 
@@ -57,13 +57,13 @@ class BlockRing:
 
     @property
     def staging_bytes(self) -> int:
-        """Bytes of each of the two staging buffers that coded blocks are copied through (0 when none is coded)."""
+        """Bytes of each staging buffer that coded blocks are copied through (0 when none is coded)."""
         return max((unit.coded.staging_bytes() for unit in self.units if unit.coded is not None), default=0)
 
     @property
     def device_bytes(self) -> int:
         """Device memory the slots and the staging buffers hold while the component is active."""
-        return self.slot_bytes * self.slot_count + 2 * self.staging_bytes
+        return self.slot_bytes * self.slot_count + STAGING_BUFFERS * self.staging_bytes
 
     def _allocate(self, window: int) -> SlotPool:
         return SlotPool(min(window, self.slot_count), self.slot_bytes, self.ordering, self.staging_bytes)

@@ -13,7 +13,7 @@ Ownership (``SlotPool``, one per streamed DiT and residency):
 - ``SlotPool.free`` makes the allocation stream wait for every slot's last copy and last reader before it
   lets go of the buffers: the caching allocator hands freed memory to later allocations on that stream in
   stream order, so nothing reuses a slot that a copy or a block (on any stream) still uses.
-- ``SlotPool.staging`` (coded blocks only, ``coded_host``): a ``Staging``, two device ``uint8`` buffers shared by
+- ``SlotPool.staging`` (coded blocks only, ``coded_host``): a ``Staging``, device ``uint8`` buffers shared by
   the slots, allocated before them on the allocation stream (so each slot's first ``free`` event, and a kept
   part's ``allocated`` event, come after it). A piece's planes are copied into a buffer on the copy stream,
   which then records the buffer's ``copied`` event; the decode stream waits on it, decodes the piece out of
@@ -29,6 +29,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+# Staging buffers a ring's coded pieces take turns in: while the decode stream decodes one, the copy stream
+# fills the others, so a decode that waits for the compute stream's kernels to leave room does not stop the link.
+STAGING_BUFFERS = 2
 
 
 @dataclass(eq=False)
@@ -60,13 +64,13 @@ class StagingBuffer:
 
 
 class Staging:
-    """Two staging buffers of ``nbytes`` bytes each, used in turn (see the module docstring)."""
+    """``STAGING_BUFFERS`` staging buffers of ``nbytes`` bytes each, used in turn (see the module docstring)."""
 
     def __init__(self, nbytes: int, ordering) -> None:
         self.ordering = ordering
         self.buffers = [
             StagingBuffer(torch.empty(nbytes, dtype=torch.uint8, device=ordering.device), ordering.event(), ordering.event())
-            for _ in range(2)
+            for _ in range(STAGING_BUFFERS)
         ]
         self.turn = 0
 
@@ -77,7 +81,7 @@ class Staging:
     def take(self) -> StagingBuffer:
         """The buffer whose turn it is (the caller waits for its ``decoded`` event before writing it)."""
         buffer = self.buffers[self.turn]
-        self.turn ^= 1
+        self.turn = (self.turn + 1) % len(self.buffers)
         return buffer
 
     def free(self, stream) -> None:

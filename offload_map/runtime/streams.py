@@ -19,6 +19,10 @@ import time
 
 import torch
 
+# The decode stream's priority (lower is higher; torch clamps it to the device's range): a block waits for its
+# decode, and the decode's kernels are short, so they go first when the compute stream's kernels leave room.
+DECODE_PRIORITY = -1
+
 
 class CudaOrdering:
     """The copy stream (owned here, created once per dispatch) and event helpers for ``device``."""
@@ -35,7 +39,7 @@ class CudaOrdering:
     def decode_stream(self) -> torch.cuda.Stream:
         # High priority: a decode is short, and a block waits for it.
         if self._decode_stream is None:
-            self._decode_stream = torch.cuda.Stream(self.device, priority=-1)
+            self._decode_stream = torch.cuda.Stream(self.device, priority=DECODE_PRIORITY)
         return self._decode_stream
 
     def compute_stream(self) -> torch.cuda.Stream:
