@@ -107,7 +107,8 @@ def main() -> None:
             handle = dispatch_pipeline(model, "layerwise", ctx.device, window=2, progress=False, **options)
             setup_s = time.perf_counter() - began
             step, out = step_seconds(model, inputs, args.repeats)
-            coded = handle.report().coded
+            report = handle.report()
+            coded = report.coded
             handle.remove()
         row = {
             "model": args.model,
@@ -119,6 +120,7 @@ def main() -> None:
             "peak_gpu_bytes": torch.cuda.max_memory_allocated(),
             "bit_exact": bool(torch.equal(out.cpu(), reference)),
             "coded_ratio": None if coded is None else round(coded.coded_bytes / coded.raw_bytes, 4),
+            "setup_breakdown": str(report.setup_times),
         }
         print(json.dumps(row), flush=True)
         with open(path, "a") as f:

@@ -172,7 +172,7 @@ class Ctx:
     reference: torch.Tensor | None = None
     build_fingerprint: torch.Tensor | None = None
     handle: object = None  # the offload_map handle of an "auto" strategy, for its plan summary
-    coded: object = None  # a -lossless row's CodedTotals, for its coded_summary
+    coded: object = None  # a -lossless row's dispatch Report, for its coded_summary
 
     @property
     def cuda(self) -> bool:
@@ -301,7 +301,7 @@ def make_layerwise(window: int, before: bool = False, compression: str | None = 
         handle = offload_map.dispatch_pipeline(
             target, strategy="layerwise", device=ctx.device, window=window, **compression_options(compression)
         )
-        ctx.coded = handle.report().coded if compression else None
+        ctx.coded = handle.report() if compression else None
         return handle.remove
 
     return setup_layerwise
@@ -317,19 +317,21 @@ def make_auto(budget: str | None, before: bool = False, compression: str | None 
             model, strategy="auto", device=ctx.device, gpu_budget=size, **compression_options(compression)
         )
         ctx.handle = handle
-        ctx.coded = handle.report().coded if compression else None
+        ctx.coded = handle.report() if compression else None
         return handle.remove
 
     return setup_auto
 
 
 def coded_summary(ctx: Ctx) -> dict:
-    """For ``-lossless`` rows: how many streamed blocks were coded, and their coded/raw bytes."""
-    coded = getattr(ctx, "coded", None)
+    """For ``-lossless`` rows: how many streamed blocks were coded, their coded/raw bytes, where setup time went."""
+    report = getattr(ctx, "coded", None)
     ctx.coded = None
-    if coded is None:
+    if report is None:
         return {}
+    coded = report.coded
     return {
+        "setup_breakdown": str(report.setup_times),
         "coded_blocks": coded.coded,
         "streamed_blocks_total": coded.blocks,
         "coded_raw_bytes": coded.raw_bytes,
