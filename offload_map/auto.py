@@ -32,7 +32,7 @@ import torch
 
 from .collect.components import Role
 from .mapping.device_map import DeviceMap, MapEntry
-from .mapping.memory import ACTIVATION_SHARE, BudgetTooSmall, device_footprint
+from .mapping.memory import ACTIVATION_SHARE, BudgetTooSmall
 from .mapping.placement import Placement
 from .mapping.sizes import human_bytes
 from .planning.bind import ExecutionPlan, Unit, direct_child
@@ -86,10 +86,8 @@ class AutoPlanner:
         self._refitting = False
         self.resident = sum(u.nbytes for u in plan.resident)  # every streamed component's non-block weights and the rest
         self.pinned = {plan.component_of(u.path).name: u.nbytes for u in plan.pinned}
-        # A streamed component's slots as dispatched (every block streamed), until its plan is made.
-        self.slots = {
-            r.component: device_footprint(0, max(u.nbytes for u in r.blocks), min(r.window, len(r.blocks))) for r in plan.rings
-        }
+        # A streamed component's slots (and staging buffers) as dispatched (every block streamed), until its plan is made.
+        self.slots = {name: ring.device_bytes for name, ring in runtime.rings.items()}
         for ring in plan.rings:
             own = sum(u.nbytes for u in plan.resident if plan.component_of(u.path).name == ring.component)
             runtime.arm_calibration(ring.component, lambda cost, name=ring.component, own=own: self.replan(name, cost, own))
@@ -209,7 +207,12 @@ class AutoPlanner:
         weights, other than its own, which its plan counts) and what other components hold while it runs."""
         _, own = self.costs[name]
         present = sum(self._present(name, other) for other in self.roles if other != name)
-        return self.budget - (self.resident - own) - present
+        return self.budget - (self.resident - own) - present - self._staging(name)
+
+    def _staging(self, name: str) -> int:
+        """Device bytes of component ``name``'s staging buffers while it runs (coded blocks only, ``compression``)."""
+        ring = self.runtime.rings.get(name)
+        return 0 if ring is None else ring.device_bytes - ring.slot_bytes * ring.slot_count
 
     def _present(self, name: str, other: str) -> int:
         """Device bytes component ``other`` holds while ``name`` runs: all it holds if they run together (CLIP beside
@@ -218,7 +221,7 @@ class AutoPlanner:
             return self.kept_bytes.get(other, 0) if self.stays.get(other) else 0
         plan = self.plans.get(other)
         if plan is not None:
-            return plan.memory - plan.cost.other_bytes - plan.cost.activation_bytes
+            return plan.memory - plan.cost.other_bytes - plan.cost.activation_bytes + self._staging(other)
         return self.pinned.get(other, 0) + self.slots.get(other, 0)
 
     def _ring(self, name: str):
