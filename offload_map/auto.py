@@ -212,7 +212,7 @@ class AutoPlanner:
     def _staging(self, name: str) -> int:
         """Device bytes of component ``name``'s staging buffers while it runs (coded blocks only, ``compression``)."""
         ring = self.runtime.rings.get(name)
-        return 0 if ring is None else ring.device_bytes - ring.slot_bytes * ring.slot_count
+        return 0 if ring is None else ring.staging_device_bytes
 
     def _present(self, name: str, other: str) -> int:
         """Device bytes component ``other`` holds while ``name`` runs: all it holds if they run together (CLIP beside

@@ -8,6 +8,7 @@ import torch
 
 from .auto import AutoPlanner
 from .mapping.device_map import DeviceMap
+from .mapping.sizes import human_bytes
 from .runtime.report import Report
 from .runtime.runtime import Runtime
 
@@ -71,6 +72,14 @@ class OffloadHandle:
     def explain(self) -> str:
         """The device map, and for each planned DiT its per-block plan and what bounds the step."""
         parts = [str(self.device_map)]
+        coded = None if self._removed else self._runtime.coded
+        if coded is not None:
+            staging = sum(ring.staging_device_bytes for ring in self._runtime.rings.values())
+            parts.append(
+                f"coded blocks: {coded}; their staging buffers take {human_bytes(staging)} of the device while their "
+                "component runs (out of each plan's budget). Plans count raw bytes, at the rate the coded copies and "
+                "their decodes reach (the link's rate over the code's share of the bytes, or the timed forward's if lower)."
+            )
         if self._planner is None:
             if self.device_map.strategy == "auto":
                 parts.append("The whole pipeline fits the budget: everything is resident ('gpu').")

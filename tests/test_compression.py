@@ -110,7 +110,7 @@ def test_a_budget_plans_with_coded_blocks_and_stays_exact(target):
     assert handle.report().coded.coded == 5
     # The plan leaves room for the staging buffers the coded copies go through.
     ring = handle.runtime.rings[""]
-    staging = ring.device_bytes - ring.slot_bytes * ring.slot_count
+    staging = ring.staging_device_bytes
     assert staging > 0 and handle.plans[""].memory + staging <= budget
     handle.remove()
 

@@ -61,9 +61,14 @@ class BlockRing:
         return max((unit.coded.staging_bytes() for unit in self.units if unit.coded is not None), default=0)
 
     @property
+    def staging_device_bytes(self) -> int:
+        """Device memory the staging buffers hold while the component is active."""
+        return STAGING_BUFFERS * self.staging_bytes
+
+    @property
     def device_bytes(self) -> int:
         """Device memory the slots and the staging buffers hold while the component is active."""
-        return self.slot_bytes * self.slot_count + STAGING_BUFFERS * self.staging_bytes
+        return self.slot_bytes * self.slot_count + self.staging_device_bytes
 
     def _allocate(self, window: int) -> SlotPool:
         return SlotPool(min(window, self.slot_count), self.slot_bytes, self.ordering, self.staging_bytes)
