@@ -89,7 +89,7 @@ def measure(nbytes: int, device: torch.device, repeats: int) -> dict:
         def runtime_copy() -> None:
             ordering.copy_stream.wait_stream(torch.cuda.current_stream(device))
             with ordering.on_copy_stream():
-                host.copy(slot, 0, nbytes, staging, ordering)
+                host.copy(slot, 0, nbytes, staging)
             ordering.record_decode(done)
             torch.cuda.current_stream(device).wait_event(done)
 

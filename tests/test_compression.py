@@ -185,12 +185,12 @@ def test_pieces_of_a_large_unit_decode_through_a_small_staging_buffer():
     staging = Staging(host.staging_bytes(), ordering)
     assert host.staging_bytes() < PIECE  # one piece's code, not the unit's
     out = torch.zeros_like(raw)
-    host.copy(out, 0, raw.numel(), staging, ordering)
+    host.copy(out, 0, raw.numel(), staging)
     assert torch.equal(out, raw)
     assert host.part_bytes(0, raw.numel()) == host.nbytes
     for start, stop in [(512 * 7, raw.numel()), (0, PIECE + 512), (PIECE - 512, PIECE + 1024)]:  # parts of pieces
         part = torch.zeros(stop - start, dtype=torch.uint8)
-        host.copy(part, start, stop, staging, ordering)
+        host.copy(part, start, stop, staging)
         assert torch.equal(part, raw[start:stop])
         assert host.part_bytes(start, stop) < (stop - start) * 0.8 + 2 * 3072  # + each piece's table and alignment
 

@@ -118,14 +118,13 @@ class CodedHost:
         """Bytes a copy of raw bytes ``start:stop`` moves."""
         return sum(run.numel() if part is None else part.nbytes for _, _, run, part in self._plan(start, stop))
 
-    def copy(self, target: torch.Tensor, start: int, stop: int, staging, ordering) -> None:
+    def copy(self, target: torch.Tensor, start: int, stop: int, staging) -> None:
         """Write raw bytes ``start:stop`` into ``target`` (from its offset 0), piece by piece through ``staging``
         (a ``slots.Staging``). Call on the copy stream, after ``target`` is free; the decodes run on the decode
         stream, so the caller records its ``ready`` event there."""
         pinned = self.store.pinned
         for a, b, run, part in self._plan(start, stop):
             buffer = staging.take()
-            ordering.copy_waits(buffer.decoded)  # the decode that last read this buffer
             key = (self._version, a, b)
             planes = buffer.views.get(key)
             if planes is None:
@@ -135,11 +134,8 @@ class CodedHost:
             else:
                 for dst, src in zip(planes.planes, part.planes):
                     dst.copy_(src, non_blocking=pinned)
-            ordering.record_copy(buffer.copied)
-            with ordering.on_decode_stream():
-                ordering.decode_waits(buffer.copied)
+            with staging.decoding(buffer):
                 decode(planes, target[a - start : b - start])
-                ordering.record_decode(buffer.decoded)
 
     def _plan(self, start: int, stop: int) -> list[tuple[int, int, torch.Tensor, Coded | None]]:
         # (a, b, the piece's run, None for the whole piece or the needed part of it) for each piece in start:stop.

@@ -26,6 +26,7 @@ Which unit goes into which slot is the prefetcher's choice; moving bytes in and 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -79,10 +80,23 @@ class Staging:
         return sum(buffer.tensor.numel() for buffer in self.buffers)
 
     def take(self) -> StagingBuffer:
-        """The buffer whose turn it is (the caller waits for its ``decoded`` event before writing it)."""
+        """The buffer whose turn it is, once free: the copy stream waits for the decode that last read it. Call on
+        the copy stream, copy into it, then decode out of it within ``decoding``."""
         buffer = self.buffers[self.turn]
         self.turn = (self.turn + 1) % len(self.buffers)
+        self.ordering.copy_waits(buffer.decoded)
         return buffer
+
+    @contextlib.contextmanager
+    def decoding(self, buffer: StagingBuffer):
+        """Run the body on the decode stream once the copies issued into ``buffer`` so far landed, and mark the
+        buffer free for the copy stream after it."""
+        ordering = self.ordering
+        ordering.record_copy(buffer.copied)
+        with ordering.on_decode_stream():
+            ordering.decode_waits(buffer.copied)
+            yield
+            ordering.record_decode(buffer.decoded)
 
     def free(self, stream) -> None:
         """Let the buffers go once the copy and decode streams, as they are now, are done (``stream``: the allocation

@@ -153,7 +153,7 @@ class OffloadedUnit:
             ordering.copy_waits(allocated)
             with ordering.on_copy_stream():
                 if self.coded is not None:
-                    self.coded.copy(head, 0, self.kept, staging, ordering)
+                    self.coded.copy(head, 0, self.kept, staging)
                     ordering.record_decode(ready)
                 else:
                     head.copy_(self.host.flat[: self.kept], non_blocking=self.host.pinned)
@@ -199,7 +199,7 @@ class OffloadedUnit:
                     ordering.record_copy(slot.ready)
                     end = ordering.stamp() if timed is not None else None
                 else:  # the planner counts raw bytes, over the time to the last decode
-                    self.coded.copy(slot.buffer, self.kept, self.nbytes, slot.staging, ordering)
+                    self.coded.copy(slot.buffer, self.kept, self.nbytes, slot.staging)
                     with ordering.on_decode_stream():
                         ordering.record_decode(slot.ready)
                         end = ordering.stamp() if timed is not None else None
