@@ -28,6 +28,8 @@ Strategies:
   ``<N>GB``, 10**9 bytes); ``auto-unlimited`` gives it the device's whole memory
 * ``layerwise-wN-lossless``, ``auto-<N>GiB-lossless``  the same with ``compression="lossless"`` (streamed
   blocks coded in host memory, decoded on the device); the row adds the coded/raw byte ratio
+* ``layerwise-wN-fp8``, ``auto-<N>GiB-fp8``  the same with ``compression="fp8"`` (lossy: linear weights in
+  float8); the row adds the output's max and mean relative error against the resident output
 * ``<any>-compiled``   the same after ``model.compile_repeated_blocks()`` (inductor; the warm-up forwards compile)
 * ``before-layerwise-wN``, ``before-auto-<N>GiB``  the same with offload_map as it was before a change: the
   package in ``--before DIR`` (``DIR/offload_map``, e.g. ``git archive <commit> offload_map | tar -x -C DIR``),
@@ -409,8 +411,8 @@ def strategy_setup(name: str):
     the undo callable."""
     if name.endswith("-compiled"):
         return compiled(strategy_setup(name.removesuffix("-compiled")))
-    compression = "lossless" if name.endswith("-lossless") else None
-    name = name.removesuffix("-lossless")
+    compression = next((c for c in ("lossless", "fp8") if name.endswith(f"-{c}")), None)
+    name = name.removesuffix(f"-{compression}")
     fixed = {
         "resident": setup_resident,
         "diffusers-block": make_group_offload("block_level"),
@@ -507,8 +509,19 @@ def compare_output(out: torch.Tensor, ctx: Ctx) -> dict:
     if ctx.reference is None:
         return {**res, "bit_exact": None, "max_abs_diff": None}
     same_shape = out.shape == ctx.reference.shape
-    diff = (out.float() - ctx.reference.float()).abs().max().item() if same_shape else None
-    return {**res, "bit_exact": bool(same_shape and torch.equal(out, ctx.reference)), "max_abs_diff": diff}
+    if not same_shape:
+        return {**res, "bit_exact": False, "max_abs_diff": None}
+    diff = (out.float() - ctx.reference.float()).abs()
+    reference = ctx.reference.float().abs()
+    return {
+        **res,
+        "bit_exact": bool(torch.equal(out, ctx.reference)),
+        "max_abs_diff": diff.max().item(),
+        # For lossy rows (-fp8): the largest error against the output's largest magnitude, and the mean error
+        # against the mean magnitude.
+        "max_rel_error": (diff.max() / reference.max()).item(),
+        "mean_rel_error": (diff.mean() / reference.mean()).item(),
+    }
 
 
 def placement_report(model, ctx: Ctx) -> dict:
@@ -830,6 +843,11 @@ def render_markdown(env: dict, rows: list[dict]) -> str:
     notes += [
         f"- {r['strategy']}: {r['coded_blocks']} of {r['streamed_blocks_total']} streamed blocks coded, "
         f"{r['coded_bytes'] / 1e9:.2f} GB of {r['coded_raw_bytes'] / 1e9:.2f} GB raw ({r['coded_ratio']:.3f})"
+        + (
+            ""
+            if r.get("bit_exact")
+            else f"; output error max {r['max_rel_error']:.2e}, mean {r['mean_rel_error']:.2e} (relative)"
+        )
         for r in rows
         if r.get("coded_ratio") is not None
     ]

@@ -91,8 +91,10 @@ def dispatch_pipeline(
         compression: ``"lossless"``: keep every streamed block coded in host memory too, in about 3/4 of its bytes
             for bf16/fp16 weights, copy it so and decode it on the device (``runtime.codec``): fewer bytes cross
             the link, outputs stay bit-identical. Blocks that do not compress (float32) stream as they are. Host
-            memory holds the raw bytes (pageable) beside the code (page-locked). Default: the map's (``None``
-            for a strategy). Not with ``shard_copies`` or a host copy shared between ranks.
+            memory holds the raw bytes beside the code. ``"fp8"`` (lossy, never the default): the streamed
+            blocks' linear weights cross the link in float8 e4m3 with a scale per output channel (about half
+            their bytes) and are upcast on the device; outputs differ from the resident run. Default: the map's
+            (``None`` for a strategy). Not with ``shard_copies`` or a host copy shared between ranks.
 
     Returns:
         An ``OffloadHandle``; ``handle.remove()`` restores the pipeline.

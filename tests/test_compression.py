@@ -15,6 +15,7 @@ from torch import nn
 from offload_map import DeviceMap, compile_device_map, dispatch_pipeline
 from offload_map.runtime import codec, codec_kernel
 from offload_map.runtime.coded_host import PIECE, CodedHost
+from offload_map.runtime.fp8_host import quantized, upcast
 from offload_map.runtime.slots import Staging
 from offload_map.runtime.streams import SyncOrdering
 
@@ -149,6 +150,47 @@ def test_a_whole_bf16_flux_pipeline_with_coded_blocks_is_bit_exact(target):
     handle.remove()
 
 
+def fp8_round_trip(model: DiT) -> DiT:
+    """``model`` with every block's linear weights replaced by what float8 storage gives back."""
+    for module in model.blocks.modules():
+        if isinstance(module, nn.Linear):
+            q, scale = quantized(module.weight)
+            upcast(q.view(torch.float8_e4m3fn).view(module.weight.shape), scale, module.weight.data)
+    return model
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
+@torch.inference_mode()
+def test_fp8_blocks_give_the_output_of_their_float8_weights_exactly(window, target):
+    model, x = make_dit(), _input().to(target)
+    exact = _reference(0, target)
+    quantized_model = fp8_round_trip(make_dit())
+    expected = resident_run(quantized_model, lambda: quantized_model(x), target)
+    handle = dispatch_pipeline(model, "layerwise", target, window=window, compression="fp8")
+    outputs = [model(x).cpu() for _ in range(3)]
+    assert all(torch.equal(out, expected) for out in outputs)  # the same math as the round-tripped weights
+    error = (outputs[0].float() - exact.float()).abs().max() / exact.float().abs().max()
+    assert 0 < error < 0.03  # lossy, and by little
+    coded = handle.report().coded
+    assert coded.coded == 5 and 0.45 < coded.coded_bytes / coded.raw_bytes < 0.6
+    ring = handle.runtime.rings[""]
+    handle.runtime.set_residency("", {unit.path: unit.split_points()[0] for unit in ring.units[::2]}, window)
+    assert torch.equal(model(x).cpu(), expected)  # kept parts are upcast alike
+    handle.remove()
+    assert torch.equal(model.to(target)(x).cpu(), exact)  # remove() gives back the bf16 weights
+
+
+@torch.inference_mode()
+def test_fp8_leaves_blocks_without_linear_weights_raw(target):
+    model, x = make_dit(), _input().to(target)
+    for block in model.blocks:
+        block.up, block.down = nn.Identity(), nn.Identity()
+    reference = resident_run(model, lambda: model(x), target)
+    handle = dispatch_pipeline(model, "layerwise", target, compression="fp8")
+    assert torch.equal(model(x).cpu(), reference) and handle.report().coded.coded == 0
+    handle.remove()
+
+
 def test_the_map_carries_compression_through_json_and_print(tmp_path):
     dmap = compile_device_map(make_dit(), "layerwise")
     assert dmap.compression is None and "compression" not in dmap.to_dict()
@@ -166,7 +208,7 @@ def test_the_map_carries_compression_through_json_and_print(tmp_path):
 def test_bad_compression_values_and_combinations_are_refused_with_nothing_moved():
     model = make_dit()
     weight = model.blocks[0].up.weight
-    with pytest.raises(ValueError, match=r"compression must be None or one of \['lossless'\], got 'zstd'"):
+    with pytest.raises(ValueError, match=r"compression must be None or one of \['lossless', 'fp8'\], got 'zstd'"):
         dispatch_pipeline(model, "layerwise", "cpu", compression="zstd")
     with pytest.raises(ValueError, match="does not combine with shard_copies"):
         dispatch_pipeline(model, "layerwise", "cpu", compression="lossless", shard_copies=True)
@@ -252,6 +294,39 @@ def test_slow_copies_and_slow_decodes_give_the_resident_output(window, monkeypat
     with delayed_copies(0.002):
         outputs = [model(x) for _ in range(3)]
     assert all(torch.equal(out.cpu(), reference) for out in outputs)
+    handle.remove()
+
+
+@pytest.mark.cuda
+def test_the_fp8_kernel_upcasts_as_torch_does(monkeypatch):
+    from offload_map.runtime import fp8_kernel
+
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(300, 1000, generator=g).mul(0.02).bfloat16()
+    weight[7] = 0  # a zero row: scale 1
+    weight[9, 3] = 3e4  # one large value in a row
+    q, scale = quantized(weight)
+    q = q.view(torch.float8_e4m3fn).view(weight.shape)
+    expected = torch.empty_like(weight)
+    upcast(q, scale, expected)  # on the CPU: torch
+    out = torch.empty_like(weight, device="cuda")
+    assert fp8_kernel.upcast(q.cuda(), scale.cuda(), out), "this GPU lacks float8 conversions"
+    assert torch.equal(out.cpu(), expected)
+
+
+@pytest.mark.cuda
+@torch.inference_mode()
+def test_fp8_blocks_with_slow_copies_give_the_output_of_their_float8_weights(monkeypatch):
+    from test_stream_order import delayed_copies
+
+    monkeypatch.setattr("offload_map.runtime.fp8_host.CHUNK", 64 * 1024)  # several chunks per block
+    model, x = make_dit(), _input().cuda()
+    quantized_model = fp8_round_trip(make_dit())
+    expected = resident_run(quantized_model, lambda: quantized_model(x), "cuda")
+    handle = dispatch_pipeline(model, "layerwise", "cuda", window=2, compression="fp8")
+    with delayed_copies(0.002):
+        outputs = [model(x) for _ in range(3)]
+    assert all(torch.equal(out.cpu(), expected) for out in outputs)
     handle.remove()
 
 

@@ -26,8 +26,9 @@ from .sizes import human_bytes
 
 FORMAT_VERSION = 1
 # How streamed blocks may be stored and copied: "lossless" codes each bf16 block in about 3/4 of its bytes
-# (``runtime.codec``), decoded on the device bit for bit.
-COMPRESSIONS = ("lossless",)
+# (``runtime.codec``), decoded on the device bit for bit; "fp8" (lossy, opt-in) stores linear weights in float8
+# with a scale per output channel (``runtime.fp8_host``), upcast on the device.
+COMPRESSIONS = ("lossless", "fp8")
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,11 @@ class DeviceMap:
         entries: module path -> ``MapEntry``, in pipeline order.
         window: device slots shared by each DiT's ``"layer-window"`` blocks (>= 1).
         strategy: the strategy that compiled the map (informational).
-        compression: ``None`` (blocks stream as they are) or ``"lossless"``: every ``"layer-window"`` block is kept
+        compression: ``None`` (blocks stream as they are), ``"lossless"``: every ``"layer-window"`` block is kept
             in host memory coded in fewer bytes too, copied so and decoded on the device bit for bit (a block that
-            does not compress, e.g. of float32 weights, streams as it is).
+            does not compress, e.g. of float32 weights, streams as it is), or ``"fp8"`` (lossy, opt-in): the
+            blocks' linear weights are kept in float8 e4m3 with a scale per output channel, about half their
+            bytes, and upcast on the device (outputs differ from the resident run).
 
     Example:
         >>> dmap = DeviceMap("cpu", {"transformer": Role.DIT}, window=2)

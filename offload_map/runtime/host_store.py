@@ -8,8 +8,9 @@ read from their checkpoint (``loading.weights.WeightSource``) straight into plac
 Ranks of one host may share one host copy (``shared_host.HostCopy``): units are then page-aligned slices of
 the shared region, only its creator fills them, and the others bind to them once it is filled.
 
-With ``compression="lossless"`` each streamed block is coded too (``coded_host.CodedHost``, on the target device)
-right after it is filled and page-locked; the code is page-locked as well, and is what its copies read.
+With ``compression`` each streamed block is coded too (``coded_host.CodedHost`` for ``"lossless"``,
+``fp8_host.Fp8Host`` for ``"fp8"``, on the target device) right after it is filled and page-locked; the code is
+page-locked as well, and is what its copies read.
 
 Ownership: ``HostStore`` owns every ``HostBuffer`` (allocated or sliced, filled and page-locked here), each
 unit's ``CodedHost``, and the ``HostCopy``. ``restore`` gives every tensor its own storage again and releases both; the caller has made the
@@ -31,6 +32,7 @@ from ..collect.tensors import is_dtensor
 from ..mapping.placement import Placement
 from ..planning.bind import ExecutionPlan, Unit
 from .coded_host import CodedHost
+from .fp8_host import Fp8Host
 from .host_buffer import HostBuffer, layout, trim_host_heap
 from .report import SetupTimes
 from .shared_host import HostCopy
@@ -138,7 +140,7 @@ class HostStore:
             pinned = time.perf_counter()
             coded = None
             if self.compression and unit.placement is Placement.LAYER_WINDOW:
-                coded = CodedHost.of(buffer.flat, device if device.type == "cuda" else None, self.pin)
+                coded = self._code(unit, buffer, device if device.type == "cuda" else None)
             fill_s.append(filled - start)
             pin_s.append(pinned - filled)
             code_s.append(time.perf_counter() - pinned)
@@ -183,6 +185,13 @@ class HostStore:
         self.times.pack_wall_s = time.perf_counter() - start
         self.times.fill_s, self.times.pin_s, self.times.code_s = sum(fill_s), sum(pin_s), sum(code_s)
 
+    def _code(self, unit: Unit, buffer: HostBuffer, device: torch.device | None) -> "CodedHost | Fp8Host | None":
+        # The unit's bytes as ``compression`` stores them, or None where that saves nothing.
+        if self.compression == "fp8":
+            linear = [_is_linear_weight(ref) for ref in unit.tensors]
+            return Fp8Host.of(buffer.regions, buffer.flat, linear, device, self.pin)
+        return CodedHost.of(buffer.flat, device, self.pin)
+
     def restore(self) -> None:
         """Give every tensor its own storage on its original device again, bit for bit, and release the buffers and
         the shared region. Tensors read from a checkpoint stay on the CPU if loading finished, else go back to
@@ -202,6 +211,10 @@ class HostStore:
         if self.host_copy is not None:
             self.host_copy.release()
             self.host_copy = None
+
+
+def _is_linear_weight(ref) -> bool:
+    return any(isinstance(module, torch.nn.Linear) and name == "weight" for module, name, _ in ref.slots())
 
 
 def _page_aligned(sizes: list[int]) -> tuple[list[int], int]:

@@ -73,11 +73,12 @@ class OffloadedUnit:
         host: the packed host buffer (owned by the runtime's ``HostStore``).
         ordering: the dispatch's ``CudaOrdering``/``SyncOrdering``.
         kept: bytes of the head (a split point, 0, or ``host.nbytes``).
-        coded: the unit's bytes coded (``compression="lossless"``), copied instead of ``host``; or None.
+        coded: the unit's bytes as ``compression`` stores them (``coded_host.CodedHost``, ``fp8_host.Fp8Host``),
+            copied instead of ``host``; or None.
     """
 
     def __init__(
-        self, path: str, refs: list[TensorRef], host: HostBuffer, ordering, kept: int = 0, coded: CodedHost | None = None
+        self, path: str, refs: list[TensorRef], host: HostBuffer, ordering, kept: int = 0, coded: "CodedHost | None" = None
     ) -> None:
         self.path = path
         self.refs = refs

@@ -1,0 +1,181 @@
+"""A streamed block's linear weights kept in float8 in host memory (``compression="fp8"``), upcast into the slot.
+
+Opt-in and **lossy**: each ``nn.Linear`` weight of a ``"layer-window"`` block (2-D, bf16 or fp16) is stored as
+float8 e4m3 with one float32 scale per output channel (its largest magnitude maps to 448, e4m3's largest
+value), about half its bytes; every other tensor (biases, norms, buffers) is stored as it is. A copy moves the
+float8 bytes; on the device each weight is upcast, ``q * scale`` in float32 rounded to the weight's dtype, into
+the slot, where the block finds its usual bf16 layout. Outputs differ from the resident run (the benchmarks
+report by how much); a block with no such weight streams raw.
+
+The store holds, tensor after tensor, either the float8 bytes and the scales or the raw bytes, each on a
+512-byte boundary, so the tensors of any part of the block are one contiguous run of it. A copy goes in
+chunks of whole tensors of at most ``CHUNK`` store bytes (a larger tensor is a chunk alone) through the ring's
+staging buffers exactly as coded pieces do (``slots.Staging``): copied on the copy stream, upcast on the
+decode stream.
+
+Ownership (``Fp8Host``, one per unit, owned by its ``OffloadedUnit``): as ``coded_host.CodedHost``'s store.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import fp8_kernel
+from .coded_host import _DEVICE_CODING
+from .host_buffer import HostBuffer, Region
+
+E4M3_MAX = 448.0
+CHUNK = 64 << 20  # store bytes copied at once (a larger tensor alone): bounds the staging buffers
+ROWS_AT_ONCE = 1 << 23  # elements upcast at once on the CPU path: bounds its float32 temporaries
+
+
+class Fp8Host:
+    """The float8 store of a unit (see the module docstring).
+
+    Args:
+        regions: the raw host buffer's tensor regions (``HostBuffer.regions``).
+        raw: the raw bytes (1-D ``uint8`` on the CPU; page-locked for a fast copy to ``device``).
+        quantize: per tensor, whether it is a linear weight to store in float8.
+        device: a CUDA device to quantize on, or None (the CPU).
+        pin: page-lock the store (CUDA only).
+    """
+
+    def __init__(
+        self, regions: list[Region], raw: torch.Tensor, quantize: list[bool], device: torch.device | None, pin: bool
+    ) -> None:
+        self.regions = regions
+        self.raw_bytes = raw.numel()
+        self.quantize = [q and _quantizable(r) for q, r in zip(quantize, regions)]
+        self.device = device
+        self.pinned = pin
+        self.store: HostBuffer | None = None
+        self.items: list[int] = []  # per tensor, the index of its first item in the store
+        self.encode(raw)
+
+    @classmethod
+    def of(cls, regions, raw, quantize, device=None, pin=False) -> "Fp8Host | None":
+        """An ``Fp8Host``, or None when the unit holds no linear weight to store in float8."""
+        if not any(q and _quantizable(r) for q, r in zip(quantize, regions)):
+            return None
+        return cls(regions, raw, quantize, device, pin)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the store (what copying the whole unit moves)."""
+        return self.store.nbytes
+
+    @property
+    def ratio(self) -> float:
+        return self.nbytes / self.raw_bytes
+
+    def encode(self, raw: torch.Tensor) -> None:
+        """Quantize ``raw`` anew (at dispatch, and after the weights changed). The caller has waited for the copy stream."""
+        self.release()
+        if self.device is None:
+            items = self._items(raw)
+        else:
+            with _DEVICE_CODING:
+                items = self._items(raw.to(self.device, non_blocking=raw.is_pinned()))
+        store = HostBuffer(items)
+        if self.pinned:
+            store.pin()
+        for index, item in enumerate(items):
+            store.write(index, item)
+        self.store = store
+
+    def _items(self, raw: torch.Tensor) -> list[torch.Tensor]:
+        items, self.items = [], []
+        for region, quantize in zip(self.regions, self.quantize):
+            self.items.append(len(items))
+            if quantize:
+                items += quantized(region.view(raw))
+            else:
+                items.append(raw[region.offset : region.offset + region.span])
+        return items
+
+    def release(self) -> None:
+        """Let go of the store (after the host waited for the copy stream). Safe to call twice."""
+        if self.store is not None:
+            self.store.release()
+        self.store = None
+
+    def staging_bytes(self) -> int:
+        """Bytes of one staging buffer that any chunk of this unit fits in."""
+        return max((b - a for a, b in (self._run(*chunk) for chunk in self._chunks(0, None))), default=0)
+
+    def part_bytes(self, start: int, stop: int) -> int:
+        """Bytes a copy of raw bytes ``start:stop`` (tensor boundaries) moves."""
+        return sum(b - a for a, b in (self._run(*chunk) for chunk in self._chunks(start, stop)))
+
+    def copy(self, target: torch.Tensor, start: int, stop: int, staging) -> None:
+        """Write the tensors stored in raw bytes ``start:stop`` into ``target`` (which holds those bytes from its
+        offset 0), chunk by chunk through ``staging``. Call on the copy stream, after ``target`` is free."""
+        for first, last in self._chunks(start, stop):
+            a, b = self._run(first, last)
+            buffer = staging.take()
+            buffer.tensor[: b - a].copy_(self.store.flat[a:b], non_blocking=self.store.pinned)
+            with staging.decoding(buffer):
+                for index in range(first, last):
+                    self._expand(index, buffer.tensor, a, target, start)
+
+    def _expand(self, index: int, staged: torch.Tensor, base: int, target: torch.Tensor, start: int) -> None:
+        # Tensor ``index`` from the staged store bytes (which begin at store byte ``base``) into its place in target.
+        region = self.regions[index]
+        item = self.store.regions[self.items[index]]
+        if not self.quantize[index]:
+            target[region.offset - start : region.offset - start + region.span].copy_(item.raw(staged, base))
+            return
+        q = item.view(staged, base).view(torch.float8_e4m3fn).view(region.shape)
+        scale = self.store.regions[self.items[index] + 1].view(staged, base)
+        upcast(q, scale, region.view(target, start))
+
+    def _chunks(self, start: int, stop: int | None) -> list[tuple[int, int]]:
+        # Runs of whole tensors [first, last) stored in raw bytes start:stop, at most CHUNK store bytes each.
+        first = sum(r.offset < start for r in self.regions)
+        last = len(self.regions) if stop is None else sum(r.offset < stop for r in self.regions)
+        chunks, begin = [], first
+        for index in range(first, last):
+            if index > begin and self._run(begin, index + 1)[1] - self._run(begin, index + 1)[0] > CHUNK:
+                chunks.append((begin, index))
+                begin = index
+        if begin < last:
+            chunks.append((begin, last))
+        return chunks
+
+    def _run(self, first: int, last: int) -> tuple[int, int]:
+        # Store bytes holding tensors [first, last).
+        regions = self.store.regions
+        end = regions[self.items[last]].offset if last < len(self.items) else self.store.nbytes
+        return regions[self.items[first]].offset, end
+
+
+def _quantizable(region: Region) -> bool:
+    rows, columns = (region.shape + (0, 0))[:2] if len(region.shape) == 2 else (0, 0)
+    contiguous = region.stride == (columns, 1)
+    return region.dtype in (torch.bfloat16, torch.float16) and rows > 0 and columns > 0 and contiguous
+
+
+def quantized(weight: torch.Tensor) -> list[torch.Tensor]:
+    """``[float8 bytes, float32 scales]`` of a 2-D weight, one scale per output channel (row).
+
+    Example:
+        >>> w = torch.tensor([[1.0, -2.0], [0.0, 0.0]], dtype=torch.bfloat16)
+        >>> q, scale = quantized(w)
+        >>> scale.tolist(), q.view(torch.float8_e4m3fn).float().tolist()
+        ([0.004464285913854837, 1.0], [224.0, -448.0, 0.0, 0.0])
+    """
+    amax = weight.float().abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    q = (weight.float() / scale[:, None]).to(torch.float8_e4m3fn)
+    return [q.view(torch.uint8).flatten(), scale]
+
+
+def upcast(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = q * scale`` (per row), computed in float32 and rounded to ``out``'s dtype: one kernel on a recent
+    GPU (``fp8_kernel``), else torch a few rows at a time."""
+    if out.is_cuda and fp8_kernel.upcast is not None and out.is_contiguous() and fp8_kernel.upcast(q, scale, out):
+        return
+    rows = max(1, ROWS_AT_ONCE // max(1, q.shape[1]))
+    for first in range(0, q.shape[0], rows):
+        block = q[first : first + rows].to(torch.float32).mul_(scale[first : first + rows, None])
+        out[first : first + rows].copy_(block)
