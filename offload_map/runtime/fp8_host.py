@@ -165,7 +165,9 @@ def quantized(weight: torch.Tensor) -> list[torch.Tensor]:
         ([0.004464285913854837, 1.0], [224.0, -448.0, 0.0, 0.0])
     """
     amax = weight.float().abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    # A product, not a division: torch's CUDA kernels divide by a scalar as a multiplication by its reciprocal and
+    # its CPU kernels do not, so a quotient could differ by an ulp between the two; the product cannot.
+    scale = torch.where(amax > 0, amax * (1 / E4M3_MAX), torch.ones_like(amax))
     q = (weight.float() / scale[:, None]).to(torch.float8_e4m3fn)
     return [q.view(torch.uint8).flatten(), scale]
 
