@@ -129,7 +129,7 @@ def test_running_out_of_device_memory_during_dispatch_names_the_need_and_rolls_b
 
     reference, weights = pipe("check", steps=2), {k: v.clone() for k, v in pipe.state_dict().items()}
 
-    def no_memory(self, count, nbytes, ordering):
+    def no_memory(self, *args):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(slots.SlotPool, "__init__", no_memory)
