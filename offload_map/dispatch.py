@@ -49,7 +49,7 @@ def dispatch_pipeline(
     blocking: bool = False,
     progress: bool | None = None,
     runs_per_call: dict[str, int] | None = None,
-    compression: str | None = None,
+    compression: "str | dict[str, str] | None" = None,
 ) -> OffloadHandle:
     """Place ``pipeline``'s modules by strategy (or by an explicit device map) and hook them to run there.
 
@@ -93,8 +93,9 @@ def dispatch_pipeline(
             the link, outputs stay bit-identical. Blocks that do not compress (float32) stream as they are. Host
             memory holds the raw bytes beside the code. ``"fp8"`` (lossy, never the default): the streamed
             blocks' linear weights cross the link in float8 e4m3 with a scale per output channel (about half
-            their bytes) and are upcast on the device; outputs differ from the resident run. Default: the map's
-            (``None`` for a strategy). Not with ``shard_copies`` or a host copy shared between ranks.
+            their bytes) and are upcast on the device; outputs differ from the resident run. A dict chooses per
+            streamed component, e.g. ``{"transformer": "lossless"}``. Default: the map's (``None`` for a
+            strategy). Not with ``shard_copies`` or a host copy shared between ranks.
 
     Returns:
         An ``OffloadHandle``; ``handle.remove()`` restores the pipeline.
@@ -136,14 +137,14 @@ def dispatch_pipeline(
     tensors = collect_tensors(found)
     if device_map is None:
         device_map = compile_found(found, tensors, strategy, str(target), window, budget)
-        device_map.compression = compression
+        device_map.compression = check_compression(compression, device_map.components)
     else:  # validated as a loaded map is; the user's object is never changed
         device_map = DeviceMap.from_dict(device_map.to_dict())
         device_map.device = str(target)
         if window is not None:
             device_map.window = window
         if compression is not None:
-            device_map.compression = compression
+            device_map.compression = check_compression(compression, device_map.components)
     if device_map.compression is not None:
         if shard_copies or share_host_copy:
             raise ValueError(

@@ -207,6 +207,31 @@ def test_fp8_leaves_blocks_without_linear_weights_raw(target):
     handle.remove()
 
 
+@torch.inference_mode()
+def test_compression_per_component(target, monkeypatch):
+    monkeypatch.setattr("offload_map.mapping.compiler.STREAM_MIN_BYTES", 0)  # the tiny encoders stream too
+    pipe = make_flux_pipeline()
+    pipe.to(torch.bfloat16)
+    reference = resident_run(pipe, lambda: run_flux(pipe), target)
+    handle = dispatch_pipeline(pipe, "layerwise", target, compression={"transformer": "lossless", "text_encoder_2": "fp8"})
+    kinds = {name: {type(u.coded).__name__ for u in ring.units} for name, ring in handle.runtime.rings.items()}
+    assert kinds == {
+        "transformer": {"CodedHost"},
+        "text_encoder_2": {"Fp8Host"},
+        "text_encoder": {"NoneType"},
+        "vae": {"NoneType"},
+    }
+    assert "compression transformer lossless, text_encoder_2 fp8" in str(handle.device_map)
+    assert not torch.equal(run_flux(pipe).cpu(), reference)  # T5 in float8
+    handle.remove()
+    handle = dispatch_pipeline(pipe, "layerwise", target, compression={"transformer": "lossless", "text_encoder": "lossless"})
+    assert torch.equal(run_flux(pipe).cpu(), reference)
+    loaded = DeviceMap.from_json(handle.device_map.to_json())
+    assert loaded.compression == {"transformer": "lossless", "text_encoder": "lossless"}
+    assert loaded.compression_of("text_encoder_2") is None
+    handle.remove()
+
+
 def test_the_map_carries_compression_through_json_and_print(tmp_path):
     dmap = compile_device_map(make_dit(), "layerwise")
     assert dmap.compression is None and "compression" not in dmap.to_dict()
@@ -224,8 +249,14 @@ def test_the_map_carries_compression_through_json_and_print(tmp_path):
 def test_bad_compression_values_and_combinations_are_refused_with_nothing_moved():
     model = make_dit()
     weight = model.blocks[0].up.weight
-    with pytest.raises(ValueError, match=r"compression must be None or one of \['lossless', 'fp8'\], got 'zstd'"):
+    with pytest.raises(ValueError, match=r"compression must be None, one of \['lossless', 'fp8'\] or .*, got 'zstd'"):
         dispatch_pipeline(model, "layerwise", "cpu", compression="zstd")
+    with pytest.raises(ValueError, match="names component 'transformer', which the map does not have"):
+        dispatch_pipeline(model, "layerwise", "cpu", compression={"transformer": "lossless"})
+    with pytest.raises(ValueError, match="got 'lossy'"):
+        dispatch_pipeline(model, "layerwise", "cpu", compression={"": "lossy"})
+    with pytest.raises(ValueError, match="has no 'layer-window' blocks in this map"):
+        dispatch_pipeline(model, "none", "cpu", compression={"": "lossless"})
     with pytest.raises(ValueError, match="does not combine with shard_copies"):
         dispatch_pipeline(model, "layerwise", "cpu", compression="lossless", shard_copies=True)
     with pytest.raises(ValueError, match="compression must be"):

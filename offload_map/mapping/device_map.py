@@ -51,11 +51,12 @@ class DeviceMap:
         entries: module path -> ``MapEntry``, in pipeline order.
         window: device slots shared by each DiT's ``"layer-window"`` blocks (>= 1).
         strategy: the strategy that compiled the map (informational).
-        compression: ``None`` (blocks stream as they are), ``"lossless"``: every ``"layer-window"`` block is kept
-            in host memory coded in fewer bytes too, copied so and decoded on the device bit for bit (a block that
-            does not compress, e.g. of float32 weights, streams as it is), or ``"fp8"`` (lossy, opt-in): the
-            blocks' linear weights are kept in float8 e4m3 with a scale per output channel, about half their
-            bytes, and upcast on the device (outputs differ from the resident run).
+        compression: how ``"layer-window"`` blocks are kept and copied: ``None`` (as they are), one kind for every
+            streamed component, or ``{component: kind}``. Kinds: ``"lossless"``, each block is kept in host
+            memory coded in fewer bytes too, copied so and decoded on the device bit for bit (a block that does
+            not compress, e.g. of float32 weights, streams as it is); ``"fp8"`` (lossy, opt-in), the blocks'
+            linear weights are kept in float8 e4m3 with a scale per output channel, about half their bytes, and
+            upcast on the device (outputs differ from the resident run). ``compression_of`` reads it.
 
     Example:
         >>> dmap = DeviceMap("cpu", {"transformer": Role.DIT}, window=2)
@@ -71,12 +72,18 @@ class DeviceMap:
     entries: dict[str, MapEntry] = field(default_factory=dict)
     window: int = 2
     strategy: str = "custom"
-    compression: str | None = None
+    compression: "str | dict[str, str] | None" = None
 
     def __post_init__(self) -> None:
         self.components = {name: Role(role) for name, role in self.components.items()}
         check_window(self.window)
-        check_compression(self.compression)
+        check_compression(self.compression, self.components)
+
+    def compression_of(self, component: str) -> str | None:
+        """The compression of component ``component``'s streamed blocks (None: they stream as they are)."""
+        if isinstance(self.compression, dict):
+            return self.compression.get(component)
+        return self.compression
 
     def __getitem__(self, path: str) -> Placement:
         return self._entry(path).placement
@@ -129,7 +136,7 @@ class DeviceMap:
     def sized(self, owned: dict) -> "DeviceMap":
         """A copy of the map whose entries record the bytes and dtypes of the tensors they own (``owned``, from
         ``ownership.assign_tensors``)."""
-        out = DeviceMap(self.device, dict(self.components), {}, self.window, self.strategy, self.compression)
+        out = DeviceMap(self.device, dict(self.components), {}, self.window, self.strategy, _copied(self.compression))
         for path, entry in self.entries.items():
             refs = owned[path]
             dtypes = "+".join(sorted({str(r.tensor.dtype).removeprefix("torch.") for r in refs}))
@@ -138,7 +145,8 @@ class DeviceMap:
 
     def copy(self) -> "DeviceMap":
         """An independent copy (entries are immutable, so a shallow copy of the tables suffices)."""
-        return DeviceMap(self.device, dict(self.components), dict(self.entries), self.window, self.strategy, self.compression)
+        entries, compression = dict(self.entries), _copied(self.compression)
+        return DeviceMap(self.device, dict(self.components), entries, self.window, self.strategy, compression)
 
     def bytes_by_placement(self) -> dict[Placement, int]:
         """Bytes owned by each placement (every placement present, zero when unused)."""
@@ -149,7 +157,7 @@ class DeviceMap:
 
     def to_dict(self) -> dict:
         """A JSON-ready dict; ``DeviceMap.from_dict`` reads it back."""
-        compression = {"compression": self.compression} if self.compression else {}
+        compression = {"compression": _copied(self.compression)} if self.compression else {}
         return {
             "version": FORMAT_VERSION,
             "device": self.device,
@@ -265,11 +273,26 @@ def check_path(path: object) -> str:
     return path
 
 
-def check_compression(compression: object) -> "str | None":
-    """Return ``compression`` if it is ``None`` or one of ``COMPRESSIONS``, else raise a ValueError that lists them."""
-    if compression is not None and compression not in COMPRESSIONS:
-        raise ValueError(f"compression must be None or one of {list(COMPRESSIONS)}, got {compression!r:.40}")
+def check_compression(compression: object, components=None) -> "str | dict[str, str] | None":
+    """Return ``compression`` if it is ``None``, one of ``COMPRESSIONS``, or a dict of component names (among
+    ``components`` if given) to them, else raise a ValueError that says what to pass."""
+    kinds = compression.values() if isinstance(compression, dict) else [] if compression is None else [compression]
+    for kind in kinds:
+        if kind not in COMPRESSIONS:
+            raise ValueError(
+                f"compression must be None, one of {list(COMPRESSIONS)} or {{component: one of them}}, got {kind!r:.40}"
+            )
+    if isinstance(compression, dict) and components is not None:
+        for name in compression:
+            if name not in components:
+                raise ValueError(
+                    f"compression names component {name!r:.80}, which the map does not have; components: {sorted(components)}"
+                )
     return compression
+
+
+def _copied(compression):
+    return dict(compression) if isinstance(compression, dict) else compression
 
 
 def check_window(window: object) -> int:
@@ -315,7 +338,10 @@ def format_table(dmap: DeviceMap) -> str:
     """The map as an aligned text table, consecutive numbered blocks collapsed, with totals."""
     rows = [("module", "placement", "bytes", "dtype"), *_rows(dmap)]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    coded = f", {dmap.compression} compression" if dmap.compression else ""
+    if isinstance(dmap.compression, dict):
+        coded = ", compression " + ", ".join(f"{name or '(root)'} {kind}" for name, kind in dmap.compression.items())
+    else:
+        coded = f", {dmap.compression} compression" if dmap.compression else ""
     lines = [f"DeviceMap -> {dmap.device} (strategy {dmap.strategy}, window {dmap.window}{coded})"]
     if not dmap.device.startswith("cuda"):
         lines.append(f"  (the target is {dmap.device!r}: 'gpu' means resident there)")

@@ -62,7 +62,7 @@ class ExecutionPlan:
     pinned: list[Unit] = field(default_factory=list)
     rings: list[Ring] = field(default_factory=list)
     units: dict[str, Unit] = field(default_factory=dict)
-    compression: str | None = None  # the map's: how streamed blocks are kept and copied
+    compression: dict[str, str] = field(default_factory=dict)  # streamed component -> how its blocks are kept and copied
 
     def component_of(self, path: str) -> ComponentPlan:
         names = {c.name: c.role for c in self.components}
@@ -91,7 +91,7 @@ def bind(dmap: DeviceMap, found: PipelineModules, tensors: list[TensorRef]) -> E
     modules = {path: entry_module(path, comps, dmap.components) for path in dmap.entries}
     owned = assign_tensors(dmap.placements(), tensors)
     units = {path: Unit(path, e.placement, modules[path], owned[path]) for path, e in dmap.entries.items()}
-    plan = ExecutionPlan(torch.device(dmap.device), dmap.window, [], units=units, compression=dmap.compression)
+    plan = ExecutionPlan(torch.device(dmap.device), dmap.window, [], units=units)
     for name, comp in comps.items():
         root = dmap.entries.get(name)
         if root is None:
@@ -110,6 +110,14 @@ def bind(dmap: DeviceMap, found: PipelineModules, tensors: list[TensorRef]) -> E
             order = block_order([r.qualname for r in unit.tensors], [r.nbytes for r in unit.tensors], path)
             unit.tensors[:] = [unit.tensors[i] for i in order]
         plan.rings.append(Ring(comp_name, [units[p] for p in block_paths], min(dmap.window, len(block_paths))))
+        if dmap.compression_of(comp_name):
+            plan.compression[comp_name] = dmap.compression_of(comp_name)
+    if isinstance(dmap.compression, dict):
+        for name in set(dmap.compression) - set(streamed):
+            raise ValueError(
+                f"compression names component {name or '(root)'!r}, which has no 'layer-window' blocks in this map: "
+                "only streamed blocks are kept coded; drop it, or stream its blocks"
+            )
     return plan
 
 

@@ -76,7 +76,10 @@ class HostStore:
         self.ordering = ordering
         self.pin = pin
         self.source = source
-        self.compression = plan.compression
+        # Streamed block -> how its component's blocks are kept (``compression``).
+        self.kinds = {
+            b.path: plan.compression[r.component] for r in plan.rings if r.component in plan.compression for b in r.blocks
+        }
         self.units: dict[str, OffloadedUnit] = {}
         self.times = SetupTimes(threads=PACK_THREADS)
         self.loaded = False
@@ -139,7 +142,7 @@ class HostStore:
                 buffer.pin()
             pinned = time.perf_counter()
             coded = None
-            if self.compression and unit.placement is Placement.LAYER_WINDOW:
+            if unit.path in self.kinds:
                 coded = self._code(unit, buffer, device if device.type == "cuda" else None)
             fill_s.append(filled - start)
             pin_s.append(pinned - filled)
@@ -187,7 +190,7 @@ class HostStore:
 
     def _code(self, unit: Unit, buffer: HostBuffer, device: torch.device | None) -> "CodedHost | Fp8Host | None":
         # The unit's bytes as ``compression`` stores them, or None where that saves nothing.
-        if self.compression == "fp8":
+        if self.kinds[unit.path] == "fp8":
             linear = [_is_linear_weight(ref) for ref in unit.tensors]
             return Fp8Host.of(buffer.regions, buffer.flat, linear, device, self.pin)
         return CodedHost.of(buffer.flat, device, self.pin)

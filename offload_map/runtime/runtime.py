@@ -144,7 +144,7 @@ class Runtime:
     @property
     def coded(self) -> CodedTotals | None:
         """What ``compression`` coded (None without it)."""
-        if self.plan.compression is None:
+        if not self.plan.compression:
             return None
         units = [unit for ring in self.rings.values() for unit in ring.units]
         coded = [unit.coded for unit in units if unit.coded is not None]
