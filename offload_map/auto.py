@@ -116,10 +116,12 @@ class AutoPlanner:
         # Copies beside compute run slower than the idle probe measured: plan with what they achieved. Sharded
         # loads (1/N per rank, then an all-gather) may beat the one link the probe measured: theirs alone count.
         measured = cost.copy_bandwidth
+        # Coded blocks (``compression``) cross the link in fewer bytes: plans count raw bytes, so at a higher rate.
+        probed = self.bandwidth / self.runtime.rings[name].wire_ratio
         if measured is None:
-            bandwidth = self.bandwidth
+            bandwidth = probed
         else:
-            bandwidth = measured if self.runtime.sharded else min(self.bandwidth, measured)
+            bandwidth = measured if self.runtime.sharded else min(probed, measured)
         try:
             options = [(plan_blocks(cost, budget, bandwidth), False)]
         except BudgetTooSmall as err:

@@ -127,7 +127,7 @@ def dispatch_pipeline(
         )
     elif window is not None:
         check_window(window)
-    check_compression(compression)
+    compression = check_compression(compression)
     target = resolve_device(device if device is not None or device_map is None else device_map.device)
     budget = device_budget(target, max_memory, gpu_budget)
     if budget is not None and (device_map is not None or strategy not in ("layerwise", "auto")):
@@ -136,8 +136,7 @@ def dispatch_pipeline(
     _check_runs(runs_per_call, found)
     tensors = collect_tensors(found)
     if device_map is None:
-        device_map = compile_found(found, tensors, strategy, str(target), window, budget)
-        device_map.compression = check_compression(compression, device_map.components)
+        device_map = compile_found(found, tensors, strategy, str(target), window, budget, compression)
     else:  # validated as a loaded map is; the user's object is never changed
         device_map = DeviceMap.from_dict(device_map.to_dict())
         device_map.device = str(target)
@@ -209,8 +208,6 @@ def _build(
         shard_copies=shard_copies,
     )
     try:
-        # Coded blocks cross the link in fewer bytes: the planner counts raw bytes, so at a higher rate.
-        link = None if link is None else link / runtime.wire_ratio
         planner = None if link is None else AutoPlanner(runtime, plan, dmap, budget, link, runs_per_call)
     except BaseException:
         runtime.restore()  # no handle exists yet to undo it

@@ -25,9 +25,9 @@ import logging
 
 from ..collect.components import PipelineModules, Role, discover_components
 from ..collect.tensors import TensorRef, collect_tensors
-from .device_map import DeviceMap, check_window
+from .device_map import DeviceMap, check_compression, check_window
 from .devices import resolve_device
-from .memory import ACTIVATION_SHARE, BudgetTooSmall, device_footprint, fits_entirely
+from .memory import ACTIVATION_SHARE, BudgetTooSmall, device_footprint, fits_entirely, staging_footprint
 from .ownership import assign_tensors, owning_component
 from .placement import Placement
 from .sizes import human_bytes
@@ -49,7 +49,12 @@ def check_strategy(strategy: object) -> str:
 
 
 def compile_device_map(
-    pipeline: object, strategy: str = "model", device=None, window: int = 2, budget: int | None = None
+    pipeline: object,
+    strategy: str = "model",
+    device=None,
+    window: int = 2,
+    budget: int | None = None,
+    compression: "str | dict[str, str] | None" = None,
 ) -> DeviceMap:
     """Compile ``pipeline`` into a ``DeviceMap`` for ``strategy`` (see the module docstring).
 
@@ -59,6 +64,7 @@ def compile_device_map(
         device: target device; ``None`` picks this rank's GPU, or the CPU without one.
         window: device slots per streamed DiT (``"layerwise"``); more than the blocks means all resident.
         budget: device bytes the map may use (``"auto"``, ``"layerwise"``), e.g. from ``sizes.parse_size``.
+        compression: the map's ``DeviceMap.compression``; a budget then leaves room for the staging buffers.
 
     Returns:
         The map, with each entry's bytes and dtype filled in. Nothing has moved.
@@ -74,11 +80,18 @@ def compile_device_map(
         <Placement.LAYER_WINDOW: 'layer-window'>
     """
     found = discover_components(pipeline)
-    return compile_found(found, collect_tensors(found), strategy, str(resolve_device(device)), window, budget)
+    target = str(resolve_device(device))
+    return compile_found(found, collect_tensors(found), strategy, target, window, budget, compression)
 
 
 def compile_found(
-    found: PipelineModules, tensors: list[TensorRef], strategy: str, device: str, window: int, budget: int | None
+    found: PipelineModules,
+    tensors: list[TensorRef],
+    strategy: str,
+    device: str,
+    window: int,
+    budget: int | None,
+    compression: "str | dict[str, str] | None" = None,
 ) -> DeviceMap:
     """``compile_device_map`` on a pipeline already discovered (``found``, its ``tensors``) for a resolved device."""
     strategy = check_strategy(strategy)
@@ -86,11 +99,12 @@ def compile_found(
     if strategy == "auto" and budget is None:
         raise ValueError("strategy 'auto' needs a budget: pass max_memory={0: '12GiB'} or gpu_budget='12GiB'")
     whole = _sized(_place(found, "none", device, window, {}), tensors)
+    whole.compression = check_compression(compression, whole.components)
     sizes = _component_bytes(whole)
     if strategy == "none":
         return whole
     dmap = _sized(_place(found, "layerwise" if strategy == "auto" else strategy, device, window, sizes), tensors)
-    dmap.strategy = strategy
+    dmap.strategy, dmap.compression = strategy, whole.compression
     if budget is None:
         return dmap
     if strategy == "auto" and fits_entirely(sum(sizes.values()), budget):
@@ -137,7 +151,11 @@ def _phase_bytes(dmap: DeviceMap, window: int, pinned: bool) -> dict[str, int]:
     for entry in dmap.entries.values():
         if entry.placement is Placement.LAYER_WINDOW:
             blocks.setdefault(owning_component(entry.path, dmap.components), []).append(entry.nbytes)
-    slots = {name: device_footprint(0, max(sizes), min(window, len(sizes))) for name, sizes in blocks.items()}
+    slots = {
+        name: device_footprint(0, max(sizes), min(window, len(sizes)))
+        + (staging_footprint(max(sizes)) if dmap.compression_of(name) else 0)
+        for name, sizes in blocks.items()
+    }
     sizes = _component_bytes(dmap)
     out = {}
     for name, role in dmap.components.items():

@@ -77,7 +77,7 @@ class DeviceMap:
     def __post_init__(self) -> None:
         self.components = {name: Role(role) for name, role in self.components.items()}
         check_window(self.window)
-        check_compression(self.compression, self.components)
+        self.compression = check_compression(self.compression, self.components)
 
     def compression_of(self, component: str) -> str | None:
         """The compression of component ``component``'s streamed blocks (None: they stream as they are)."""
@@ -275,7 +275,9 @@ def check_path(path: object) -> str:
 
 def check_compression(compression: object, components=None) -> "str | dict[str, str] | None":
     """Return ``compression`` if it is ``None``, one of ``COMPRESSIONS``, or a dict of component names (among
-    ``components`` if given) to them, else raise a ValueError that says what to pass."""
+    ``components`` if given) to them (an empty dict gives ``None``), else raise a ValueError that says what to pass."""
+    if isinstance(compression, dict) and not compression:
+        return None
     kinds = compression.values() if isinstance(compression, dict) else [] if compression is None else [compression]
     for kind in kinds:
         if kind not in COMPRESSIONS:

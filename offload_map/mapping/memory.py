@@ -10,6 +10,10 @@ from .sizes import human_bytes
 
 # Share of a budget kept free for activations when deciding that a whole pipeline fits it.
 ACTIVATION_SHARE = 0.1
+# Compressed blocks (``compression``) are copied in pieces of at most CODE_PIECE bytes through STAGING_BUFFERS
+# device buffers of one piece each (``runtime.coded_host``, ``runtime.fp8_host``, ``runtime.slots.Staging``).
+CODE_PIECE = 64 << 20
+STAGING_BUFFERS = 2
 
 
 class BudgetTooSmall(ValueError):
@@ -18,7 +22,8 @@ class BudgetTooSmall(ValueError):
     def __init__(self, budget: int, minimum: int) -> None:
         super().__init__(
             f"a device budget of {human_bytes(budget)} is below the minimum of {human_bytes(minimum)} "
-            "(resident weights + one slot for the largest block, + activations where measured); give at least that much"
+            "(resident weights + one slot for the largest block, + activations where measured, + staging buffers "
+            "where blocks are compressed); give at least that much"
         )
         self.budget = budget
         self.minimum = minimum
@@ -33,6 +38,12 @@ def device_footprint(resident: int, slot: int, window: int, activations: int = 0
         1650
     """
     return resident + window * slot + activations
+
+
+def staging_footprint(largest_block: int) -> int:
+    """Device bytes of a compressed component's staging buffers, as a map is compiled (before anything is coded): a
+    piece's code is taken to be as large as its raw bytes. The runtime sizes them from the code itself."""
+    return STAGING_BUFFERS * min(largest_block, CODE_PIECE)
 
 
 def fits_entirely(total_bytes: int, budget: int) -> bool:

@@ -110,14 +110,9 @@ def bind(dmap: DeviceMap, found: PipelineModules, tensors: list[TensorRef]) -> E
             order = block_order([r.qualname for r in unit.tensors], [r.nbytes for r in unit.tensors], path)
             unit.tensors[:] = [unit.tensors[i] for i in order]
         plan.rings.append(Ring(comp_name, [units[p] for p in block_paths], min(dmap.window, len(block_paths))))
+        # A component the map names but does not stream (a plan kept it whole) has nothing to code.
         if dmap.compression_of(comp_name):
             plan.compression[comp_name] = dmap.compression_of(comp_name)
-    if isinstance(dmap.compression, dict):
-        for name in set(dmap.compression) - set(streamed):
-            raise ValueError(
-                f"compression names component {name or '(root)'!r}, which has no 'layer-window' blocks in this map: "
-                "only streamed blocks are kept coded; drop it, or stream its blocks"
-            )
     return plan
 
 

@@ -14,8 +14,9 @@ other buffer (see ``slots.Staging`` for the events). Only a piece cut by ``start
 kept part ends) is copied plane by plane, just the part of it that is needed.
 
 Coding runs where the blocks will be decoded: on a CUDA device each piece is coded there (a few
-milliseconds) and its planes copied back into the page-locked store, one unit at a time (``_DEVICE_CODING``
-bounds the device memory it takes to about three times a unit); on the CPU, with torch's CPU kernels.
+milliseconds) and its planes copied back into the page-locked store; one unit is coded at a time
+(``_DEVICE_CODING``: about three times its bytes of device memory), and each packing thread may hold one unit's
+code on the device until it is written back; on the CPU, with torch's CPU kernels.
 
 Ownership (``CodedHost``, one per coded unit, owned by its ``OffloadedUnit``): ``store`` holds every piece's
 planes, allocated and page-locked here, read only by copies on the copy stream, replaced by ``encode``
@@ -29,10 +30,11 @@ import threading
 
 import torch
 
+from ..mapping.memory import CODE_PIECE
 from .codec import Coded, decode, encode
 from .host_buffer import HostBuffer
 
-PIECE = 64 << 20  # raw bytes coded, copied and decoded at once: bounds the staging buffers
+PIECE = CODE_PIECE  # raw bytes coded, copied and decoded at once: bounds the staging buffers
 WORTH = 0.95  # a block whose code takes more of its raw bytes than this streams raw
 _DEVICE_CODING = threading.Lock()  # packing threads code one unit at a time on the device
 
@@ -40,12 +42,16 @@ _DEVICE_CODING = threading.Lock()  # packing threads code one unit at a time on 
 class CodedHost:
     """The coded pieces of a unit's raw bytes (see the module docstring); ``of`` makes one when it is worth it.
 
+    ``exact``: True, the code gives back the bytes themselves (kept parts are decoded from it too).
+
     Args:
         raw: the unit's packed bytes (1-D ``uint8`` on the CPU, a multiple of 512 of them; page-locked for a
             fast copy to ``device``).
         device: a CUDA device to code on, or None (the CPU).
         pin: page-lock the code (CUDA only).
     """
+
+    exact = True
 
     def __init__(self, raw: torch.Tensor, device: torch.device | None = None, pin: bool = False) -> None:
         self.raw_bytes = raw.numel()
@@ -78,8 +84,8 @@ class CodedHost:
         return self.nbytes / self.raw_bytes
 
     def encode(self, raw: torch.Tensor) -> None:
-        """Code ``raw`` anew (at dispatch, and after the weights changed). The caller has waited for the copy stream."""
-        self.release()
+        """Code ``raw`` anew (at dispatch, and after the weights changed); the old code stays until the new one is
+        complete, so a failure leaves the unit as it was. The caller has waited for the copy stream."""
         if self.device is None:
             self._store([encode(raw[a:b]) for a, b in _pieces(0, self.raw_bytes)])
             return
@@ -97,6 +103,7 @@ class CodedHost:
         for index, plane in enumerate(planes):
             store.write(index, plane)
         views = store.views(store.flat)
+        self.release()
         self.store = store
         self.pieces = [Coded(*views[5 * i : 5 * i + 5]) for i in range(len(pieces))]
         starts = [region.offset for region in store.regions[::5]] + [store.nbytes]

@@ -8,10 +8,14 @@ the slot, where the block finds its usual bf16 layout. Outputs differ from the r
 report by how much); a block with no such weight streams raw.
 
 The store holds, tensor after tensor, either the float8 bytes and the scales or the raw bytes, each on a
-512-byte boundary, so the tensors of any part of the block are one contiguous run of it. A copy goes in
-chunks of whole tensors of at most ``CHUNK`` store bytes (a larger tensor is a chunk alone) through the ring's
-staging buffers exactly as coded pieces do (``slots.Staging``): copied on the copy stream, upcast on the
-decode stream.
+512-byte boundary, so the tensors of any part of the block are one contiguous run of it. The tensors are
+grouped once, from the first, into chunks of at most ``CHUNK`` store bytes (a larger tensor is a chunk alone);
+a copy goes chunk by chunk (a part that starts or ends inside one takes the tensors it needs of it, never more
+than the staging buffers hold) through the ring's staging buffers exactly as coded pieces do
+(``slots.Staging``): copied on the copy stream, upcast on the decode stream.
+
+Only streamed bytes are float8: a part a plan keeps on the device (a head) is copied as it is, so what stays on
+the device, and what ``refresh()`` reads back from there, is the exact weight.
 
 Ownership (``Fp8Host``, one per unit, owned by its ``OffloadedUnit``): as ``coded_host.CodedHost``'s store.
 """
@@ -20,17 +24,18 @@ from __future__ import annotations
 
 import torch
 
+from ..mapping.memory import CODE_PIECE
 from . import fp8_kernel
 from .coded_host import _DEVICE_CODING
 from .host_buffer import HostBuffer, Region
 
 E4M3_MAX = 448.0
-CHUNK = 64 << 20  # store bytes copied at once (a larger tensor alone): bounds the staging buffers
+CHUNK = CODE_PIECE  # store bytes copied at once (a larger tensor alone): bounds the staging buffers
 ROWS_AT_ONCE = 1 << 23  # elements upcast at once on the CPU path: bounds its float32 temporaries
 
 
 class Fp8Host:
-    """The float8 store of a unit (see the module docstring).
+    """The float8 store of a unit (see the module docstring). ``exact``: False, kept parts are copied raw.
 
     Args:
         regions: the raw host buffer's tensor regions (``HostBuffer.regions``).
@@ -39,6 +44,8 @@ class Fp8Host:
         device: a CUDA device to quantize on, or None (the CPU).
         pin: page-lock the store (CUDA only).
     """
+
+    exact = False
 
     def __init__(
         self, regions: list[Region], raw: torch.Tensor, quantize: list[bool], device: torch.device | None, pin: bool
@@ -50,6 +57,7 @@ class Fp8Host:
         self.pinned = pin
         self.store: HostBuffer | None = None
         self.items: list[int] = []  # per tensor, the index of its first item in the store
+        self.grid: list[tuple[int, int]] = []  # the chunks: runs of whole tensors [first, last)
         self.encode(raw)
 
     @classmethod
@@ -69,29 +77,41 @@ class Fp8Host:
         return self.nbytes / self.raw_bytes
 
     def encode(self, raw: torch.Tensor) -> None:
-        """Quantize ``raw`` anew (at dispatch, and after the weights changed). The caller has waited for the copy stream."""
-        self.release()
+        """Quantize ``raw`` anew (at dispatch, and after the weights changed); the old store stays until the new one
+        is complete, so a failure leaves the unit as it was. The caller has waited for the copy stream."""
         if self.device is None:
-            items = self._items(raw)
+            items, firsts = self._items(raw)
         else:
             with _DEVICE_CODING:
-                items = self._items(raw.to(self.device, non_blocking=raw.is_pinned()))
+                items, firsts = self._items(raw.to(self.device, non_blocking=raw.is_pinned()))
         store = HostBuffer(items)
         if self.pinned:
             store.pin()
         for index, item in enumerate(items):
             store.write(index, item)
-        self.store = store
+        self.release()
+        self.store, self.items = store, firsts
+        self.grid = self._group()
 
-    def _items(self, raw: torch.Tensor) -> list[torch.Tensor]:
-        items, self.items = [], []
+    def _items(self, raw: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
+        items, firsts = [], []
         for region, quantize in zip(self.regions, self.quantize):
-            self.items.append(len(items))
+            firsts.append(len(items))
             if quantize:
                 items += quantized(region.view(raw))
             else:
                 items.append(raw[region.offset : region.offset + region.span])
-        return items
+        return items, firsts
+
+    def _group(self) -> list[tuple[int, int]]:
+        chunks, begin = [], 0
+        for index in range(len(self.regions)):
+            if index > begin and self._run(begin, index + 1)[1] - self._run(begin, index + 1)[0] > CHUNK:
+                chunks.append((begin, index))
+                begin = index
+        if begin < len(self.regions):
+            chunks.append((begin, len(self.regions)))
+        return chunks
 
     def release(self) -> None:
         """Let go of the store (after the host waited for the copy stream). Safe to call twice."""
@@ -100,8 +120,8 @@ class Fp8Host:
         self.store = None
 
     def staging_bytes(self) -> int:
-        """Bytes of one staging buffer that any chunk of this unit fits in."""
-        return max((b - a for a, b in (self._run(*chunk) for chunk in self._chunks(0, None))), default=0)
+        """Bytes of one staging buffer that any chunk of this unit (or part of one) fits in."""
+        return max((b - a for a, b in (self._run(*chunk) for chunk in self.grid)), default=0)
 
     def part_bytes(self, start: int, stop: int) -> int:
         """Bytes a copy of raw bytes ``start:stop`` (tensor boundaries) moves."""
@@ -129,18 +149,12 @@ class Fp8Host:
         scale = self.store.regions[self.items[index] + 1].view(staged, base)
         upcast(q, scale, region.view(target, start))
 
-    def _chunks(self, start: int, stop: int | None) -> list[tuple[int, int]]:
-        # Runs of whole tensors [first, last) stored in raw bytes start:stop, at most CHUNK store bytes each.
+    def _chunks(self, start: int, stop: int) -> list[tuple[int, int]]:
+        # The grid's chunks cut to the tensors stored in raw bytes start:stop.
         first = sum(r.offset < start for r in self.regions)
-        last = len(self.regions) if stop is None else sum(r.offset < stop for r in self.regions)
-        chunks, begin = [], first
-        for index in range(first, last):
-            if index > begin and self._run(begin, index + 1)[1] - self._run(begin, index + 1)[0] > CHUNK:
-                chunks.append((begin, index))
-                begin = index
-        if begin < last:
-            chunks.append((begin, last))
-        return chunks
+        last = sum(r.offset < stop for r in self.regions)
+        cut = [(max(a, first), min(b, last)) for a, b in self.grid]
+        return [(a, b) for a, b in cut if a < b]
 
     def _run(self, first: int, last: int) -> tuple[int, int]:
         # Store bytes holding tensors [first, last).

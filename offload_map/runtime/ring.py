@@ -134,6 +134,20 @@ class BlockRing:
         for slot in self.pool.slots:
             slot.holds = None
 
+    def refit(self) -> None:
+        """After the units' host bytes (and codes) changed: staging buffers of the new codes' size if it changed, and
+        the kept parts back on the device. Only on an active ring."""
+        if self.pool.held and self.pool.staging_bytes != self.staging_bytes:
+            self.free()
+        self.enter()
+
+    @property
+    def wire_ratio(self) -> float:
+        """Bytes that streaming every block moves per raw byte (below 1 when blocks are coded, ``compression``)."""
+        raw = sum(unit.nbytes for unit in self.units)
+        moved = sum(unit.nbytes if unit.coded is None else unit.coded.nbytes for unit in self.units)
+        return moved / raw if raw else 1.0
+
     def free(self) -> None:
         """Settle, let the kept parts and the slots go (stream-ordered after their last use). Safe to call twice."""
         self.settle()

@@ -134,19 +134,11 @@ class Runtime:
         return sum(ring.device_bytes for ring in self.rings.values())
 
     @property
-    def wire_ratio(self) -> float:
-        """Bytes that streaming every block moves per raw byte (below 1 when blocks are coded, ``compression``)."""
-        units = [unit for ring in self.rings.values() for unit in ring.units]
-        raw = sum(unit.nbytes for unit in units)
-        moved = sum(unit.nbytes if unit.coded is None else unit.coded.nbytes for unit in units)
-        return moved / raw if raw else 1.0
-
-    @property
     def coded(self) -> CodedTotals | None:
         """What ``compression`` coded (None without it)."""
         if not self.plan.compression:
             return None
-        units = [unit for ring in self.rings.values() for unit in ring.units]
+        units = [unit for name, ring in self.rings.items() if name in self.plan.compression for unit in ring.units]
         coded = [unit.coded for unit in units if unit.coded is not None]
         return CodedTotals(len(units), len(coded), sum(c.raw_bytes for c in coded), sum(c.nbytes for c in coded))
 
@@ -254,7 +246,7 @@ class Runtime:
             unit.sync_to_host()
         for ring in self.rings.values():
             if ring.active:
-                ring.fetch_heads()
+                ring.refit()
 
     def detach(self) -> None:
         """Remove every hook and point streamed blocks at their host buffers; other weights stay where they are."""

@@ -33,7 +33,7 @@ import torch
 
 # Staging buffers a ring's coded pieces take turns in: while the decode stream decodes one, the copy stream
 # fills the others, so a decode that waits for the compute stream's kernels to leave room does not stop the link.
-STAGING_BUFFERS = 2
+from ..mapping.memory import STAGING_BUFFERS
 
 
 @dataclass(eq=False)
@@ -130,6 +130,11 @@ class SlotPool:
             slot = Slot(index, buffer, ordering.event(), ordering.event(), staging=self.staging)
             ordering.record_compute(slot.free)
             self.slots.append(slot)
+
+    @property
+    def staging_bytes(self) -> int:
+        """Bytes of each staging buffer (0: none)."""
+        return 0 if self.staging is None else self.staging.buffers[0].tensor.numel()
 
     @property
     def held(self) -> bool:

@@ -28,9 +28,10 @@ served earlier work); the compute stream waits for the copy before anything read
 makes the allocation stream wait for the current stream, where the head was last read (a component runs
 on one stream), before letting the buffer go. Slots belong to the ring's ``SlotPool``; the unit only
 copies into one (after its ``free`` event), records its ``ready`` event, waits on it, and records ``free``.
-A coded unit (``coded``, a ``coded_host.CodedHost``) copies its code instead, through the pool's staging
-buffers, and the decode stream decodes it into the head or the slot; ``ready`` is then recorded on the decode
-stream, after the last decode.
+A coded unit (``coded``, a ``coded_host.CodedHost`` or ``fp8_host.Fp8Host``) copies its code instead, through
+the pool's staging buffers, and the decode stream decodes it into the slot (and, for an exact code, into the
+head); ``ready`` is then recorded on the decode stream, after the last decode. A load into a slot waits for
+the slot's last ``ready`` too: a cancelled coded load may still be decoding into it on the decode stream.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ class OffloadedUnit:
             ordering.record_compute(allocated)
             ordering.copy_waits(allocated)
             with ordering.on_copy_stream():
-                if self.coded is not None:
+                if self.coded is not None and self.coded.exact:
                     self.coded.copy(head, 0, self.kept, staging)
                     ordering.record_decode(ready)
                 else:
@@ -164,7 +165,7 @@ class OffloadedUnit:
                 ready.synchronize()
         self._bind(0, self.host.views(head, 0, self.kept))
         self.head = head
-        return self.kept if self.coded is None else self.coded.part_bytes(0, self.kept)
+        return self.coded.part_bytes(0, self.kept) if self.coded is not None and self.coded.exact else self.kept
 
     def drop_head(self) -> None:
         """Point the head's tensors back at the host buffer and let its device buffer go. Safe to call twice."""
@@ -193,6 +194,7 @@ class OffloadedUnit:
         src = self.host.flat[self.kept :]
         with torch.profiler.record_function(f"offload_map::load {self.path}"):
             ordering.copy_waits(slot.free)
+            ordering.copy_waits(slot.ready)  # a cancelled coded load's decodes into the slot, on the decode stream
             with ordering.on_copy_stream():
                 start = ordering.stamp() if timed is not None else None
                 if self.coded is None:
