@@ -4,7 +4,9 @@ Files: ``runtime`` (the ``Runtime``: build, public surface, undo), ``host_store`
 copies), ``shared_host`` (one host copy for the ranks of a host), ``unit`` (one owner per offloaded unit),
 ``slots``, ``ring`` and ``prefetcher`` (streaming a DiT's blocks), ``sharded_copy`` (how a block reaches its
 slot), ``swapper`` (components taking turns), ``resident`` (``"gpu"`` tensors), ``hooks``/``guard``
-(accelerate hooks), ``streams``, ``calibration``, ``bandwidth``, ``report``.
+(accelerate hooks), ``streams``, ``calibration``, ``bandwidth``, ``report``; with ``compression``, ``codec`` and
+``codec_kernel`` (the lossless code), ``coded_host`` and ``fp8_host`` (a unit's code in host memory),
+``fp8_kernel``.
 
 Stream-ordering rules (each tested on a GPU with delays injected on the streams, ``tests/test_stream_order.py``):
 
@@ -20,4 +22,9 @@ Stream-ordering rules (each tested on a GPU with delays injected on the streams,
 6. Host buffers are rewritten (``refresh``) only after the host waited for the copy stream, and the slots'
    earlier copies are forgotten; ``restore`` waits for the whole device (any stream may still read a weight)
    before anything is freed or unregistered.
+7. Coded blocks (``compression``): a piece is decoded out of a staging buffer only after the decode stream
+   waited for its copy (``copied``), and copied into a staging buffer only after the copy stream waited for the
+   decode that last read it (``decoded``); a coded load's ``ready`` is recorded on the decode stream after its
+   last decode, and every load into a slot waits for the slot's last ``ready`` (a cancelled coded load may still
+   be decoding into it).
 """
