@@ -232,6 +232,26 @@ def test_compression_per_component(target, monkeypatch):
     handle.remove()
 
 
+@torch.inference_mode()
+def test_blocks_read_from_a_checkpoint_are_coded_too(tmp_path, target):
+    from diffusers import FluxTransformer2DModel
+
+    from offload_map import empty_model
+
+    pipe = make_flux_pipeline()
+    pipe.to(torch.bfloat16)
+    reference = resident_run(pipe, lambda: run_flux(pipe), target)
+    pipe.transformer.save_pretrained(tmp_path / "transformer")
+    pipe.transformer = empty_model(FluxTransformer2DModel, tmp_path / "transformer", dtype=torch.bfloat16)
+    handle = dispatch_pipeline(
+        pipe, "layerwise", target, weights={"transformer": tmp_path / "transformer"}, compression="lossless"
+    )
+    coded = handle.report().coded
+    assert coded.coded == coded.blocks > 0
+    assert torch.equal(run_flux(pipe).cpu(), reference)
+    handle.remove()
+
+
 def test_the_map_carries_compression_through_json_and_print(tmp_path):
     dmap = compile_device_map(make_dit(), "layerwise")
     assert dmap.compression is None and "compression" not in dmap.to_dict()
