@@ -12,6 +12,9 @@ Names understood by :func:`resolve_spec`:
 * ``flux-12b``      FLUX.1-dev transformer config (~11.9 B parameters, ~23.8 GB in bf16)
 * ``sd35-medium``   SD3.5-medium transformer config (~2.5 B parameters)
 * ``tiny-flux``     a few-hundred-kB Flux for CPU smoke runs
+* ``wan-14b``       Wan2.1/2.2 T2V-14B transformer config (one of Wan2.2's two experts, ~14 B parameters); its
+  ``resolution`` is the frame height, frames of 16:9-ish 480x832 shape, ``WAN_FRAMES`` frames
+* ``tiny-wan``      a small Wan transformer for CPU smoke runs
 * ``path/to/config.json``  any diffusers transformer config; the class comes from ``_class_name``
   (inputs can be made for Flux- and SD3-style transformers only)
 """
@@ -71,9 +74,41 @@ TINY_FLUX_CONFIG = {
     "axes_dims_rope": (4, 6, 6),
 }
 
+WAN_14B_CONFIG = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 40,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 13824,
+    "num_layers": 40,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 1024,
+}
+
+TINY_WAN_CONFIG = {
+    **WAN_14B_CONFIG,
+    "num_attention_heads": 2,
+    "attention_head_dim": 12,
+    "in_channels": 4,
+    "out_channels": 4,
+    "text_dim": 32,
+    "freq_dim": 16,
+    "ffn_dim": 32,
+    "num_layers": 2,
+    "rope_max_seq_len": 32,
+}
+
+# A short clip: 17 frames are 5 latent frames (the Wan VAE's temporal factor is 4, plus the first frame).
+WAN_FRAMES = 17
+
 # Families we know how to feed; the value is the default text length of the real pipeline.
-FAMILY_BY_CLASS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
-DEFAULT_TEXT_LEN = {"flux": 512, "sd3": 333}
+FAMILY_BY_CLASS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3", "WanTransformer3DModel": "wan"}
+DEFAULT_TEXT_LEN = {"flux": 512, "sd3": 333, "wan": 512}
 
 
 @dataclass
@@ -94,6 +129,8 @@ REGISTRY = {
     "sd35-medium": ModelSpec("sd35-medium", "SD3Transformer2DModel", SD35_MEDIUM_CONFIG),
     # 128 px -> 8x8 packed latent tokens; 16 text tokens.
     "tiny-flux": ModelSpec("tiny-flux", "FluxTransformer2DModel", TINY_FLUX_CONFIG, resolution=128, text_len=16),
+    "wan-14b": ModelSpec("wan-14b", "WanTransformer3DModel", WAN_14B_CONFIG, resolution=480),
+    "tiny-wan": ModelSpec("tiny-wan", "WanTransformer3DModel", TINY_WAN_CONFIG, resolution=64, text_len=8),
 }
 
 
@@ -236,6 +273,18 @@ def _sd3_inputs(cfg, spec: ModelSpec, device, gen: torch.Generator) -> dict:
     return {k: v.to(device, DTYPE) for k, v in inputs.items()}
 
 
+def _wan_inputs(cfg, spec: ModelSpec, device, gen: torch.Generator) -> dict:
+    # Latents of WAN_FRAMES frames of resolution x (resolution * 13 / 7.5) pixels (480x832), VAE /8 and 4x in time.
+    height, width = spec.resolution // 8, round(spec.resolution * 832 / 480) // 8
+    frames = (WAN_FRAMES - 1) // 4 + 1
+    inputs = {
+        "hidden_states": torch.randn(1, cfg.in_channels, frames, height, width, generator=gen),
+        "encoder_hidden_states": torch.randn(1, spec.text_len, cfg.text_dim, generator=gen),
+        "timestep": torch.tensor([750.0]),
+    }
+    return {k: v.to(device, DTYPE) for k, v in inputs.items()}
+
+
 def make_inputs(spec: ModelSpec, model: nn.Module, device, seed: int) -> dict:
     """Seeded bf16 forward kwargs for one denoising step at ``spec.resolution`` (batch 1)."""
     gen = torch.Generator().manual_seed(seed)
@@ -243,6 +292,8 @@ def make_inputs(spec: ModelSpec, model: nn.Module, device, seed: int) -> dict:
         return _flux_inputs(model.config, spec, device, gen)
     if spec.family == "sd3":
         return _sd3_inputs(model.config, spec, device, gen)
+    if spec.family == "wan":
+        return _wan_inputs(model.config, spec, device, gen)
     raise ValueError(f"no input recipe for {spec.class_name}; supported: {sorted(FAMILY_BY_CLASS)}")
 
 
