@@ -83,6 +83,7 @@ class AutoPlanner:
         self.stays: dict[str, bool] = {}
         self.kept_bytes: dict[str, int] = {}
         self.costs: dict[str, tuple[ModelCost, int]] = {}  # component -> its measured cost and resident bytes, to plan again
+        self.staged: dict[str, int] = {}  # component -> its staging buffers' bytes when it was last planned
         self._refitting = False
         self.resident = sum(u.nbytes for u in plan.resident)  # every streamed component's non-block weights and the rest
         self.pinned = {plan.component_of(u.path).name: u.nbytes for u in plan.pinned}
@@ -110,8 +111,16 @@ class AutoPlanner:
         self.costs[name] = (self.runtime.agree(cost), own)
         self._plan(name)
 
+    def restage(self) -> None:
+        """After ``refresh()`` coded blocks anew: plan again each measured component whose staging buffers changed
+        size with its codes (``compression``), so that its plan and its staging buffers fit the budget together."""
+        for name in list(self.costs):
+            if self._staging(name) != self.staged.get(name):
+                self._plan(name)
+
     def _plan(self, name: str) -> None:
         cost, own = self.costs[name]
+        self.staged[name] = self._staging(name)
         budget = self._budget(name)
         # Copies beside compute run slower than the idle probe measured: plan with what they achieved. Sharded
         # loads (1/N per rank, then an all-gather) may beat the one link the probe measured: theirs alone count.

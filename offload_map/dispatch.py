@@ -195,6 +195,13 @@ def _build(
     runs_per_call: dict | None,
 ) -> tuple[DeviceMap, Runtime, AutoPlanner | None]:
     plan = bind(dmap, found, tensors)
+    if dmap.compression and not plan.compression:
+        logger.warning(
+            "compression=%r: no component it names streams blocks under this map (strategy %r), so nothing is coded; "
+            "stream blocks (strategy 'layerwise' or a budget) for it to apply",
+            dmap.compression,
+            dmap.strategy,
+        )
     dmap = dmap.sized({path: unit.tensors for path, unit in plan.units.items()})
     source = WeightSource(plan, weights)
     link = bandwidth(plan.device) if budget is not None and plan.rings else None

@@ -118,7 +118,11 @@ class OffloadHandle:
         self._check_active()
         if not self._runtime.modules_changed():
             self._runtime.refresh()
+            if self._planner is not None:
+                self._planner.restage()
             return
+        # A map edited in place (``device_map`` is the handle's own) is checked before anything is undone.
+        DeviceMap.from_dict(self._map.to_dict())
         self._runtime.restore()
         try:
             self._map, self._runtime, self._planner = self._rebuild(self._map)
@@ -150,6 +154,7 @@ class OffloadHandle:
 
     def _finish(self, undo) -> None:
         self._check_active()
+        self._report.coded = self._runtime.coded  # what report() says once the runtime is gone
         undo()
         self._removed = True
         self.pipeline.__dict__.pop(HANDLE_ATTR, None)

@@ -26,7 +26,7 @@ import torch
 
 from ..mapping.memory import CODE_PIECE
 from . import fp8_kernel
-from .coded_host import _DEVICE_CODING
+from .coded_host import _DEVICE_CODING, WORTH
 from .host_buffer import HostBuffer, Region
 
 E4M3_MAX = 448.0
@@ -62,10 +62,15 @@ class Fp8Host:
 
     @classmethod
     def of(cls, regions, raw, quantize, device=None, pin=False) -> "Fp8Host | None":
-        """An ``Fp8Host``, or None when the unit holds no linear weight to store in float8."""
+        """An ``Fp8Host``, or None when the unit holds no linear weight to store in float8 or float8 would not save
+        enough (``WORTH``; small tensors lose most of it to alignment): such a unit streams exact."""
         if not any(q and _quantizable(r) for q, r in zip(quantize, regions)):
             return None
-        return cls(regions, raw, quantize, device, pin)
+        stored = cls(regions, raw, quantize, device, pin)
+        if stored.ratio <= WORTH:
+            return stored
+        stored.release()
+        return None
 
     @property
     def nbytes(self) -> int:

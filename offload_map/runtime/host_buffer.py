@@ -119,6 +119,9 @@ class HostBuffer:
     def __init__(self, tensors: list[torch.Tensor], flat: torch.Tensor | None = None) -> None:
         self.regions, self.nbytes = layout(tensors)
         self.flat = torch.empty(self.nbytes, dtype=torch.uint8) if flat is None else flat[: self.nbytes]
+        if flat is None:  # the gaps between tensors are copied too: zeros, not whatever the heap held
+            for region, end in zip(self.regions, [r.offset for r in self.regions[1:]] + [self.nbytes]):
+                self.flat[region.offset + region.span : end].zero_()
         self.owned = flat is None
         self.pinned = False
         self._registration = None

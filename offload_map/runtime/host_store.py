@@ -203,8 +203,7 @@ class HostStore:
             _, unit = self.units.popitem()
             unit.restore(self.loaded)
             unit.host.release()
-            if unit.coded is not None:
-                unit.coded.release()
+            unit.drop_code()
         if self.host_copy is not None:
             self.host_copy.close()
         trim_host_heap()

@@ -242,11 +242,21 @@ class Runtime:
         for ring in self.rings.values():
             ring.forget_contents()  # prefetched copies hold the old bytes
         self.ordering.wait_copies()  # the copy stream reads host buffers; none may be in flight while they change
-        for unit in self.host.units.values():
-            unit.sync_to_host()
-        for ring in self.rings.values():
-            if ring.active:
-                ring.refit()
+        units, synced = list(self.host.units.values()), 0
+        try:
+            for unit in units:
+                unit.sync_to_host()
+                synced += 1
+        except BaseException:
+            # Interrupted: the units not coded anew would stream their old code beside the new weights of the
+            # others; they stream their host bytes (the new weights, in place) instead, uncoded from now on.
+            for unit in units[synced:]:
+                unit.drop_code()
+            raise
+        finally:
+            for ring in self.rings.values():
+                if ring.active:
+                    ring.refit()
 
     def detach(self) -> None:
         """Remove every hook and point streamed blocks at their host buffers; other weights stay where they are."""
@@ -256,6 +266,8 @@ class Runtime:
         self._undo.clear()
         # The host buffers go (and are unregistered) when this runtime does: no copy may still read them.
         self.ordering.wait_copies()
+        for unit in self.host.units.values():  # nothing reads the codes any more: let them go now
+            unit.drop_code()
 
     def restore(self) -> None:
         """Remove the hooks and put every tensor back on its original device, bit for bit; free everything."""

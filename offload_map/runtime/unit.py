@@ -41,7 +41,7 @@ from enum import Enum
 import torch
 
 from ..collect.tensors import TensorRef, is_dtensor
-from .coded_host import CodedHost
+from .coded_host import WORTH, CodedHost
 from .host_buffer import HostBuffer, home_device, split_points
 from .slots import Slot
 
@@ -260,12 +260,20 @@ class OffloadedUnit:
                 raise ValueError(f"{ref.qualname} {err} since dispatch; remove() and dispatch again to repack it") from None
         if self.coded is not None:  # in-place edits do not show: code the bytes anew whatever changed
             self.coded.encode(self.host.flat)
+            if self.coded.ratio > WORTH:  # the new weights do not compress: stream them as they are
+                self.drop_code()
         # A coded head needs its ring's staging buffer: the ring fetches it again (``Runtime.refresh``).
         head = self.head is not None and self.coded is None
         self.drop_head()
         self.bind_host()
         if head:
             self.fetch_head()
+
+    def drop_code(self) -> None:
+        """Stream the host bytes as they are from now on and let the code go (the host waited for the copy stream)."""
+        if self.coded is not None:
+            self.coded.release()
+            self.coded = None
 
     def restore(self, loaded: bool) -> None:
         """Give every tensor its own storage on its original device again, with the host buffer's bytes. Tensors
