@@ -104,7 +104,7 @@ class BlockPlan:
             f"window {self.window}; {len(self.streamed)} of {len(self.cost.blocks)} blocks streamed{split} "
             f"({human_bytes(self.streamed_bytes)} per step) at {human_rate(self.bandwidth)}",
             f"predicted step {self.step_s * 1e3:.1f} ms (floor {floor * 1e3:.1f} ms); predicted peak "
-            f"{human_bytes(self.memory)} of the {human_bytes(self.budget)} budget "
+            f"{human_bytes(self.memory)} of the {human_bytes(self.budget)} this plan may use "
             f"(activation allowance {human_bytes(self.cost.activation_bytes)})",
             self.bottleneck(),
         ]
