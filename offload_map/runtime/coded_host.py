@@ -2,8 +2,10 @@
 
 With ``compression="lossless"`` every ``"layer-window"`` block that codes to at most ``WORTH`` of its bytes
 gets a ``CodedHost`` beside its raw ``HostBuffer``: the raw buffer stays what the module's tensors view on the
-host (a refresh writes there, a restore reads from there) but is no longer copied; the code is, in fewer
-bytes. Host memory therefore holds both (about 1.75 times the block's bytes). A block that does not compress (float32 weights, say) keeps streaming raw.
+host (a refresh writes there, a restore reads from there; it stays page-locked, as coding on the device reads it)
+but is no longer copied to slots; the code is, in fewer bytes. Host memory therefore holds both (about 1.75
+times the block's bytes). A block that does not compress (float32 weights, say) keeps streaming raw, and so does
+one whose new weights no longer compress after ``refresh()``.
 
 The block's bytes are cut into pieces of ``PIECE`` bytes, each coded on its own (its own table) and stored
 as one contiguous run of planes (``codec.Coded.like``'s layout), so a whole piece crosses the link in one
