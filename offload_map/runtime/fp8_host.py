@@ -5,7 +5,8 @@ float8 e4m3 with one float32 scale per output channel (its largest magnitude map
 value), about half its bytes; every other tensor (biases, norms, buffers) is stored as it is. A copy moves the
 float8 bytes; on the device each weight is upcast, ``q * scale`` in float32 rounded to the weight's dtype, into
 the slot, where the block finds its usual bf16 layout. Outputs differ from the resident run (the benchmarks
-report by how much); a block with no such weight streams raw.
+report by how much); a block with no such weight, or where float8 would save little (``coded_host.WORTH``:
+small tensors lose most of it to alignment), streams raw and exact.
 
 The store holds, tensor after tensor, either the float8 bytes and the scales or the raw bytes, each on a
 512-byte boundary, so the tensors of any part of the block are one contiguous run of it. The tensors are
