@@ -800,6 +800,44 @@ code(
 """,
 )
 
+md(
+    "compress-md",
+    """
+    ## Fewer bytes over the link
+
+    Where a plan is bound by copies, moving fewer bytes is the only way down. `compression="lossless"` keeps each
+    streamed bf16 block coded in about 3/4 of its bytes and decodes it on the GPU bit for bit; `"fp8"` (lossy,
+    opt-in) streams linear weights in float8, about half the bytes. The planner counts raw bytes at the link's
+    rate over the code's ratio: below, its predictions for the budgets above with each, and next to them what an
+    H200 measured for Flux-12B (committed results, a different GPU from the H100 profile: compare the ratios).
+""",
+)
+
+code(
+    "compress-code",
+    """
+    RATIOS = {"raw": 1.0, "lossless": 0.751, "fp8": 0.501}  # coded / raw bytes of Flux-12B's blocks (measured)
+    print(f"predicted for {REFERENCE_MODEL} on {PROFILE.device_name}:")
+    print(f"{'budget GB':>9} " + " ".join(f"{name + ' ms':>12}" for name in RATIOS))
+    for p in distinct.values():
+        steps = [plan_blocks(REFERENCE_COST, p.budget, PROFILE.h2d_bytes_per_s / r).step_s for r in RATIOS.values()]
+        print(f"{p.budget / GB:>9.2f} " + " ".join(f"{s * 1e3:>12.0f}" for s in steps))
+
+    measured = {}
+    for path in sorted((RESULTS / "h200").glob("step_time_flux-12b_*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("kind") == "strategy" and row.get("step_s"):
+                measured.setdefault(row["strategy"], row)
+    print()
+    print("measured on an H200 (Flux-12B, one forward; exact = bit-identical to resident):")
+    for name in ("layerwise-w2", "layerwise-w2-lossless", "layerwise-w2-fp8", "auto-12GiB", "auto-12GiB-lossless"):
+        row = measured.get(name)
+        if row:
+            print(f"  {name:<24} {row['step_s'] * 1e3:>6.0f} ms  exact {row['bit_exact']}")
+""",
+)
+
 
 def build() -> nbformat.NotebookNode:
     """The notebook's cells, without outputs (``execute`` runs it)."""
