@@ -57,6 +57,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def assert_no_host_sync(run, calls: int = 3) -> None:
+    """``run()`` ``calls`` times with torch's CUDA sync debug mode raising on any host synchronisation."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(calls):
+            run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
 def resident_run(module_or_pipe, run, target: str):
     """The reference: ``run()`` with everything resident on ``target``, then back to the CPU."""
     module_or_pipe.to(target)

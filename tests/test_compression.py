@@ -19,7 +19,7 @@ from offload_map.runtime.fp8_host import quantized, upcast
 from offload_map.runtime.slots import Staging
 from offload_map.runtime.streams import SyncOrdering
 
-from conftest import resident_run
+from conftest import assert_no_host_sync, resident_run
 from tiny_pipelines import make_flux_pipeline, run_flux
 
 DIM = 256
@@ -419,13 +419,7 @@ def test_coded_streaming_never_synchronises_the_host():
     handle = dispatch_pipeline(model, "layerwise", "cuda", window=2, compression="lossless")
     model(x)
     model(x)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(3):
-            model(x)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+    assert_no_host_sync(lambda: model(x))
     handle.remove()
 
 

@@ -246,6 +246,9 @@ def test_ok_two_experts_one_compressed_within_budget_and_exact():
     handle = dispatch_pipeline(pipe, "auto", "cpu", gpu_budget=budget, compression={"transformer_2": "lossless"})
     assert all(torch.equal(run_wan22(pipe), reference) for _ in range(3))
     planner = handle._planner
+    assert {"transformer", "transformer_2"} <= set(handle.plans)  # both experts planned: the loop checks them
+    assert all(u.coded is not None for u in handle.runtime.rings["transformer_2"].units)
+    assert all(u.coded is None for u in handle.runtime.rings["transformer"].units)
     for name, plan in handle.plans.items():
         _, own = planner.costs[name]
         assert plan.memory + handle.runtime.rings[name].staging_device_bytes + planner.resident - own <= budget

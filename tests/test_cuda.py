@@ -13,6 +13,8 @@ from torch import nn
 
 from offload_map import dispatch_pipeline
 
+from conftest import assert_no_host_sync
+
 pytestmark = pytest.mark.cuda
 
 MIB = 1 << 20
@@ -90,13 +92,7 @@ def test_steady_state_never_synchronises_the_host():
     handle = dispatch_pipeline(model, "layerwise", "cuda", window=2)
     model(x)
     model(x)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(3):
-            model(x)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+    assert_no_host_sync(lambda: model(x))
     handle.remove()
 
 
