@@ -62,7 +62,7 @@ class CodedHost:
         self.store: HostBuffer | None = None
         self.pieces: list[Coded] = []  # views of ``store``, one per piece
         self.runs: list[torch.Tensor] = []  # each piece's planes as one run of ``store``
-        self._parts: dict[tuple[int, int, int], Coded] = {}
+        self._plans: dict[tuple[int, int], list] = {}  # (start, stop) -> ``_plan``'s answer, made once per code
         self.encode(raw)
 
     @classmethod
@@ -110,7 +110,7 @@ class CodedHost:
         self.pieces = [Coded(*views[5 * i : 5 * i + 5]) for i in range(len(pieces))]
         starts = [region.offset for region in store.regions[::5]] + [store.nbytes]
         self.runs = [store.flat[a:b] for a, b in zip(starts, starts[1:])]
-        self._parts = {}
+        self._plans = {}
         self._version = object()  # names this code in the staging buffers' caches of plane views
 
     def release(self) -> None:
@@ -147,20 +147,18 @@ class CodedHost:
                 decode(planes, target[a - start : b - start])
 
     def _plan(self, start: int, stop: int) -> list[tuple[int, int, torch.Tensor, Coded | None]]:
-        # (a, b, the piece's run, None for the whole piece or the needed part of it) for each piece in start:stop.
-        plan = []
-        for a, b in _pieces(start, stop):
-            index = a // PIECE
-            first = index * PIECE
-            whole = a == first and b == min(first + PIECE, self.raw_bytes)
-            plan.append((a, b, self.runs[index], None if whole else self._part(index, a - first, b - first)))
+        # (a, b, the piece's run, None for the whole piece or the needed part of it) for each piece in start:stop;
+        # a unit loads the same part every step, so this is worked out once.
+        plan = self._plans.get((start, stop))
+        if plan is None:
+            plan = self._plans[(start, stop)] = []
+            for a, b in _pieces(start, stop):
+                index = a // PIECE
+                first = index * PIECE
+                whole = a == first and b == min(first + PIECE, self.raw_bytes)
+                part = None if whole else self.pieces[index].part(a - first, b - first)
+                plan.append((a, b, self.runs[index], part))
         return plan
-
-    def _part(self, index: int, start: int, stop: int) -> Coded:
-        part = self._parts.get((index, start, stop))
-        if part is None:
-            part = self._parts[(index, start, stop)] = self.pieces[index].part(start, stop)
-        return part
 
 
 def _pieces(start: int, stop: int) -> list[tuple[int, int]]:

@@ -59,6 +59,7 @@ class Fp8Host:
         self.store: HostBuffer | None = None
         self.items: list[int] = []  # per tensor, the index of its first item in the store
         self.grid: list[tuple[int, int]] = []  # the chunks: runs of whole tensors [first, last)
+        self._cuts: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (start, stop) -> ``_chunks``'s answer
         self.encode(raw)
 
     @classmethod
@@ -97,7 +98,7 @@ class Fp8Host:
             store.write(index, item)
         self.release()
         self.store, self.items = store, firsts
-        self.grid = self._group()
+        self.grid, self._cuts = self._group(), {}
 
     def _items(self, raw: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
         items, firsts = [], []
@@ -156,11 +157,14 @@ class Fp8Host:
         upcast(q, scale, region.view(target, start))
 
     def _chunks(self, start: int, stop: int) -> list[tuple[int, int]]:
-        # The grid's chunks cut to the tensors stored in raw bytes start:stop.
-        first = sum(r.offset < start for r in self.regions)
-        last = sum(r.offset < stop for r in self.regions)
-        cut = [(max(a, first), min(b, last)) for a, b in self.grid]
-        return [(a, b) for a, b in cut if a < b]
+        # The grid's chunks cut to the tensors stored in raw bytes start:stop (the same part every step: once).
+        chunks = self._cuts.get((start, stop))
+        if chunks is None:
+            first = sum(r.offset < start for r in self.regions)
+            last = sum(r.offset < stop for r in self.regions)
+            cut = [(max(a, first), min(b, last)) for a, b in self.grid]
+            chunks = self._cuts[(start, stop)] = [(a, b) for a, b in cut if a < b]
+        return chunks
 
     def _run(self, first: int, last: int) -> tuple[int, int]:
         # Store bytes holding tensors [first, last).
