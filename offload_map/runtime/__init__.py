@@ -25,6 +25,6 @@ Stream-ordering rules (each tested on a GPU with delays injected on the streams,
 7. Coded blocks (``compression``): a piece is decoded out of a staging buffer only after the decode stream
    waited for its copy (``copied``), and copied into a staging buffer only after the copy stream waited for the
    decode that last read it (``decoded``); a coded load's ``ready`` is recorded on the decode stream after its
-   last decode, and every load into a slot waits for the slot's last ``ready`` (a cancelled coded load may still
-   be decoding into it).
+   last decode, and a coded load that is cancelled makes the copy stream wait for that ``ready`` (its decodes
+   may still be writing the slot the next copy goes into).
 """

@@ -30,8 +30,8 @@ on one stream), before letting the buffer go. Slots belong to the ring's ``SlotP
 copies into one (after its ``free`` event), records its ``ready`` event, waits on it, and records ``free``.
 A coded unit (``coded``, a ``coded_host.CodedHost`` or ``fp8_host.Fp8Host``) copies its code instead, through
 the pool's staging buffers, and the decode stream decodes it into the slot (and, for an exact code, into the
-head); ``ready`` is then recorded on the decode stream, after the last decode. A load into a slot waits for
-the slot's last ``ready`` too: a cancelled coded load may still be decoding into it on the decode stream.
+head); ``ready`` is then recorded on the decode stream, after the last decode. Cancelling a coded load makes
+the copy stream wait for that ``ready``, so no later copy into its slot overtakes its decodes.
 """
 
 from __future__ import annotations
@@ -153,8 +153,9 @@ class OffloadedUnit:
             allocated, ready = ordering.event(), ordering.event()
             ordering.record_compute(allocated)
             ordering.copy_waits(allocated)
+            coded = self.coded is not None and self.coded.exact  # an fp8 head is copied exact
             with ordering.on_copy_stream():
-                if self.coded is not None and self.coded.exact:
+                if coded:
                     self.coded.copy(head, 0, self.kept, staging)
                     ordering.record_decode(ready)
                 else:
@@ -165,7 +166,7 @@ class OffloadedUnit:
                 ready.synchronize()
         self._bind(0, self.host.views(head, 0, self.kept))
         self.head = head
-        return self.coded.part_bytes(0, self.kept) if self.coded is not None and self.coded.exact else self.kept
+        return self.coded.part_bytes(0, self.kept) if coded else self.kept
 
     def drop_head(self) -> None:
         """Point the head's tensors back at the host buffer and let its device buffer go. Safe to call twice."""
@@ -194,7 +195,6 @@ class OffloadedUnit:
         src = self.host.flat[self.kept :]
         with torch.profiler.record_function(f"offload_map::load {self.path}"):
             ordering.copy_waits(slot.free)
-            ordering.copy_waits(slot.ready)  # a cancelled coded load's decodes into the slot, on the decode stream
             with ordering.on_copy_stream():
                 start = ordering.stamp() if timed is not None else None
                 if self.coded is None:
@@ -236,8 +236,11 @@ class OffloadedUnit:
 
     def cancel(self) -> None:
         """LOADED -> HOST: drop a load that will not be used (the slot may be given to another unit; the copy stays
-        ordered before any later copy into it, on the copy stream)."""
+        ordered before any later copy into it, on the copy stream; a coded load's decodes, on the decode stream, are
+        put before them here)."""
         if self.state is TailState.LOADED:
+            if self.coded is not None:
+                self.ordering.copy_waits(self.slot.ready)
             self.slot, self.state = None, TailState.HOST
 
     # -- host storage --------------------------------------------------------------------------------------
