@@ -66,9 +66,9 @@ class OffloadConfig:
             >>> from types import SimpleNamespace
             >>> OffloadConfig.from_od_config(SimpleNamespace(enable_cpu_offload=True)).strategy
             <OffloadStrategy.MODEL_LEVEL: 'model'>
-            >>> OffloadConfig.from_od_config(SimpleNamespace(diffusion_offload_config={
-            ...     "mode": "layer", "components": ["dit", "text_encoder"]})).components
-            frozenset({'dit', 'text_encoder'})
+            >>> sorted(OffloadConfig.from_od_config(SimpleNamespace(diffusion_offload_config={
+            ...     "mode": "layer", "components": ["dit", "text_encoder"]})).components)
+            ['dit', 'text_encoder']
         """
         use_hsdp = bool(getattr(getattr(od_config, "parallel_config", None), "use_hsdp", False))
         model = bool(getattr(od_config, "enable_cpu_offload", False))
