@@ -3,28 +3,36 @@
 
 Usage (GPU)::
 
-    python benchmarks/pipeline_time.py --out DIR [--strategies resident,layerwise,auto-8GiB,...]
+    python benchmarks/pipeline_time.py --out DIR [--pipeline flux|wan22] [--strategies resident,layerwise,...]
 
 Usage (no GPU, checks the script on a tiny pipeline)::
 
-    python benchmarks/pipeline_time.py --out DIR --cpu-smoke
+    python benchmarks/pipeline_time.py --out DIR --cpu-smoke [--pipeline wan22]
 
-The pipeline is a full-size ``FluxPipeline`` (CLIP-L, T5-XXL 4.8B, Flux-12B, the Flux VAE) built with random bf16
-weights (N(0, 0.02), norm scales 1 + N(0, 0.02)) and word-level tokenizers built in code; nothing is
-downloaded. It is rebuilt from the same seed before every strategy. Each strategy: setup, a warm-up call of 2
-steps (two for ``auto`` budgets, which calibrate their DiT in the first and streamed encoders in the second), then a
-1-step and an 8-step call at 1024x1024 (guidance 3.5, 512 text tokens): per step = (t8 - t1) / 7, fixed part
-(encoding, decoding, swaps) = t1 - per step, a 28-step call = fixed + 28 x per step. Peak GPU memory is the
+Pipelines, built with random bf16 weights (N(0, 0.02), norm scales 1 + N(0, 0.02)) and word-level tokenizers built
+in code (nothing is downloaded), rebuilt from the same seed before every strategy:
+
+- ``flux``: a full-size ``FluxPipeline`` (CLIP-L, T5-XXL 4.8B, Flux-12B, the Flux VAE); 1024x1024, guidance 3.5,
+  512 text tokens; a full call is 28 steps.
+- ``wan22``: a full-size Wan2.2 T2V-A14B ``WanPipeline`` (UMT5-XXL, two 14B experts switching at
+  ``boundary_ratio`` 0.875, the Wan VAE); a 17-frame 480x832 clip, classifier-free guidance (two forwards per step),
+  512 text tokens; a full call is 40 steps. The 1-step call runs the high-noise expert only; the longer one both.
+
+Each strategy: setup, a warm-up call of 2 steps (two for ``auto`` budgets, which calibrate their DiT in the first
+and streamed encoders in the second), then a 1-step and an 8-step call: per step = (t8 - t1) / 7, fixed part
+(encoding, decoding, swaps) = t1 - per step, a full call = fixed + steps x per step. Peak GPU memory is the
 allocator's peak over the timed calls; host RSS is read after setup (after ``malloc_trim``) and sampled for its
-peak during setup and the calls. Every image is compared with the resident run's, bit for bit.
+peak during setup and the calls. Every output is compared with the resident run's, bit for bit. A strategy that
+would need more host memory than is available (``HOST_NEED``, measured with Flux) is recorded as skipped rather
+than let the kernel's OOM killer end the run.
 
 Strategies: ``resident`` (``pipe.to``), ``layerwise`` and ``model`` (``dispatch_pipeline``), ``auto-<N>GiB``
 (``dispatch_pipeline(pipe, "auto", max_memory={0: "<N>GiB"})``), ``diffusers-model`` (``enable_model_cpu_offload``),
 ``diffusers-group`` (``enable_group_offload``, block_level, one block per group, ``use_stream=True``),
 ``diffusers-sequential`` (``enable_sequential_cpu_offload``; slow: one 1-step and one 2-step call).
 
-Writes ``DIR/pipeline_time_flux.jsonl`` (an environment row, one row per strategy, appended as they finish) and
-``DIR/pipeline_time_flux.md``.
+Writes ``DIR/pipeline_time_<pipeline>.jsonl`` (an environment row, one row per strategy, appended as they finish)
+and ``DIR/pipeline_time_<pipeline>.md``.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -46,6 +56,21 @@ from step_time import RssSampler, host_info, read_status_bytes, release_host_and
 GIB = 2**30
 DEFAULT_STRATEGIES = "resident,layerwise,auto-8GiB,auto-12GiB,auto-24GiB,diffusers-group,diffusers-model"
 PROMPT = "a photo of a red cat sitting in the forest at night"
+NEGATIVE_PROMPT = "blurry dark picture"
+# Host memory a strategy holds at its peak, in weights: diffusers' group offload peaked at 2.15x with Flux (73.3 GB
+# for 34 GB), beside offload_map's 1.19x; the rest stay near 1.1x.
+HOST_NEED = {"diffusers-group": 2.2, "diffusers-sequential": 2.2}
+T5_XXL = dict(
+    vocab_size=32128,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+)
 WORDS = (
     "a an the of and with in on at to photo picture cat dog bird red green blue big small sitting running "
     "forest city beach river night day sky"
@@ -74,7 +99,7 @@ def _tokenizer(kind: str, length: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=length, **special)
 
 
-def configs(tiny: bool) -> dict:
+def flux_configs(tiny: bool) -> dict:
     """Constructor configs of the four models: the real FLUX.1-dev ones, or tiny ones for ``--cpu-smoke``."""
     if tiny:
         return {
@@ -115,17 +140,7 @@ def configs(tiny: bool) -> dict:
             projection_dim=768,
             hidden_act="quick_gelu",
         ),
-        "t5": dict(
-            vocab_size=32128,
-            d_model=4096,
-            d_kv=64,
-            d_ff=10240,
-            num_layers=24,
-            num_heads=64,
-            feed_forward_proj="gated-gelu",
-            relative_attention_num_buckets=32,
-            relative_attention_max_distance=128,
-        ),
+        "t5": T5_XXL,
         "flux": dict(model_zoo.FLUX_DEV_CONFIG),
         "vae": dict(
             in_channels=3,
@@ -144,25 +159,33 @@ def configs(tiny: bool) -> dict:
     }
 
 
-def build_pipeline(tiny: bool, gen_device: str, seed: int = 0):
-    """The FluxPipeline with seeded random bf16 weights in CPU memory (see the module docstring)."""
+def _materialized(builders: dict[str, Callable], seed: int, gen_device: str) -> dict:
+    """Each model built on the meta device, then given seeded random bf16 weights in CPU memory."""
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    cfg = configs(tiny)
     with init_empty_weights(include_buffers=False):
-        parts = {
-            "text_encoder": CLIPTextModel(CLIPTextConfig(**cfg["clip"])),
-            "text_encoder_2": T5EncoderModel(T5Config(**cfg["t5"])),
-            "transformer": FluxTransformer2DModel(**cfg["flux"]),
-            "vae": AutoencoderKL(**cfg["vae"]),
-        }
+        parts = {name: build() for name, build in builders.items()}
     for offset, module in enumerate(parts.values()):
         model_zoo.materialize_(module, seed + offset, gen_device=gen_device)
         if any(p.is_meta for p in module.parameters()):
             raise RuntimeError(f"{type(module).__name__} kept meta parameters after materialising")
         module.eval().requires_grad_(False)
+    return parts
+
+
+def build_flux(tiny: bool, gen_device: str, seed: int = 0):
+    """The FluxPipeline with seeded random bf16 weights in CPU memory (see the module docstring)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    cfg = flux_configs(tiny)
+    builders = {
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**cfg["clip"])),
+        "text_encoder_2": lambda: T5EncoderModel(T5Config(**cfg["t5"])),
+        "transformer": lambda: FluxTransformer2DModel(**cfg["flux"]),
+        "vae": lambda: AutoencoderKL(**cfg["vae"]),
+    }
+    parts = _materialized(builders, seed, gen_device)
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
     )
@@ -171,18 +194,102 @@ def build_pipeline(tiny: bool, gen_device: str, seed: int = 0):
     return pipe
 
 
-def call(pipe, steps: int, size: int, text_len: int) -> torch.Tensor:
+def call_flux(pipe, steps: int, tiny: bool) -> torch.Tensor:
+    size = 64 if tiny else 1024
     out = pipe(
         PROMPT,
         height=size,
         width=size,
         num_inference_steps=steps,
         guidance_scale=3.5,
-        max_sequence_length=text_len,
+        max_sequence_length=32 if tiny else 512,
         generator=torch.Generator("cpu").manual_seed(0),
         output_type="pt",
     )
     return out.images
+
+
+def wan22_configs(tiny: bool) -> dict:
+    """Constructor configs of Wan2.2 T2V-A14B's models (UMT5-XXL, each expert, the Wan VAE), or tiny ones."""
+    if tiny:
+        return {
+            "umt5": dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu"),
+            "expert": dict(model_zoo.TINY_WAN_CONFIG, in_channels=8, out_channels=8),
+            "vae": dict(
+                base_dim=4,
+                z_dim=8,
+                dim_mult=[1, 2, 2],
+                num_res_blocks=1,
+                attn_scales=[],
+                temperal_downsample=[False, True],
+                latents_mean=[0.0] * 8,
+                latents_std=[1.0] * 8,
+                scale_factor_temporal=2,
+                scale_factor_spatial=4,
+            ),
+        }
+    return {
+        "umt5": dict(T5_XXL, vocab_size=256384),  # UMT5-XXL: T5-XXL's shape with a larger vocabulary
+        "expert": dict(model_zoo.WAN_14B_CONFIG),
+        "vae": {},  # AutoencoderKLWan's defaults are the Wan2.1/2.2-A14B VAE
+    }
+
+
+def build_wan22(tiny: bool, gen_device: str, seed: int = 0):
+    """The Wan2.2 WanPipeline with seeded random bf16 weights in CPU memory (see the module docstring)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    cfg = wan22_configs(tiny)
+    builders = {
+        "text_encoder": lambda: UMT5EncoderModel(UMT5Config(**cfg["umt5"])),
+        "transformer": lambda: WanTransformer3DModel(**cfg["expert"]),
+        "transformer_2": lambda: WanTransformer3DModel(**cfg["expert"]),
+        "vae": lambda: AutoencoderKLWan(**cfg["vae"]),
+    }
+    parts = _materialized(builders, seed, gen_device)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=_tokenizer("t5", 512), scheduler=scheduler, boundary_ratio=0.875, **parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def call_wan22(pipe, steps: int, tiny: bool) -> torch.Tensor:
+    out = pipe(
+        PROMPT,
+        negative_prompt=NEGATIVE_PROMPT,
+        height=32 if tiny else 480,
+        width=32 if tiny else 832,
+        num_frames=5 if tiny else model_zoo.WAN_FRAMES,
+        num_inference_steps=steps,
+        guidance_scale=4.0,
+        guidance_scale_2=3.0,
+        max_sequence_length=16 if tiny else 512,
+        generator=torch.Generator("cpu").manual_seed(0),
+        output_type="pt",
+    )
+    return out.frames
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One pipeline the benchmark can build and call (see the module docstring)."""
+
+    title: str  # the table's heading
+    build: Callable  # (tiny, gen_device, seed) -> pipeline
+    call: Callable  # (pipe, steps, tiny) -> output tensor
+    full_steps: int  # the steps of a full call, which the table extrapolates to
+
+
+KINDS = {
+    "flux": Kind("FluxPipeline (CLIP-L, T5-XXL, Flux-12B, VAE), 1024x1024, 512 text tokens", build_flux, call_flux, 28),
+    "wan22": Kind(
+        "WanPipeline, Wan2.2 T2V-A14B (UMT5-XXL, two 14B experts, Wan VAE), 17 frames of 480x832, CFG, 512 text tokens",
+        build_wan22,
+        call_wan22,
+        40,
+    ),
+}
 
 
 def setup(name: str, pipe, device: str):
@@ -218,11 +325,11 @@ def setup(name: str, pipe, device: str):
     raise ValueError(f"unknown strategy {name!r}")
 
 
-def timed_call(pipe, steps: int, args, cuda: bool) -> tuple[float, torch.Tensor]:
+def timed_call(kind: Kind, pipe, steps: int, tiny: bool, cuda: bool) -> tuple[float, torch.Tensor]:
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    image = call(pipe, steps, args.size, args.text_len)
+    image = kind.call(pipe, steps, tiny)
     if cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start, image.cpu()
@@ -237,16 +344,31 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def run_strategy(name: str, args, reference: dict) -> dict:
+def host_shortfall(name: str, weights_bytes: int) -> str | None:
+    """Why strategy ``name`` cannot run in this host's memory (``HOST_NEED``), or None."""
+    need = HOST_NEED.get(name, 1.1) * weights_bytes
+    available = read_status_bytes("MemAvailable", "/proc/meminfo")
+    if available is None or need <= available:
+        return None
+    return f"skipped: needs about {need / 1e9:.0f} GB of host memory, {available / 1e9:.0f} GB available"
+
+
+def run_strategy(name: str, kind: Kind, args, reference: dict) -> dict:
     cuda = args.device != "cpu"
+    tiny = args.cpu_smoke
     row: dict = {"strategy": name}
     gen_device = args.device if cuda else "cpu"
     start = time.perf_counter()
-    pipe = build_pipeline(args.cpu_smoke, gen_device)
+    pipe = kind.build(tiny, gen_device)
     row["build_s"] = time.perf_counter() - start
     row["weights_bytes"] = sum(
         p.numel() * p.element_size() for c in pipe.components.values() if isinstance(c, torch.nn.Module) for p in c.parameters()
     )
+    # The pipeline itself sits in host memory already: what a strategy needs beyond it must be available.
+    shortfall = host_shortfall(name, row["weights_bytes"]) if not tiny else None
+    if shortfall:
+        del pipe
+        return {**row, "error": shortfall}
     sampler = RssSampler()
     with sampler:
         start = time.perf_counter()
@@ -257,13 +379,13 @@ def run_strategy(name: str, args, reference: dict) -> dict:
         sequential = name == "diffusers-sequential"
         # offload_map's budgets calibrate the DiT in the first call and streamed encoders in the second.
         for _ in range(2 if name.startswith("auto-") else 1):
-            call(pipe, 1 if sequential else 2, args.size, args.text_len)
+            kind.call(pipe, 1 if sequential else 2, tiny)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         long = 2 if sequential else 8
-        t1, image1 = timed_call(pipe, 1, args, cuda)
-        tn, image = timed_call(pipe, long, args, cuda)
+        t1, image1 = timed_call(kind, pipe, 1, tiny, cuda)
+        tn, image = timed_call(kind, pipe, long, tiny, cuda)
     step = (tn - t1) / (long - 1)
     row.update(
         t1_s=t1,
@@ -271,13 +393,16 @@ def run_strategy(name: str, args, reference: dict) -> dict:
         steps_long=long,
         per_step_s=step,
         fixed_s=t1 - step,
-        call_28_s=t1 - step + 28 * step,
+        full_steps=kind.full_steps,
+        call_full_s=t1 - step + kind.full_steps * step,
         peak_gpu_bytes=torch.cuda.max_memory_allocated() if cuda else None,
         rss_peak_bytes=sampler.peak,
     )
     if name == "resident":
         reference.update({1: image1, long: image})
-    row["bit_exact"] = same_bits(image1, reference[1]) and (long not in reference or same_bits(image, reference[long]))
+    row["bit_exact"] = (
+        same_bits(image1, reference[1]) and (long not in reference or same_bits(image, reference[long])) if reference else None
+    )
     if handle is not None:
         row["device_map"] = str(handle.device_map)
         row["explain"] = handle.explain().split("\n\n", 1)[-1] if handle.plans else None
@@ -288,55 +413,59 @@ def run_strategy(name: str, args, reference: dict) -> dict:
 
 
 def render(env: dict, rows: list[dict]) -> str:
+    steps = KINDS[env["pipeline"]].full_steps
     lines = [
-        f"# pipeline_time: FluxPipeline (CLIP-L, T5-XXL, Flux-12B, VAE), {env['size']}x{env['size']}, {env['text_len']} text tokens",
+        f"# pipeline_time: {KINDS[env['pipeline']].title}",
         "",
         f"- device: {env['device_name']}; {env['versions']}",
         f"- weights: {next((r['weights_bytes'] for r in rows if 'weights_bytes' in r), 0) / 1e9:.1f} GB bf16",
-        "- per step = (t8 - t1) / 7; fixed = t1 - per step; 28-step = fixed + 28 x per step; peak GPU: allocator peak "
+        f"- per step = (t8 - t1) / 7; fixed = t1 - per step; {steps}-step = fixed + {steps} x per step; peak GPU: allocator peak "
         "over the timed calls; RSS: after setup / peak",
         "",
-        "| strategy | fixed s | per step s | 28-step s | x resident | peak GPU GiB | host RSS GB | setup s | bit-exact |",
+        f"| strategy | fixed s | per step s | {steps}-step s | x resident | peak GPU GiB | host RSS GB | setup s | bit-exact |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    base = next((r["call_28_s"] for r in rows if r["strategy"] == "resident"), None)
+    base = next((r["call_full_s"] for r in rows if r["strategy"] == "resident" and "error" not in r), None)
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['strategy']} | error: {r['error'][:80]} | | | | | | | |")
             continue
-        ratio = f"{r['call_28_s'] / base:.2f}" if base else "-"
+        ratio = f"{r['call_full_s'] / base:.2f}" if base else "-"
         gpu = f"{r['peak_gpu_bytes'] / GIB:.1f}" if r["peak_gpu_bytes"] is not None else "-"
         rss = f"{r['rss_after_setup_bytes'] / 1e9:.1f} / {r['rss_peak_bytes'] / 1e9:.1f}"
         lines.append(
-            f"| {r['strategy']} | {r['fixed_s']:.3f} | {r['per_step_s']:.3f} | {r['call_28_s']:.2f} | {ratio} | {gpu} | "
-            f"{rss} | {r['setup_s']:.2f} | {'yes' if r['bit_exact'] else 'NO'} |"
+            f"| {r['strategy']} | {r['fixed_s']:.3f} | {r['per_step_s']:.3f} | {r['call_full_s']:.2f} | {ratio} | {gpu} | "
+            f"{rss} | {r['setup_s']:.2f} | {_exact(r['bit_exact'])} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _exact(flag: bool | None) -> str:
+    return "-" if flag is None else "yes" if flag else "NO"
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--strategies", default=DEFAULT_STRATEGIES)
+    p.add_argument("--pipeline", choices=sorted(KINDS), default="flux")
     p.add_argument("--device", default="cuda:0")
-    p.add_argument("--size", type=int, default=1024)
-    p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--cpu-smoke", action="store_true", help="tiny configs on the CPU: checks the script, no timings")
     args = p.parse_args(argv)
     if args.cpu_smoke:
-        args.device, args.size, args.text_len = "cpu", 64, 32
+        args.device = "cpu"
+    kind = KINDS[args.pipeline]
     names = [n.strip() for n in args.strategies.split(",") if n.strip()]
     if "resident" in names:
         names = ["resident"] + [n for n in names if n != "resident"]
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "pipeline_time_flux")
+    stem = os.path.join(args.out, f"pipeline_time_{args.pipeline}")
     env = {
         "kind": "env",
         "device_name": torch.cuda.get_device_name() if args.device != "cpu" else "cpu",
         "versions": versions(),
         "host": host_info(),
-        "size": args.size,
-        "text_len": args.text_len,
+        "pipeline": args.pipeline,
     }
     with open(stem + ".jsonl", "w") as f:
         f.write(json.dumps(env) + "\n")
@@ -344,7 +473,7 @@ def main(argv=None) -> None:
     for name in names:
         print(f"{name} ...", flush=True)
         try:
-            row = run_strategy(name, args, reference)
+            row = run_strategy(name, kind, args, reference)
         except Exception as exc:  # noqa: BLE001 - recorded in the row; the next strategy still runs
             row = {"strategy": name, "error": f"{type(exc).__name__}: {exc}"}
             release_host_and_device_memory(args.device != "cpu")

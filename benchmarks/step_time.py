@@ -90,10 +90,11 @@ GIB = 2**30
 # ----------------------------------------------------------------------------- host memory
 
 
-def read_status_bytes(field_name: str) -> int | None:
-    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM, ...) in bytes; None off Linux."""
+def read_status_bytes(field_name: str, path: str = "/proc/self/status") -> int | None:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM, ...), or of ``path`` (/proc/meminfo), in bytes; None off
+    Linux."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(field_name + ":"):
                     return int(line.split()[1]) * 1024
