@@ -94,7 +94,8 @@ def dispatch_pipeline(
             memory holds the raw bytes beside the code. ``"fp8"`` (lossy, never the default): the streamed
             blocks' linear weights cross the link in float8 e4m3 with a scale per output channel (about half
             their bytes) and are upcast on the device; outputs differ from the resident run. A dict chooses per
-            streamed component, e.g. ``{"transformer": "lossless"}``. Default: the map's (``None`` for a
+            component, block or block list (the longest path holding a block wins; None: as it is), e.g.
+            ``{"transformer": "lossless", "transformer.single_transformer_blocks.37": None}``. Default: the map's (``None`` for a
             strategy). Not with ``shard_copies`` or a host copy shared between ranks.
 
     Returns:
@@ -197,7 +198,7 @@ def _build(
     plan = bind(dmap, found, tensors)
     if dmap.compression and not plan.compression:
         logger.warning(
-            "compression=%r: no component it names streams blocks under this map (strategy %r), so nothing is coded; "
+            "compression=%r: no block it names streams under this map (strategy %r), so nothing is coded; "
             "stream blocks (strategy 'layerwise' or a budget) for it to apply",
             dmap.compression,
             dmap.strategy,

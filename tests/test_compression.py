@@ -232,6 +232,38 @@ def test_compression_per_component(target, monkeypatch):
     handle.remove()
 
 
+@pytest.mark.parametrize("window", [1, 2, 3])
+@torch.inference_mode()
+def test_compression_per_block_the_longest_path_wins(window, target):
+    model, x = make_dit(), _input().to(target)
+    reference = _reference(0, target)
+    compression = {"": "lossless", "blocks.1": None, "blocks.3": "lossless"}
+    handle = dispatch_pipeline(model, "layerwise", target, window=window, compression=compression)
+    assert all(torch.equal(model(x).cpu(), reference) for _ in range(3))
+    ring = handle.runtime.rings[""]
+    assert [type(u.coded).__name__ for u in ring.units] == ["CodedHost", "NoneType", "CodedHost", "CodedHost", "CodedHost"]
+    coded = handle.report().coded
+    assert (coded.blocks, coded.coded) == (4, 4)  # the block left as it is is not counted as one asked for
+    assert "compression (root) lossless, blocks.1 none, blocks.3 lossless" in str(handle.device_map)
+    loaded = DeviceMap.from_json(handle.device_map.to_json())
+    assert loaded.compression == compression and loaded.compression_of("blocks.1") is None
+    handle.remove()
+    handle = dispatch_pipeline(model, "layerwise", target, window=window, compression={"blocks": "fp8", "blocks.2": "lossless"})
+    assert [type(u.coded).__name__ for u in handle.runtime.rings[""].units] == ["Fp8Host"] * 2 + ["CodedHost"] + ["Fp8Host"] * 2
+    assert not torch.equal(model(x).cpu(), reference)  # fp8 blocks
+    handle.remove()
+    assert torch.equal(model.to(target)(x).cpu(), reference)
+
+
+def test_a_budget_counts_staging_buffers_for_one_coded_block():
+    model = make_dit()
+    block = sum(p.numel() * p.element_size() for p in model.blocks[0].parameters())
+    resident = sum(p.numel() * p.element_size() for p in model.out.parameters())
+    budget = resident + 3 * block + 200_000  # one slot and two staging buffers, counted raw; not two slots
+    dmap = compile_device_map(model, "layerwise", "cpu", budget=budget, compression={"blocks.4": "lossless"})
+    assert dmap.window == 1  # window 2 and the coded block's staging buffers would not fit
+
+
 @torch.inference_mode()
 def test_blocks_read_from_a_checkpoint_are_coded_too(tmp_path, target):
     from diffusers import FluxTransformer2DModel
@@ -271,8 +303,14 @@ def test_bad_compression_values_and_combinations_are_refused_with_nothing_moved(
     weight = model.blocks[0].up.weight
     with pytest.raises(ValueError, match=r"compression must be None, one of \['lossless', 'fp8'\] or .*, got 'zstd'"):
         dispatch_pipeline(model, "layerwise", "cpu", compression="zstd")
-    with pytest.raises(ValueError, match="names component 'transformer', which the map does not have"):
+    with pytest.raises(ValueError, match="names 'transformer', which is no component, block or block list of the map"):
         dispatch_pipeline(model, "layerwise", "cpu", compression={"transformer": "lossless"})
+    with pytest.raises(ValueError, match="'blocks.1.up', .* inside block 'blocks.1', which is coded as one: name the block"):
+        dispatch_pipeline(model, "layerwise", "cpu", compression={"blocks.1.up": "lossless"})
+    with pytest.raises(ValueError, match="not a module path"):
+        dispatch_pipeline(model, "layerwise", "cpu", compression={"blocks..1": "lossless"})
+    with pytest.raises(ValueError, match=r"compression\['blocks'\] must be one of \['lossless', 'fp8'\] or None .*, got 'lossy'"):
+        dispatch_pipeline(model, "layerwise", "cpu", compression={"blocks": "lossy"})
     with pytest.raises(ValueError, match="got 'lossy'"):
         dispatch_pipeline(model, "layerwise", "cpu", compression={"": "lossy"})
     with pytest.raises(ValueError, match="does not combine with shard_copies"):

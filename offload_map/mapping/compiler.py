@@ -25,7 +25,7 @@ import logging
 
 from ..collect.components import PipelineModules, Role, discover_components
 from ..collect.tensors import TensorRef, collect_tensors
-from .device_map import DeviceMap, check_compression, check_window
+from .device_map import DeviceMap, check_compressed_paths, check_compression, check_window
 from .devices import resolve_device
 from .memory import ACTIVATION_SHARE, BudgetTooSmall, device_footprint, fits_entirely, staging_footprint
 from .ownership import assign_tensors, owning_component
@@ -105,6 +105,7 @@ def compile_found(
         return whole
     dmap = _sized(_place(found, "layerwise" if strategy == "auto" else strategy, device, window, sizes), tensors)
     dmap.strategy, dmap.compression = strategy, whole.compression
+    check_compressed_paths(dmap)
     if budget is None:
         return dmap
     if strategy == "auto" and fits_entirely(sum(sizes.values()), budget):
@@ -148,12 +149,15 @@ def _phase_bytes(dmap: DeviceMap, window: int, pinned: bool) -> dict[str, int]:
     then (itself and those of a role it does not exclude: CLIP beside T5)."""
     resident = sum(e.nbytes for e in dmap.entries.values() if e.placement is Placement.GPU)
     blocks: dict[str, list[int]] = {}
+    coded: set[str] = set()  # components with a coded block, which copy through staging buffers
     for entry in dmap.entries.values():
         if entry.placement is Placement.LAYER_WINDOW:
-            blocks.setdefault(owning_component(entry.path, dmap.components), []).append(entry.nbytes)
+            name = owning_component(entry.path, dmap.components)
+            blocks.setdefault(name, []).append(entry.nbytes)
+            if dmap.compression_of(entry.path):
+                coded.add(name)
     slots = {
-        name: device_footprint(0, max(sizes), min(window, len(sizes)))
-        + (staging_footprint(max(sizes)) if dmap.compression_of(name) else 0)
+        name: device_footprint(0, max(sizes), min(window, len(sizes))) + (staging_footprint(max(sizes)) if name in coded else 0)
         for name, sizes in blocks.items()
     }
     sizes = _component_bytes(dmap)

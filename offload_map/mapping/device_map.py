@@ -52,7 +52,9 @@ class DeviceMap:
         window: device slots shared by each DiT's ``"layer-window"`` blocks (>= 1).
         strategy: the strategy that compiled the map (informational).
         compression: how ``"layer-window"`` blocks are kept and copied: ``None`` (as they are), one kind for every
-            streamed component, or ``{component: kind}``. Kinds: ``"lossless"``, each block is kept in host
+            streamed block, or ``{module path: kind or None}``, where a path is a component, a block, or a module
+            holding blocks, and a block takes the value of the longest path that holds it (None: as it is), e.g.
+            ``{"transformer": "fp8", "transformer.single_transformer_blocks": "lossless"}``. Kinds: ``"lossless"``, each block is kept in host
             memory coded in fewer bytes too, copied so and decoded on the device bit for bit (a block that does
             not compress, e.g. of float32 weights, streams as it is); ``"fp8"`` (lossy, opt-in), the blocks'
             linear weights are kept in float8 e4m3 with a scale per output channel, about half their bytes, and
@@ -79,11 +81,26 @@ class DeviceMap:
         check_window(self.window)
         self.compression = check_compression(self.compression, self.components)
 
-    def compression_of(self, component: str) -> str | None:
-        """The compression of component ``component``'s streamed blocks (None: they stream as they are)."""
-        if isinstance(self.compression, dict):
-            return self.compression.get(component)
-        return self.compression
+    def compression_of(self, path: str) -> str | None:
+        """The compression of the streamed block at module ``path`` (None: it streams as it is): the value of the
+        longest path in ``compression`` that is ``path`` or holds it. For a component's name, what its blocks take
+        unless a longer path says otherwise.
+
+        Example:
+            >>> dmap = DeviceMap("cpu", {"transformer": Role.DIT}, compression={"transformer": "fp8",
+            ...     "transformer.single_transformer_blocks": "lossless", "transformer.single_transformer_blocks.0": None})
+            >>> [dmap.compression_of(f"transformer.{p}") for p in ("transformer_blocks.3", "single_transformer_blocks.1",
+            ...     "single_transformer_blocks.0")]
+            ['fp8', 'lossless', None]
+        """
+        if not isinstance(self.compression, dict):
+            return self.compression
+        while True:
+            if path in self.compression:
+                return self.compression[path]
+            if not path:
+                return None
+            path = path.rpartition(".")[0]
 
     def __getitem__(self, path: str) -> Placement:
         return self._entry(path).placement
@@ -273,24 +290,46 @@ def check_path(path: object) -> str:
     return path
 
 
-def check_compression(compression: object, components=None) -> "str | dict[str, str] | None":
-    """Return ``compression`` if it is ``None``, one of ``COMPRESSIONS``, or a dict of component names (among
-    ``components`` if given) to them (an empty dict gives ``None``), else raise a ValueError that says what to pass."""
+def check_compression(compression: object, components=None) -> "str | dict[str, str | None] | None":
+    """Return ``compression`` if it is ``None``, one of ``COMPRESSIONS``, or a dict of module paths (components, blocks,
+    modules holding blocks; within ``components`` if given) to one of them or None (an empty dict gives ``None``),
+    else raise a ValueError that says what to pass. ``check_compressed_paths`` checks the paths against a map's
+    entries."""
     if isinstance(compression, dict) and not compression:
         return None
-    kinds = compression.values() if isinstance(compression, dict) else [] if compression is None else [compression]
-    for kind in kinds:
-        if kind not in COMPRESSIONS:
-            raise ValueError(
-                f"compression must be None, one of {list(COMPRESSIONS)} or {{component: one of them}}, got {kind!r:.40}"
-            )
-    if isinstance(compression, dict) and components is not None:
-        for name in compression:
-            if name not in components:
+    if isinstance(compression, dict):
+        for path, kind in compression.items():
+            check_path(path)
+            if kind is not None and kind not in COMPRESSIONS:
                 raise ValueError(
-                    f"compression names component {name!r:.80}, which the map does not have; components: {sorted(components)}"
+                    f"compression[{path!r:.80}] must be one of {list(COMPRESSIONS)} or None (as it is), got {kind!r:.40}"
                 )
+            if components is not None and not any(path == c or not c or path.startswith(c + ".") for c in components):
+                raise ValueError(
+                    f"compression names {path!r:.80}, which is in no component of the map; components: {sorted(components)}"
+                )
+    elif compression is not None and compression not in COMPRESSIONS:
+        raise ValueError(
+            f"compression must be None, one of {list(COMPRESSIONS)} or {{module path: one of them or None}}, "
+            f"got {compression!r:.40}"
+        )
     return compression
+
+
+def check_compressed_paths(dmap: DeviceMap) -> None:
+    """Raise a ValueError if a path of ``dmap.compression`` is neither a component nor a module of the map's entries
+    (a block) or above them (a block list); a module inside a block cannot be coded apart from its block."""
+    if not isinstance(dmap.compression, dict):
+        return
+    for path in dmap.compression:
+        if path in dmap.components or any(e == path or e.startswith(path + ".") for e in dmap.entries):
+            continue
+        holder = max((e for e in dmap.entries if path.startswith(e + ".")), key=len, default=None)
+        where = f"; it is inside block {holder!r}, which is coded as one" if holder not in (None, *dmap.components) else ""
+        raise ValueError(
+            f"compression names {path!r:.80}, which is no component, block or block list of the map{where}: name the "
+            f"block (e.g. {next(iter(dmap.entries), 'transformer.blocks.0')!r}) or a module holding blocks"
+        )
 
 
 def _copied(compression):
@@ -341,7 +380,7 @@ def format_table(dmap: DeviceMap) -> str:
     rows = [("module", "placement", "bytes", "dtype"), *_rows(dmap)]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     if isinstance(dmap.compression, dict):
-        coded = ", compression " + ", ".join(f"{name or '(root)'} {kind}" for name, kind in dmap.compression.items())
+        coded = ", compression " + ", ".join(f"{name or '(root)'} {kind or 'none'}" for name, kind in dmap.compression.items())
     else:
         coded = f", {dmap.compression} compression" if dmap.compression else ""
     lines = [f"DeviceMap -> {dmap.device} (strategy {dmap.strategy}, window {dmap.window}{coded})"]

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..collect.components import PipelineModules, Role
 from ..collect.tensors import TensorRef
-from ..mapping.device_map import DeviceMap
+from ..mapping.device_map import DeviceMap, check_compressed_paths
 from ..mapping.ownership import assign_tensors, entry_module, owning_component
 from ..mapping.placement import Placement
 
@@ -62,7 +62,7 @@ class ExecutionPlan:
     pinned: list[Unit] = field(default_factory=list)
     rings: list[Ring] = field(default_factory=list)
     units: dict[str, Unit] = field(default_factory=dict)
-    compression: dict[str, str] = field(default_factory=dict)  # streamed component -> how its blocks are kept and copied
+    compression: dict[str, str] = field(default_factory=dict)  # streamed block path -> how it is kept and copied
 
     def component_of(self, path: str) -> ComponentPlan:
         names = {c.name: c.role for c in self.components}
@@ -98,6 +98,7 @@ def bind(dmap: DeviceMap, found: PipelineModules, tensors: list[TensorRef]) -> E
             raise ValueError(f"component {name or '<root>'!r} has no entry of its own; add one (e.g. {name!r}: 'gpu')")
         plan.components.append(ComponentPlan(name, comp.module, dmap.components[name], root.placement))
     streamed = _check_rules(dmap, comps, units)
+    check_compressed_paths(dmap)
     _check_sizes(dmap, comps, units)
     for unit in units.values():
         if unit.placement is Placement.GPU:
@@ -110,9 +111,8 @@ def bind(dmap: DeviceMap, found: PipelineModules, tensors: list[TensorRef]) -> E
             order = block_order([r.qualname for r in unit.tensors], [r.nbytes for r in unit.tensors], path)
             unit.tensors[:] = [unit.tensors[i] for i in order]
         plan.rings.append(Ring(comp_name, [units[p] for p in block_paths], min(dmap.window, len(block_paths))))
-        # A component the map names but does not stream (a plan kept it whole) has nothing to code.
-        if dmap.compression_of(comp_name):
-            plan.compression[comp_name] = dmap.compression_of(comp_name)
+        # A block the map names but does not stream (a plan kept it whole) has nothing to code.
+        plan.compression.update((p, dmap.compression_of(p)) for p in block_paths if dmap.compression_of(p))
     return plan
 
 

@@ -76,10 +76,7 @@ class HostStore:
         self.ordering = ordering
         self.pin = pin
         self.source = source
-        # Streamed block -> how its component's blocks are kept (``compression``).
-        self.kinds = {
-            b.path: plan.compression[r.component] for r in plan.rings if r.component in plan.compression for b in r.blocks
-        }
+        self.kinds = plan.compression  # streamed block -> how it is kept (``compression``)
         self.units: dict[str, OffloadedUnit] = {}
         self.times = SetupTimes(threads=PACK_THREADS)
         self.loaded = False

@@ -138,7 +138,7 @@ class Runtime:
         """What ``compression`` coded (None without it)."""
         if not self.plan.compression:
             return None
-        units = [unit for name, ring in self.rings.items() if name in self.plan.compression for unit in ring.units]
+        units = [unit for ring in self.rings.values() for unit in ring.units if unit.path in self.plan.compression]
         coded = [unit.coded for unit in units if unit.coded is not None]
         return CodedTotals(len(units), len(coded), sum(c.raw_bytes for c in coded), sum(c.nbytes for c in coded))
 
