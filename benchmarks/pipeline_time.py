@@ -27,7 +27,9 @@ would need more host memory than is available (``HOST_NEED``, measured with Flux
 than let the kernel's OOM killer end the run.
 
 Strategies: ``resident`` (``pipe.to``), ``layerwise`` and ``model`` (``dispatch_pipeline``), ``auto-<N>GiB``
-(``dispatch_pipeline(pipe, "auto", max_memory={0: "<N>GiB"})``), ``diffusers-model`` (``enable_model_cpu_offload``),
+(``dispatch_pipeline(pipe, "auto", max_memory={0: "<N>GiB"})``), each of these offload_map ones with ``-lossless``
+or ``-fp8`` (``compression=``; e.g. ``layerwise-fp8``; every row gives the output's PSNR against resident bf16),
+``diffusers-model`` (``enable_model_cpu_offload``),
 ``diffusers-group`` (``enable_group_offload``, block_level, one block per group, ``use_stream=True``),
 ``diffusers-sequential`` (``enable_sequential_cpu_offload``; slow: one 1-step and one 2-step call).
 
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -299,13 +302,14 @@ def setup(name: str, pipe, device: str):
     if name == "resident":
         pipe.to(device)
         return (lambda: pipe.to("cpu")), None
-    if name in ("layerwise", "model"):
-        handle = offload_map.dispatch_pipeline(pipe, name, device)
-        return handle.remove, handle
-    if name.startswith("auto-"):
-        handle = offload_map.dispatch_pipeline(
-            pipe, "auto", device, max_memory={torch.device(device).index or 0 if device != "cpu" else "cpu": name[5:]}
-        )
+    base, _, compression = name.partition("-")
+    if base == "auto":
+        budget, _, compression = compression.partition("-")
+    if base in ("layerwise", "model", "auto"):
+        if compression not in ("", "lossless", "fp8"):
+            raise ValueError(f"unknown strategy {name!r}: the suffix may be -lossless or -fp8")
+        budget = {torch.device(device).index or 0 if device != "cpu" else "cpu": budget} if base == "auto" else None
+        handle = offload_map.dispatch_pipeline(pipe, base, device, max_memory=budget, compression=compression or None)
         return handle.remove, handle
     if name == "diffusers-model":
         pipe.enable_model_cpu_offload(device=device)
@@ -333,6 +337,12 @@ def timed_call(kind: Kind, pipe, steps: int, tiny: bool, cuda: bool) -> tuple[fl
     if cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start, image.cpu()
+
+
+def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR of output ``a`` against ``b`` (both in [0, 1]), in dB; inf when they are equal, NaN if either has NaNs."""
+    mse = (a.double() - b.double()).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(1 / mse)
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -403,6 +413,7 @@ def run_strategy(name: str, kind: Kind, args, reference: dict) -> dict:
     row["bit_exact"] = (
         same_bits(image1, reference[1]) and (long not in reference or same_bits(image, reference[long])) if reference else None
     )
+    row["psnr_db"] = psnr_db(image, reference[long]) if long in reference else None
     if handle is not None:
         row["device_map"] = str(handle.device_map)
         row["explain"] = handle.explain().split("\n\n", 1)[-1] if handle.plans else None
@@ -422,22 +433,27 @@ def render(env: dict, rows: list[dict]) -> str:
         f"- per step = (t8 - t1) / 7; fixed = t1 - per step; {steps}-step = fixed + {steps} x per step; peak GPU: allocator peak "
         "over the timed calls; RSS: after setup / peak",
         "",
-        f"| strategy | fixed s | per step s | {steps}-step s | x resident | peak GPU GiB | host RSS GB | setup s | bit-exact |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| strategy | fixed s | per step s | {steps}-step s | x resident | peak GPU GiB | host RSS GB | setup s | bit-exact "
+        "| PSNR dB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = next((r["call_full_s"] for r in rows if r["strategy"] == "resident" and "error" not in r), None)
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['strategy']} | error: {r['error'][:80]} | | | | | | | |")
+            lines.append(f"| {r['strategy']} | error: {r['error'][:80]} | | | | | | | | |")
             continue
         ratio = f"{r['call_full_s'] / base:.2f}" if base else "-"
         gpu = f"{r['peak_gpu_bytes'] / GIB:.1f}" if r["peak_gpu_bytes"] is not None else "-"
         rss = f"{r['rss_after_setup_bytes'] / 1e9:.1f} / {r['rss_peak_bytes'] / 1e9:.1f}"
         lines.append(
             f"| {r['strategy']} | {r['fixed_s']:.3f} | {r['per_step_s']:.3f} | {r['call_full_s']:.2f} | {ratio} | {gpu} | "
-            f"{rss} | {r['setup_s']:.2f} | {_exact(r['bit_exact'])} |"
+            f"{rss} | {r['setup_s']:.2f} | {_exact(r['bit_exact'])} | {_psnr(r.get('psnr_db'))} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _psnr(value: float | None) -> str:
+    return "-" if value is None else "inf" if math.isinf(value) else f"{value:.1f}"
 
 
 def _exact(flag: bool | None) -> str:
