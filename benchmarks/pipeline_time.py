@@ -63,6 +63,8 @@ NEGATIVE_PROMPT = "blurry dark picture"
 # Host memory a strategy holds at its peak, in weights: diffusers' group offload peaked at 2.15x with Flux (73.3 GB
 # for 34 GB), beside offload_map's 1.19x; the rest stay near 1.1x.
 HOST_NEED = {"diffusers-group": 2.2, "diffusers-sequential": 2.2}
+# What a compressed row holds beside the raw bytes, in weights: the code (lossless 0.75x; fp8 about half).
+CODE_NEED = {"lossless": 0.8, "fp8": 0.6}
 T5_XXL = dict(
     vocab_size=32128,
     d_model=4096,
@@ -305,6 +307,8 @@ def setup(name: str, pipe, device: str):
     base, _, compression = name.partition("-")
     if base == "auto":
         budget, _, compression = compression.partition("-")
+        if not budget[:1].isdigit():
+            raise ValueError(f"strategy {name!r} needs a budget: auto-<N>GiB, e.g. auto-12GiB or auto-12GiB-lossless")
     if base in ("layerwise", "model", "auto"):
         if compression not in ("", "lossless", "fp8"):
             raise ValueError(f"unknown strategy {name!r}: the suffix may be -lossless or -fp8")
@@ -356,7 +360,8 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def host_shortfall(name: str, weights_bytes: int) -> str | None:
     """Why strategy ``name`` cannot run in this host's memory (``HOST_NEED``), or None."""
-    need = HOST_NEED.get(name, 1.1) * weights_bytes
+    code = next((share for kind, share in CODE_NEED.items() if name.endswith(f"-{kind}")), 0.0)
+    need = (HOST_NEED.get(name, 1.1) + code) * weights_bytes
     available = read_status_bytes("MemAvailable", "/proc/meminfo")
     if available is None or need <= available:
         return None

@@ -303,9 +303,11 @@ def test_bad_compression_values_and_combinations_are_refused_with_nothing_moved(
     weight = model.blocks[0].up.weight
     with pytest.raises(ValueError, match=r"compression must be None, one of \['lossless', 'fp8'\] or .*, got 'zstd'"):
         dispatch_pipeline(model, "layerwise", "cpu", compression="zstd")
-    with pytest.raises(ValueError, match="names 'transformer', which is no component, block or block list of the map"):
+    with pytest.raises(ValueError, match="names 'transformer', which is no component, block or block list of the pipeline"):
         dispatch_pipeline(model, "layerwise", "cpu", compression={"transformer": "lossless"})
-    with pytest.raises(ValueError, match="'blocks.1.up', .* inside block 'blocks.1', which is coded as one: name the block"):
+    with pytest.raises(
+        ValueError, match="'blocks.1.up', .* inside block 'blocks.1', which is coded as one: name a component, a block"
+    ):
         dispatch_pipeline(model, "layerwise", "cpu", compression={"blocks.1.up": "lossless"})
     with pytest.raises(ValueError, match="not a module path"):
         dispatch_pipeline(model, "layerwise", "cpu", compression={"blocks..1": "lossless"})

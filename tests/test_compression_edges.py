@@ -15,7 +15,7 @@ from test_threads import on_another_thread
 
 import offload_map.runtime.coded_host as coded_host
 import offload_map.runtime.fp8_host as fp8_host
-from offload_map import dispatch_pipeline
+from offload_map import DeviceMap, compile_device_map, dispatch_pipeline
 from offload_map.runtime.coded_host import WORTH
 
 from conftest import assert_restored, pipeline_state, resident_run
@@ -193,6 +193,39 @@ def test_compression_with_nothing_streamed_says_so(caplog):
     handle.remove()
     # The map prints "fp8 compression", nothing is coded, report() has no coded line, and no warning is logged.
     assert coded is not None or "compression" in caplog.text, (text.splitlines()[0], coded)
+
+
+@pytest.mark.parametrize("strategy, budget", [("auto", 10 * 2**30), ("model", None)])
+def test_a_block_key_where_no_block_streams_warns_as_a_component_key_does(strategy, budget, caplog):
+    with caplog.at_level(logging.WARNING, logger="offload_map"):
+        handle = dispatch_pipeline(make_dit(), strategy, "cpu", gpu_budget=budget, compression={"blocks.1": "lossless"})
+    assert "no block it names streams" in caplog.text and handle.report().coded is None
+    handle.remove()
+
+
+def test_a_key_inside_a_block_is_refused_on_a_map_with_nested_entries():
+    model = make_dit()
+    dmap = compile_device_map(model, "layerwise")
+    dmap["blocks.0.up"] = "gpu"  # a kept part, as a saved auto plan records it
+    with pytest.raises(ValueError, match="'blocks.0.up', .* inside block 'blocks.0', which is coded as one"):
+        dispatch_pipeline(model, device_map=dmap, device="cpu", compression={"": "fp8", "blocks.0.up": None})
+    assert not hasattr(model, "_hf_hook")
+
+
+def test_a_dict_of_nothing_but_none_is_no_compression(caplog):
+    assert (
+        DeviceMap("cpu", {"transformer": "dit"}, compression={"transformer": None, "transformer.blocks": None}).compression
+        is None
+    )
+    with caplog.at_level(logging.WARNING, logger="offload_map"):
+        handle = dispatch_pipeline(make_dit(), "layerwise", "cpu", compression={"": None})
+    assert handle.report().coded is None and "compression" not in caplog.text
+    handle.remove()
+
+
+def test_a_bad_key_error_suggests_a_block_of_its_own_component():
+    with pytest.raises(ValueError, match=r"'transformer.norm_out', .* \(e.g. 'transformer.transformer_blocks.0'\)"):
+        dispatch_pipeline(_bf16(make_flux_pipeline), "layerwise", "cpu", compression={"transformer.norm_out": "lossless"})
 
 
 def test_an_edited_live_map_is_refused_before_refresh_undoes_anything():

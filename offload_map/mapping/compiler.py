@@ -100,12 +100,12 @@ def compile_found(
         raise ValueError("strategy 'auto' needs a budget: pass max_memory={0: '12GiB'} or gpu_budget='12GiB'")
     whole = _sized(_place(found, "none", device, window, {}), tensors)
     whole.compression = check_compression(compression, whole.components)
+    check_compressed_paths(whole.compression, found)
     sizes = _component_bytes(whole)
     if strategy == "none":
         return whole
     dmap = _sized(_place(found, "layerwise" if strategy == "auto" else strategy, device, window, sizes), tensors)
     dmap.strategy, dmap.compression = strategy, whole.compression
-    check_compressed_paths(dmap)
     if budget is None:
         return dmap
     if strategy == "auto" and fits_entirely(sum(sizes.values()), budget):

@@ -292,11 +292,9 @@ def check_path(path: object) -> str:
 
 def check_compression(compression: object, components=None) -> "str | dict[str, str | None] | None":
     """Return ``compression`` if it is ``None``, one of ``COMPRESSIONS``, or a dict of module paths (components, blocks,
-    modules holding blocks; within ``components`` if given) to one of them or None (an empty dict gives ``None``),
-    else raise a ValueError that says what to pass. ``check_compressed_paths`` checks the paths against a map's
-    entries."""
-    if isinstance(compression, dict) and not compression:
-        return None
+    modules holding blocks; within ``components`` if given) to one of them or None (a dict of nothing but None gives
+    ``None``), else raise a ValueError that says what to pass. ``check_compressed_paths`` checks the paths against the
+    pipeline's blocks."""
     if isinstance(compression, dict):
         for path, kind in compression.items():
             check_path(path)
@@ -308,6 +306,8 @@ def check_compression(compression: object, components=None) -> "str | dict[str, 
                 raise ValueError(
                     f"compression names {path!r:.80}, which is in no component of the map; components: {sorted(components)}"
                 )
+        if not any(compression.values()):
+            return None  # every block as it is: no compression
     elif compression is not None and compression not in COMPRESSIONS:
         raise ValueError(
             f"compression must be None, one of {list(COMPRESSIONS)} or {{module path: one of them or None}}, "
@@ -316,19 +316,24 @@ def check_compression(compression: object, components=None) -> "str | dict[str, 
     return compression
 
 
-def check_compressed_paths(dmap: DeviceMap) -> None:
-    """Raise a ValueError if a path of ``dmap.compression`` is neither a component nor a module of the map's entries
-    (a block) or above them (a block list); a module inside a block cannot be coded apart from its block."""
-    if not isinstance(dmap.compression, dict):
+def check_compressed_paths(compression: "str | dict | None", found) -> None:
+    """Raise a ValueError if a path of ``compression`` is none of the components of ``found`` (``PipelineModules``),
+    their blocks, or modules holding blocks (block lists): a module inside a block cannot be coded apart from its
+    block. Checked against the pipeline rather than a map, so a key means the same whether or not a map streams
+    its block."""
+    if not isinstance(compression, dict) or all(path in found.components for path in compression):
         return
-    for path in dmap.compression:
-        if path in dmap.components or any(e == path or e.startswith(path + ".") for e in dmap.entries):
+    blocks = [path for comp in found.components.values() for path, _ in comp.blocks()]
+    for path in compression:
+        if path in found.components or any(b == path or b.startswith(path + ".") for b in blocks):
             continue
-        holder = max((e for e in dmap.entries if path.startswith(e + ".")), key=len, default=None)
-        where = f"; it is inside block {holder!r}, which is coded as one" if holder not in (None, *dmap.components) else ""
+        block = next((b for b in blocks if path.startswith(b + ".")), None)
+        where = f"; it is inside block {block!r}, which is coded as one" if block is not None else ""
+        near = [b for b in blocks if b.startswith(owning_component(path, found.components) + ".")] or blocks
+        example = f" (e.g. {near[0]!r})" if near else ""
         raise ValueError(
-            f"compression names {path!r:.80}, which is no component, block or block list of the map{where}: name the "
-            f"block (e.g. {next(iter(dmap.entries), 'transformer.blocks.0')!r}) or a module holding blocks"
+            f"compression names {path!r:.80}, which is no component, block or block list of the pipeline{where}: name "
+            f"a component, a block{example} or a module holding blocks"
         )
 
 

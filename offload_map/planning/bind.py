@@ -98,7 +98,7 @@ def bind(dmap: DeviceMap, found: PipelineModules, tensors: list[TensorRef]) -> E
             raise ValueError(f"component {name or '<root>'!r} has no entry of its own; add one (e.g. {name!r}: 'gpu')")
         plan.components.append(ComponentPlan(name, comp.module, dmap.components[name], root.placement))
     streamed = _check_rules(dmap, comps, units)
-    check_compressed_paths(dmap)
+    check_compressed_paths(dmap.compression, found)
     _check_sizes(dmap, comps, units)
     for unit in units.values():
         if unit.placement is Placement.GPU:

@@ -1,0 +1,51 @@
+"""Packing host weights: host memory holds about one copy of the weights while packing, not one per thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from test_compression import make_dit
+
+import offload_map.runtime.host_store as host_store
+from offload_map import dispatch_pipeline
+from offload_map.runtime.unit import OffloadedUnit
+
+
+def test_units_packed_at_once_stay_within_the_in_flight_bytes(monkeypatch):
+    model = make_dit()
+    block = sum(p.numel() * p.element_size() for p in model.blocks[0].parameters())
+    lock, live, peak = threading.Lock(), [0], [0]
+
+    class Counted(host_store.HostBuffer):
+        # A unit is held twice from its buffer's allocation until its tensors are rebound to it.
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            with lock:
+                live[0] += self.nbytes
+                peak[0] = max(peak[0], live[0])
+            time.sleep(0.05)  # packing takes a while: the other threads start theirs meanwhile
+
+    bind_host = OffloadedUnit.bind_host
+
+    def bind_and_count(unit) -> None:
+        bind_host(unit)
+        with lock:
+            live[0] -= unit.host.nbytes
+
+    monkeypatch.setattr(host_store, "HostBuffer", Counted)
+    monkeypatch.setattr(OffloadedUnit, "bind_host", bind_and_count)
+    monkeypatch.setattr(host_store, "PACK_THREADS", 8)
+    monkeypatch.setattr(host_store, "PACK_IN_FLIGHT", int(2.5 * block))
+    handle = dispatch_pipeline(model, "layerwise", "cpu")
+    assert live[0] == 0 and 0 < peak[0] <= 2 * block  # 8 threads, 5 blocks: two at a time
+    handle.remove()
+
+
+def test_a_unit_larger_than_the_in_flight_bytes_still_packs(monkeypatch):
+    monkeypatch.setattr(host_store, "PACK_THREADS", 8)
+    monkeypatch.setattr(host_store, "PACK_IN_FLIGHT", 1)
+    model = make_dit()
+    handle = dispatch_pipeline(model, "layerwise", "cpu")
+    assert len(handle.runtime.host.units) == 5
+    handle.remove()
