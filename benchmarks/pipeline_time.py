@@ -33,6 +33,9 @@ or ``-fp8`` (``compression=``; e.g. ``layerwise-fp8``; every row gives the outpu
 ``diffusers-group`` (``enable_group_offload``, block_level, one block per group, ``use_stream=True``),
 ``diffusers-sequential`` (``enable_sequential_cpu_offload``; slow: one 1-step and one 2-step call).
 
+A full-size Wan2.2 run takes longer than one device call may: split its strategies over runs that share
+``--reference FILE`` (the first with ``resident``) and ``--append``.
+
 Writes ``DIR/pipeline_time_<pipeline>.jsonl`` (an environment row, one row per strategy, appended as they finish)
 and ``DIR/pipeline_time_<pipeline>.md``.
 """
@@ -472,6 +475,12 @@ def main(argv=None) -> None:
     p.add_argument("--pipeline", choices=sorted(KINDS), default="flux")
     p.add_argument("--device", default="cuda:0")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny configs on the CPU: checks the script, no timings")
+    p.add_argument("--append", action="store_true", help="add rows to DIR's results of an earlier run of this pipeline")
+    p.add_argument(
+        "--reference",
+        help="a file for the resident outputs: written when 'resident' runs, else read, so that strategies split over "
+        "several runs (a run per device call) are still compared with the resident output",
+    )
     args = p.parse_args(argv)
     if args.cpu_smoke:
         args.device = "cpu"
@@ -488,9 +497,16 @@ def main(argv=None) -> None:
         "host": host_info(),
         "pipeline": args.pipeline,
     }
-    with open(stem + ".jsonl", "w") as f:
-        f.write(json.dumps(env) + "\n")
-    rows, reference = [], {}
+    rows = []
+    if args.append and os.path.exists(stem + ".jsonl"):
+        with open(stem + ".jsonl") as f:
+            rows = [row for row in map(json.loads, f) if row.get("kind") != "env"]
+    else:
+        with open(stem + ".jsonl", "w") as f:
+            f.write(json.dumps(env) + "\n")
+    reference = {}
+    if args.reference and "resident" not in names:
+        reference = torch.load(args.reference)
     for name in names:
         print(f"{name} ...", flush=True)
         try:
@@ -498,6 +514,8 @@ def main(argv=None) -> None:
         except Exception as exc:  # noqa: BLE001 - recorded in the row; the next strategy still runs
             row = {"strategy": name, "error": f"{type(exc).__name__}: {exc}"}
             release_host_and_device_memory(args.device != "cpu")
+        if name == "resident" and args.reference and "error" not in row:
+            torch.save(reference, args.reference)
         rows.append(row)
         with open(stem + ".jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
