@@ -27,7 +27,9 @@ would need more host memory than is available (``HOST_NEED``, measured with Flux
 than let the kernel's OOM killer end the run.
 
 Strategies: ``resident`` (``pipe.to``), ``layerwise`` and ``model`` (``dispatch_pipeline``), ``auto-<N>GiB``
-(``dispatch_pipeline(pipe, "auto", max_memory={0: "<N>GiB"})``), each of these offload_map ones with ``-lossless``
+(``dispatch_pipeline(pipe, "auto", max_memory={0: "<N>GiB"}, runs_per_call=<a full call's forwards>)``, as a
+user's first call, a full one, would teach it; its row gives the planner's prediction for the components it
+plans, ``OffloadHandle.predicted_call_s``), each of these offload_map ones with ``-lossless``
 or ``-fp8`` (``compression=``; e.g. ``layerwise-fp8``; every row gives the output's PSNR against resident bf16),
 ``diffusers-model`` (``enable_model_cpu_offload``),
 ``diffusers-group`` (``enable_group_offload``, block_level, one block per group, ``use_stream=True``),
@@ -43,6 +45,7 @@ and ``DIR/pipeline_time_<pipeline>.md``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -279,6 +282,21 @@ def call_wan22(pipe, steps: int, tiny: bool) -> torch.Tensor:
     return out.frames
 
 
+def flux_runs(pipe, steps: int) -> dict[str, int]:
+    """How often each component runs in a call of ``steps`` steps."""
+    return {"text_encoder": 1, "text_encoder_2": 1, "transformer": steps, "vae": 1}
+
+
+def wan22_runs(pipe, steps: int) -> dict[str, int]:
+    """How often each component runs in a call of ``steps`` steps: the prompt and the negative prompt are encoded,
+    and each step runs its expert twice (guidance); the high-noise expert takes the timesteps from the boundary up."""
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(steps)
+    boundary = pipe.config.boundary_ratio * scheduler.config.num_train_timesteps
+    high = sum(1 for t in scheduler.timesteps if t >= boundary)
+    return {"text_encoder": 2, "transformer": 2 * high, "transformer_2": 2 * (steps - high), "vae": 1}
+
+
 @dataclass(frozen=True)
 class Kind:
     """One pipeline the benchmark can build and call (see the module docstring)."""
@@ -287,21 +305,26 @@ class Kind:
     build: Callable  # (tiny, gen_device, seed) -> pipeline
     call: Callable  # (pipe, steps, tiny) -> output tensor
     full_steps: int  # the steps of a full call, which the table extrapolates to
+    runs: Callable  # (pipe, steps) -> component -> forwards in a call (``runs_per_call`` of the auto rows)
 
 
 KINDS = {
-    "flux": Kind("FluxPipeline (CLIP-L, T5-XXL, Flux-12B, VAE), 1024x1024, 512 text tokens", build_flux, call_flux, 28),
+    "flux": Kind(
+        "FluxPipeline (CLIP-L, T5-XXL, Flux-12B, VAE), 1024x1024, 512 text tokens", build_flux, call_flux, 28, flux_runs
+    ),
     "wan22": Kind(
         "WanPipeline, Wan2.2 T2V-A14B (UMT5-XXL, two 14B experts, Wan VAE), 17 frames of 480x832, CFG, 512 text tokens",
         build_wan22,
         call_wan22,
         40,
+        wan22_runs,
     ),
 }
 
 
-def setup(name: str, pipe, device: str):
-    """Apply strategy ``name``; returns (undo, the offload_map handle or None)."""
+def setup(name: str, pipe, device: str, runs: dict[str, int] | None = None):
+    """Apply strategy ``name``; returns (undo, the offload_map handle or None). ``runs``: how often each component
+    runs in a full call, which budgets plan for (as a user's first call, a full one, would teach them)."""
     import offload_map
 
     if name == "resident":
@@ -316,7 +339,14 @@ def setup(name: str, pipe, device: str):
         if compression not in ("", "lossless", "fp8"):
             raise ValueError(f"unknown strategy {name!r}: the suffix may be -lossless or -fp8")
         budget = {torch.device(device).index or 0 if device != "cpu" else "cpu": budget} if base == "auto" else None
-        handle = offload_map.dispatch_pipeline(pipe, base, device, max_memory=budget, compression=compression or None)
+        handle = offload_map.dispatch_pipeline(
+            pipe,
+            base,
+            device,
+            max_memory=budget,
+            compression=compression or None,
+            runs_per_call=runs if base == "auto" else None,
+        )
         return handle.remove, handle
     if name == "diffusers-model":
         pipe.enable_model_cpu_offload(device=device)
@@ -390,7 +420,7 @@ def run_strategy(name: str, kind: Kind, args, reference: dict) -> dict:
     sampler = RssSampler()
     with sampler:
         start = time.perf_counter()
-        undo, handle = setup(name, pipe, args.device)
+        undo, handle = setup(name, pipe, args.device, kind.runs(pipe, kind.full_steps))
         row["setup_s"] = time.perf_counter() - start
         release_host_and_device_memory(False)
         row["rss_after_setup_bytes"] = read_status_bytes("VmRSS")
@@ -425,6 +455,9 @@ def run_strategy(name: str, kind: Kind, args, reference: dict) -> dict:
     if handle is not None:
         row["device_map"] = str(handle.device_map)
         row["explain"] = handle.explain().split("\n\n", 1)[-1] if handle.plans else None
+        # The planned components' share of a full call, as the planner weighs it (the DiT once per step).
+        row["predicted_planned_s"] = handle.predicted_call_s
+        row["planned"] = sorted(handle.plans)
     undo()
     del pipe, handle, undo
     release_host_and_device_memory(cuda)
@@ -457,6 +490,14 @@ def render(env: dict, rows: list[dict]) -> str:
             f"| {r['strategy']} | {r['fixed_s']:.3f} | {r['per_step_s']:.3f} | {r['call_full_s']:.2f} | {ratio} | {gpu} | "
             f"{rss} | {r['setup_s']:.2f} | {_exact(r['bit_exact'])} | {_psnr(r.get('psnr_db'))} |"
         )
+    predicted = [r for r in rows if r.get("predicted_planned_s") is not None]
+    if predicted:
+        lines += ["", f"The planner's prediction for a {steps}-step call, in the components it planned:"]
+        lines += [
+            f"- {r['strategy']}: {r['predicted_planned_s']:.2f} s in {', '.join(r['planned'])} "
+            f"(measured call {r['call_full_s']:.2f} s, all components)"
+            for r in predicted
+        ]
     return "\n".join(lines) + "\n"
 
 

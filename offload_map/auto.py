@@ -286,7 +286,18 @@ class AutoPlanner:
                 f"{plan.step_s * 1e3:.1f} ms = {self._seconds(name, plan, self.stays[name]):.2f} s per call"
                 f"{'' if self.learned or name in self.given else ' (runs assumed until the first call ends)'}"
             )
+        unplanned = [name or "the DiT" for name in self.roles if name not in self.plans]
+        lines.append(
+            f"predicted: {self.predicted_call_s:.2f} s of a call in the components planned"
+            + (f"; not counted: {', '.join(unplanned)} (moved whole, resident, or not timed yet)" if unplanned else "")
+        )
         return "\n".join(lines)
+
+    @property
+    def predicted_call_s(self) -> float:
+        """Predicted seconds of one call of the pipeline spent in the planned components (their runs, and copying
+        their kept blocks back where they leave)."""
+        return sum(self._seconds(name, plan, self.stays[name]) for name, plan in self.plans.items())
 
 
 def _recorded(dmap: DeviceMap, blocks: list[Unit], kept: dict[str, int], window: int) -> DeviceMap:

@@ -69,6 +69,13 @@ class OffloadHandle:
         """The planner's ``BlockPlan`` per streamed DiT (with a budget), once that DiT's second forward ran (the timed one)."""
         return dict(self._planner.plans) if self._planner is not None else {}
 
+    @property
+    def predicted_call_s(self) -> float | None:
+        """With a budget, once a component was planned: the planner's predicted seconds of one pipeline call spent in the
+        components it planned (``explain()`` lists them and those not counted), to set beside a measured call.
+        None before any plan, and without a budget."""
+        return self._planner.predicted_call_s if self._planner is not None and self._planner.plans else None
+
     def explain(self) -> str:
         """The device map, and for each planned DiT its per-block plan and what bounds the step."""
         parts = [str(self.device_map)]

@@ -255,6 +255,24 @@ def test_under_a_budget_the_dits_kept_blocks_stay_while_the_encoder_runs_when_th
     handle.remove()
 
 
+def test_the_predicted_call_is_each_planned_components_runs_and_copies_back(monkeypatch):
+    from offload_map.demo import make_tiny_pipeline
+
+    monkeypatch.setattr("offload_map.dispatch.bandwidth", lambda device: 1e5)  # kept blocks leave and come back
+    pipe = make_tiny_pipeline()
+    total = sum(compile_device_map(pipe, "none", "cpu").bytes_by_placement().values())
+    handle = dispatch_pipeline(pipe, "auto", "cpu", gpu_budget=int(total * 0.95), runs_per_call={"transformer": 1000})
+    assert handle.predicted_call_s is None  # nothing planned yet
+    for _ in range(2):
+        pipe("predict", steps=3)
+    plan = handle.plans["transformer"]
+    kept = sum(b.nbytes for b in plan.cost.blocks) - plan.streamed_bytes
+    assert kept and handle.predicted_call_s == pytest.approx(1000 * plan.step_s + kept / plan.bandwidth)
+    assert f"predicted: {handle.predicted_call_s:.2f} s of a call in the components planned" in handle.explain()
+    handle.remove()
+    assert dispatch_pipeline(make_tiny_pipeline(), "layerwise", "cpu").predicted_call_s is None  # no budget
+
+
 def test_runs_per_call_naming_no_component_or_not_a_count_is_refused():
     from offload_map.demo import make_tiny_pipeline
 
