@@ -49,3 +49,35 @@ def test_a_unit_larger_than_the_in_flight_bytes_still_packs(monkeypatch):
     handle = dispatch_pipeline(model, "layerwise", "cpu")
     assert len(handle.runtime.host.units) == 5
     handle.remove()
+
+
+def test_blocks_read_from_a_checkpoint_pack_side_by_side(tmp_path, monkeypatch):
+    # Read from a checkpoint, a block's tensors are on the meta device: it is held once, so reads run in parallel
+    # (a disk needs several in flight) however small the in-flight bytes.
+    from diffusers import FluxTransformer2DModel
+
+    from offload_map import empty_model
+    from offload_map.loading.weights import WeightSource
+
+    from tiny_pipelines import make_flux_pipeline
+
+    make_flux_pipeline().transformer.save_pretrained(tmp_path)
+    lock, reading, most = threading.Lock(), [0], [0]
+    read_into = WeightSource.read_into
+
+    def slow_read(source, ref, out) -> None:
+        with lock:
+            reading[0] += 1
+            most[0] = max(most[0], reading[0])
+        time.sleep(0.02)
+        read_into(source, ref, out)
+        with lock:
+            reading[0] -= 1
+
+    monkeypatch.setattr(WeightSource, "read_into", slow_read)
+    monkeypatch.setattr(host_store, "PACK_THREADS", 4)
+    monkeypatch.setattr(host_store, "PACK_IN_FLIGHT", 1)
+    model = empty_model(FluxTransformer2DModel, tmp_path)
+    handle = dispatch_pipeline(model, "layerwise", "cpu", weights=str(tmp_path))
+    assert most[0] > 1
+    handle.remove()

@@ -132,7 +132,10 @@ class HostStore:
         in_flight = _InFlight(PACK_IN_FLIGHT)
 
         def pack(unit: Unit, offset: int) -> OffloadedUnit:
-            with in_flight.hold(unit.nbytes):
+            # Only tensors copied from memory are held twice (read from a checkpoint, they are on the meta device;
+            # a rank that does not fill a shared region allocates nothing).
+            twice = sum(r.nbytes for r in unit.tensors if not (self.source and self.source.covers(r))) if fills else 0
+            with in_flight.hold(twice):
                 return pack_unit(unit, offset)
 
         def pack_unit(unit: Unit, offset: int) -> OffloadedUnit:
@@ -226,7 +229,7 @@ class HostStore:
 
 class _InFlight:
     """Host bytes of the units being packed: ``hold(n)`` waits until ``n`` more fit within ``limit`` (or nothing else
-    is held, so that a unit larger than the limit still packs, alone)."""
+    is held, so that a unit larger than the limit still packs, alone; ``hold(0)`` never waits)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -236,7 +239,7 @@ class _InFlight:
     @contextmanager
     def hold(self, nbytes: int) -> Iterator[None]:
         with self._changed:
-            self._changed.wait_for(lambda: not self.held or self.held + nbytes <= self.limit)
+            self._changed.wait_for(lambda: not self.held or not nbytes or self.held + nbytes <= self.limit)
             self.held += nbytes
         try:
             yield
