@@ -116,10 +116,11 @@ def test_a_budget_plans_with_coded_blocks_and_stays_exact(target):
     handle.remove()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @torch.inference_mode()
-def test_blocks_that_do_not_compress_stream_raw_and_say_so(target):
-    model, x = make_dit(dtype=torch.float32), _input(torch.float32).to(target)
-    reference = _reference(0, target, torch.float32)
+def test_blocks_that_do_not_compress_stream_raw_and_say_so(target, dtype):
+    model, x = make_dit(dtype=dtype), _input(dtype).to(target)
+    reference = _reference(0, target, dtype)
     handle = dispatch_pipeline(model, "layerwise", target, compression="lossless")
     assert torch.equal(model(x).cpu(), reference)
     report = handle.report()
