@@ -17,7 +17,7 @@ kept part ends) is copied plane by plane, just the part of it that is needed.
 
 Coding runs where the blocks will be decoded: on a CUDA device each piece is coded there (a few
 milliseconds) and its planes copied back into the page-locked store; one unit is coded at a time
-(``_DEVICE_CODING``: about three times its bytes of device memory), and each packing thread may hold one unit's
+(``DEVICE_CODING``: about three times its bytes of device memory), and each packing thread may hold one unit's
 code on the device until it is written back; on the CPU, with torch's CPU kernels.
 
 Ownership (``CodedHost``, one per coded unit, owned by its ``OffloadedUnit``): ``store`` holds every piece's
@@ -29,6 +29,7 @@ for raw buffers). The staging buffers belong to the ring's ``SlotPool``.
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 
@@ -38,7 +39,26 @@ from .host_buffer import HostBuffer
 
 PIECE = CODE_PIECE  # raw bytes coded, copied and decoded at once: bounds the staging buffers
 WORTH = 0.95  # a block whose code takes more of its raw bytes than this streams raw
-_DEVICE_CODING = threading.Lock()  # packing threads code one unit at a time on the device
+
+
+class _DeviceCoding:
+    """Packing threads code one unit at a time on the device (about three times its bytes of device memory).
+    ``waited_s`` sums the seconds threads waited for their turn, for the setup report (``HostStore``)."""
+
+    def __init__(self) -> None:
+        self._turn = threading.Lock()
+        self.waited_s = 0.0
+
+    def __enter__(self) -> None:
+        start = time.perf_counter()
+        self._turn.acquire()
+        self.waited_s += time.perf_counter() - start  # under the lock: one writer at a time
+
+    def __exit__(self, *exc) -> None:
+        self._turn.release()
+
+
+DEVICE_CODING = _DeviceCoding()
 
 
 class CodedHost:
@@ -91,7 +111,7 @@ class CodedHost:
         if self.device is None:
             self._store([encode(raw[a:b]) for a, b in _pieces(0, self.raw_bytes)])
             return
-        with _DEVICE_CODING:
+        with DEVICE_CODING:
             on_device = raw.to(self.device, non_blocking=raw.is_pinned())
             pieces = [encode(on_device[a:b]) for a, b in _pieces(0, self.raw_bytes)]
             del on_device

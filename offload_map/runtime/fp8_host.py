@@ -27,7 +27,7 @@ import torch
 
 from ..mapping.memory import CODE_PIECE
 from . import fp8_kernel
-from .coded_host import _DEVICE_CODING, WORTH
+from .coded_host import DEVICE_CODING, WORTH
 from .host_buffer import HostBuffer, Region
 
 E4M3_MAX = 448.0
@@ -89,7 +89,7 @@ class Fp8Host:
         if self.device is None:
             items, firsts = self._items(raw)
         else:
-            with _DEVICE_CODING:
+            with DEVICE_CODING:
                 items, firsts = self._items(raw.to(self.device, non_blocking=raw.is_pinned()))
         store = HostBuffer(items)
         if self.pinned:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from ..collect.tensors import is_dtensor
 from ..mapping.placement import Placement
 from ..planning.bind import ExecutionPlan, Unit
-from .coded_host import CodedHost
+from .coded_host import DEVICE_CODING, CodedHost
 from .fp8_host import Fp8Host
 from .host_buffer import HostBuffer, layout, trim_host_heap
 from .report import SetupTimes
@@ -129,6 +129,7 @@ class HostStore:
             disable=progress is False or not host_units,
         )
         fill_s, pin_s, code_s = [], [], []
+        waited = DEVICE_CODING.waited_s
         in_flight = _InFlight(PACK_IN_FLIGHT)
 
         def pack(unit: Unit, offset: int) -> OffloadedUnit:
@@ -199,6 +200,7 @@ class HostStore:
                 raise error
         self.times.pack_wall_s = time.perf_counter() - start
         self.times.fill_s, self.times.pin_s, self.times.code_s = sum(fill_s), sum(pin_s), sum(code_s)
+        self.times.code_wait_s = DEVICE_CODING.waited_s - waited
 
     def _code(self, unit: Unit, buffer: HostBuffer, device: torch.device | None) -> "CodedHost | Fp8Host | None":
         # The unit's bytes as ``compression`` stores them, or None where that saves nothing.

@@ -32,16 +32,19 @@ class TransferStats:
 @dataclass
 class SetupTimes:
     """Where dispatch time went: packing host storage (wall), and, summed over the packing threads, writing
-    the weights into it (copies or checkpoint reads), coding streamed blocks (``compression``) and page-locking."""
+    the weights into it (copies or checkpoint reads), coding streamed blocks (``compression``; of which waiting
+    for the device, which codes one unit at a time) and page-locking."""
 
     pack_wall_s: float = 0.0
     fill_s: float = 0.0
     pin_s: float = 0.0
     threads: int = 1
     code_s: float = 0.0
+    code_wait_s: float = 0.0
 
     def __str__(self) -> str:
-        coding = f"coding blocks {self.code_s:.2f} s, " if self.code_s else ""
+        waiting = f" ({self.code_wait_s:.2f} s of it waiting for the device)" if self.code_wait_s >= 0.005 else ""
+        coding = f"coding blocks {self.code_s:.2f} s{waiting}, " if self.code_s else ""
         return (
             f"host storage {self.pack_wall_s:.2f} s wall ({self.threads} threads: writing weights {self.fill_s:.2f} s, "
             f"{coding}page-locking {self.pin_s:.2f} s, summed over threads)"
