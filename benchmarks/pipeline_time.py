@@ -59,6 +59,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from offload_map import model_zoo  # noqa: E402
+from offload_map.mapping.sizes import human_bytes  # noqa: E402
 
 from step_time import RssSampler, host_info, read_status_bytes, release_host_and_device_memory, versions  # noqa: E402
 
@@ -467,10 +468,11 @@ def run_strategy(name: str, kind: Kind, args, reference: dict) -> dict:
 def render(env: dict, rows: list[dict]) -> str:
     steps = KINDS[env["pipeline"]].full_steps
     lines = [
-        f"# pipeline_time: {KINDS[env['pipeline']].title}",
+        f"# pipeline_time: {KINDS[env['pipeline']].title}"
+        + (" (--cpu-smoke: tiny configs and sizes, timings meaningless)" if env.get("smoke") else ""),
         "",
         f"- device: {env['device_name']}; {env['versions']}",
-        f"- weights: {next((r['weights_bytes'] for r in rows if 'weights_bytes' in r), 0) / 1e9:.1f} GB bf16",
+        f"- weights: {human_bytes(next((r['weights_bytes'] for r in rows if 'weights_bytes' in r), 0))} bf16",
         f"- per step = (t8 - t1) / 7; fixed = t1 - per step; {steps}-step = fixed + {steps} x per step; peak GPU: allocator peak "
         "over the timed calls; RSS: after setup / peak",
         "",
@@ -495,7 +497,7 @@ def render(env: dict, rows: list[dict]) -> str:
         lines += ["", f"The planner's prediction for a {steps}-step call, in the components it planned:"]
         lines += [
             f"- {r['strategy']}: {r['predicted_planned_s']:.2f} s in {', '.join(r['planned'])} "
-            f"(measured call {r['call_full_s']:.2f} s, all components)"
+            f"(the measured per step and fixed part give {r['call_full_s']:.2f} s for the call, all components)"
             for r in predicted
         ]
     return "\n".join(lines) + "\n"
@@ -537,6 +539,7 @@ def main(argv=None) -> None:
         "versions": versions(),
         "host": host_info(),
         "pipeline": args.pipeline,
+        "smoke": args.cpu_smoke,
     }
     rows = []
     if args.append and os.path.exists(stem + ".jsonl"):
@@ -562,7 +565,7 @@ def main(argv=None) -> None:
             f.write(json.dumps(row) + "\n")
         with open(stem + ".md", "w") as f:
             f.write(render(env, rows))
-        print(render(env, rows).splitlines()[-1], flush=True)
+        print(next(line for line in reversed(render(env, rows).splitlines()) if line.startswith(f"| {name} |")), flush=True)
     print(render(env, rows))
 
 

@@ -19,10 +19,10 @@ from .collect.components import PipelineModules, discover_components
 from .collect.tensors import collect_tensors
 from .handle import HANDLE_ATTR, OffloadHandle
 from .loading.weights import WeightSource
-from .mapping.compiler import check_strategy, compile_found
+from .mapping.compiler import STREAM_MIN_BYTES, check_strategy, compile_found
 from .mapping.device_map import DeviceMap, check_compression, check_window
 from .mapping.devices import resolve_device
-from .mapping.sizes import device_budget
+from .mapping.sizes import device_budget, human_bytes
 from .planning.bind import bind
 from .runtime.bandwidth import bandwidth
 from .runtime.hooks import BlockHook, ComponentHook
@@ -181,6 +181,19 @@ def dispatch_pipeline(
     return handle
 
 
+def _idle_compression(dmap: DeviceMap, plan) -> list[str]:
+    """The paths ``dmap.compression`` gives a kind that hold no block the plan streams (``[""]`` for one kind)."""
+    if not dmap.compression:
+        return []
+    streamed = [block.path for ring in plan.rings for block in ring.blocks]
+    named = {"": dmap.compression} if isinstance(dmap.compression, str) else dmap.compression
+    return [path for path, kind in named.items() if kind and not any(_holds(path, b) for b in streamed)]
+
+
+def _holds(path: str, block: str) -> bool:
+    return not path or block == path or block.startswith(path + ".")
+
+
 def _build(
     pipeline: object,
     found: PipelineModules,
@@ -197,12 +210,20 @@ def _build(
     runs_per_call: dict | None,
 ) -> tuple[DeviceMap, Runtime, AutoPlanner | None]:
     plan = bind(dmap, found, tensors)
-    if dmap.compression and not plan.compression:
+    idle = _idle_compression(dmap, plan)
+    if idle:
+        what = (
+            f"compression={dmap.compression!r}: no block streams"
+            if isinstance(dmap.compression, str)
+            else f"compression names {', '.join(map(repr, idle))}, but no block of {'theirs' if len(idle) > 1 else 'its'} streams"
+        )
         logger.warning(
-            "compression=%r: no block it names streams under this map (strategy %r), so nothing is coded; "
-            "stream blocks (strategy 'layerwise' or a budget) for it to apply",
-            dmap.compression,
+            "%s under this map (strategy %r), so it is not coded. 'layerwise' and budgets stream every DiT and the "
+            "components of %s or more with block lists (others move whole); to stream another component's blocks, "
+            "place them 'layer-window' in the map",
+            what,
             dmap.strategy,
+            human_bytes(STREAM_MIN_BYTES),
         )
     dmap = dmap.sized({path: unit.tensors for path, unit in plan.units.items()})
     source = WeightSource(plan, weights)

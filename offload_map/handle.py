@@ -38,6 +38,7 @@ class OffloadHandle:
         self._rebuild = rebuild
         self._report = self._start_report(setup_seconds)
         self._removed = False
+        self._ended_by = "remove"  # or "detach": what ended the dispatch, for the error a later call raises
         if runtime.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(runtime.device)
 
@@ -156,14 +157,19 @@ class OffloadHandle:
         return self._runtime.on_device()
 
     def _check_active(self) -> None:
+        if self._removed and self._ended_by == "detach":
+            raise RuntimeError(
+                "this dispatch was detached: its hooks are gone and every tensor stays where detach() left it; "
+                "dispatch the pipeline again to offload it"
+            )
         if self._removed:
             raise RuntimeError("this dispatch was already removed; the pipeline is back as it was")
 
-    def _finish(self, undo) -> None:
+    def _finish(self, undo, ended_by: str) -> None:
         self._check_active()
         self._report.coded = self._runtime.coded  # what report() says once the runtime is gone
         undo()
-        self._removed = True
+        self._removed, self._ended_by = True, ended_by
         self.pipeline.__dict__.pop(HANDLE_ATTR, None)
 
     def remove(self) -> None:
@@ -172,14 +178,14 @@ class OffloadHandle:
         Raises:
             RuntimeError: called a second time.
         """
-        self._finish(self._runtime.restore)
+        self._finish(self._runtime.restore, "remove")
 
     def detach(self) -> None:
         """Remove the hooks; streamed blocks point at their host buffers, every other tensor stays where it is
         now (a pinned component that is loaded stays on the device). Unlike ``remove()``, nothing goes back
         to its original device; slots are freed."""
-        self._finish(self._runtime.detach)
+        self._finish(self._runtime.detach, "detach")
 
     def __repr__(self) -> str:
-        state = "removed" if self._removed else "active"
+        state = ("removed" if self._ended_by == "remove" else "detached") if self._removed else "active"
         return f"<OffloadHandle {self.device_map.strategy} -> {self.device_map.device} ({state})>"

@@ -70,6 +70,15 @@ def test_remove_twice_is_a_clear_error(pipe):
         handle.remove()
 
 
+def test_remove_after_detach_says_it_was_detached(pipe):
+    handle = dispatch_pipeline(pipe, "layerwise", "cpu")
+    handle.detach()
+    with pytest.raises(RuntimeError, match="was detached: its hooks are gone and every tensor stays where detach"):
+        handle.remove()
+    assert "detached" in repr(handle)
+    dispatch_pipeline(pipe, "layerwise", "cpu").remove()  # and it dispatches again
+
+
 def test_another_offloaders_hooks_are_refused(pipe):
     reference = pipe("check", steps=2)
     cpu_offload(pipe.transformer, execution_device=torch.device("cpu"))

@@ -124,7 +124,7 @@ def test_blocks_that_do_not_compress_stream_raw_and_say_so(target, dtype):
     handle = dispatch_pipeline(model, "layerwise", target, compression="lossless")
     assert torch.equal(model(x).cpu(), reference)
     report = handle.report()
-    assert report.coded.coded == 0 and "5 stream raw" in str(report)
+    assert report.coded.coded == 0 and "5 stay raw" in str(report)
     assert all(unit.coded is None and unit.host.pinned == (target != "cpu") for unit in handle.runtime.rings[""].units)
     handle.remove()
 
@@ -244,7 +244,8 @@ def test_compression_per_block_the_longest_path_wins(window, target):
     ring = handle.runtime.rings[""]
     assert [type(u.coded).__name__ for u in ring.units] == ["CodedHost", "NoneType", "CodedHost", "CodedHost", "CodedHost"]
     coded = handle.report().coded
-    assert (coded.blocks, coded.coded) == (4, 4)  # the block left as it is is not counted as one asked for
+    assert (coded.blocks, coded.coded, coded.others) == (4, 4, 1)  # the block left as it is is counted apart
+    assert "4 of the 4 blocks compression applies to" in str(coded) and "1 other blocks" in str(coded)
     assert "compression (root) lossless, blocks.1 none, blocks.3 lossless" in str(handle.device_map)
     loaded = DeviceMap.from_json(handle.device_map.to_json())
     assert loaded.compression == compression and loaded.compression_of("blocks.1") is None

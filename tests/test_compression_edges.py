@@ -199,7 +199,7 @@ def test_compression_with_nothing_streamed_says_so(caplog):
 def test_a_block_key_where_no_block_streams_warns_as_a_component_key_does(strategy, budget, caplog):
     with caplog.at_level(logging.WARNING, logger="offload_map"):
         handle = dispatch_pipeline(make_dit(), strategy, "cpu", gpu_budget=budget, compression={"blocks.1": "lossless"})
-    assert "no block it names streams" in caplog.text and handle.report().coded is None
+    assert "compression names 'blocks.1', but no block of its streams" in caplog.text and handle.report().coded is None
     handle.remove()
 
 
@@ -210,6 +210,17 @@ def test_a_key_inside_a_block_is_refused_on_a_map_with_nested_entries():
     with pytest.raises(ValueError, match="'blocks.0.up', .* inside block 'blocks.0', which is coded as one"):
         dispatch_pipeline(model, device_map=dmap, device="cpu", compression={"": "fp8", "blocks.0.up": None})
     assert not hasattr(model, "_hf_hook")
+
+
+@torch.inference_mode()
+def test_a_key_whose_component_moves_whole_is_named_while_the_others_apply(caplog):
+    pipe = _bf16(make_flux_pipeline)  # its text encoders are far under 1 GiB: they move whole under "layerwise"
+    with caplog.at_level(logging.WARNING, logger="offload_map"):
+        handle = dispatch_pipeline(pipe, "layerwise", "cpu", compression={"transformer": "lossless", "text_encoder_2": "fp8"})
+    assert "compression names 'text_encoder_2', but no block of its streams" in caplog.text
+    assert "'transformer'" not in caplog.text.split("compression names", 1)[1].split("but", 1)[0]
+    assert handle.report().coded.coded == handle.report().coded.blocks > 0
+    handle.remove()
 
 
 def test_a_dict_of_nothing_but_none_is_no_compression(caplog):

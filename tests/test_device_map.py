@@ -159,12 +159,27 @@ def test_unknown_placement_on_edit_lists_the_valid_ones(pipe):
 def test_a_removed_block_entry_is_an_edit_not_another_model(pipe):
     reference = pipe("edit", steps=2)
     dmap = compile_device_map(pipe, "layerwise", "cpu")
-    del dmap.entries["transformer.single_blocks.1"]  # its tensors now belong to 'transformer', resident
+    del dmap["transformer.single_blocks.1"]  # its tensors now belong to 'transformer', resident
     handle = dispatch_pipeline(pipe, device_map=dmap)
     assert torch.equal(pipe("edit", steps=2), reference)
     assert "transformer.single_blocks.1" not in handle.device_map
     assert handle.device_map["transformer"] is Placement.GPU
     handle.remove()
+
+
+def test_a_pinned_component_with_entries_inside_says_how_to_delete_them(pipe):
+    reference = pipe("edit", steps=2)
+    dmap = compile_device_map(pipe, "layerwise", "cpu")
+    dmap["transformer"] = "cpu-pinned"
+    with pytest.raises(ValueError, match=r"delete the entries inside it \(del map\['transformer.double_blocks.0'\], .*or place"):
+        dispatch_pipeline(pipe, device_map=dmap)
+    for path in [p for p in dmap.paths() if p.startswith("transformer.")]:
+        del dmap[path]  # as the message says
+    handle = dispatch_pipeline(pipe, device_map=dmap)
+    assert torch.equal(pipe("edit", steps=2), reference)
+    handle.remove()
+    with pytest.raises(KeyError, match="no device map entry 'transformer.nope'"):
+        del dmap["transformer.nope"]
 
 
 def test_a_misspelled_entry_is_named_with_the_path_it_resembles(pipe):

@@ -120,8 +120,11 @@ def test_auto_without_a_budget_and_budget_with_model_strategy_are_refused(target
     from offload_map.demo import make_tiny_pipeline
 
     pipe = make_tiny_pipeline()
-    with pytest.raises(ValueError, match="needs a budget"):
+    key = 0 if target.startswith("cuda") else "cpu"
+    with pytest.raises(ValueError, match=f"needs a budget: pass max_memory={{{key!r}: '12GiB'}}"):
         dispatch_pipeline(pipe, "auto", target)
+    handle = dispatch_pipeline(pipe, "auto", target, max_memory={key: "12GiB"})  # the hint works as given
+    handle.remove()
     with pytest.raises(ValueError, match="applies to strategy 'layerwise' or 'auto' only"):
         dispatch_pipeline(pipe, "model", target, gpu_budget="1GiB")
     with pytest.raises(ValueError, match="no entry for the target device"):

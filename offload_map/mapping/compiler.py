@@ -30,7 +30,7 @@ from .devices import resolve_device
 from .memory import ACTIVATION_SHARE, BudgetTooSmall, device_footprint, fits_entirely, staging_footprint
 from .ownership import assign_tensors, owning_component
 from .placement import Placement
-from .sizes import human_bytes
+from .sizes import budget_key, human_bytes
 
 logger = logging.getLogger("offload_map")
 
@@ -97,7 +97,8 @@ def compile_found(
     strategy = check_strategy(strategy)
     check_window(window)
     if strategy == "auto" and budget is None:
-        raise ValueError("strategy 'auto' needs a budget: pass max_memory={0: '12GiB'} or gpu_budget='12GiB'")
+        key = budget_key(resolve_device(device))
+        raise ValueError(f"strategy 'auto' needs a budget: pass max_memory={{{key!r}: '12GiB'}} or gpu_budget='12GiB'")
     whole = _sized(_place(found, "none", device, window, {}), tensors)
     whole.compression = check_compression(compression, whole.components)
     check_compressed_paths(whole.compression, found)

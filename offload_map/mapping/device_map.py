@@ -49,7 +49,7 @@ class DeviceMap:
         device: the target device, e.g. ``"cuda:0"`` or ``"cpu"``.
         components: component name -> role (``"dit"``, ``"encoder"``, ``"vae"``, ``"other"``).
         entries: module path -> ``MapEntry``, in pipeline order.
-        window: device slots shared by each DiT's ``"layer-window"`` blocks (>= 1).
+        window: device slots that each streamed component's ``"layer-window"`` blocks take turns in (>= 1).
         strategy: the strategy that compiled the map (informational).
         compression: how ``"layer-window"`` blocks are kept and copied: ``None`` (as they are), one kind for every
             streamed block, or ``{module path: kind or None}``, where a path is a component, a block, or a module
@@ -123,6 +123,18 @@ class DeviceMap:
         items = list(self.entries.items())
         items.insert(at, (path, MapEntry(path, value)))
         self.entries = dict(items)
+
+    def __delitem__(self, path: str) -> None:
+        """Delete the entry of module ``path``; the tensors it held go to the entry of the module it is inside.
+
+        Example:
+            >>> dmap = DeviceMap("cpu", {"transformer": Role.DIT})
+            >>> dmap["transformer"] = "gpu"; dmap["transformer.blocks.0"] = "layer-window"
+            >>> del dmap["transformer.blocks.0"]; list(dmap.entries)
+            ['transformer']
+        """
+        self._entry(path)  # a KeyError that lists the map's paths
+        del self.entries[path]
 
     def __contains__(self, path: object) -> bool:
         return path in self.entries
@@ -344,7 +356,7 @@ def _copied(compression):
 def check_window(window: object) -> int:
     """Return ``window`` if it is an int >= 1, else raise a ValueError that says what to pass."""
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise ValueError(f"window must be an int >= 1 (device slots per DiT), got {window!r}")
+        raise ValueError(f"window must be an int >= 1 (device slots of each streamed component), got {window!r}")
     return window
 
 

@@ -35,6 +35,11 @@ def parse_size(value: "int | float | str", what: str = "size") -> int:
     return int(nbytes)
 
 
+def budget_key(device: torch.device) -> "int | str":
+    """The key ``max_memory`` takes for ``device``: its index on CUDA, ``"cpu"`` otherwise."""
+    return (device.index or 0) if device.type == "cuda" else "cpu"
+
+
 def device_budget(device: torch.device, max_memory: dict | None, gpu_budget) -> int | None:
     """The budget for ``device`` from ``max_memory`` ({index or "cuda:i": size}) or ``gpu_budget``; None if neither.
 
@@ -53,7 +58,7 @@ def device_budget(device: torch.device, max_memory: dict | None, gpu_budget) -> 
         return None
     if not isinstance(max_memory, dict):
         raise ValueError(f"max_memory must be a dict like {{0: '12GiB'}}, got {max_memory!r}")
-    keys = [device.index, str(device)] if device.type == "cuda" else ["cpu"]
+    keys = [budget_key(device), str(device)] if device.type == "cuda" else ["cpu"]
     for key in keys:
         if key in max_memory:
             return parse_size(max_memory[key], f"max_memory[{key!r}]")

@@ -193,7 +193,9 @@ def _check_rules(dmap: DeviceMap, comps: dict, units: dict[str, Unit]) -> dict[s
                 )
             if inner:
                 raise ValueError(
-                    f"device map entry {inner[0]!r} is inside the 'cpu-pinned' component {path!r}, which moves as a whole; remove the inner entry"
+                    f"device map entry {inner[0]!r} is inside the 'cpu-pinned' component {path!r}, which moves as a whole: "
+                    f"delete the entries inside it ({', '.join(f'del map[{p!r}]' for p in inner[:3])}"
+                    f"{', ...' if len(inner) > 3 else ''}; {len(inner)} in all), or place {path!r} 'gpu' to keep them"
                 )
         elif unit.placement is Placement.LAYER_WINDOW:
             if path not in block_paths.get(comp, ()):

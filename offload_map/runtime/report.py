@@ -53,19 +53,25 @@ class SetupTimes:
 
 @dataclass(frozen=True)
 class CodedTotals:
-    """Streamed blocks kept coded (``compression="lossless"``): how many of them, and their bytes raw and coded."""
+    """Blocks kept coded (``compression``): ``blocks`` of the streamed components' blocks that compression applies
+    to, ``coded`` of them coded (the rest do not compress), their bytes raw and coded, and ``others``, the
+    streamed components' blocks it leaves as they are (paths set to None or not named). A plan that keeps a block
+    on the device keeps its code: the kept part is decoded from it."""
 
     blocks: int
     coded: int
     raw_bytes: int
     coded_bytes: int
+    others: int = 0
 
     def __str__(self) -> str:
         ratio = self.coded_bytes / self.raw_bytes if self.raw_bytes else 1.0
         raw = self.blocks - self.coded
         return (
-            f"{self.coded} of {self.blocks} streamed blocks, {human_bytes(self.raw_bytes)} -> {human_bytes(self.coded_bytes)} "
-            f"({ratio:.3f} of the bytes)" + (f"; {raw} stream raw (they do not compress)" if raw else "")
+            f"{self.coded} of the {self.blocks} blocks compression applies to, {human_bytes(self.raw_bytes)} -> "
+            f"{human_bytes(self.coded_bytes)} ({ratio:.3f} of the bytes)"
+            + (f"; {raw} stay raw (they do not compress)" if raw else "")
+            + (f"; {self.others} other blocks of streamed components as they are" if self.others else "")
         )
 
 

@@ -138,9 +138,12 @@ class Runtime:
         """What ``compression`` coded (None without it)."""
         if not self.plan.compression:
             return None
-        units = [unit for ring in self.rings.values() for unit in ring.units if unit.path in self.plan.compression]
+        every = [unit for ring in self.rings.values() for unit in ring.units]
+        units = [unit for unit in every if unit.path in self.plan.compression]
         coded = [unit.coded for unit in units if unit.coded is not None]
-        return CodedTotals(len(units), len(coded), sum(c.raw_bytes for c in coded), sum(c.nbytes for c in coded))
+        return CodedTotals(
+            len(units), len(coded), sum(c.raw_bytes for c in coded), sum(c.nbytes for c in coded), len(every) - len(units)
+        )
 
     @property
     def setup_times(self) -> SetupTimes:
