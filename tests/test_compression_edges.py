@@ -235,8 +235,12 @@ def test_a_dict_of_nothing_but_none_is_no_compression(caplog):
 
 
 def test_a_bad_key_error_suggests_a_block_of_its_own_component():
-    with pytest.raises(ValueError, match=r"'transformer.norm_out', .* \(e.g. 'transformer.transformer_blocks.0'\)"):
-        dispatch_pipeline(_bf16(make_flux_pipeline), "layerwise", "cpu", compression={"transformer.norm_out": "lossless"})
+    pipe = _bf16(make_flux_pipeline)
+    with pytest.raises(ValueError, match=r"'transformer.norm_out', .* \(e.g. 'transformer.transformer_blocks.0' to"):
+        dispatch_pipeline(pipe, "layerwise", "cpu", compression={"transformer.norm_out": "lossless"})
+    blocks = r"'transformer.single_transformer_blocks.0' to 'transformer.single_transformer_blocks.2'"
+    with pytest.raises(ValueError, match=f"'transformer.single_transformer_blocks.9', .* \\(e.g. {blocks}\\)"):
+        dispatch_pipeline(pipe, "layerwise", "cpu", compression={"transformer.single_transformer_blocks.9": "lossless"})
 
 
 def test_an_edited_live_map_is_refused_before_refresh_undoes_anything():

@@ -88,6 +88,10 @@ def test_accelerate_export_has_disjoint_keys_that_accelerate_accepts(pipe):
         (lambda d: d.__setitem__("vae.decoder", "gpu"), "inside the 'cpu-pinned' component"),
         (lambda d: d.__setitem__("transformer", "cpu-pinned"), "inside the 'cpu-pinned' component 'transformer'"),
         (lambda d: d.__setitem__("transformer.double_blocks.0.mlp", "cpu-pinned"), "only 'gpu' entries"),
+        (
+            lambda d: d.__setitem__("transformer.single_blocks", "gpu"),
+            r"'transformer.single_blocks' holds no tensor of its own: .*\(e.g. map\['transformer.single_blocks.0'\] = 'gpu'\)",
+        ),
     ],
 )
 def test_invalid_maps_are_rejected_before_anything_moves(pipe, edit, message):

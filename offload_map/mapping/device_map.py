@@ -341,8 +341,13 @@ def check_compressed_paths(compression: "str | dict | None", found) -> None:
             continue
         block = next((b for b in blocks if path.startswith(b + ".")), None)
         where = f"; it is inside block {block!r}, which is coded as one" if block is not None else ""
-        near = [b for b in blocks if b.startswith(owning_component(path, found.components) + ".")] or blocks
-        example = f" (e.g. {near[0]!r})" if near else ""
+        # A block list's own blocks (a wrong index), else the component's, else any.
+        near = (
+            [b for b in blocks if b.rpartition(".")[0] == path.rpartition(".")[0]]
+            or [b for b in blocks if b.startswith(owning_component(path, found.components) + ".")]
+            or blocks
+        )
+        example = f" (e.g. {near[0]!r}{f' to {near[-1]!r}' if len(near) > 1 else ''})" if near else ""
         raise ValueError(
             f"compression names {path!r:.80}, which is no component, block or block list of the pipeline{where}: name "
             f"a component, a block{example} or a module holding blocks"

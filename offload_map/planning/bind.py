@@ -98,6 +98,7 @@ def bind(dmap: DeviceMap, found: PipelineModules, tensors: list[TensorRef]) -> E
             raise ValueError(f"component {name or '<root>'!r} has no entry of its own; add one (e.g. {name!r}: 'gpu')")
         plan.components.append(ComponentPlan(name, comp.module, dmap.components[name], root.placement))
     streamed = _check_rules(dmap, comps, units)
+    _check_not_hollow(units, comps)
     check_compressed_paths(dmap.compression, found)
     _check_sizes(dmap, comps, units)
     for unit in units.values():
@@ -114,6 +115,20 @@ def bind(dmap: DeviceMap, found: PipelineModules, tensors: list[TensorRef]) -> E
         # A block the map names but does not stream (a plan kept it whole) has nothing to code.
         plan.compression.update((p, dmap.compression_of(p)) for p in block_paths if dmap.compression_of(p))
     return plan
+
+
+def _check_not_hollow(units: dict[str, Unit], comps) -> None:
+    # An entry above others that owns no tensor (a block list placed "gpu" while its blocks keep their own entries)
+    # would change nothing: the entries inside it decide.
+    for path, unit in units.items():
+        inner = [p for p in units if p.startswith(path + ".")] if path not in comps and not unit.tensors else []
+        if inner:
+            raise ValueError(
+                f"device map entry {path!r} holds no tensor of its own: every module inside it has an entry of its own "
+                f"({', '.join(map(repr, inner[:3]))}{', ...' if len(inner) > 3 else ''}), and those decide. Place them "
+                f"(e.g. map[{inner[0]!r}] = {unit.placement.value!r}), or delete them (del map[path]) so that this "
+                "entry covers them"
+            )
 
 
 def direct_child(qualname: str, path: str) -> str | None:
