@@ -207,6 +207,21 @@ def test_a_map_saved_for_a_gpu_runs_on_the_cpu_when_asked(pipe, tmp_path):
     handle.remove()
 
 
+def test_a_map_for_a_gpu_compiles_anywhere_and_dispatches_where_asked(pipe, tmp_path):
+    # Planning needs no device: a map for cuda:1 is compiled here (with or without a GPU) and saved for that machine.
+    dmap = compile_device_map(pipe, "layerwise", "cuda:1", budget=10 * 2**20)
+    assert dmap.device == "cuda:1" and dmap.paths("layer-window")
+    assert compile_device_map(pipe, "layerwise", "cuda").device == "cuda:0"
+    dmap.save(tmp_path / "map.json")
+    reference = pipe("device", steps=2)
+    handle = dispatch_pipeline(pipe, device="cpu", device_map=DeviceMap.load(tmp_path / "map.json"))
+    assert torch.equal(pipe("device", steps=2), reference)
+    handle.remove()
+    if not torch.cuda.is_available():  # dispatching does need the device
+        with pytest.raises(ValueError, match="CUDA is not available on this machine"):
+            dispatch_pipeline(pipe, device_map=dmap)
+
+
 def test_a_strategy_beside_a_device_map_is_refused_not_ignored(pipe):
     dmap = compile_device_map(pipe, "layerwise", "cpu")
     with pytest.raises(ValueError, match="strategy='model' and device_map= were both given"):

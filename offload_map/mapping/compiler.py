@@ -61,7 +61,8 @@ def compile_device_map(
     Args:
         pipeline: a diffusers pipeline, an object holding ``nn.Module``s, or an ``nn.Module``.
         strategy: ``"none"``, ``"model"``, ``"layerwise"`` or ``"auto"`` (with a budget).
-        device: target device; ``None`` picks this rank's GPU, or the CPU without one.
+        device: target device; ``None`` picks this rank's GPU, or the CPU without one. A GPU need not be present:
+            a map compiled here may be saved and dispatched on another machine.
         window: device slots per streamed DiT (``"layerwise"``); more than the blocks means all resident.
         budget: device bytes the map may use (``"auto"``, ``"layerwise"``), e.g. from ``sizes.parse_size``.
         compression: the map's ``DeviceMap.compression``; a budget then leaves room for the staging buffers.
@@ -80,7 +81,7 @@ def compile_device_map(
         <Placement.LAYER_WINDOW: 'layer-window'>
     """
     found = discover_components(pipeline)
-    target = str(resolve_device(device))
+    target = str(resolve_device(device, present=False))  # planning needs no device: a map may be for another machine
     return compile_found(found, collect_tensors(found), strategy, target, window, budget, compression)
 
 
@@ -97,7 +98,7 @@ def compile_found(
     strategy = check_strategy(strategy)
     check_window(window)
     if strategy == "auto" and budget is None:
-        key = budget_key(resolve_device(device))
+        key = budget_key(resolve_device(device, present=False))
         raise ValueError(f"strategy 'auto' needs a budget: pass max_memory={{{key!r}: '12GiB'}} or gpu_budget='12GiB'")
     whole = _sized(_place(found, "none", device, window, {}), tensors)
     whole.compression = check_compression(compression, whole.components)

@@ -7,13 +7,14 @@ import os
 import torch
 
 
-def resolve_device(device: "str | int | torch.device | None") -> torch.device:
+def resolve_device(device: "str | int | torch.device | None", present: bool = True) -> torch.device:
     """The target device for ``device``; ``None`` picks this rank's GPU (``LOCAL_RANK``, modulo the GPUs
-    present, so ranks may share one) or the CPU.
+    present, so ranks may share one) or the CPU. With ``present=False`` a CUDA device need not exist here (a
+    map compiled for another machine; ``cuda`` alone is ``cuda:0``).
 
     Raises:
         ValueError: the device string is malformed, names a kind other than ``cuda``/``cpu``, asks for CUDA
-            where there is none, or names a GPU index that does not exist.
+            where there is none, or names a GPU index that does not exist (the last two only if ``present``).
 
     Example:
         >>> resolve_device("cpu")
@@ -32,6 +33,8 @@ def resolve_device(device: "str | int | torch.device | None") -> torch.device:
         return torch.device("cpu")
     if dev.type != "cuda":
         raise ValueError(f"device {device!r}: offload_map targets 'cuda' or 'cpu', not {dev.type!r}")
+    if not present:
+        return torch.device("cuda", dev.index or 0)
     if not torch.cuda.is_available():
         raise ValueError(
             f"device {device!r}: CUDA is not available on this machine; pass device='cpu' (with a "
