@@ -22,6 +22,7 @@ from .loading.weights import WeightSource
 from .mapping.compiler import STREAM_MIN_BYTES, check_strategy, compile_found
 from .mapping.device_map import DeviceMap, check_compression, check_window
 from .mapping.devices import resolve_device
+from .mapping.ownership import within
 from .mapping.sizes import device_budget, human_bytes
 from .planning.bind import bind
 from .runtime.bandwidth import bandwidth
@@ -91,13 +92,12 @@ def dispatch_pipeline(
         compression: ``"lossless"``: keep every streamed block coded in host memory too, in about 3/4 of its bytes
             for bf16 weights, copy it so and decode it on the device (``runtime.codec``): fewer bytes cross
             the link, outputs stay bit-identical. Blocks that do not compress (fp16: its high byte carries mantissa
-            bits; float32) stream as they are. Host
-            memory holds the raw bytes beside the code. ``"fp8"`` (lossy, never the default): the streamed
+            bits; float32) stream as they are. Host memory holds the raw bytes beside the code. ``"fp8"`` (lossy, never the default): the streamed
             blocks' linear weights cross the link in float8 e4m3 with a scale per output channel (about half
             their bytes) and are upcast on the device; outputs differ from the resident run. A dict chooses per
             component, block or block list (the longest path holding a block wins; None: as it is), e.g.
-            ``{"transformer": "lossless", "transformer.single_transformer_blocks.37": None}``. Default: the map's (``None`` for a
-            strategy). Not with ``shard_copies`` or a host copy shared between ranks.
+            ``{"transformer": "lossless", "transformer.single_transformer_blocks.37": None}``. Default: the map's
+            (``None`` for a strategy). Not with ``shard_copies`` or a host copy shared between ranks.
 
     Returns:
         An ``OffloadHandle``; ``handle.remove()`` restores the pipeline.
@@ -187,11 +187,7 @@ def _idle_compression(dmap: DeviceMap, plan) -> list[str]:
         return []
     streamed = [block.path for ring in plan.rings for block in ring.blocks]
     named = {"": dmap.compression} if isinstance(dmap.compression, str) else dmap.compression
-    return [path for path, kind in named.items() if kind and not any(_holds(path, b) for b in streamed)]
-
-
-def _holds(path: str, block: str) -> bool:
-    return not path or block == path or block.startswith(path + ".")
+    return [path for path, kind in named.items() if kind and not any(within(b, path) for b in streamed)]
 
 
 def _build(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..collect.components import Role, discover_components
 from ..collect.tensors import collect_tensors
-from .ownership import assign_tensors, entry_module, owner_entry, owning_component
+from .ownership import assign_tensors, entry_module, owner_entry, owning_component, within
 from .placement import Placement
 from .schema import parse_json, typed
 from .sizes import human_bytes
@@ -54,9 +54,10 @@ class DeviceMap:
         compression: how ``"layer-window"`` blocks are kept and copied: ``None`` (as they are), one kind for every
             streamed block, or ``{module path: kind or None}``, where a path is a component, a block, or a module
             holding blocks, and a block takes the value of the longest path that holds it (None: as it is), e.g.
-            ``{"transformer": "fp8", "transformer.single_transformer_blocks": "lossless"}``. Kinds: ``"lossless"``, each block is kept in host
-            memory coded in fewer bytes too, copied so and decoded on the device bit for bit (a block that does
-            not compress, e.g. of float32 weights, streams as it is); ``"fp8"`` (lossy, opt-in), the blocks'
+            ``{"transformer": "fp8", "transformer.single_transformer_blocks": "lossless"}``. Kinds:
+            ``"lossless"``, each block is kept in host memory coded in fewer bytes too, copied so and decoded on the
+            device bit for bit (a block that does not compress, e.g. of fp16 or float32 weights, streams as it is);
+            ``"fp8"`` (lossy, opt-in), the blocks'
             linear weights are kept in float8 e4m3 with a scale per output channel, about half their bytes, and
             upcast on the device (outputs differ from the resident run). ``compression_of`` reads it.
 
@@ -95,12 +96,8 @@ class DeviceMap:
         """
         if not isinstance(self.compression, dict):
             return self.compression
-        while True:
-            if path in self.compression:
-                return self.compression[path]
-            if not path:
-                return None
-            path = path.rpartition(".")[0]
+        holder = owner_entry(path, self.compression)
+        return None if holder is None else self.compression[holder]
 
     def __getitem__(self, path: str) -> Placement:
         return self._entry(path).placement
@@ -314,7 +311,7 @@ def check_compression(compression: object, components=None) -> "str | dict[str, 
                 raise ValueError(
                     f"compression[{path!r:.80}] must be one of {list(COMPRESSIONS)} or None (as it is), got {kind!r:.40}"
                 )
-            if components is not None and not any(path == c or not c or path.startswith(c + ".") for c in components):
+            if components is not None and not any(within(path, c) for c in components):
                 raise ValueError(
                     f"compression names {path!r:.80}, which is in no component of the map; components: {sorted(components)}"
                 )
@@ -337,9 +334,9 @@ def check_compressed_paths(compression: "str | dict | None", found) -> None:
         return
     blocks = [path for comp in found.components.values() for path, _ in comp.blocks()]
     for path in compression:
-        if path in found.components or any(b == path or b.startswith(path + ".") for b in blocks):
+        if path in found.components or any(within(b, path) for b in blocks):
             continue
-        block = next((b for b in blocks if path.startswith(b + ".")), None)
+        block = next((b for b in blocks if within(path, b)), None)
         where = f"; it is inside block {block!r}, which is coded as one" if block is not None else ""
         # A block list's own blocks (a wrong index), else the component's, else any.
         near = (

@@ -15,6 +15,16 @@ from ..collect.tensors import TensorRef
 from .placement import Placement
 
 
+def within(path: str, outer: str) -> bool:
+    """Whether module ``path`` is module ``outer`` or inside it (``""``, the root, holds every path).
+
+    Example:
+        >>> within("transformer.blocks.0", "transformer"), within("transformer_2.blocks.0", "transformer")
+        (True, False)
+    """
+    return not outer or path == outer or path.startswith(outer + ".")
+
+
 def owning_component(path: str, components: "dict[str, Role]") -> str:
     """The component that contains module ``path`` (``""`` is the root component of a lone DiT).
 
@@ -27,7 +37,7 @@ def owning_component(path: str, components: "dict[str, Role]") -> str:
     """
     best = None
     for name in components:
-        if path == name or not name or path.startswith(name + "."):
+        if within(path, name):
             if best is None or len(name) > len(best):
                 best = name
     if best is None:
