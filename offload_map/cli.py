@@ -17,7 +17,9 @@ import torch
 
 from .dispatch import dispatch_pipeline
 from .mapping.compiler import STRATEGIES, compile_device_map
+from .mapping.memory import staging_footprint
 from .mapping.sizes import human_bytes, human_rate, parse_size
+from .planning.cost_model import TYPICAL_LINK_SHARE
 from .planning.planner import plan_blocks, plan_memory
 from .planning.profile import DeviceProfile
 from .runtime.bandwidth import bandwidth, device_memory, device_name
@@ -33,8 +35,9 @@ Compile diffusion pipelines into a device map and run them with weights offloade
   offload-map profile --model flux-12b --out FILE [--device cuda]
       on a GPU: builds the full-size transformer with random weights, measures the pinned host-to-device
       bandwidth and each block's compute time in one forward at 1024x1024, and adds them to FILE
-  offload-map plan --model flux-12b --budget 12GiB [--profile FILE]
-      no GPU needed: prints the plan for that budget from a stored profile (default: the shipped H100 one)
+  offload-map plan --model flux-12b --budget 12GiB [--profile FILE] [--compression lossless|fp8]
+      no GPU needed: prints the plan for that budget from a stored profile (default: the shipped H100 one),
+      with compression at the share of bytes Flux-12B's bf16 blocks code to
 """
 
 
@@ -127,8 +130,19 @@ def _plan(args: argparse.Namespace) -> int:
         raise UsageError(f"profile {args.profile} has no model {args.model!r}; it has {sorted(profile.models)}")
     cost = profile.models[args.model]
     budget = parse_size(args.budget, "--budget")
-    plan = plan_blocks(cost, budget, profile.h2d_bytes_per_s)
-    print(f"{args.model} on {profile.device_name} ({human_rate(profile.h2d_bytes_per_s)}), budget {args.budget}:\n")
+    rate, staging, coded = profile.h2d_bytes_per_s, 0, ""
+    if args.compression:
+        # Coded blocks cross the link in fewer bytes (plans count raw bytes, so at a higher rate) and copy through
+        # staging buffers, which the budget holds too.
+        share = TYPICAL_LINK_SHARE[args.compression]
+        rate /= share
+        staging = staging_footprint(max((b.nbytes for b in cost.blocks), default=0))
+        coded = (
+            f", {args.compression} compression (blocks cross the link in about {share:.3f} of their bytes; "
+            f"{human_bytes(staging)} of staging buffers out of the budget)"
+        )
+    plan = plan_blocks(cost, budget - staging, rate)
+    print(f"{args.model} on {profile.device_name} ({human_rate(profile.h2d_bytes_per_s)}), budget {args.budget}{coded}:\n")
     print(plan.explain())
     whole = plan_memory(cost, frozenset(), 1)
     if budget > whole:
@@ -165,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     plan.add_argument("--budget", required=True, help="device memory for the DiT, e.g. 12GiB or 12GB")
     plan.add_argument("--profile", default=str(SHIPPED_PROFILE), help="device profile JSON (default: the shipped H100 profile)")
+    plan.add_argument(
+        "--compression",
+        choices=sorted(TYPICAL_LINK_SHARE),
+        help="plan as dispatch_pipeline(..., compression=...) would, at the share of bytes Flux-12B's bf16 blocks code to",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     try:

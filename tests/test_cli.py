@@ -30,6 +30,22 @@ def test_plan_reads_the_shipped_h100_profile(capsys):
     assert "in part" in out  # the profile's split points let the 12 GiB plan keep submodules of blocks resident
 
 
+def test_plan_with_compression_counts_fewer_bytes_and_the_staging_buffers(capsys):
+    def planned(*extra) -> tuple[float, str]:
+        assert main(["plan", "--model", "flux-12b", "--budget", "8GiB", *extra]) == 0
+        out = capsys.readouterr().out
+        return float(out.split("predicted step ")[1].split(" ms")[0]), out
+
+    raw, _ = planned()
+    lossless, out = planned("--compression", "lossless")
+    fp8, _ = planned("--compression", "fp8")
+    assert "lossless compression (blocks cross the link in about 0.751 of their bytes; 128.0 MiB of staging" in out
+    assert fp8 < lossless < raw  # an 8 GiB plan of Flux-12B is bound by copies: fewer bytes, a shorter step
+    with pytest.raises(SystemExit, match="2"):
+        main(["plan", "--model", "flux-12b", "--budget", "8GiB", "--compression", "zstd"])
+    assert "invalid choice: 'zstd'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("splits", [[5, 3], [0], [1000], "12", [1.5]])
 def test_a_profile_with_bad_split_points_is_refused(splits):
     data = {
