@@ -17,7 +17,7 @@ import torch
 
 from .dispatch import dispatch_pipeline
 from .mapping.compiler import STRATEGIES, compile_device_map
-from .mapping.memory import staging_footprint
+from .mapping.memory import BudgetTooSmall, staging_footprint
 from .mapping.sizes import human_bytes, human_rate, parse_size
 from .planning.cost_model import TYPICAL_LINK_SHARE
 from .planning.planner import plan_blocks, plan_memory
@@ -141,7 +141,10 @@ def _plan(args: argparse.Namespace) -> int:
             f", {args.compression} compression (blocks cross the link in about {share:.3f} of their bytes; "
             f"{human_bytes(staging)} of staging buffers out of the budget)"
         )
-    plan = plan_blocks(cost, budget - staging, rate)
+    try:
+        plan = plan_blocks(cost, budget - staging, rate)
+    except BudgetTooSmall as err:  # in the user's terms: the budget given, and a minimum with the staging buffers
+        raise BudgetTooSmall(budget, err.minimum + staging) from None
     print(f"{args.model} on {profile.device_name} ({human_rate(profile.h2d_bytes_per_s)}), budget {args.budget}{coded}:\n")
     print(plan.explain())
     whole = plan_memory(cost, frozenset(), 1)

@@ -97,7 +97,8 @@ def dispatch_pipeline(
             their bytes) and are upcast on the device; outputs differ from the resident run. A dict chooses per
             component, block or block list (the longest path holding a block wins; None: as it is), e.g.
             ``{"transformer": "lossless", "transformer.single_transformer_blocks.37": None}``. Default: the map's
-            (``None`` for a strategy). Not with ``shard_copies`` or a host copy shared between ranks.
+            (``None`` for a strategy); ``{}`` or a dict of nothing but None streams every block as it is, over the
+            map's compression too. Not with ``shard_copies`` or a host copy shared between ranks.
 
     Returns:
         An ``OffloadHandle``; ``handle.remove()`` restores the pipeline.
@@ -129,6 +130,7 @@ def dispatch_pipeline(
         )
     elif window is not None:
         check_window(window)
+    override = compression is not None  # {} or {path: None, ...} clear a map's compression
     compression = check_compression(compression)
     target = resolve_device(device if device is not None or device_map is None else device_map.device)
     budget = device_budget(target, max_memory, gpu_budget)
@@ -144,7 +146,7 @@ def dispatch_pipeline(
         device_map.device = str(target)
         if window is not None:
             device_map.window = window
-        if compression is not None:
+        if override:
             device_map.compression = check_compression(compression, device_map.components)
     if device_map.compression is not None:
         if shard_copies or share_host_copy:

@@ -41,6 +41,12 @@ def test_plan_with_compression_counts_fewer_bytes_and_the_staging_buffers(capsys
     fp8, _ = planned("--compression", "fp8")
     assert "lossless compression (blocks cross the link in about 0.751 of their bytes; 128.0 MiB of staging" in out
     assert fp8 < lossless < raw  # an 8 GiB plan of Flux-12B is bound by copies: fewer bytes, a shorter step
+    assert main(["plan", "--model", "flux-12b", "--budget", "1GiB", "--compression", "lossless"]) == 2
+    err = capsys.readouterr().err
+    minimum = err.split("below the minimum of ")[1].split(" ")[0]  # GiB, staging included
+    assert "a device budget of 1.0 GiB" in err and float(minimum) > 1.2  # the raw plan's minimum is 1.2 GiB
+    assert main(["plan", "--model", "flux-12b", "--budget", f"{float(minimum) + 0.1}GiB", "--compression", "lossless"]) == 0
+    capsys.readouterr()
     with pytest.raises(SystemExit, match="2"):
         main(["plan", "--model", "flux-12b", "--budget", "8GiB", "--compression", "zstd"])
     assert "invalid choice: 'zstd'" in capsys.readouterr().err

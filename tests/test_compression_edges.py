@@ -223,6 +223,16 @@ def test_a_key_whose_component_moves_whole_is_named_while_the_others_apply(caplo
     handle.remove()
 
 
+def test_a_block_key_works_beside_a_component_that_declares_its_blocks_wrongly(monkeypatch):
+    from offload_map.demo import TinyVAE, make_tiny_pipeline
+
+    monkeypatch.setattr(TinyVAE, "_layerwise_offload_blocks_attrs", ["no_such_list"], raising=False)
+    pipe = make_tiny_pipeline()  # its VAE moves whole: the wrong declaration does not matter here
+    handle = dispatch_pipeline(pipe, "layerwise", "cpu", compression={"transformer.double_blocks": "lossless"})
+    assert handle.report().coded.blocks == len(pipe.transformer.double_blocks)
+    handle.remove()
+
+
 def test_a_dict_of_nothing_but_none_is_no_compression(caplog):
     assert (
         DeviceMap("cpu", {"transformer": "dit"}, compression={"transformer": None, "transformer.blocks": None}).compression
@@ -232,6 +242,12 @@ def test_a_dict_of_nothing_but_none_is_no_compression(caplog):
         handle = dispatch_pipeline(make_dit(), "layerwise", "cpu", compression={"": None})
     assert handle.report().coded is None and "compression" not in caplog.text
     handle.remove()
+    coded_map = compile_device_map(make_dit(), "layerwise", compression="lossless")
+    for nothing in ({"": None}, {}):  # given, they clear a map's compression
+        model = make_dit()
+        handle = dispatch_pipeline(model, device_map=coded_map, device="cpu", compression=nothing)
+        assert handle.device_map.compression is None and handle.report().coded is None
+        handle.remove()
 
 
 def test_a_bad_key_error_suggests_a_block_of_its_own_component():

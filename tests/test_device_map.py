@@ -90,7 +90,7 @@ def test_accelerate_export_has_disjoint_keys_that_accelerate_accepts(pipe):
         (lambda d: d.__setitem__("transformer.double_blocks.0.mlp", "cpu-pinned"), "only 'gpu' entries"),
         (
             lambda d: d.__setitem__("transformer.single_blocks", "gpu"),
-            r"'transformer.single_blocks' holds no tensor of its own: .*\(e.g. map\['transformer.single_blocks.0'\] = 'gpu'\)",
+            r"'transformer.single_blocks' \('gpu'\) holds no tensor of its own: .* \(del map\['transformer.single_blocks.0'\]",
         ),
     ],
 )
@@ -171,6 +171,24 @@ def test_a_removed_block_entry_is_an_edit_not_another_model(pipe):
     handle.remove()
 
 
+def test_a_block_list_entry_is_refused_only_where_its_blocks_say_otherwise(pipe):
+    reference = pipe("edit", steps=2)
+    dmap = compile_device_map(pipe, "layerwise", "cpu")
+    blocks = [p for p in dmap.paths() if p.startswith("transformer.single_blocks.")]
+    dmap["transformer.single_blocks"] = "gpu"
+    for path in blocks:
+        dmap[path] = "gpu"  # what the block list says too: harmless
+    handle = dispatch_pipeline(pipe, device_map=dmap)
+    assert torch.equal(pipe("edit", steps=2), reference)
+    handle.remove()
+    for path in blocks:
+        del dmap[path]  # as the error says: the block list's placement now covers its blocks
+    handle = dispatch_pipeline(pipe, device_map=dmap)
+    assert torch.equal(pipe("edit", steps=2), reference)
+    assert not [p for p in handle.device_map.paths("layer-window") if p.startswith("transformer.single_blocks")]
+    handle.remove()
+
+
 def test_a_pinned_component_with_entries_inside_says_how_to_delete_them(pipe):
     reference = pipe("edit", steps=2)
     dmap = compile_device_map(pipe, "layerwise", "cpu")
@@ -220,6 +238,13 @@ def test_a_map_for_a_gpu_compiles_anywhere_and_dispatches_where_asked(pipe, tmp_
     if not torch.cuda.is_available():  # dispatching does need the device
         with pytest.raises(ValueError, match="CUDA is not available on this machine"):
             dispatch_pipeline(pipe, device_map=dmap)
+
+
+def test_a_map_for_cuda_without_an_index_targets_this_processs_gpu(pipe, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert compile_device_map(pipe, "layerwise", "cuda").device == "cuda:1"  # as dispatch_pipeline resolves it
 
 
 def test_a_strategy_beside_a_device_map_is_refused_not_ignored(pipe):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from test_compression import make_dit
 
 import offload_map.runtime.host_store as host_store
@@ -101,3 +102,28 @@ def test_the_setup_report_says_how_long_coding_waited_for_the_device():
     assert DEVICE_CODING.waited_s - before >= 0.04  # the second waited for the first's turn
     times = SetupTimes(pack_wall_s=1.0, code_s=2.0, code_wait_s=1.5)
     assert "coding blocks 2.00 s (1.50 s of it waiting for the device)" in str(times)
+
+
+def test_a_failed_unit_stops_the_units_waiting_for_their_turn(monkeypatch):
+    # Units waiting for in-flight room give up as soon as another fails (or Ctrl-C), rather than pack one by one
+    # before the error shows; the error raised is the unit's own.
+    made = [0]
+
+    class Failing(host_store.HostBuffer):
+        def __init__(self, *args, **kwargs) -> None:
+            made[0] += 1
+            if made[0] == 1:
+                time.sleep(0.05)  # the others are waiting for their turn by now
+                raise OSError("disk gone")
+            super().__init__(*args, **kwargs)
+
+    model = make_dit()
+    block = sum(p.numel() * p.element_size() for p in model.blocks[0].parameters())
+    monkeypatch.setattr(host_store, "HostBuffer", Failing)
+    monkeypatch.setattr(host_store, "PACK_THREADS", 8)
+    monkeypatch.setattr(host_store, "PACK_IN_FLIGHT", int(1.5 * block))  # one unit at a time
+    weight = model.blocks[0].up.weight
+    with pytest.raises(OSError, match="disk gone"):
+        dispatch_pipeline(model, "layerwise", "cpu")
+    assert made[0] == 1  # none of the four waiting was packed
+    assert model.blocks[0].up.weight is weight and not hasattr(model, "_hf_hook")

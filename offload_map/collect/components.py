@@ -72,6 +72,14 @@ class Component:
             self._blocks.append([(f"{self.name}.{path}".lstrip("."), block) for path, block in get_blocks(self.module)])
         return self._blocks[0]
 
+    def known_blocks(self) -> list[tuple[str, nn.Module]]:
+        """``blocks()``, or none where the class declares its block lists wrongly (that error is raised where the
+        blocks are needed: streaming the component)."""
+        try:
+            return self.blocks()
+        except AttributeError:
+            return []
+
 
 @dataclass
 class PipelineModules:

@@ -332,7 +332,7 @@ def check_compressed_paths(compression: "str | dict | None", found) -> None:
     its block."""
     if not isinstance(compression, dict) or all(path in found.components for path in compression):
         return
-    blocks = [path for comp in found.components.values() for path, _ in comp.blocks()]
+    blocks = [path for comp in found.components.values() for path, _ in comp.known_blocks()]
     for path in compression:
         if path in found.components or any(within(b, path) for b in blocks):
             continue

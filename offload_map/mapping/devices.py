@@ -10,7 +10,7 @@ import torch
 def resolve_device(device: "str | int | torch.device | None", present: bool = True) -> torch.device:
     """The target device for ``device``; ``None`` picks this rank's GPU (``LOCAL_RANK``, modulo the GPUs
     present, so ranks may share one) or the CPU. With ``present=False`` a CUDA device need not exist here (a
-    map compiled for another machine; ``cuda`` alone is ``cuda:0``).
+    map compiled for another machine; ``cuda`` alone is this process's current GPU, or ``cuda:0`` without one).
 
     Raises:
         ValueError: the device string is malformed, names a kind other than ``cuda``/``cpu``, asks for CUDA
@@ -33,8 +33,10 @@ def resolve_device(device: "str | int | torch.device | None", present: bool = Tr
         return torch.device("cpu")
     if dev.type != "cuda":
         raise ValueError(f"device {device!r}: offload_map targets 'cuda' or 'cpu', not {dev.type!r}")
-    if not present:
-        return torch.device("cuda", dev.index or 0)
+    if not present:  # as below, but the GPU may be another machine's
+        if dev.index is not None:
+            return dev
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
     if not torch.cuda.is_available():
         raise ValueError(
             f"device {device!r}: CUDA is not available on this machine; pass device='cpu' (with a "

@@ -16,7 +16,7 @@ from torch import nn
 from ..collect.components import PipelineModules, Role
 from ..collect.tensors import TensorRef
 from ..mapping.device_map import DeviceMap, check_compressed_paths
-from ..mapping.ownership import assign_tensors, entry_module, owning_component
+from ..mapping.ownership import assign_tensors, entry_module, owning_component, within
 from ..mapping.placement import Placement
 
 
@@ -118,16 +118,18 @@ def bind(dmap: DeviceMap, found: PipelineModules, tensors: list[TensorRef]) -> E
 
 
 def _check_not_hollow(units: dict[str, Unit], comps) -> None:
-    # An entry above others that owns no tensor (a block list placed "gpu" while its blocks keep their own entries)
-    # would change nothing: the entries inside it decide.
+    # An entry above others that owns no tensor (a block list placed "gpu" while its blocks stay "layer-window")
+    # would change nothing: the entries inside it decide. Where they agree with it, nothing is lost.
     for path, unit in units.items():
-        inner = [p for p in units if p.startswith(path + ".")] if path not in comps and not unit.tensors else []
-        if inner:
+        if path in comps or unit.tensors:
+            continue
+        other = [p for p, u in units.items() if within(p, path) and p != path and u.placement is not unit.placement]
+        if other:
             raise ValueError(
-                f"device map entry {path!r} holds no tensor of its own: every module inside it has an entry of its own "
-                f"({', '.join(map(repr, inner[:3]))}{', ...' if len(inner) > 3 else ''}), and those decide. Place them "
-                f"(e.g. map[{inner[0]!r}] = {unit.placement.value!r}), or delete them (del map[path]) so that this "
-                "entry covers them"
+                f"device map entry {path!r} ({unit.placement.value!r}) holds no tensor of its own: the entries inside it "
+                f"decide, and {len(other)} of them say otherwise ({', '.join(repr(p) for p in other[:3])}"
+                f"{', ...' if len(other) > 3 else ''}). Delete those (del map[{other[0]!r}], ...) for {path!r}'s "
+                "placement to cover them"
             )
 
 
@@ -169,7 +171,7 @@ def _check_sizes(dmap: DeviceMap, comps: dict, units: dict[str, Unit]) -> None:
     for comp, nbytes in recorded.items():
         if not nbytes or nbytes == actual[comp]:
             continue
-        blocks = _blocks_of(comps[comp])
+        blocks = comps[comp].known_blocks()
         removed = sum(_subtree_bytes(block) for path, block in blocks if path not in dmap.entries)
         if removed and nbytes + removed == actual[comp]:
             continue
@@ -178,13 +180,6 @@ def _check_sizes(dmap: DeviceMap, comps: dict, units: dict[str, Unit]) -> None:
             f"{actual[comp]}; the map was made for another model (or another dtype): compile a new one with "
             "compile_device_map(pipe), or edit that one"
         )
-
-
-def _blocks_of(comp) -> list:
-    try:
-        return comp.blocks()
-    except AttributeError:  # a wrong declaration is reported where blocks are needed, not here
-        return []
 
 
 def _subtree_bytes(module: nn.Module) -> int:

@@ -186,6 +186,7 @@ class HostStore:
                 wait(futures, return_when=FIRST_EXCEPTION)
             except BaseException as err:  # an interrupt while waiting
                 error = err
+            in_flight.stop()  # units waiting for their turn give up, as those not started are cancelled
             for future in futures:
                 future.cancel()
             wait(futures)  # units already packing finish: none may bind after a restore began
@@ -194,7 +195,7 @@ class HostStore:
                     continue
                 if future.exception() is None:
                     self.units[unit.path] = future.result()
-                elif error is None:
+                elif error is None and not isinstance(future.exception(), _Stopped):
                     error = future.exception()
             if error is not None:
                 raise error
@@ -229,22 +230,38 @@ class HostStore:
             self.host_copy = None
 
 
+class _Stopped(Exception):
+    """A unit gave up waiting for its turn to pack: packing stopped (another unit failed, or an interrupt)."""
+
+
 class _InFlight:
     """Host bytes of the units being packed: ``hold(n)`` waits until ``n`` more fit within ``limit`` (or nothing else
-    is held, so that a unit larger than the limit still packs, alone; ``hold(0)`` never waits)."""
+    is held, so that a unit larger than the limit still packs, alone; ``hold(0)`` never waits); after ``stop()``, or
+    a failure while holding, a unit still waiting raises ``_Stopped`` instead."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.held = 0
+        self.stopped = False
         self._changed = threading.Condition()
+
+    def stop(self) -> None:
+        with self._changed:
+            self.stopped = True
+            self._changed.notify_all()
 
     @contextmanager
     def hold(self, nbytes: int) -> Iterator[None]:
         with self._changed:
-            self._changed.wait_for(lambda: not self.held or not nbytes or self.held + nbytes <= self.limit)
+            self._changed.wait_for(lambda: self.stopped or not self.held or not nbytes or self.held + nbytes <= self.limit)
+            if self.stopped:
+                raise _Stopped
             self.held += nbytes
         try:
             yield
+        except BaseException:
+            self.stop()  # before the room is given back: no unit waiting starts after a failure
+            raise
         finally:
             with self._changed:
                 self.held -= nbytes
