@@ -33,6 +33,7 @@ import torch
 from .collect.components import Role
 from .mapping.device_map import DeviceMap, MapEntry
 from .mapping.memory import ACTIVATION_SHARE, BudgetTooSmall
+from .mapping.ownership import within
 from .mapping.placement import Placement
 from .mapping.sizes import human_bytes
 from .planning.bind import ExecutionPlan, Unit, direct_child
@@ -309,7 +310,7 @@ def _recorded(dmap: DeviceMap, blocks: list[Unit], kept: dict[str, int], window:
         regions, total = layout([ref.local for ref in block.tensors])
         size = kept.get(block.path, 0)
         if size and size >= total:
-            planned[block.path] = [replace(dmap.entries[block.path], placement=Placement.GPU)]
+            planned[block.path] = [replace(dmap.entries[block.path], placement=Placement.GPU, nbytes=block.nbytes)]
             continue
         children: dict[str, int] = {}
         for ref, region in zip(block.tensors, regions):
@@ -325,6 +326,8 @@ def _recorded(dmap: DeviceMap, blocks: list[Unit], kept: dict[str, int], window:
     out.window = window
     out.entries = {}
     for path, entry in dmap.entries.items():
+        if any(within(path, block.path) and path != block.path for block in blocks):
+            continue  # a kept part an earlier plan recorded: this plan records the block's parts anew
         for new in planned.get(path, [entry]):
             out.entries[new.path] = new
     return out

@@ -128,6 +128,26 @@ def test_auto_writes_a_split_plan_into_the_map_and_the_saved_map_dispatches_agai
         again.remove()
 
 
+def test_a_changed_plan_records_its_blocks_anew_and_the_map_dispatches_again():
+    # When a component's plan changes (runs counted after the first call, a refit, a refresh), the recorded map holds
+    # the new plan's kept parts only, and a block kept whole again counts all its bytes.
+    from tiny_pipelines import make_flux_pipeline
+
+    pipe = make_flux_pipeline()
+    handle = dispatch_pipeline(pipe, "layerwise", "cpu")
+    ring = next(r for r in handle.runtime.plan.rings if r.component == "transformer")
+    block, base = ring.blocks[0], handle.device_map
+    points = handle.runtime.host.units[block.path].split_points()
+    handle.remove()
+    for sizes in ([points[1], points[0]], [points[0], block.nbytes * 2], [points[0], 0], [points[1], points[0], 10**9]):
+        dmap = base
+        for size in sizes:
+            dmap = offload_map.auto._recorded(dmap, ring.blocks, {block.path: size} if size else {}, 2)
+        inside = [p for p in dmap.paths() if p.startswith(block.path + ".")]
+        assert len(inside) == (1 if sizes[-1] == points[0] else 0), (sizes, inside)
+        dispatch_pipeline(pipe, device_map=DeviceMap.from_json(dmap.to_json())).remove()
+
+
 def test_zero_size_tensors_get_views_and_add_no_cut():
     block = torch.nn.Module()
     block.a = torch.nn.Linear(4, 4)
