@@ -13,11 +13,11 @@ OUT_DIR/rank<N>.pt: its output and what it saw of the shared region.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -47,6 +47,9 @@ class warnings_to:
         self.handler.close()
 
 
+ALIVE: list = []  # diverge: rank 0's lock file, open for its whole life
+
+
 def memfd_inodes() -> set[str]:
     with open("/proc/self/maps") as maps:
         return {line.split()[4] for line in maps if "memfd:offload_map" in line}
@@ -64,6 +67,9 @@ def main(out: Path, checkpoint: Path, mode: str) -> None:
     pipe.transformer = empty_model(FluxTransformer2DModel, checkpoint)
     if mode == "diverge":  # fail fast: the test waits for the survivor's error
         shared_host.COLLECTIVE_TIMEOUT = timedelta(seconds=5)
+        if state.process_index == 0:  # held until this process is gone (the kernel lets it go at exit)
+            ALIVE.append(open(out / "rank0.alive", "w"))
+            fcntl.flock(ALIVE[0], fcntl.LOCK_EX)
     options = {}
     if mode == "shard-auto":  # a probe far below what the sharded loads reach: the plan must use theirs
         import offload_map.dispatch
@@ -128,7 +134,10 @@ def main(out: Path, checkpoint: Path, mode: str) -> None:
         block.register_forward_pre_hook(lambda *_: os.kill(os.getpid(), signal.SIGKILL))
     seen["output"] = run_flux(pipe)
     if mode == "diverge" and state.process_index == 1:
-        time.sleep(15)  # alive, but no longer loading blocks
+        # Alive, but no longer loading blocks, until rank 0 has gone: a rank that left first would break the
+        # connection under rank 0's timed-out collective, and gloo aborts rank 0 on that (a test race, under load).
+        with open(out / "rank0.alive") as alive:
+            fcntl.flock(alive, fcntl.LOCK_EX)
         return
     try:
         seen["second"] = run_flux(pipe)
