@@ -85,6 +85,9 @@ class AutoPlanner:
         self.kept_bytes: dict[str, int] = {}
         self.costs: dict[str, tuple[ModelCost, int]] = {}  # component -> its measured cost and resident bytes, to plan again
         self.staged: dict[str, int] = {}  # component -> its staging buffers' bytes when it was last planned
+        # Coded components -> their step predicted if they streamed raw (``compression``), warned about once if faster.
+        self.raw_steps: dict[str, float | None] = {}
+        self.warned_raw: set[str] = set()
         self._refitting = False
         self.resident = sum(u.nbytes for u in plan.resident)  # every streamed component's non-block weights and the rest
         self.pinned = {plan.component_of(u.path).name: u.nbytes for u in plan.pinned}
@@ -151,7 +154,19 @@ class AutoPlanner:
             except BudgetTooSmall:
                 pass
         self.options[name] = options
+        self.raw_steps[name] = self._raw_step(name, cost, budget, bandwidth)
         self._choose(name)
+
+    def _raw_step(self, name: str, cost: ModelCost, budget: int, bandwidth: float) -> float | None:
+        """For a component whose blocks are coded: the step predicted if they streamed as they are, the staging
+        buffers' room given to the plan (None where none is coded, or that plan does not fit either)."""
+        share = self.runtime.rings[name].wire_ratio
+        if share >= 1:
+            return None
+        try:
+            return plan_blocks(cost, budget + self._staging(name), bandwidth * share).step_s
+        except BudgetTooSmall:
+            return None
 
     def _choose(self, name: str) -> None:
         # The option predicted fastest for a call as now weighed; applied if it is not the one in force.
@@ -166,6 +181,18 @@ class AutoPlanner:
         self.plans[name], self.stays[name], self.kept_bytes[name] = plan, stays, sum(kept.values())
         ring = self._ring(name)
         self.device_map = _recorded(self.device_map, ring.blocks, kept, plan.window)
+        raw = self.raw_steps.get(name)
+        if raw is not None and raw < plan.step_s and name not in self.warned_raw:
+            self.warned_raw.add(name)
+            logger.warning(
+                "%s: at this budget its coded blocks are predicted slower than raw ones: %.1f ms a step against %.1f ms "
+                "streaming them as they are (their staging buffers take %s of the budget). Give a larger budget, or "
+                "leave this component out of compression",
+                name or "DiT",
+                plan.step_s * 1e3,
+                raw * 1e3,
+                human_bytes(self._staging(name)),
+            )
         logger.info(
             "%s: %d of %d blocks resident, %d in part, window %d%s, predicted step %.1f ms, %.2f s per call of %d runs",
             name or "DiT",
@@ -286,6 +313,7 @@ class AutoPlanner:
                 f"{len(plan.kept)} in part, window {plan.window}; {where}; {self.runs[name]} runs per call x "
                 f"{plan.step_s * 1e3:.1f} ms = {self._seconds(name, plan, self.stays[name]):.2f} s per call"
                 f"{'' if self.learned or name in self.given else ' (runs assumed until the first call ends)'}"
+                + self._raw_note(name, plan)
             )
         unplanned = [name or "the DiT" for name in self.roles if name not in self.plans]
         lines.append(
@@ -293,6 +321,13 @@ class AutoPlanner:
             + (f"; not counted: {', '.join(unplanned)} (moved whole, resident, or not timed yet)" if unplanned else "")
         )
         return "\n".join(lines)
+
+    def _raw_note(self, name: str, plan: BlockPlan) -> str:
+        raw = self.raw_steps.get(name)
+        if raw is None:
+            return ""
+        verdict = "slower" if raw > plan.step_s else "faster: its staging buffers cost more than its code saves"
+        return f"; streaming its coded blocks raw would take {raw * 1e3:.1f} ms a step ({verdict})"
 
     @property
     def predicted_call_s(self) -> float:

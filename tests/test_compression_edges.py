@@ -233,6 +233,35 @@ def test_a_block_key_works_beside_a_component_that_declares_its_blocks_wrongly(m
     handle.remove()
 
 
+@torch.inference_mode()
+def test_a_budget_where_staging_costs_more_than_the_code_saves_says_so(monkeypatch, caplog):
+    # A slow link bounds every step. Staging buffers of two whole blocks (these blocks are smaller than a piece)
+    # leave the coded plan fewer resident blocks than the raw one would have: the planner says streaming raw is
+    # faster. With small pieces (small staging buffers) the code wins, and nothing is said.
+    monkeypatch.setattr("offload_map.dispatch.bandwidth", lambda device: 1e6)
+    x, reference = _input(), _reference_output()
+    block = sum(p.numel() * p.element_size() for p in make_dit().blocks[0].parameters())
+    resident = sum(p.numel() * p.element_size() for p in make_dit().out.parameters())
+    for piece, warned in ((coded_host.PIECE, True), (16 * 1024, False)):
+        monkeypatch.setattr(coded_host, "PIECE", piece)
+        monkeypatch.setattr("offload_map.mapping.memory.CODE_PIECE", piece)
+        caplog.clear()
+        model = make_dit()
+        with caplog.at_level(logging.WARNING, logger="offload_map"):
+            handle = dispatch_pipeline(model, "auto", "cpu", gpu_budget=resident + 3 * block + 200_000, compression="lossless")
+            assert all(torch.equal(model(x), reference) for _ in range(3))
+        assert ("predicted slower than raw ones" in caplog.text) is warned
+        verdict = "(faster: its staging buffers cost more than its code saves)" if warned else "a step (slower)"
+        assert "streaming its coded blocks raw would take" in handle.explain() and verdict in handle.explain()
+        handle.remove()
+
+
+def _reference_output() -> torch.Tensor:
+    model = make_dit()
+    with torch.inference_mode():
+        return model(_input())
+
+
 def test_a_dict_of_nothing_but_none_is_no_compression(caplog):
     assert (
         DeviceMap("cpu", {"transformer": "dit"}, compression={"transformer": None, "transformer.blocks": None}).compression
