@@ -88,18 +88,24 @@ def test_the_setup_report_says_how_long_coding_waited_for_the_device():
     from offload_map.runtime.coded_host import DEVICE_CODING
     from offload_map.runtime.report import SetupTimes
 
-    before = DEVICE_CODING.waited_s
+    before, inside = DEVICE_CODING.waited_s, threading.Event()
 
-    def code_a_while() -> None:
+    def first() -> None:
         with DEVICE_CODING:
-            time.sleep(0.05)
+            inside.set()
+            time.sleep(0.2)
 
-    threads = [threading.Thread(target=code_a_while) for _ in range(2)]
+    def second() -> None:
+        inside.wait()  # the first holds its turn by now
+        with DEVICE_CODING:
+            pass
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert DEVICE_CODING.waited_s - before >= 0.04  # the second waited for the first's turn
+    assert DEVICE_CODING.waited_s - before >= 0.05  # the second waited for the first's turn
     times = SetupTimes(pack_wall_s=1.0, code_s=2.0, code_wait_s=1.5)
     assert "coding blocks 2.00 s (1.50 s of it waiting for the device)" in str(times)
 
