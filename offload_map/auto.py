@@ -303,11 +303,12 @@ class AutoPlanner:
         lines = []
         for name, plan in self.plans.items():
             refetch = self._refetch(name, plan, self.stays[name])
-            where = (
-                "kept blocks stay on the device while the components it excludes run"
-                if self.stays[name]
-                else f"kept blocks leave while the components it excludes run and come back: {refetch:.2f} s per call"
-            )
+            if not self._excludes_any(name):
+                where = "no other component takes turns with it: kept blocks stay on the device"
+            elif self.stays[name]:
+                where = "kept blocks stay on the device while the components it excludes run"
+            else:
+                where = f"kept blocks leave while the components it excludes run and come back: {refetch:.2f} s per call"
             lines.append(
                 f"{name or 'the DiT'}: {len(plan.resident)} of {len(plan.cost.blocks)} blocks resident, "
                 f"{len(plan.kept)} in part, window {plan.window}; {where}; {self.runs[name]} runs per call x "

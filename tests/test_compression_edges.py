@@ -252,6 +252,7 @@ def test_a_budget_where_staging_costs_more_than_the_code_saves_says_so(monkeypat
             assert all(torch.equal(model(x), reference) for _ in range(3))
         assert ("predicted slower than raw ones" in caplog.text) is warned
         verdict = "(faster: its staging buffers cost more than its code saves)" if warned else "a step (slower)"
+        assert "no other component takes turns with it: kept blocks stay on the device" in handle.explain()  # a lone DiT
         assert "streaming its coded blocks raw would take" in handle.explain() and verdict in handle.explain()
         handle.remove()
 
