@@ -11,7 +11,9 @@ from .sizes import human_bytes
 # Share of a budget kept free for activations when deciding that a whole pipeline fits it.
 ACTIVATION_SHARE = 0.1
 # Compressed blocks (``compression``) are copied in pieces of at most CODE_PIECE bytes through STAGING_BUFFERS
-# device buffers of one piece each (``runtime.coded_host``, ``runtime.fp8_host``, ``runtime.slots.Staging``).
+# device buffers of one piece each (``runtime.coded_host``, ``runtime.fp8_host``, ``runtime.slots.Staging``),
+# taken in turn: while the decode stream decodes one, the copy stream fills the other, so a decode waiting for
+# the compute stream's kernels to leave room does not stop the link.
 CODE_PIECE = 64 << 20
 STAGING_BUFFERS = 2
 

@@ -41,6 +41,15 @@ PIECE = CODE_PIECE  # raw bytes coded, copied and decoded at once: bounds the st
 WORTH = 0.95  # a block whose code takes more of its raw bytes than this streams raw
 
 
+def worth_keeping(code):
+    """``code`` (a ``CodedHost`` or ``fp8_host.Fp8Host``) if it takes at most ``WORTH`` of its raw bytes, else None
+    (its store let go): the unit then streams as it is."""
+    if code.ratio <= WORTH:
+        return code
+    code.release()
+    return None
+
+
 class _DeviceCoding:
     """Packing threads code one unit at a time on the device (about three times its bytes of device memory).
     ``waited_s`` sums the seconds threads waited for their turn, for the setup report (``HostStore``)."""
@@ -88,13 +97,7 @@ class CodedHost:
     @classmethod
     def of(cls, raw: torch.Tensor, device: torch.device | None = None, pin: bool = False) -> "CodedHost | None":
         """A ``CodedHost`` of ``raw``, or None when ``raw`` is empty or its code would not save enough (``WORTH``)."""
-        if not raw.numel():
-            return None
-        coded = cls(raw, device, pin)
-        if coded.ratio <= WORTH:
-            return coded
-        coded.release()
-        return None
+        return worth_keeping(cls(raw, device, pin)) if raw.numel() else None
 
     @property
     def nbytes(self) -> int:
@@ -119,11 +122,7 @@ class CodedHost:
 
     def _store(self, pieces: list[Coded]) -> None:
         planes = [plane for piece in pieces for plane in piece.planes]
-        store = HostBuffer(planes)  # each piece's planes in a row, laid out as ``Coded.like`` carves them
-        if self.pinned:  # before writing: planes coded on the device come back at page-locked speed
-            store.pin()
-        for index, plane in enumerate(planes):
-            store.write(index, plane)
+        store = HostBuffer.holding(planes, self.pinned)  # each piece's planes in a row, as ``Coded.like`` carves them
         views = store.views(store.flat)
         self.release()
         self.store = store

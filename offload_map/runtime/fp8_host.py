@@ -27,7 +27,7 @@ import torch
 
 from ..mapping.memory import CODE_PIECE
 from . import fp8_kernel
-from .coded_host import DEVICE_CODING, WORTH
+from .coded_host import DEVICE_CODING, worth_keeping
 from .host_buffer import HostBuffer, Region
 
 E4M3_MAX = 448.0
@@ -68,11 +68,7 @@ class Fp8Host:
         enough (``WORTH``; small tensors lose most of it to alignment): such a unit streams exact."""
         if not any(q and _quantizable(r) for q, r in zip(quantize, regions)):
             return None
-        stored = cls(regions, raw, quantize, device, pin)
-        if stored.ratio <= WORTH:
-            return stored
-        stored.release()
-        return None
+        return worth_keeping(cls(regions, raw, quantize, device, pin))
 
     @property
     def nbytes(self) -> int:
@@ -91,11 +87,7 @@ class Fp8Host:
         else:
             with DEVICE_CODING:
                 items, firsts = self._items(raw.to(self.device, non_blocking=raw.is_pinned()))
-        store = HostBuffer(items)
-        if self.pinned:
-            store.pin()
-        for index, item in enumerate(items):
-            store.write(index, item)
+        store = HostBuffer.holding(items, self.pinned)
         self.release()
         self.store, self.items = store, firsts
         self.grid, self._cuts = self._group(), {}

@@ -9,6 +9,8 @@ product, rounded the same way, so both paths give the same bits.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .codec_kernel import triton
@@ -26,10 +28,15 @@ if triton is not None:
         scale = tl.load(scale_ptr + index // columns, mask=mask, other=0.0)
         tl.store(out_ptr + index, (q * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
+    @functools.cache
+    def _converts_float8(index: int | None) -> bool:
+        # Asked once per device, not on every upcast (a load runs one per linear weight).
+        return torch.cuda.get_device_capability(index) >= (8, 9)
+
     def upcast(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> bool:
         """Launch the kernel (``q`` float8 ``[rows, columns]``, ``scale`` float32 ``[rows]``, ``out`` contiguous, all
         on one CUDA device); False, launching nothing, where this GPU lacks float8 conversions."""
-        if torch.cuda.get_device_capability(out.device) < (8, 9):
+        if not _converts_float8(out.device.index):
             return False
         n = q.numel()
         if n:

@@ -126,6 +126,17 @@ class HostBuffer:
         self.pinned = False
         self._registration = None
 
+    @classmethod
+    def holding(cls, tensors: list[torch.Tensor], pin: bool) -> "HostBuffer":
+        """A buffer of its own holding copies of ``tensors`` (on any device), page-locked first when ``pin`` (so
+        tensors on the device come back at page-locked speed)."""
+        buffer = cls(tensors)
+        if pin:
+            buffer.pin()
+        for index, tensor in enumerate(tensors):
+            buffer.write(index, tensor)
+        return buffer
+
     def view(self, index: int) -> torch.Tensor:
         """Tensor ``index`` as stored in this buffer."""
         return self.regions[index].view(self.flat)

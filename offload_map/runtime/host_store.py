@@ -4,8 +4,8 @@ Packing runs on ``PACK_THREADS`` threads at once (copies, checkpoint reads and p
 each unit's tensors are rebound to its host buffer as soon as it is packed, so the original storage is freed
 unit by unit and host memory holds about one copy of the weights throughout: a unit being packed is held twice,
 so units of at most ``PACK_IN_FLIGHT`` bytes together are packed at once (8 threads packing Flux's 0.68 GB
-blocks held 5 GB more than the weights). Tensors on the meta device are
-read from their checkpoint (``loading.weights.WeightSource``) straight into place.
+blocks held 5 GB more than the weights). Tensors on the meta device are read from their checkpoint
+(``loading.weights.WeightSource``) straight into place, held once.
 
 Ranks of one host may share one host copy (``shared_host.HostCopy``): units are then page-aligned slices of
 the shared region, only its creator fills them, and the others bind to them once it is filled.
@@ -15,8 +15,9 @@ With ``compression`` each streamed block is coded too (``coded_host.CodedHost`` 
 page-locked as well, and is what its copies read.
 
 Ownership: ``HostStore`` owns every ``HostBuffer`` (allocated or sliced, filled and page-locked here), each
-unit's ``CodedHost``, and the ``HostCopy``. ``restore`` gives every tensor its own storage again and releases both; the caller has made the
-host wait for the copy stream, the only reader of host buffers.
+unit's code (``CodedHost``/``Fp8Host``), and the ``HostCopy``. ``restore`` gives every tensor its own storage
+again and releases them all; the caller has made the host wait for the copy (and decode) streams, the only
+readers of host buffers and codes.
 """
 
 from __future__ import annotations

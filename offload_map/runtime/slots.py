@@ -31,8 +31,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-# Staging buffers a ring's coded pieces take turns in: while the decode stream decodes one, the copy stream
-# fills the others, so a decode that waits for the compute stream's kernels to leave room does not stop the link.
 from ..mapping.memory import STAGING_BUFFERS
 
 

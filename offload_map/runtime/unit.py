@@ -41,7 +41,7 @@ from enum import Enum
 import torch
 
 from ..collect.tensors import TensorRef, is_dtensor
-from .coded_host import WORTH, CodedHost
+from .coded_host import CodedHost, worth_keeping
 from .host_buffer import HostBuffer, home_device, split_points
 from .slots import Slot
 
@@ -263,8 +263,7 @@ class OffloadedUnit:
                 raise ValueError(f"{ref.qualname} {err} since dispatch; remove() and dispatch again to repack it") from None
         if self.coded is not None:  # in-place edits do not show: code the bytes anew whatever changed
             self.coded.encode(self.host.flat)
-            if self.coded.ratio > WORTH:  # the new weights do not compress: stream them as they are
-                self.drop_code()
+            self.coded = worth_keeping(self.coded)  # None where the new weights do not compress: stream them as they are
         # A coded head needs its ring's staging buffer: the ring fetches it again (``Runtime.refresh``).
         head = self.head is not None and self.coded is None
         self.drop_head()
