@@ -393,13 +393,14 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def host_shortfall(name: str, weights_bytes: int) -> str | None:
-    """Why strategy ``name`` cannot run in this host's memory (``HOST_NEED``), or None."""
+    """Why strategy ``name`` cannot run in this host's memory (``HOST_NEED``), or None. Called with the pipeline built,
+    so the memory it holds is no longer available: only what the strategy needs beyond it must be."""
     code = next((share for kind, share in CODE_NEED.items() if name.endswith(f"-{kind}")), 0.0)
-    need = (HOST_NEED.get(name, 1.1) + code) * weights_bytes
+    beyond = (HOST_NEED.get(name, 1.1) + code - 1.0) * weights_bytes
     available = read_status_bytes("MemAvailable", "/proc/meminfo")
-    if available is None or need <= available:
+    if available is None or beyond <= available:
         return None
-    return f"skipped: needs about {need / 1e9:.0f} GB of host memory, {available / 1e9:.0f} GB available"
+    return f"skipped: needs about {beyond / 1e9:.0f} GB of host memory beyond the pipeline, {available / 1e9:.0f} GB available"
 
 
 def run_strategy(name: str, kind: Kind, args, reference: dict) -> dict:

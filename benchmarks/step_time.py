@@ -330,9 +330,9 @@ def coded_summary(ctx: Ctx) -> dict:
     """For ``-lossless`` rows: how many streamed blocks were coded, their coded/raw bytes, where setup time went."""
     report = getattr(ctx, "coded", None)
     ctx.coded = None
-    if report is None:
+    coded = report.coded if report is not None else None
+    if coded is None:  # nothing streams (the model fits the budget whole): nothing was coded
         return {}
-    coded = report.coded
     return {
         "setup_breakdown": str(report.setup_times),
         "coded_blocks": coded.coded,

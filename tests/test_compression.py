@@ -600,6 +600,7 @@ class SkippingDiT(DiT):
 
     def __init__(self) -> None:
         super().__init__()
+        self.bfloat16()
         for block in self.blocks[2:]:
             block.float()
         self.skip = 0
