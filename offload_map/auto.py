@@ -89,7 +89,8 @@ class AutoPlanner:
         self.raw_steps: dict[str, float | None] = {}
         self.warned_raw: set[str] = set()
         self._refitting = False
-        self.resident = sum(u.nbytes for u in plan.resident)  # every streamed component's non-block weights and the rest
+        self.resident = sum(u.nbytes for u in plan.resident)  # on the device throughout
+        # Components moved whole, and streamed components' pinned weights outside their blocks.
         self.pinned = {plan.component_of(u.path).name: u.nbytes for u in plan.pinned}
         # A streamed component's slots (and staging buffers) as dispatched (every block streamed), until its plan is made.
         self.slots = {name: ring.device_bytes for name, ring in runtime.rings.items()}
@@ -259,22 +260,30 @@ class AutoPlanner:
         if self.roles[name].excludes(self.roles[other]):
             return self.kept_bytes.get(other, 0) if self.stays.get(other) else 0
         plan = self.plans.get(other)
+        # A plan counts the component's non-block weights: those resident are counted in ``self.resident``.
         if plan is not None:
-            return plan.memory - plan.cost.other_bytes - plan.cost.activation_bytes + self._staging(other)
+            return (
+                plan.memory
+                - plan.cost.other_bytes
+                - plan.cost.activation_bytes
+                + self._staging(other)
+                + self.pinned.get(other, 0)
+            )
         return self.pinned.get(other, 0) + self.slots.get(other, 0)
 
     def _ring(self, name: str):
         return next(r for r in self.execution.rings if r.component == name)
 
     def _seconds(self, name: str, plan: BlockPlan, stays: bool) -> float:
-        """Predicted seconds of a call spent on component ``name``: its runs, and unless its kept blocks stay, copying
-        them back once."""
+        """Predicted seconds of a call spent on component ``name``: its runs, and copying back once what left while
+        the components it excludes ran: its pinned non-block weights, and its kept blocks unless they stay."""
         return self.runs[name] * plan.step_s + self._refetch(name, plan, stays)
 
     def _refetch(self, name: str, plan: BlockPlan, stays: bool) -> float:
-        if stays or not self._excludes_any(name):
+        if not self._excludes_any(name):
             return 0.0
-        return (sum(b.nbytes for b in plan.cost.blocks) - plan.streamed_bytes) / plan.bandwidth
+        kept = 0 if stays else sum(b.nbytes for b in plan.cost.blocks) - plan.streamed_bytes
+        return (kept + self.pinned.get(name, 0)) / plan.bandwidth
 
     def _excludes_any(self, name: str) -> bool:
         return any(other != name and self.roles[name].excludes(role) for other, role in self.roles.items())
@@ -306,7 +315,9 @@ class AutoPlanner:
             if not self._excludes_any(name):
                 where = "no other component takes turns with it: kept blocks stay on the device"
             elif self.stays[name]:
-                where = "kept blocks stay on the device while the components it excludes run"
+                where = "kept blocks stay on the device while the components it excludes run" + (
+                    f"; its pinned weights outside the blocks leave and come back: {refetch:.2f} s per call" if refetch else ""
+                )
             else:
                 where = f"kept blocks leave while the components it excludes run and come back: {refetch:.2f} s per call"
             lines.append(

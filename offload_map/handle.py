@@ -152,8 +152,7 @@ class OffloadHandle:
 
     def on_device(self) -> list[str]:
         """Names of the components whose weights are on the target device right now: resident, pinned and loaded,
-        or streamed and active (their slots and kept parts on the device; their non-block modules are resident
-        throughout)."""
+        or streamed and active (their slots, kept parts and weights outside the blocks on the device)."""
         return self._runtime.on_device()
 
     def _check_active(self) -> None:

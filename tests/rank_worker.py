@@ -145,7 +145,8 @@ def main(out: Path, checkpoint: Path, mode: str) -> None:
         seen["error"] = str(err)
         torch.save(seen, out / f"rank{state.process_index}.pt")
         return
-    seen["host_bytes"] = handle.report().stats.bytes_h2d
+    stats = handle.report().stats
+    seen["host_bytes"] = stats.bytes_h2d - stats.component_bytes  # blocks: what sharding splits between the ranks
     if gathers:
         seen["gathers"] = len(gathers)
         seen["into_slots"] = all(into_slot for into_slot, _, _ in gathers)

@@ -25,11 +25,12 @@ def pipe():
 def test_layerwise_map_places_blocks_in_the_window_and_the_rest_by_role(pipe):
     dmap = compile_device_map(pipe, "layerwise", "cpu")
     assert dmap.components == {"text_encoder": Role.ENCODER, "transformer": Role.DIT, "vae": Role.VAE}
-    assert dmap["transformer"] is Placement.GPU
+    # The DiT's weights outside its blocks travel with it, pinned.
+    assert dmap["transformer"] is Placement.CPU_PINNED
     assert dmap.paths(Placement.LAYER_WINDOW) == [f"transformer.double_blocks.{i}" for i in range(2)] + [
         f"transformer.single_blocks.{i}" for i in range(3)
     ]
-    assert dmap.paths(Placement.CPU_PINNED) == ["text_encoder", "vae"]
+    assert sorted(dmap.paths(Placement.CPU_PINNED)) == ["text_encoder", "transformer", "vae"]
     total = sum(p.numel() * p.element_size() for p in pipe.parameters()) + sum(
         b.numel() * b.element_size() for b in pipe.buffers()
     )
@@ -70,6 +71,9 @@ def test_accelerate_export_has_disjoint_keys_that_accelerate_accepts(pipe):
     dmap.device = "cuda:1"
     exported = dmap.to_accelerate_device_map(pipe)
     assert exported["text_encoder"] == {"": "cpu"}
+    assert exported["transformer"]["proj_in"] == "cpu"  # pinned beside the streamed blocks
+    dmap["transformer.proj_in"] = "gpu"
+    exported = dmap.to_accelerate_device_map(pipe)
     assert exported["transformer"]["proj_in"] == 1
     assert exported["transformer"]["single_blocks.2"] == "cpu"
     for name, component_map in exported.items():
@@ -86,7 +90,11 @@ def test_accelerate_export_has_disjoint_keys_that_accelerate_accepts(pipe):
         (lambda d: d.__setitem__("transformer.proj_in", "layer-window"), "only to blocks"),
         (lambda d: d.__setitem__("transformer.proj_in", "cpu-pinned"), "whole components"),
         (lambda d: d.__setitem__("vae.decoder", "gpu"), "inside the 'cpu-pinned' component"),
-        (lambda d: d.__setitem__("transformer", "cpu-pinned"), "inside the 'cpu-pinned' component 'transformer'"),
+        # Pinned with blocks inside is a streamed component; with none of them streamed it moves whole.
+        (
+            lambda d: [d.__setitem__(p, "gpu") for p in d.paths("layer-window")],
+            "inside the 'cpu-pinned' component 'transformer'",
+        ),
         (lambda d: d.__setitem__("transformer.double_blocks.0.mlp", "cpu-pinned"), "only 'gpu' entries"),
         (
             lambda d: d.__setitem__("transformer.single_blocks", "gpu"),
@@ -163,11 +171,12 @@ def test_unknown_placement_on_edit_lists_the_valid_ones(pipe):
 def test_a_removed_block_entry_is_an_edit_not_another_model(pipe):
     reference = pipe("edit", steps=2)
     dmap = compile_device_map(pipe, "layerwise", "cpu")
-    del dmap["transformer.single_blocks.1"]  # its tensors now belong to 'transformer', resident
+    del dmap["transformer.single_blocks.1"]  # its tensors now belong to 'transformer', pinned
     handle = dispatch_pipeline(pipe, device_map=dmap)
     assert torch.equal(pipe("edit", steps=2), reference)
     assert "transformer.single_blocks.1" not in handle.device_map
-    assert handle.device_map["transformer"] is Placement.GPU
+    assert handle.device_map["transformer"] is Placement.CPU_PINNED
+    assert "transformer.single_blocks.1" not in [u.path for u in handle.runtime.rings["transformer"].units]
     handle.remove()
 
 
@@ -192,7 +201,8 @@ def test_a_block_list_entry_is_refused_only_where_its_blocks_say_otherwise(pipe)
 def test_a_pinned_component_with_entries_inside_says_how_to_delete_them(pipe):
     reference = pipe("edit", steps=2)
     dmap = compile_device_map(pipe, "layerwise", "cpu")
-    dmap["transformer"] = "cpu-pinned"
+    for path in dmap.paths("layer-window"):
+        dmap[path] = "gpu"  # the pinned transformer streams no block now: it moves whole
     with pytest.raises(ValueError, match=r"delete the entries inside it \(del map\['transformer.double_blocks.0'\], .*or place"):
         dispatch_pipeline(pipe, device_map=dmap)
     for path in [p for p in dmap.paths() if p.startswith("transformer.")]:
@@ -271,3 +281,29 @@ def test_dispatching_a_component_of_a_dispatched_pipeline_names_offload_map_not_
     with pytest.raises(RuntimeError, match="already dispatched by offload_map as part of another pipeline"):
         dispatch_pipeline(pipe.transformer, "layerwise", "cpu")
     handle.remove()
+
+
+class _TiedDiT(torch.nn.Module):
+    _layerwise_offload_blocks_attrs = ["blocks"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+        self.blocks[1].weight = self.proj.weight  # tied: one tensor in a block and outside the blocks
+
+
+def test_a_dit_sharing_a_tensor_between_a_block_and_the_rest_keeps_the_rest_resident():
+    class Pipe:
+        def __init__(self) -> None:
+            self.transformer = _TiedDiT()
+            self.text_encoder = torch.nn.Linear(4, 4)
+
+    pipe = Pipe()
+    dmap = compile_device_map(pipe, "layerwise", "cpu")
+    assert dmap["transformer"] is Placement.GPU  # a shared tensor moves once: resident, it serves both places
+    assert dmap["transformer.blocks.1"] is Placement.LAYER_WINDOW
+    pipe.transformer.blocks[1].weight = torch.nn.Parameter(pipe.transformer.proj.weight.clone())  # untied
+    assert compile_device_map(pipe, "layerwise", "cpu")["transformer"] is Placement.CPU_PINNED
+    lone = compile_device_map(pipe.transformer, "layerwise", "cpu")
+    assert lone[""] is Placement.GPU  # nothing takes turns with a lone DiT: the rest stays resident

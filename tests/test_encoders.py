@@ -126,3 +126,57 @@ def test_a_budget_below_the_streamed_pipelines_minimum_is_refused_with_nothing_m
         dispatch_pipeline(pipe, "layerwise", "cpu", gpu_budget=1024)
     assert err.value.minimum > 1024
     assert_restored(pipe, before)
+
+
+@pytest.mark.usefixtures("stream_every_encoder")
+def test_a_streamed_components_weights_outside_its_blocks_leave_while_the_components_it_excludes_run(encoder_case, target):
+    # UMT5's embeddings are 2-4 GB: resident, they sat beside the DiT for every step and beside the VAE's decode.
+    pipe = encoder_case.pipe
+    handle = dispatch_pipeline(pipe, "layerwise", target, window=2)
+    roles = dict(handle.device_map.components)
+    rings = handle.runtime.rings
+    assert rings and all(handle.device_map[name] is Placement.CPU_PINNED for name in rings)
+    pinned = handle.runtime.swapper.pinned
+    modules = dict(_components(pipe))
+    seen = set()
+
+    def probe(name):
+        def check(*_):
+            seen.add(name)
+            for other in rings:
+                loaded = pinned[other].head is not None
+                if other == name:
+                    assert loaded, f"{name} runs without its weights outside the blocks"
+                elif roles[name].excludes(roles[other]):
+                    assert not loaded, f"{other}'s weights outside its blocks stay on the device while {name} runs"
+
+        return check
+
+    hooks = [modules[name].register_forward_hook(probe(name)) for name in roles if roles[name] is not Role.OTHER]
+    try:
+        for _ in range(2):
+            assert torch.equal(encoder_case.run(pipe).cpu(), encoder_case.reference)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen >= {name for name in rings if roles[name] is not Role.VAE}  # a VAE runs decode(), not forward()
+    handle.remove()
+
+
+def test_a_pinned_component_may_hold_streamed_blocks_and_resident_parts_when_edited(encoder_case, target):
+    # The compiled map pins the DiT's weights outside its blocks; an edit may keep some of them resident.
+    pipe = encoder_case.pipe
+    dmap = compile_device_map(pipe, "layerwise", target)
+    dit = next(name for name, role in dmap.components.items() if role is Role.DIT)
+    assert dmap[dit] is Placement.CPU_PINNED
+    module = dict(_components(pipe))[dit]
+    from offload_map.collect.blocks import get_blocks
+
+    blocks = {path.split(".")[0] for path, _ in get_blocks(module)}
+    inner = next(name for name, child in module.named_children() if name not in blocks and any(True for _ in child.parameters()))
+    dmap[f"{dit}.{inner}"] = "gpu"
+    handle = dispatch_pipeline(pipe, device_map=dmap)
+    for _ in range(2):
+        assert torch.equal(encoder_case.run(pipe).cpu(), encoder_case.reference)
+    assert handle.device_map[f"{dit}.{inner}"] is Placement.GPU
+    handle.remove()

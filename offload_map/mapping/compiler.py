@@ -6,17 +6,21 @@ Strategies:
 - ``"model"``: DiTs, encoders and VAEs ``"cpu-pinned"``, taking turns on the device (a DiT excludes the
   encoders, the VAEs and every other DiT); other components and ``_resident_modules`` stay ``"gpu"``.
 - ``"layerwise"``: as ``"model"``, except that each DiT, and each other offloaded component with block lists
-  and at least ``STREAM_MIN_BYTES`` of weights (a T5-XXL or a Llama text encoder, not CLIP-L or a VAE), is
-  ``"gpu"`` with its blocks ``"layer-window"``, streamed through ``window`` slots.
+  and at least ``STREAM_MIN_BYTES`` of weights (a T5-XXL or a Llama text encoder, not CLIP-L or a VAE), has its
+  blocks ``"layer-window"``, streamed through ``window`` slots. Its weights outside the blocks (embeddings,
+  norms, projections) are ``"cpu-pinned"`` with the component: on the device while it runs, gone while a
+  component it excludes runs, so UMT5's 2-4 GB of embeddings do not sit beside the DiT for every step. They
+  are ``"gpu"`` instead where no other component takes turns with it (a lone DiT), or where a block shares a
+  tensor with them (a tied weight), since a shared tensor moves once.
 - ``"auto"`` (needs a budget): everything ``"gpu"`` if the whole pipeline fits the budget, else as
   ``"layerwise"``; the blocks to keep resident are chosen after the second forward (``offload_map.auto``).
 
 With a budget (``"auto"`` or ``"layerwise"``), encoders and VAEs are placed one by one: smallest first,
 each stays ``"gpu"`` while it fits beside the largest DiT held entirely resident (a resident encoder saves a
 load per prompt, a resident block saves a copy per step, so blocks come first); the rest are
-``"cpu-pinned"``. The window then shrinks (down to 1) until the resident weights and the slots fit. A
-pinned component too large to run within the budget beside what stays resident is reported with a
-warning (it still runs; streaming encoders is not supported).
+``"cpu-pinned"``. The window then shrinks (down to 1) until every phase fits: the resident weights, and the
+slots and non-block weights of each streamed component while it runs. A component moved whole that is too large
+to run within the budget beside what stays resident is reported with a warning (it still runs).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from ..collect.tensors import TensorRef, collect_tensors
 from .device_map import DeviceMap, check_compressed_paths, check_compression, check_window
 from .devices import resolve_device
 from .memory import ACTIVATION_SHARE, BudgetTooSmall, device_footprint, fits_entirely, staging_footprint
-from .ownership import assign_tensors, owning_component
+from .ownership import assign_tensors, owning_component, within
 from .placement import Placement
 from .sizes import budget_key, human_bytes
 
@@ -100,13 +104,13 @@ def compile_found(
     if strategy == "auto" and budget is None:
         key = budget_key(resolve_device(device, present=False))
         raise ValueError(f"strategy 'auto' needs a budget: pass max_memory={{{key!r}: '12GiB'}} or gpu_budget='12GiB'")
-    whole = _sized(_place(found, "none", device, window, {}), tensors)
+    whole = _sized(_place(found, "none", device, window, {}, tensors), tensors)
     whole.compression = check_compression(compression, whole.components)
     check_compressed_paths(whole.compression, found)
     sizes = _component_bytes(whole)
     if strategy == "none":
         return whole
-    dmap = _sized(_place(found, "layerwise" if strategy == "auto" else strategy, device, window, sizes), tensors)
+    dmap = _sized(_place(found, "layerwise" if strategy == "auto" else strategy, device, window, sizes, tensors), tensors)
     dmap.strategy, dmap.compression = strategy, whole.compression
     if budget is None:
         return dmap
@@ -132,12 +136,23 @@ def _component_bytes(dmap: DeviceMap, placement: Placement | None = None) -> dic
     return out
 
 
+def _streamed(dmap: DeviceMap) -> set[str]:
+    # Components with blocks placed "layer-window".
+    return {owning_component(e.path, dmap.components) for e in dmap.entries.values() if e.placement is Placement.LAYER_WINDOW}
+
+
+def _moved_whole(dmap: DeviceMap) -> list[str]:
+    # "cpu-pinned" components without streamed blocks: they move to the device whole.
+    streamed = _streamed(dmap)
+    return [n for n in dmap.components if dmap[n] is Placement.CPU_PINNED and n not in streamed]
+
+
 def _keep_encoders(dmap: DeviceMap, budget: int) -> None:
     sizes = _component_bytes(dmap)
     on_device = _component_bytes(dmap, Placement.GPU)
     dits = [sizes[n] for n, role in dmap.components.items() if role is Role.DIT]
     held = max(dits, default=0) + sum(on_device[n] for n, role in dmap.components.items() if role is not Role.DIT)
-    pinned = [n for n in dmap.components if dmap[n] is Placement.CPU_PINNED and dmap.components[n] is not Role.DIT]
+    pinned = [n for n in _moved_whole(dmap) if dmap.components[n] is not Role.DIT]
     for name in sorted(pinned, key=lambda n: sizes[n]):
         if held + sizes[name] > (1 - ACTIVATION_SHARE) * budget:
             break
@@ -146,9 +161,10 @@ def _keep_encoders(dmap: DeviceMap, budget: int) -> None:
 
 
 def _phase_bytes(dmap: DeviceMap, window: int, pinned: bool) -> dict[str, int]:
-    """Component name -> device bytes while it runs: resident weights, the slots of every streamed component on the
-    device then (its own, and those its role does not exclude), and with ``pinned`` the pinned components loaded
-    then (itself and those of a role it does not exclude: CLIP beside T5)."""
+    """Component name -> device bytes while it runs: resident weights, the slots and pinned non-block weights of
+    every streamed component on the device then (its own, and those its role does not exclude), and with ``pinned``
+    the components moved whole that are loaded then (itself and those of a role it does not exclude: CLIP beside
+    T5)."""
     resident = sum(e.nbytes for e in dmap.entries.values() if e.placement is Placement.GPU)
     blocks: dict[str, list[int]] = {}
     coded: set[str] = set()  # components with a coded block, which copy through staging buffers
@@ -159,16 +175,18 @@ def _phase_bytes(dmap: DeviceMap, window: int, pinned: bool) -> dict[str, int]:
             if dmap.compression_of(entry.path):
                 coded.add(name)
     slots = {
-        name: device_footprint(0, max(sizes), min(window, len(sizes))) + (staging_footprint(max(sizes)) if name in coded else 0)
+        name: device_footprint(0, max(sizes), min(window, len(sizes)))
+        + (staging_footprint(max(sizes)) if name in coded else 0)
+        + (dmap.entries[name].nbytes if dmap[name] is Placement.CPU_PINNED else 0)
         for name, sizes in blocks.items()
     }
-    sizes = _component_bytes(dmap)
+    whole = set(_moved_whole(dmap))
     out = {}
     for name, role in dmap.components.items():
         present = [other for other in dmap.components if other == name or not role.excludes(dmap.components[other])]
         out[name] = resident + sum(slots.get(other, 0) for other in present)
         if pinned:
-            out[name] += sum(sizes[other] for other in present if dmap[other] is Placement.CPU_PINNED)
+            out[name] += sum(dmap.entries[other].nbytes for other in present if other in whole)
     return out
 
 
@@ -186,13 +204,14 @@ def _fit_window(dmap: DeviceMap, budget: int) -> None:
 def _warn_pinned_over_budget(dmap: DeviceMap, budget: int) -> None:
     # Components of one role (CLIP and T5) are on the device together; a streamed DiT's slots leave for them.
     sizes = _component_bytes(dmap)
+    whole = _moved_whole(dmap)
     warned: set[Role] = set()
     for name, peak in _phase_bytes(dmap, dmap.window, pinned=True).items():
         role = dmap.components[name]
-        if dmap[name] is not Placement.CPU_PINNED or role is Role.DIT or role in warned or peak <= budget:
+        if name not in whole or role is Role.DIT or role in warned or peak <= budget:
             continue
         warned.add(role)
-        names = [n for n, r in dmap.components.items() if r is role and dmap[n] is Placement.CPU_PINNED]
+        names = [n for n in whole if dmap.components[n] is role]
         logger.warning(
             "%s (%s, cpu-pinned) will hold %s of device memory while %s, above the budget of %s: "
             "give at least %s, or run %s elsewhere",
@@ -211,7 +230,21 @@ def _streams(comp, sizes: dict[str, int]) -> bool:
     return comp.role is Role.DIT or (sizes[comp.name] >= STREAM_MIN_BYTES and bool(comp.blocks()))
 
 
-def _place(found: PipelineModules, strategy: str, device: str, window: int, sizes: dict[str, int]) -> DeviceMap:
+def _shares_with_blocks(name: str, blocks: list[str], tensors: list[TensorRef]) -> bool:
+    # Whether a tensor of component ``name`` outside its ``blocks`` is also held inside one of them.
+    def in_block(module_path: str) -> bool:
+        return any(within(module_path, block) for block in blocks)
+
+    for ref in tensors:
+        places = [ref.module_path, *(alias.module_path for alias in ref.aliases)]
+        if within(ref.module_path, name) and len({in_block(p) for p in places}) > 1:
+            return True
+    return False
+
+
+def _place(
+    found: PipelineModules, strategy: str, device: str, window: int, sizes: dict[str, int], tensors: list[TensorRef]
+) -> DeviceMap:
     dmap = DeviceMap(device, {c.name: c.role for c in found.components.values()}, window=window, strategy=strategy)
     for comp in found.components.values():
         offloaded = strategy != "none" and comp.role is not Role.OTHER and not comp.resident
@@ -223,8 +256,13 @@ def _place(found: PipelineModules, strategy: str, device: str, window: int, size
                     f"them on the class, e.g. {type(comp.module).__name__}._layerwise_offload_blocks_attrs = ['blocks'] "
                     "(registered nn.ModuleList attributes, in execution order), or use strategy='model'"
                 )
-            dmap[comp.name] = Placement.GPU
-            for path, _ in blocks:
+            paths = [path for path, _ in blocks]
+            # Pinned, its non-block weights leave while the components it excludes run; with none, they would only
+            # arrive later than resident ones.
+            turns = any(other is not comp and comp.role.excludes(other.role) for other in found.components.values())
+            travels = turns and not _shares_with_blocks(comp.name, paths, tensors)
+            dmap[comp.name] = Placement.CPU_PINNED if travels else Placement.GPU
+            for path in paths:
                 dmap[path] = Placement.LAYER_WINDOW
         else:
             dmap[comp.name] = Placement.CPU_PINNED if offloaded else Placement.GPU

@@ -9,10 +9,11 @@ class Placement(str, Enum):
     """Where a module's weights live while the pipeline runs.
 
     - ``GPU`` (``"gpu"``): resident on the target device for the whole run.
-    - ``CPU_PINNED`` (``"cpu-pinned"``): lives in pinned host memory; the whole module is copied to the
-      device just before it runs and dropped from it when a module it excludes runs.
-    - ``LAYER_WINDOW`` (``"layer-window"``): one block of a DiT's block list, streamed through a small
-      ring of device slots while the neighbouring blocks compute.
+    - ``CPU_PINNED`` (``"cpu-pinned"``): a component that lives in pinned host memory; it is copied to the
+      device just before it runs and dropped from it when a component it excludes runs. With blocks of it
+      ``"layer-window"``, this holds for the rest of its weights (embeddings, norms, projections).
+    - ``LAYER_WINDOW`` (``"layer-window"``): one block of a component's block list (a DiT's, a text
+      encoder's), streamed through a small ring of device slots while the neighbouring blocks compute.
 
     Example:
         >>> Placement.parse("gpu", "entry 'vae'")

@@ -37,7 +37,7 @@ class ModelCost:
 
     Attributes:
         blocks: every block, in execution order.
-        other_bytes: weights outside the blocks (always resident).
+        other_bytes: weights outside the blocks (on the device whenever the component runs).
         other_compute_s: compute outside the blocks per forward (embeddings, final layers).
         activation_bytes: device memory a forward needs beyond weights (measured peak minus weights).
         copy_bandwidth: bytes/s the block copies achieved during the calibration forward, beside compute

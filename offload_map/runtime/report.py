@@ -17,6 +17,7 @@ class TransferStats:
     block_loads: int = 0
     on_demand_loads: int = 0
     component_loads: int = 0
+    component_bytes: int = 0  # of ``bytes_h2d``: what components (and streamed ones' weights outside blocks) moved whole
     component_evictions: int = 0
 
     def add_block(self, nbytes: int, on_demand: bool) -> None:
@@ -26,6 +27,7 @@ class TransferStats:
 
     def add_component(self, nbytes: int) -> None:
         self.bytes_h2d += nbytes
+        self.component_bytes += nbytes
         self.component_loads += 1
 
 
@@ -107,7 +109,8 @@ class Report:
             f"  slots:     {human_bytes(self.slot_bytes)} of device memory for streamed blocks",
             f"  setup:     {self.setup_seconds:.2f} s, of which {self.setup_times}",
             f"  moved:     {human_bytes(s.bytes_h2d)} host->device in {s.block_loads} block loads "
-            f"({s.on_demand_loads} on demand) and {s.component_loads} component loads; {s.component_evictions} evictions",
+            f"({s.on_demand_loads} on demand) and {s.component_loads} component loads ({human_bytes(s.component_bytes)}); "
+            f"{s.component_evictions} evictions",
         ]
         if self.coded is not None:
             lines.append(f"  coded:     {self.coded}")

@@ -181,7 +181,8 @@ class Runtime:
         """Let ``skip`` forwards of DiT ``name`` go by, time the next one block by block, and hand its ``ModelCost`` to
         ``on_done`` at the end of that forward (a forward boundary, where ``set_residency`` may be called)."""
         ring = self.rings[name]
-        other = sum(u.nbytes for u in self.plan.resident if self.plan.component_of(u.path).name == name)
+        # Its weights outside the blocks: resident, or pinned and on the device while it runs.
+        other = sum(u.nbytes for u in self.plan.resident + self.plan.pinned if self.plan.component_of(u.path).name == name)
         ring.arm(
             BlockTimer(
                 self.ordering,

@@ -70,7 +70,7 @@ class Swapper:
 
     def on_device(self, name: str) -> bool:
         """Whether component ``name`` is on the device now: resident, pinned and loaded, or streamed and active (its
-        slots and kept parts there; a streamed component's non-block weights are resident throughout)."""
+        slots, kept parts and pinned weights outside its blocks there)."""
         if name in self.rings:
             return self.rings[name].active
         unit = self.pinned.get(name)

@@ -1,0 +1,31 @@
+"""The benchmark scripts' own logic that decides what a GPU run records (the runs themselves need a GPU)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from types import SimpleNamespace
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+
+import pipeline_time  # noqa: E402
+
+import step_time  # noqa: E402
+
+
+def test_pipeline_time_skips_a_strategy_only_for_the_memory_it_needs_beyond_the_built_pipeline(monkeypatch):
+    # The H200 run of Wan2.2: 70.9 GB of weights built, 62 GB still available. A layer-wise row needs 1.1x the
+    # weights in all, so 7 GB more: it runs (it was skipped, the pipeline's own 70.9 GB counted twice).
+    weights, available = 70_900_000_000, 62_000_000_000
+    monkeypatch.setattr(pipeline_time, "read_status_bytes", lambda *_: available)
+    assert pipeline_time.host_shortfall("layerwise", weights) is None
+    assert pipeline_time.host_shortfall("auto-8GiB", weights) is None
+    skipped = pipeline_time.host_shortfall("diffusers-group", weights)  # 2.2x: 85 GB beyond the pipeline
+    assert skipped == "skipped: needs about 85 GB of host memory beyond the pipeline, 62 GB available"
+
+
+def test_step_time_records_no_coded_blocks_where_the_model_fits_its_budget_whole():
+    # auto-12GiB-lossless on a model under 12 GiB: nothing streams, so the report has no coded line.
+    ctx = SimpleNamespace(coded=SimpleNamespace(coded=None))
+    assert step_time.coded_summary(ctx) == {}
+    assert ctx.coded is None
