@@ -11,7 +11,8 @@ their largest submodules on the device, and the window. The runtime applies it a
 user passed or read before is never changed.
 
 A streamed DiT's kept blocks leave the device while the components it excludes run (encoders, the VAE), and
-come back for the next call: a copy of everything kept, once per call. With a budget the planner weighs that
+come back for the next call: a copy of everything kept, once per call (its pinned weights outside the blocks
+leave and come back too, whatever the plan). With a budget the planner weighs that
 against keeping them there: it also plans the DiT within the budget less a reserve for those components'
 phases (their slots or whole size, and ``ACTIVATION_SHARE`` of the budget for activations) and keeps the plan
 whose call is predicted faster, weighting the DiT's step by how often it runs in one call: as ``runs_per_call``
@@ -91,7 +92,8 @@ class AutoPlanner:
         self._refitting = False
         self.resident = sum(u.nbytes for u in plan.resident)  # on the device throughout
         # Components moved whole, and streamed components' pinned weights outside their blocks.
-        self.pinned = {plan.component_of(u.path).name: u.nbytes for u in plan.pinned}
+        # As the host buffers lay them out (tensors aligned), which is what a load allocates on the device.
+        self.pinned = {plan.component_of(u.path).name: runtime.host.units[u.path].nbytes for u in plan.pinned}
         # A streamed component's slots (and staging buffers) as dispatched (every block streamed), until its plan is made.
         self.slots = {name: ring.device_bytes for name, ring in runtime.rings.items()}
         for ring in plan.rings:
@@ -295,7 +297,8 @@ class AutoPlanner:
 
     def _reserve(self, name: str) -> int:
         """Device bytes the phases of the components ``name`` excludes need beside its kept blocks: the largest phase
-        (pinned components whole, streamed ones' slots as dispatched, the components of one role together) and an
+        (pinned components whole, streamed ones' slots as dispatched and their pinned weights outside the blocks, the
+        components of one role together) and an
         activation allowance. Streamed components planned already are planned again within what is left
         (``_refit``)."""
         role = self.roles[name]
@@ -319,7 +322,10 @@ class AutoPlanner:
                     f"; its pinned weights outside the blocks leave and come back: {refetch:.2f} s per call" if refetch else ""
                 )
             else:
-                where = f"kept blocks leave while the components it excludes run and come back: {refetch:.2f} s per call"
+                where = (
+                    "kept blocks and pinned weights outside the blocks leave while the components it excludes run "
+                    f"and come back: {refetch:.2f} s per call"
+                )
             lines.append(
                 f"{name or 'the DiT'}: {len(plan.resident)} of {len(plan.cost.blocks)} blocks resident, "
                 f"{len(plan.kept)} in part, window {plan.window}; {where}; {self.runs[name]} runs per call x "

@@ -89,12 +89,6 @@ def test_accelerate_export_has_disjoint_keys_that_accelerate_accepts(pipe):
         (lambda d: d.__setitem__("transformer.nope", "gpu"), "names no module"),
         (lambda d: d.__setitem__("transformer.proj_in", "layer-window"), "only to blocks"),
         (lambda d: d.__setitem__("transformer.proj_in", "cpu-pinned"), "whole components"),
-        (lambda d: d.__setitem__("vae.decoder", "gpu"), "inside the 'cpu-pinned' component"),
-        # Pinned with blocks inside is a streamed component; with none of them streamed it moves whole.
-        (
-            lambda d: [d.__setitem__(p, "gpu") for p in d.paths("layer-window")],
-            "inside the 'cpu-pinned' component 'transformer'",
-        ),
         (lambda d: d.__setitem__("transformer.double_blocks.0.mlp", "cpu-pinned"), "only 'gpu' entries"),
         (
             lambda d: d.__setitem__("transformer.single_blocks", "gpu"),
@@ -198,17 +192,20 @@ def test_a_block_list_entry_is_refused_only_where_its_blocks_say_otherwise(pipe)
     handle.remove()
 
 
-def test_a_pinned_component_with_entries_inside_says_how_to_delete_them(pipe):
+def test_a_pinned_component_moves_what_the_entries_inside_it_do_not_take(pipe):
+    # What a budget records when it keeps every block of a streamed DiT (its blocks "gpu", the rest pinned), and a
+    # text encoder whose layers a user keeps resident: each dispatches, and the pinned unit moves only the rest.
     reference = pipe("edit", steps=2)
     dmap = compile_device_map(pipe, "layerwise", "cpu")
     for path in dmap.paths("layer-window"):
-        dmap[path] = "gpu"  # the pinned transformer streams no block now: it moves whole
-    with pytest.raises(ValueError, match=r"delete the entries inside it \(del map\['transformer.double_blocks.0'\], .*or place"):
-        dispatch_pipeline(pipe, device_map=dmap)
-    for path in [p for p in dmap.paths() if p.startswith("transformer.")]:
-        del dmap[path]  # as the message says
+        dmap[path] = "gpu"
+    dmap["text_encoder.layers"] = "gpu"
     handle = dispatch_pipeline(pipe, device_map=dmap)
     assert torch.equal(pipe("edit", steps=2), reference)
+    assert not handle.runtime.rings
+    moved = {name: {r.qualname for r in unit.tensors} for name, unit in handle.runtime.plan.units.items()}
+    assert moved["transformer"] == {f"transformer.{n}" for n, _ in pipe.transformer.named_parameters() if "blocks" not in n}
+    assert moved["text_encoder"] == {"text_encoder.embed.weight"}
     handle.remove()
     with pytest.raises(KeyError, match="no device map entry 'transformer.nope'"):
         del dmap["transformer.nope"]
@@ -293,17 +290,45 @@ class _TiedDiT(torch.nn.Module):
         self.blocks[1].weight = self.proj.weight  # tied: one tensor in a block and outside the blocks
 
 
-def test_a_dit_sharing_a_tensor_between_a_block_and_the_rest_keeps_the_rest_resident():
-    class Pipe:
-        def __init__(self) -> None:
-            self.transformer = _TiedDiT()
-            self.text_encoder = torch.nn.Linear(4, 4)
+class _Pipe:
+    def __init__(self) -> None:
+        self.transformer = _TiedDiT()
+        self.text_encoder = torch.nn.Linear(4, 4)
 
-    pipe = Pipe()
+
+def _untie(dit: _TiedDiT) -> None:
+    dit.blocks[1].weight = torch.nn.Parameter(dit.proj.weight.detach().clone())
+
+
+def _share_weight_with_the_encoder(pipe: _Pipe) -> None:
+    _untie(pipe.transformer)
+    pipe.text_encoder.weight = pipe.transformer.proj.weight
+
+
+def _share_module_with_the_encoder(pipe: _Pipe) -> None:
+    _untie(pipe.transformer)
+    pipe.text_encoder = torch.nn.Sequential(pipe.transformer.proj)  # one module registered in two components
+
+
+@pytest.mark.parametrize("share", [lambda pipe: None, _share_weight_with_the_encoder, _share_module_with_the_encoder])
+def test_weights_outside_the_blocks_that_are_used_elsewhere_stay_resident(share):
+    # A shared tensor moves once, and must be on the device wherever it is used: resident, it serves every place.
+    pipe = _Pipe()
+    share(pipe)
     dmap = compile_device_map(pipe, "layerwise", "cpu")
-    assert dmap["transformer"] is Placement.GPU  # a shared tensor moves once: resident, it serves both places
+    assert dmap["transformer"] is Placement.GPU
     assert dmap["transformer.blocks.1"] is Placement.LAYER_WINDOW
-    pipe.transformer.blocks[1].weight = torch.nn.Parameter(pipe.transformer.proj.weight.clone())  # untied
+    x = torch.randn(2, 4)
+    with torch.inference_mode():
+        reference = pipe.text_encoder(x), pipe.transformer.proj(x)
+        handle = dispatch_pipeline(pipe, device_map=dmap)
+        assert torch.equal(pipe.text_encoder(x), reference[0]) and torch.equal(pipe.transformer.proj(x), reference[1])
+    handle.remove()
+
+
+def test_weights_outside_the_blocks_used_nowhere_else_travel_with_their_component():
+    pipe = _Pipe()
+    _untie(pipe.transformer)
     assert compile_device_map(pipe, "layerwise", "cpu")["transformer"] is Placement.CPU_PINNED
     lone = compile_device_map(pipe.transformer, "layerwise", "cpu")
     assert lone[""] is Placement.GPU  # nothing takes turns with a lone DiT: the rest stays resident

@@ -132,6 +132,7 @@ def test_a_budget_below_the_streamed_pipelines_minimum_is_refused_with_nothing_m
 def test_a_streamed_components_weights_outside_its_blocks_leave_while_the_components_it_excludes_run(encoder_case, target):
     # UMT5's embeddings are 2-4 GB: resident, they sat beside the DiT for every step and beside the VAE's decode.
     pipe = encoder_case.pipe
+    before = pipeline_state(pipe)
     handle = dispatch_pipeline(pipe, "layerwise", target, window=2)
     roles = dict(handle.device_map.components)
     rings = handle.runtime.rings
@@ -153,14 +154,20 @@ def test_a_streamed_components_weights_outside_its_blocks_leave_while_the_compon
         return check
 
     hooks = [modules[name].register_forward_hook(probe(name)) for name in roles if roles[name] is not Role.OTHER]
+    stats = handle.report().stats
+    moved = []
     try:
-        for _ in range(2):
+        for _ in range(3):
             assert torch.equal(encoder_case.run(pipe).cpu(), encoder_case.reference)
+            moved.append(stats.component_bytes)
     finally:
         for hook in hooks:
             hook.remove()
     assert seen >= {name for name in rings if roles[name] is not Role.VAE}  # a VAE runs decode(), not forward()
+    # Each takes its turn once a call: everything pinned crosses the link once, not once per forward.
+    assert moved[2] - moved[1] == sum(unit.nbytes for unit in pinned.values())
     handle.remove()
+    assert_restored(pipe, before)
 
 
 def test_a_pinned_component_may_hold_streamed_blocks_and_resident_parts_when_edited(encoder_case, target):

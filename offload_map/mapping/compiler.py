@@ -11,7 +11,8 @@ Strategies:
   norms, projections) are ``"cpu-pinned"`` with the component: on the device while it runs, gone while a
   component it excludes runs, so UMT5's 2-4 GB of embeddings do not sit beside the DiT for every step. They
   are ``"gpu"`` instead where no other component takes turns with it (a lone DiT), or where a block shares a
-  tensor with them (a tied weight), since a shared tensor moves once.
+  tensor with them, or another component does (a tied weight, a module registered twice): a shared tensor moves
+  once, and must be on the device wherever it is used.
 - ``"auto"`` (needs a budget): everything ``"gpu"`` if the whole pipeline fits the budget, else as
   ``"layerwise"``; the blocks to keep resident are chosen after the second forward (``offload_map.auto``).
 
@@ -104,13 +105,13 @@ def compile_found(
     if strategy == "auto" and budget is None:
         key = budget_key(resolve_device(device, present=False))
         raise ValueError(f"strategy 'auto' needs a budget: pass max_memory={{{key!r}: '12GiB'}} or gpu_budget='12GiB'")
-    whole = _sized(_place(found, "none", device, window, {}, tensors), tensors)
+    whole = _sized(_place(found, "none", device, window, {}), tensors)
     whole.compression = check_compression(compression, whole.components)
     check_compressed_paths(whole.compression, found)
     sizes = _component_bytes(whole)
     if strategy == "none":
         return whole
-    dmap = _sized(_place(found, "layerwise" if strategy == "auto" else strategy, device, window, sizes, tensors), tensors)
+    dmap = _sized(_place(found, "layerwise" if strategy == "auto" else strategy, device, window, sizes), tensors)
     dmap.strategy, dmap.compression = strategy, whole.compression
     if budget is None:
         return dmap
@@ -230,21 +231,28 @@ def _streams(comp, sizes: dict[str, int]) -> bool:
     return comp.role is Role.DIT or (sizes[comp.name] >= STREAM_MIN_BYTES and bool(comp.blocks()))
 
 
-def _shares_with_blocks(name: str, blocks: list[str], tensors: list[TensorRef]) -> bool:
-    # Whether a tensor of component ``name`` outside its ``blocks`` is also held inside one of them.
-    def in_block(module_path: str) -> bool:
-        return any(within(module_path, block) for block in blocks)
-
-    for ref in tensors:
-        places = [ref.module_path, *(alias.module_path for alias in ref.aliases)]
-        if within(ref.module_path, name) and len({in_block(p) for p in places}) > 1:
-            return True
-    return False
+def _tensor_ids(module, skip: tuple[str, ...] = ()) -> set[int]:
+    # Every parameter and buffer reachable in ``module`` (a module registered twice too), except under ``skip``.
+    out = set()
+    for path, sub in module.named_modules(remove_duplicate=False):
+        if not any(within(path, s) for s in skip):
+            out.update(id(t) for t in [*sub._parameters.values(), *sub._buffers.values()] if t is not None)
+    return out
 
 
-def _place(
-    found: PipelineModules, strategy: str, device: str, window: int, sizes: dict[str, int], tensors: list[TensorRef]
-) -> DeviceMap:
+def _shares_weights(comp, blocks: list[str], found: PipelineModules) -> bool:
+    # Whether a tensor of ``comp`` outside its ``blocks`` (paths from the pipeline) is also held inside one of them or
+    # by another component: tied weights, or one module registered in two places.
+    rel = tuple(path[len(comp.name) + 1 :] if comp.name else path for path in blocks)
+    rest = _tensor_ids(comp.module, skip=rel)
+    elsewhere = set().union(
+        *(_tensor_ids(comp.module.get_submodule(path)) for path in rel),
+        *(_tensor_ids(other.module) for other in found.components.values() if other is not comp),
+    )
+    return bool(rest & elsewhere)
+
+
+def _place(found: PipelineModules, strategy: str, device: str, window: int, sizes: dict[str, int]) -> DeviceMap:
     dmap = DeviceMap(device, {c.name: c.role for c in found.components.values()}, window=window, strategy=strategy)
     for comp in found.components.values():
         offloaded = strategy != "none" and comp.role is not Role.OTHER and not comp.resident
@@ -260,7 +268,7 @@ def _place(
             # Pinned, its non-block weights leave while the components it excludes run; with none, they would only
             # arrive later than resident ones.
             turns = any(other is not comp and comp.role.excludes(other.role) for other in found.components.values())
-            travels = turns and not _shares_with_blocks(comp.name, paths, tensors)
+            travels = turns and not _shares_weights(comp, paths, found)
             dmap[comp.name] = Placement.CPU_PINNED if travels else Placement.GPU
             for path in paths:
                 dmap[path] = Placement.LAYER_WINDOW

@@ -24,8 +24,9 @@ class BudgetTooSmall(ValueError):
     def __init__(self, budget: int, minimum: int) -> None:
         super().__init__(
             f"a device budget of {human_bytes(budget)} is below the minimum of {human_bytes(minimum)} "
-            "(resident weights + one slot for the largest block, + activations where measured, + staging buffers "
-            "where blocks are compressed); give at least that much"
+            "(resident weights + one slot for the largest block and its component's pinned weights outside the "
+            "blocks, + activations where measured, + staging buffers where blocks are compressed); give at least "
+            "that much"
         )
         self.budget = budget
         self.minimum = minimum

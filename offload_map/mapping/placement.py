@@ -10,8 +10,8 @@ class Placement(str, Enum):
 
     - ``GPU`` (``"gpu"``): resident on the target device for the whole run.
     - ``CPU_PINNED`` (``"cpu-pinned"``): a component that lives in pinned host memory; it is copied to the
-      device just before it runs and dropped from it when a component it excludes runs. With blocks of it
-      ``"layer-window"``, this holds for the rest of its weights (embeddings, norms, projections).
+      device just before it runs and dropped from it when a component it excludes runs. Entries inside it
+      (its blocks ``"layer-window"``, modules kept ``"gpu"``) take their own tensors; it moves the rest.
     - ``LAYER_WINDOW`` (``"layer-window"``): one block of a component's block list (a DiT's, a text
       encoder's), streamed through a small ring of device slots while the neighbouring blocks compute.
 

@@ -76,9 +76,8 @@ def bind(dmap: DeviceMap, found: PipelineModules, tensors: list[TensorRef]) -> E
 
     Raises:
         ValueError: an entry names no module of the pipeline, a tensor is covered by no entry, a placement is
-            not allowed where it stands (``"layer-window"`` off a DiT block, ``"cpu-pinned"`` below a
-            component, entries nested inside a pinned component that streams no block, entries other than
-            ``"gpu"`` nested in a streamed block), a streamed block holds
+            not allowed where it stands (``"layer-window"`` off a block of a block list, ``"cpu-pinned"`` below
+            a component, entries other than ``"gpu"`` nested in a streamed block), a streamed block holds
             no tensor, or recorded bytes differ from the pipeline's (the map was made for another model).
     """
     comps = {c.name: c for c in found.components.values()}
@@ -200,12 +199,6 @@ def _check_rules(dmap: DeviceMap, comps: dict, units: dict[str, Unit]) -> dict[s
             if path != comp:
                 raise ValueError(
                     f"device map entry {path!r}: 'cpu-pinned' applies to whole components ({comp!r}), not to a module inside one"
-                )
-            if inner and comp not in block_paths:  # a component that streams blocks keeps the rest pinned
-                raise ValueError(
-                    f"device map entry {inner[0]!r} is inside the 'cpu-pinned' component {path!r}, which moves as a whole: "
-                    f"delete the entries inside it ({', '.join(f'del map[{p!r}]' for p in inner[:3])}"
-                    f"{', ...' if len(inner) > 3 else ''}; {len(inner)} in all), or place {path!r} 'gpu' to keep them"
                 )
         elif unit.placement is Placement.LAYER_WINDOW:
             if path not in block_paths.get(comp, ()):

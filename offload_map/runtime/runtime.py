@@ -181,8 +181,7 @@ class Runtime:
         """Let ``skip`` forwards of DiT ``name`` go by, time the next one block by block, and hand its ``ModelCost`` to
         ``on_done`` at the end of that forward (a forward boundary, where ``set_residency`` may be called)."""
         ring = self.rings[name]
-        # Its weights outside the blocks: resident, or pinned and on the device while it runs.
-        other = sum(u.nbytes for u in self.plan.resident + self.plan.pinned if self.plan.component_of(u.path).name == name)
+        other = self._outside_blocks(name)
         ring.arm(
             BlockTimer(
                 self.ordering,
@@ -290,10 +289,18 @@ class Runtime:
                 f"more free memory, use a smaller window, or place more modules 'cpu-pinned'/'layer-window'. ({err})"
             ) from None
 
+    def _outside_blocks(self, name: str) -> int:
+        """Device bytes of streamed component ``name``'s weights outside its blocks while it runs: resident, or pinned
+        (as its host buffer lays them out, which is what a load allocates)."""
+        resident = sum(u.nbytes for u in self.plan.resident if self.plan.component_of(u.path).name == name)
+        return resident + sum(self.host.units[u.path].nbytes for u in self.plan.pinned if u.path == name)
+
     def _footprint(self) -> int:
         resident = sum(u.nbytes for u in self.plan.resident)
+        pinned = {u.path: u.nbytes for u in self.plan.pinned}
         return resident + sum(
             device_footprint(0, max(u.nbytes for u in ring.blocks), min(ring.window, len(ring.blocks)))
+            + pinned.get(ring.component, 0)
             for ring in self.plan.rings
         )
 
