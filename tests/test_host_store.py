@@ -133,3 +133,46 @@ def test_a_failed_unit_stops_the_units_waiting_for_their_turn(monkeypatch):
         dispatch_pipeline(model, "layerwise", "cpu")
     assert made[0] == 1  # none of the four waiting was packed
     assert model.blocks[0].up.weight is weight and not hasattr(model, "_hf_hook")
+
+
+def test_units_fill_while_another_codes_and_a_failed_code_restores_every_unit(monkeypatch):
+    # Coding runs once a unit is bound: its originals are gone and its code is kept, so it holds nothing twice. It
+    # used to run inside the in-flight room, which kept other units from starting (most of a coded setup).
+    import torch
+    from test_compression import _input
+
+    from conftest import assert_restored, pipeline_state
+
+    monkeypatch.setattr(host_store, "PACK_THREADS", 4)
+    monkeypatch.setattr(host_store, "PACK_IN_FLIGHT", 1)  # one unit in the room at a time
+    filled = threading.Event()
+    write, code = host_store.HostBuffer.write, host_store.HostStore._code
+    coding, saw_fill = [], []
+
+    def write_and_note(buffer, index, tensor) -> None:
+        write(buffer, index, tensor)
+        if coding:
+            filled.set()  # a unit filled while another was coding
+
+    def code_slowly(store, unit, buffer, device):
+        coding.append(unit.path)
+        saw_fill.append(filled.wait(timeout=5))
+        if unit.path == "blocks.3":
+            raise RuntimeError("coding failed")
+        return code(store, unit, buffer, device)
+
+    monkeypatch.setattr(host_store.HostBuffer, "write", write_and_note)
+    monkeypatch.setattr(host_store.HostStore, "_code", code_slowly)
+    model, x = make_dit(), _input()
+    before = pipeline_state(model)
+    with pytest.raises(RuntimeError, match="coding failed"):
+        dispatch_pipeline(model, "layerwise", "cpu", compression="lossless")
+    assert saw_fill[0], "no unit filled while the first one coded"
+    assert_restored(model, before)
+    monkeypatch.setattr(host_store.HostStore, "_code", code)
+    handle = dispatch_pipeline(model, "layerwise", "cpu", compression="lossless")
+    with torch.inference_mode():
+        out = model(x)
+    handle.remove()
+    with torch.inference_mode():
+        assert torch.equal(out, model(x))

@@ -28,8 +28,10 @@ for raw buffers). The staging buffers belong to the ring's ``SlotPool``.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -50,21 +52,42 @@ def worth_keeping(code):
     return None
 
 
+# Units whose code may sit on the device at once, between coding and their host store: bounds the device memory
+# that dispatch takes while packing threads code (each unit about three quarters of its bytes).
+CODES_ON_DEVICE = 2
+
+
 class _DeviceCoding:
-    """Packing threads code one unit at a time on the device (about three times its bytes of device memory).
-    ``waited_s`` sums the seconds threads waited for their turn, for the setup report (``HostStore``)."""
+    """Packing threads code one unit at a time on the device (``with DEVICE_CODING``: about three times its bytes
+    of device memory), and at most ``CODES_ON_DEVICE`` units' codes wait there for their host store (``with
+    DEVICE_CODING.room()``, around the coding and the store). ``waited_s`` sums the seconds threads waited for
+    either, for the setup report (``HostStore``)."""
 
     def __init__(self) -> None:
         self._turn = threading.Lock()
+        self._room = threading.BoundedSemaphore(CODES_ON_DEVICE)
+        self._counted = threading.Lock()
         self.waited_s = 0.0
 
-    def __enter__(self) -> None:
+    def _wait(self, acquire) -> None:
         start = time.perf_counter()
-        self._turn.acquire()
-        self.waited_s += time.perf_counter() - start  # under the lock: one writer at a time
+        acquire()
+        with self._counted:
+            self.waited_s += time.perf_counter() - start
+
+    def __enter__(self) -> None:
+        self._wait(self._turn.acquire)
 
     def __exit__(self, *exc) -> None:
         self._turn.release()
+
+    @contextlib.contextmanager
+    def room(self) -> Iterator[None]:
+        self._wait(self._room.acquire)
+        try:
+            yield
+        finally:
+            self._room.release()
 
 
 DEVICE_CODING = _DeviceCoding()
@@ -114,11 +137,13 @@ class CodedHost:
         if self.device is None:
             self._store([encode(raw[a:b]) for a, b in _pieces(0, self.raw_bytes)])
             return
-        with DEVICE_CODING:
-            on_device = raw.to(self.device, non_blocking=raw.is_pinned())
-            pieces = [encode(on_device[a:b]) for a, b in _pieces(0, self.raw_bytes)]
-            del on_device
-        self._store(pieces)  # page-locking the store is host work: other units code on the device meanwhile
+        with DEVICE_CODING.room():
+            with DEVICE_CODING:
+                on_device = raw.to(self.device, non_blocking=raw.is_pinned())
+                pieces = [encode(on_device[a:b]) for a, b in _pieces(0, self.raw_bytes)]
+                del on_device
+            self._store(pieces)  # page-locking the store is host work: another unit codes on the device meanwhile
+            del pieces  # their device memory goes before the room does
 
     def _store(self, pieces: list[Coded]) -> None:
         planes = [plane for piece in pieces for plane in piece.planes]

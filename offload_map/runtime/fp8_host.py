@@ -23,6 +23,8 @@ Ownership (``Fp8Host``, one per unit, owned by its ``OffloadedUnit``): as ``code
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..mapping.memory import CODE_PIECE
@@ -82,12 +84,14 @@ class Fp8Host:
     def encode(self, raw: torch.Tensor) -> None:
         """Quantize ``raw`` anew (at dispatch, and after the weights changed); the old store stays until the new one
         is complete, so a failure leaves the unit as it was. The caller has waited for the copy stream."""
-        if self.device is None:
-            items, firsts = self._items(raw)
-        else:
-            with DEVICE_CODING:
-                items, firsts = self._items(raw.to(self.device, non_blocking=raw.is_pinned()))
-        store = HostBuffer.holding(items, self.pinned)
+        with contextlib.nullcontext() if self.device is None else DEVICE_CODING.room():
+            if self.device is None:
+                items, firsts = self._items(raw)
+            else:
+                with DEVICE_CODING:
+                    items, firsts = self._items(raw.to(self.device, non_blocking=raw.is_pinned()))
+            store = HostBuffer.holding(items, self.pinned)
+            del items  # their device memory goes before the room does
         self.release()
         self.store, self.items = store, firsts
         self.grid, self._cuts = self._group(), {}

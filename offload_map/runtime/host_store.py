@@ -132,13 +132,26 @@ class HostStore:
         fill_s, pin_s, code_s = [], [], []
         waited = DEVICE_CODING.waited_s
         in_flight = _InFlight(PACK_IN_FLIGHT)
+        failed: list[BaseException] = []  # coding failures: their units are bound, so they are returned to be restored
 
         def pack(unit: Unit, offset: int) -> OffloadedUnit:
             # Only tensors copied from memory are held twice (read from a checkpoint, they are on the meta device;
             # a rank that does not fill a shared region allocates nothing).
             twice = sum(r.nbytes for r in unit.tensors if not (self.source and self.source.covers(r))) if fills else 0
             with in_flight.hold(twice):
-                return pack_unit(unit, offset)
+                packed = pack_unit(unit, offset)
+            if unit.path in self.kinds:
+                # Outside the hold: the originals went when the unit was bound, and the code is kept, so coding holds
+                # nothing twice (it took most of a coded unit's packing time, and kept others from starting).
+                start = time.perf_counter()
+                try:
+                    packed.coded = self._code(unit, packed.host, device if device.type == "cuda" else None)
+                except BaseException as err:
+                    failed.append(err)
+                    in_flight.stop()
+                code_s.append(time.perf_counter() - start)
+            bar.update(unit.nbytes)
+            return packed
 
         def pack_unit(unit: Unit, offset: int) -> OffloadedUnit:
             if device.type == "cuda":  # page-locking registers with the current device; a new thread's is 0
@@ -155,19 +168,14 @@ class HostStore:
             if self.pin:
                 buffer.pin()
             pinned = time.perf_counter()
-            coded = None
-            if unit.path in self.kinds:
-                coded = self._code(unit, buffer, device if device.type == "cuda" else None)
             fill_s.append(filled - start)
             pin_s.append(pinned - filled)
-            code_s.append(time.perf_counter() - pinned)
             packed = OffloadedUnit(
                 unit.path,
                 unit.tensors,
                 buffer,
                 self.ordering,
                 kept=buffer.nbytes if unit.placement is Placement.CPU_PINNED else 0,
-                coded=coded,
             )
             # A rank that does not fill a shared region binds to it only once the filler is done (``ready``):
             # until then its own tensors are the only copy of the weights.
@@ -176,7 +184,6 @@ class HostStore:
                 # The unit's original tensors were just freed; return their heap pages now, or RSS holds
                 # both copies until packing ends.
                 trim_host_heap()
-            bar.update(unit.nbytes)
             return packed
 
         start = time.perf_counter()
@@ -198,6 +205,8 @@ class HostStore:
                     self.units[unit.path] = future.result()
                 elif error is None and not isinstance(future.exception(), _Stopped):
                     error = future.exception()
+            if error is None and failed:
+                error = failed[0]
             if error is not None:
                 raise error
         self.times.pack_wall_s = time.perf_counter() - start
