@@ -29,3 +29,31 @@ def test_step_time_records_no_coded_blocks_where_the_model_fits_its_budget_whole
     ctx = SimpleNamespace(coded=SimpleNamespace(coded=None))
     assert step_time.coded_summary(ctx) == {}
     assert ctx.coded is None
+
+
+def test_pipeline_time_gives_each_component_the_peak_reached_while_it_ran(monkeypatch):
+    # Which phase sets the peak (a DiT's or a VAE's decode) is what tells whether a budget's plan is at fault.
+    import torch
+    from torch import nn
+
+    state = {"peak": 0}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *_: state["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *_: state.update(peak=0))
+
+    class Uses(nn.Module):
+        def __init__(self, nbytes: int) -> None:
+            super().__init__()
+            self.nbytes = nbytes
+
+        def forward(self) -> None:
+            state["peak"] = max(state["peak"], self.nbytes)
+
+    vae = nn.Module()
+    vae.decoder = Uses(7)  # diffusers' decode() runs the decoder, not the VAE's forward
+    pipe = SimpleNamespace(components={"text_encoder": Uses(3), "transformer": Uses(5), "vae": vae, "tokenizer": object()})
+    with pipeline_time.PhasePeaks(pipe) as phases:
+        for name in ["text_encoder", "transformer", "transformer"]:
+            pipe.components[name]()
+        vae.decoder()
+    assert phases.peaks == {"before": 0, "text_encoder": 3, "transformer": 5, "vae": 7} and phases.peak == 7
+    assert not pipe.components["transformer"]._forward_pre_hooks  # the hooks are gone
