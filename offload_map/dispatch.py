@@ -59,7 +59,8 @@ def dispatch_pipeline(
             (a lone DiT is fine).
         strategy: ``"model"`` (the default: components take turns on the device), ``"none"`` (all resident),
             ``"layerwise"`` (DiT blocks, and those of encoders of 1 GiB or more, streamed through ``window``
-            device slots; smaller components take turns) or ``"auto"`` (the fastest predicted map within a
+            device slots, the rest of such a component on the device only while it runs; smaller components
+            take turns) or ``"auto"`` (the fastest predicted map within a
             budget, re-planned after each streamed component's first forwards). Not with ``device_map``.
         device: target device; ``None`` picks this rank's GPU (``LOCAL_RANK``), or the CPU without one. With
             ``device_map``, the map runs on ``device`` instead of the one it names. On the CPU the same code

@@ -169,6 +169,8 @@ def test_units_fill_while_another_codes_and_a_failed_code_restores_every_unit(mo
         dispatch_pipeline(model, "layerwise", "cpu", compression="lossless")
     assert saw_fill[0], "no unit filled while the first one coded"
     assert_restored(model, before)
+    # Each tensor has its own storage again: none still views a host buffer (on the CPU, values alone match).
+    assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in model.parameters())
     monkeypatch.setattr(host_store.HostStore, "_code", code)
     handle = dispatch_pipeline(model, "layerwise", "cpu", compression="lossless")
     with torch.inference_mode():
@@ -176,3 +178,54 @@ def test_units_fill_while_another_codes_and_a_failed_code_restores_every_unit(mo
     handle.remove()
     with torch.inference_mode():
         assert torch.equal(out, model(x))
+
+
+def test_a_second_interrupt_while_units_finish_coding_still_restores_every_unit(monkeypatch):
+    # Ctrl-C twice: the first stops packing and the main thread waits for the units coding; the second lands in
+    # that wait. Units register themselves as soon as they are bound, so the restore still finds every one.
+    import _thread
+
+    from conftest import assert_restored, pipeline_state
+
+    monkeypatch.setattr(host_store, "PACK_THREADS", 4)
+    code = host_store.HostStore._code
+
+    def interrupted(store, unit, buffer, device):
+        if unit.path == "blocks.0":
+            _thread.interrupt_main()
+            time.sleep(0.3)  # the main thread waits for this unit (it sleeps on below), so the second lands there
+            _thread.interrupt_main()
+        time.sleep(0.5)
+        return code(store, unit, buffer, device)
+
+    monkeypatch.setattr(host_store.HostStore, "_code", interrupted)
+    model = make_dit()
+    before = pipeline_state(model)
+    with pytest.raises(KeyboardInterrupt):
+        dispatch_pipeline(model, "layerwise", "cpu", compression="lossless")
+    assert_restored(model, before)
+    assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_an_interrupt_while_counting_a_wait_leaves_the_device_coding_turn_and_room_free(monkeypatch):
+    # Both are process-wide: one left taken would hang every later coded dispatch.
+    from offload_map.runtime import coded_host
+
+    coding = coded_host._DeviceCoding()
+
+    class Interrupted:
+        def __enter__(self):
+            raise KeyboardInterrupt
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(coding, "_counted", Interrupted())
+    with pytest.raises(KeyboardInterrupt):
+        with coding:
+            pass
+    with pytest.raises(KeyboardInterrupt):
+        with coding.room():
+            pass
+    assert coding._turn.acquire(blocking=False)
+    assert all(coding._room.acquire(blocking=False) for _ in range(coded_host.CODES_ON_DEVICE))

@@ -17,8 +17,9 @@ kept part ends) is copied plane by plane, just the part of it that is needed.
 
 Coding runs where the blocks will be decoded: on a CUDA device each piece is coded there (a few
 milliseconds) and its planes copied back into the page-locked store; one unit is coded at a time
-(``DEVICE_CODING``: about three times its bytes of device memory), and each packing thread may hold one unit's
-code on the device until it is written back; on the CPU, with torch's CPU kernels.
+(``DEVICE_CODING``: about three times its bytes of device memory), and at most ``CODES_ON_DEVICE`` units' codes
+wait there until they are written back; on the CPU, with torch's CPU kernels, as many units at once (their
+temporaries in host memory).
 
 Ownership (``CodedHost``, one per coded unit, owned by its ``OffloadedUnit``): ``store`` holds every piece's
 planes, allocated and page-locked here, read only by copies on the copy stream, replaced by ``encode``
@@ -52,16 +53,16 @@ def worth_keeping(code):
     return None
 
 
-# Units whose code may sit on the device at once, between coding and their host store: bounds the device memory
-# that dispatch takes while packing threads code (each unit about three quarters of its bytes).
+# Units coded at once, from coding to their host store: bounds the device memory (or, coding on the CPU, the host
+# temporaries) that dispatch takes while packing threads code, about three quarters of a unit's bytes each.
 CODES_ON_DEVICE = 2
 
 
 class _DeviceCoding:
     """Packing threads code one unit at a time on the device (``with DEVICE_CODING``: about three times its bytes
-    of device memory), and at most ``CODES_ON_DEVICE`` units' codes wait there for their host store (``with
-    DEVICE_CODING.room()``, around the coding and the store). ``waited_s`` sums the seconds threads waited for
-    either, for the setup report (``HostStore``)."""
+    of device memory), and at most ``CODES_ON_DEVICE`` units from coding to their host store (``with
+    DEVICE_CODING.room()``). ``waited_s`` sums the seconds threads waited for either, for the setup report
+    (``HostStore``). Both are process-wide: an interrupt must never leave either taken."""
 
     def __init__(self) -> None:
         self._turn = threading.Lock()
@@ -69,21 +70,25 @@ class _DeviceCoding:
         self._counted = threading.Lock()
         self.waited_s = 0.0
 
-    def _wait(self, acquire) -> None:
+    def _wait(self, acquire, release) -> None:
         start = time.perf_counter()
         acquire()
-        with self._counted:
-            self.waited_s += time.perf_counter() - start
+        try:
+            with self._counted:
+                self.waited_s += time.perf_counter() - start
+        except BaseException:  # an interrupt here would leave it taken for every later dispatch
+            release()
+            raise
 
     def __enter__(self) -> None:
-        self._wait(self._turn.acquire)
+        self._wait(self._turn.acquire, self._turn.release)
 
     def __exit__(self, *exc) -> None:
         self._turn.release()
 
     @contextlib.contextmanager
     def room(self) -> Iterator[None]:
-        self._wait(self._room.acquire)
+        self._wait(self._room.acquire, self._room.release)
         try:
             yield
         finally:
@@ -135,7 +140,8 @@ class CodedHost:
         """Code ``raw`` anew (at dispatch, and after the weights changed); the old code stays until the new one is
         complete, so a failure leaves the unit as it was. The caller has waited for the copy stream."""
         if self.device is None:
-            self._store([encode(raw[a:b]) for a, b in _pieces(0, self.raw_bytes)])
+            with DEVICE_CODING.room():
+                self._store([encode(raw[a:b]) for a, b in _pieces(0, self.raw_bytes)])
             return
         with DEVICE_CODING.room():
             with DEVICE_CODING:

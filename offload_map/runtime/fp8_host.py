@@ -23,8 +23,6 @@ Ownership (``Fp8Host``, one per unit, owned by its ``OffloadedUnit``): as ``code
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ..mapping.memory import CODE_PIECE
@@ -84,7 +82,7 @@ class Fp8Host:
     def encode(self, raw: torch.Tensor) -> None:
         """Quantize ``raw`` anew (at dispatch, and after the weights changed); the old store stays until the new one
         is complete, so a failure leaves the unit as it was. The caller has waited for the copy stream."""
-        with contextlib.nullcontext() if self.device is None else DEVICE_CODING.room():
+        with DEVICE_CODING.room():
             if self.device is None:
                 items, firsts = self._items(raw)
             else:

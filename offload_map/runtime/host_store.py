@@ -132,17 +132,21 @@ class HostStore:
         fill_s, pin_s, code_s = [], [], []
         waited = DEVICE_CODING.waited_s
         in_flight = _InFlight(PACK_IN_FLIGHT)
-        failed: list[BaseException] = []  # coding failures: their units are bound, so they are returned to be restored
+        failed: list[BaseException] = []  # coding failures (their units are packed, and restored with the others)
+        packed_lock = threading.Lock()
 
-        def pack(unit: Unit, offset: int) -> OffloadedUnit:
+        def pack(unit: Unit, offset: int) -> None:
             # Only tensors copied from memory are held twice (read from a checkpoint, they are on the meta device;
             # a rank that does not fill a shared region allocates nothing).
             twice = sum(r.nbytes for r in unit.tensors if not (self.source and self.source.covers(r))) if fills else 0
             with in_flight.hold(twice):
                 packed = pack_unit(unit, offset)
-            if unit.path in self.kinds:
-                # Outside the hold: the originals went when the unit was bound, and the code is kept, so coding holds
-                # nothing twice (it took most of a coded unit's packing time, and kept others from starting).
+            with packed_lock:  # at once: a restore must find every bound unit, even if packing is interrupted twice
+                self.units[unit.path] = packed
+            if unit.path in self.kinds and not in_flight.stopped:
+                # Outside the hold: the originals went when the unit was bound and the code is kept (its temporaries
+                # bounded by ``DEVICE_CODING.room``); inside, it took most of a coded unit's packing time and kept
+                # other units from starting.
                 start = time.perf_counter()
                 try:
                     packed.coded = self._code(unit, packed.host, device if device.type == "cuda" else None)
@@ -151,7 +155,6 @@ class HostStore:
                     in_flight.stop()
                 code_s.append(time.perf_counter() - start)
             bar.update(unit.nbytes)
-            return packed
 
         def pack_unit(unit: Unit, offset: int) -> OffloadedUnit:
             if device.type == "cuda":  # page-locking registers with the current device; a new thread's is 0
@@ -198,13 +201,10 @@ class HostStore:
             for future in futures:
                 future.cancel()
             wait(futures)  # units already packing finish: none may bind after a restore began
-            for unit, future in zip(host_units, futures):  # every unit that was packed, so a failure restores them all
-                if future.cancelled():
-                    continue
-                if future.exception() is None:
-                    self.units[unit.path] = future.result()
-                elif error is None and not isinstance(future.exception(), _Stopped):
+            for future in futures:
+                if not future.cancelled() and error is None and not isinstance(future.exception(), (type(None), _Stopped)):
                     error = future.exception()
+            self.units = {u.path: self.units[u.path] for u in host_units if u.path in self.units}  # the pipeline's order
             if error is None and failed:
                 error = failed[0]
             if error is not None:
