@@ -229,3 +229,26 @@ def test_an_interrupt_while_counting_a_wait_leaves_the_device_coding_turn_and_ro
             pass
     assert coding._turn.acquire(blocking=False)
     assert all(coding._room.acquire(blocking=False) for _ in range(coded_host.CODES_ON_DEVICE))
+
+
+def test_no_unit_starts_coding_once_a_coding_failure_stopped_packing(monkeypatch):
+    monkeypatch.setattr(host_store, "PACK_THREADS", 4)
+    monkeypatch.setattr(host_store, "PACK_IN_FLIGHT", 1)  # units fill one after another
+    write = host_store.HostBuffer.write
+
+    def slow_write(buffer, index, tensor) -> None:
+        time.sleep(0.05)  # the next unit is still filling when the first one's coding fails
+        write(buffer, index, tensor)
+
+    started = []
+
+    def failing(store, unit, buffer, device):
+        started.append(unit.path)
+        time.sleep(0.02)  # the next unit has entered the room and fills meanwhile
+        raise RuntimeError("coding failed")
+
+    monkeypatch.setattr(host_store.HostBuffer, "write", slow_write)
+    monkeypatch.setattr(host_store.HostStore, "_code", failing)
+    with pytest.raises(RuntimeError, match="coding failed"):
+        dispatch_pipeline(make_dit(), "layerwise", "cpu", compression="lossless")
+    assert len(started) == 1, started
