@@ -21,7 +21,7 @@ in code (nothing is downloaded), rebuilt from the same seed before every strateg
 Each strategy: setup, a warm-up call of 2 steps (two for ``auto`` budgets, which calibrate their DiT in the first
 and streamed encoders in the second), then a 1-step and an 8-step call: per step = (t8 - t1) / 7, fixed part
 (encoding, decoding, swaps) = t1 - per step, a full call = fixed + steps x per step. Peak GPU memory is the
-allocator's peak over the timed calls; host RSS is read after setup (after ``malloc_trim``) and sampled for its
+allocator's peak over the timed calls, also per component (``PhasePeaks``); host RSS is read after setup (after ``malloc_trim``) and sampled for its
 peak during setup and the calls. Every output is compared with the resident run's, bit for bit. A strategy that
 would need more host memory than is available (``HOST_NEED``, measured with Flux) is recorded as skipped rather
 than let the kernel's OOM killer end the run.

@@ -94,8 +94,9 @@ def dispatch_pipeline(
             for bf16 weights, copy it so and decode it on the device (``runtime.codec``): fewer bytes cross
             the link, outputs stay bit-identical. Blocks that do not compress (fp16: its high byte carries mantissa
             bits; float32) stream as they are. Host memory holds the raw bytes beside the code. ``"fp8"`` (lossy,
-            never the default): the streamed blocks' linear weights cross the link in float8 e4m3 with a scale per output channel (about half
-            their bytes) and are upcast on the device; outputs differ from the resident run. A dict chooses per
+            never the default): the streamed blocks' linear weights cross the link in float8 e4m3 with a scale per
+            output channel (about half their bytes) and are upcast on the device; outputs differ from the resident
+            run. A dict chooses per
             component, block or block list (the longest path holding a block wins; None: as it is), e.g.
             ``{"transformer": "lossless", "transformer.single_transformer_blocks.37": None}``. Default: the map's
             (``None`` for a strategy); ``{}`` or a dict of nothing but None streams every block as it is, over the

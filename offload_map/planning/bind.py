@@ -194,7 +194,6 @@ def _check_rules(dmap: DeviceMap, comps: dict, units: dict[str, Unit]) -> dict[s
     streamed: dict[str, list[str]] = {}
     for path, unit in units.items():
         comp = owning_component(path, dmap.components)
-        inner = [p for p in units if p != path and (not path or p.startswith(path + "."))]
         if unit.placement is Placement.CPU_PINNED:
             if path != comp:
                 raise ValueError(
@@ -212,7 +211,7 @@ def _check_rules(dmap: DeviceMap, comps: dict, units: dict[str, Unit]) -> dict[s
                 raise ValueError(
                     f"device map entry {path!r}: 'layer-window' applies only to blocks of a component's block lists; {found}"
                 )
-            moving = [p for p in inner if units[p].placement is not Placement.GPU]
+            moving = [p for p, u in units.items() if p != path and within(p, path) and u.placement is not Placement.GPU]
             if moving:
                 raise ValueError(
                     f"device map entry {moving[0]!r} is inside the streamed block {path!r}: only 'gpu' entries (parts "

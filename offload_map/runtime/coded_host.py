@@ -139,17 +139,16 @@ class CodedHost:
     def encode(self, raw: torch.Tensor) -> None:
         """Code ``raw`` anew (at dispatch, and after the weights changed); the old code stays until the new one is
         complete, so a failure leaves the unit as it was. The caller has waited for the copy stream."""
-        if self.device is None:
-            with DEVICE_CODING.room():
-                self._store([encode(raw[a:b]) for a, b in _pieces(0, self.raw_bytes)])
-            return
         with DEVICE_CODING.room():
-            with DEVICE_CODING:
-                on_device = raw.to(self.device, non_blocking=raw.is_pinned())
-                pieces = [encode(on_device[a:b]) for a, b in _pieces(0, self.raw_bytes)]
-                del on_device
+            if self.device is None:
+                pieces = [encode(raw[a:b]) for a, b in _pieces(0, self.raw_bytes)]
+            else:
+                with DEVICE_CODING:
+                    on_device = raw.to(self.device, non_blocking=raw.is_pinned())
+                    pieces = [encode(on_device[a:b]) for a, b in _pieces(0, self.raw_bytes)]
+                    del on_device
             self._store(pieces)  # page-locking the store is host work: another unit codes on the device meanwhile
-            del pieces  # their device memory goes before the room does
+            del pieces  # their memory goes before the room does
 
     def _store(self, pieces: list[Coded]) -> None:
         planes = [plane for piece in pieces for plane in piece.planes]

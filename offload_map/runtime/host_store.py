@@ -202,8 +202,9 @@ class HostStore:
                 future.cancel()
             wait(futures)  # units already packing finish: none may bind after a restore began
             for future in futures:
-                if not future.cancelled() and error is None and not isinstance(future.exception(), (type(None), _Stopped)):
-                    error = future.exception()
+                failure = None if future.cancelled() else future.exception()
+                if error is None and failure is not None and not isinstance(failure, _Stopped):
+                    error = failure
             self.units = {u.path: self.units[u.path] for u in host_units if u.path in self.units}  # the pipeline's order
             if error is None and failed:
                 error = failed[0]

@@ -5,8 +5,9 @@ on it (block loads into slots, kept block parts, pinned components), so it is th
 host buffers. With ``compression`` it also owns a decode stream (high priority, created on first use): coded
 pieces copied into a staging buffer are decoded there into their slot, so the copy stream goes on copying the
 next piece meanwhile; such a load's ``ready`` event is recorded on the decode stream after its last decode.
-The compute stream is whatever stream is current when a module runs (a user's own stream included). Work is ordered across streams with events only (``record`` / ``wait_event``); the host waits
-(``wait_copies``, ``synchronize``) only outside the steady state: refresh, re-plan, restore.
+The compute stream is whatever stream is current when a module runs (a user's own stream included). Work is
+ordered across streams with events only (``record`` / ``wait_event``); the host waits (``wait_copies``,
+``synchronize``) only outside the steady state: refresh, re-plan, restore.
 
 ``SyncOrdering`` runs the same runtime code on the CPU: copies happen at once and events are no-ops, so
 CI exercises the runtime's bookkeeping (a wrong slot shows up as wrong numbers) without a GPU.
