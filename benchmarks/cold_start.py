@@ -4,7 +4,7 @@ against diffusers' load + group offload, and N ranks of one host sharing one hos
 Usage (GPU)::
 
     python benchmarks/cold_start.py --model flux-12b --ckpt /tmp/flux_ckpt --out DIR \\
-        [--phases write,read,offload_map,diffusers,ranks1,ranks2] [--cache cold|warm]
+        [--phases write,read,offload_map,offload_map-lossless,diffusers,ranks1,ranks2] [--cache cold|warm]
 
 Usage (no GPU, checks the script itself)::
 
@@ -18,6 +18,9 @@ Phases, each in a fresh process (so host memory is its own):
                    read the files alone.
 * ``offload_map``  ``empty_model`` + ``dispatch_pipeline(model, "layerwise", weights=ckpt)``: seconds to
                    ready, then three timed steps; host RSS peak (sampled) and after.
+* ``offload_map-lossless``  the same with ``compression="lossless"``: blocks the checkpoint stores as laid out
+                   are held only as their code (``runtime.mapped_host``); the row adds the host bytes holding
+                   weights, raw and coded, from ``report()``.
 * ``diffusers``    ``from_pretrained`` + ``enable_group_offload(block_level, use_stream=True)``: the same.
 * ``ranksN``       N ranks (torchrun, all on this machine's GPU 0 unless it has N) each dispatching the
                    model with the shared host copy, then timing steps at the same time; the host memory of
@@ -151,15 +154,22 @@ def timed_steps(model, spec, device: str) -> list[float]:
     return times[1:]
 
 
-def load_offload_map(cls, ckpt: Path, device: str, shard: bool = False) -> tuple[torch.nn.Module, object]:
+def load_offload_map(
+    cls, ckpt: Path, device: str, shard: bool = False, compression: str | None = None
+) -> tuple[torch.nn.Module, object]:
     start = time.perf_counter()
     model = empty_model(cls, ckpt, dtype=models.DTYPE)
     built = time.perf_counter() - start
-    handle = dispatch_pipeline(model, "layerwise", device, weights=ckpt, progress=False, shard_copies=shard)
+    handle = dispatch_pipeline(
+        model, "layerwise", device, weights=ckpt, progress=False, shard_copies=shard, compression=compression
+    )
+    report = handle.report()
     handle.breakdown = {
         "empty_model_s": built,
-        "dispatch_s": handle.report().setup_seconds,
-        **{k: v for k, v in vars(handle.report().setup_times).items()},
+        "dispatch_s": report.setup_seconds,
+        "host_raw_bytes": report.host_bytes[0],
+        "host_coded_bytes": report.host_bytes[1],
+        **{k: v for k, v in vars(report.setup_times).items()},
     }
     return model, handle
 
@@ -185,7 +195,11 @@ def single(phase: str, spec, ckpt: Path, device: str) -> dict:
         torch.cuda.init()
     with RssSampler() as sampler:
         start = time.perf_counter()
-        model, handle = (load_offload_map if phase == "offload_map" else load_diffusers)(cls, ckpt, device)
+        if phase.startswith("offload_map"):
+            compression = "lossless" if phase == "offload_map-lossless" else None
+            model, handle = load_offload_map(cls, ckpt, device, compression=compression)
+        else:
+            model, handle = load_diffusers(cls, ckpt, device)
         ready = time.perf_counter() - start
         after = sampler.sample()
         steps = timed_steps(model, spec, device)
@@ -299,9 +313,15 @@ def table(rows: list[dict], weights_gb: float) -> str:
     for r in rows:
         if r["phase"] == "read":
             lines.append(f"| read files alone | {r['seconds']:.2f} | | | | {r['GBps']:.2f} GB/s, {r['threads']} threads |")
-        elif r["phase"] in ("offload_map", "diffusers"):
+        elif r["phase"] in ("offload_map", "offload_map-lossless", "diffusers"):
+            held = r.get("breakdown") or {}
+            note = (
+                f"weights held: {held['host_raw_bytes'] / GB:.1f} GB raw, {held['host_coded_bytes'] / GB:.1f} GB coded"
+                if held.get("host_coded_bytes")
+                else ""
+            )
             lines.append(
-                f"| {r['phase']} | {r['ready_s']:.2f} | {r['step_s']:.3f} | {r['rss_after_gb']:.1f} | {r['rss_peak_gb']:.1f} | |"
+                f"| {r['phase']} | {r['ready_s']:.2f} | {r['step_s']:.3f} | {r['rss_after_gb']:.1f} | {r['rss_peak_gb']:.1f} | {note} |"
             )
         elif "per_rank" in r:
             ranks_ = r["per_rank"]

@@ -93,7 +93,9 @@ def dispatch_pipeline(
         compression: ``"lossless"``: keep every streamed block coded in host memory too, in about 3/4 of its bytes
             for bf16 weights, copy it so and decode it on the device (``runtime.codec``): fewer bytes cross
             the link, outputs stay bit-identical. Blocks that do not compress (fp16: its high byte carries mantissa
-            bits; float32) stream as they are. Host memory holds the raw bytes beside the code. ``"fp8"`` (lossy,
+            bits; float32) stream as they are. Host memory holds the raw bytes beside the code, except for blocks
+            read from ``weights`` as the checkpoint stores them: those hold only their code, and between uses their
+            tensors view the file, copy-on-write (``runtime.mapped_host``). ``"fp8"`` (lossy,
             never the default): the streamed blocks' linear weights cross the link in float8 e4m3 with a scale per
             output channel (about half their bytes) and are upcast on the device; outputs differ from the resident
             run. A dict chooses per

@@ -61,6 +61,7 @@ class OffloadHandle:
             self._report.bytes_by_placement = self.device_map.bytes_by_placement()
             self._report.slot_bytes = self._runtime.slot_bytes
             self._report.coded = self._runtime.coded
+            self._report.host_bytes = self._runtime.host_bytes
             if self._runtime.device.type == "cuda":
                 self._report.peak_device_bytes = torch.cuda.max_memory_allocated(self._runtime.device)
         return self._report

@@ -6,14 +6,22 @@ safetensors itself (``safe_open``: dtypes, shapes, offsets that tile the data, a
 byte of weights is read, then checked against the model (duplicate and missing names, shapes). Reads go
 from the file into the caller's buffer (``readinto``), so no intermediate CPU copy of the weights exists.
 Pickle-based files (``.bin``, ``.pt``, ``.ckpt``) are refused, never opened.
+
+``mapped`` gives a tensor's bytes in place instead: a copy-on-write view of the file (``mmap``, private). Its
+pages are read from the file when first touched and count in host memory only then; writes go to private
+copies of the touched pages, never to the file. Ownership: each file's mapping is made once, here, and lives
+as long as any view of it (the views hold it); the file must not be truncated or rewritten in place while
+views of it live (reading a page that vanished kills the process, as with any mapped file).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +74,8 @@ class Checkpoint:
     def __init__(self, path: "str | os.PathLike") -> None:
         self.path = Path(path)
         self.tensors: dict[str, StoredTensor] = {}
+        self._maps: dict[Path, torch.Tensor] = {}  # file -> its private mapping, as uint8 (``mapped``)
+        self._mapping = threading.Lock()  # packing threads map at once: each file once
         for file in _shard_files(self.path):
             for name, stored in _read_header(file).items():
                 if name in self.tensors:
@@ -99,6 +109,21 @@ class Checkpoint:
             tmp = torch.empty(stored.shape, dtype=stored.dtype)
             _read_exact(stored, tmp)
             out.copy_(tmp)
+
+    def mapped(self, name: str) -> torch.Tensor | None:
+        """Tensor ``name`` as stored, a copy-on-write view of its file (see the module docstring); None where its
+        bytes cannot be viewed as its dtype (an offset off the dtype's alignment)."""
+        stored = self.tensors[name]
+        itemsize = torch.empty(0, dtype=stored.dtype).element_size()
+        if stored.offset % itemsize:
+            return None
+        with self._mapping:
+            whole = self._maps.get(stored.file)
+            if whole is None:
+                with open(stored.file, "rb") as f:
+                    region = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                whole = self._maps[stored.file] = torch.frombuffer(region, dtype=torch.uint8)
+        return whole[stored.offset : stored.offset + stored.nbytes].view(stored.dtype).view(stored.shape)
 
 
 def _read_exact(stored: StoredTensor, out: torch.Tensor) -> None:

@@ -76,6 +76,15 @@ class WeightSource:
         checkpoint, key = self.keys[id(ref)]
         checkpoint.read_into(key, out)
 
+    def mapped(self, ref: TensorRef) -> torch.Tensor | None:
+        """``ref``'s weights as a copy-on-write view of its checkpoint file (``Checkpoint.mapped``), or None where the
+        file does not hold them as ``ref`` lays them out (another dtype, not contiguous, an unaligned offset)."""
+        checkpoint, key = self.keys[id(ref)]
+        tensor = ref.local
+        if checkpoint.tensors[key].dtype != tensor.dtype or not tensor.is_contiguous():
+            return None
+        return checkpoint.mapped(key)
+
 
 def _meta_tensors(plan: ExecutionPlan) -> dict[str, dict[str, TensorRef]]:
     # component -> checkpoint key (the tensor's name inside its component) -> its slot

@@ -101,7 +101,31 @@ def split_points(qualnames: list[str], regions: list[Region], path: str) -> tupl
     return tuple(sorted({p for p in points if 0 < p < end}))
 
 
-class HostBuffer:
+class HostLayout:
+    """Where a unit's tensors sit in its flat layout (``layout``): what a slot, a head or a host buffer holding the
+    unit's bytes is cut into. ``HostBuffer`` holds the bytes themselves; ``mapped_host.MappedHost`` only the layout."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.regions, self.nbytes = layout(tensors)
+
+    def views(self, flat: torch.Tensor, start: int = 0, stop: int | None = None) -> list[torch.Tensor]:
+        """Views of the tensors stored in bytes ``start:stop`` of the layout (both at tensor boundaries, e.g. from
+        ``split_points``), in a buffer ``flat`` that holds those bytes from its own offset 0."""
+        # No default upper bound: a trailing zero-size tensor sits at offset == nbytes and needs a view too.
+        return [r.view(flat, start) for r in self.regions if start <= r.offset and (stop is None or r.offset < stop)]
+
+    def first_at(self, offset: int) -> int:
+        """Index of the first tensor stored at or after byte ``offset``."""
+        return sum(region.offset < offset for region in self.regions)
+
+    def check(self, index: int, tensor: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``tensor`` has tensor ``index``'s shape, strides and dtype."""
+        region = self.regions[index]
+        if (tensor.shape, tuple(tensor.stride()), tensor.dtype) != (region.shape, region.stride, region.dtype):
+            raise ValueError(f"changed from {tuple(region.shape)} {region.dtype} to {tuple(tensor.shape)} {tensor.dtype}")
+
+
+class HostBuffer(HostLayout):
     """The bytes of one unit's tensors in one flat host buffer (see the module docstring for ownership).
 
     Args:
@@ -117,7 +141,7 @@ class HostBuffer:
     """
 
     def __init__(self, tensors: list[torch.Tensor], flat: torch.Tensor | None = None) -> None:
-        self.regions, self.nbytes = layout(tensors)
+        super().__init__(tensors)
         self.flat = torch.empty(self.nbytes, dtype=torch.uint8) if flat is None else flat[: self.nbytes]
         if flat is None:  # the gaps between tensors are copied too: zeros, not whatever the heap held
             for region, end in zip(self.regions, [r.offset for r in self.regions[1:]] + [self.nbytes]):
@@ -141,15 +165,17 @@ class HostBuffer:
         """Tensor ``index`` as stored in this buffer."""
         return self.regions[index].view(self.flat)
 
-    def views(self, flat: torch.Tensor, start: int = 0, stop: int | None = None) -> list[torch.Tensor]:
-        """Views of the tensors stored in bytes ``start:stop`` of the layout (both at tensor boundaries, e.g. from
-        ``split_points``), in a buffer ``flat`` that holds those bytes from its own offset 0."""
-        # No default upper bound: a trailing zero-size tensor sits at offset == nbytes and needs a view too.
-        return [r.view(flat, start) for r in self.regions if start <= r.offset and (stop is None or r.offset < stop)]
+    def at_rest(self) -> list[torch.Tensor]:
+        """What the unit's tensors view between uses: this buffer."""
+        return self.views(self.flat)
 
-    def first_at(self, offset: int) -> int:
-        """Index of the first tensor stored at or after byte ``offset``."""
-        return sum(region.offset < offset for region in self.regions)
+    def raw(self, index: int) -> torch.Tensor:
+        """Tensor ``index``'s memory span as stored (``Region.raw``)."""
+        return self.regions[index].raw(self.flat)
+
+    def packed(self) -> torch.Tensor:
+        """The unit's bytes in its layout: this buffer."""
+        return self.flat
 
     def write(self, index: int, tensor: torch.Tensor) -> None:
         """Store ``tensor`` (same shape, strides and dtype) as tensor ``index``. The caller has waited for the copy stream.
@@ -157,10 +183,8 @@ class HostBuffer:
         Raises:
             ValueError: ``tensor``'s shape, strides or dtype differ from the layout's.
         """
-        region = self.regions[index]
-        if (tensor.shape, tuple(tensor.stride()), tensor.dtype) != (region.shape, region.stride, region.dtype):
-            raise ValueError(f"changed from {tuple(region.shape)} {region.dtype} to {tuple(tensor.shape)} {tensor.dtype}")
-        region.raw(self.flat).copy_(storage_span(tensor.detach()))
+        self.check(index, tensor)
+        self.regions[index].raw(self.flat).copy_(storage_span(tensor.detach()))
 
     def holds(self, index: int, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` is this buffer's own view of tensor ``index``."""

@@ -12,7 +12,9 @@ the shared region, only its creator fills them, and the others bind to them once
 
 With ``compression`` each streamed block is coded too (``coded_host.CodedHost`` for ``"lossless"``,
 ``fp8_host.Fp8Host`` for ``"fp8"``, on the target device) right after it is filled and page-locked; the code is
-page-locked as well, and is what its copies read.
+page-locked as well, and is what its copies read. A block coded losslessly and read from a checkpoint that
+stores it as the model lays it out then lets its raw buffer go: at rest its tensors view the file
+(``mapped_host.MappedHost``), so host memory holds its code only.
 
 Ownership: ``HostStore`` owns every ``HostBuffer`` (allocated or sliced, filled and page-locked here), each
 unit's code (``CodedHost``/``Fp8Host``), and the ``HostCopy``. ``restore`` gives every tensor its own storage
@@ -40,6 +42,7 @@ from ..planning.bind import ExecutionPlan, Unit
 from .coded_host import DEVICE_CODING, CodedHost
 from .fp8_host import Fp8Host
 from .host_buffer import HostBuffer, layout, trim_host_heap
+from .mapped_host import MappedHost
 from .report import SetupTimes
 from .shared_host import HostCopy
 from .unit import OffloadedUnit
@@ -150,6 +153,10 @@ class HostStore:
                 start = time.perf_counter()
                 try:
                     packed.coded = self._code(unit, packed.host, device if device.type == "cuda" else None)
+                    mapped = self._mapped(unit) if isinstance(packed.coded, CodedHost) else None
+                    if mapped is not None:
+                        packed.map_to(MappedHost(mapped, self.pin))
+                        trim_host_heap()
                 except BaseException as err:
                     failed.append(err)
                     in_flight.stop()
@@ -220,6 +227,19 @@ class HostStore:
             linear = [_is_linear_weight(ref) for ref in unit.tensors]
             return Fp8Host.of(buffer.regions, buffer.flat, linear, device, self.pin)
         return CodedHost.of(buffer.flat, device, self.pin)
+
+    def _mapped(self, unit: Unit) -> list[torch.Tensor] | None:
+        # Views of the checkpoint for every tensor of a losslessly coded unit, if the file stores each as the model
+        # lays it out; else None (the unit keeps its raw buffer). A shared region holds the raw bytes for every rank.
+        if self.kinds[unit.path] != "lossless" or not self.source or self.host_copy is not None:
+            return None
+        views = []
+        for ref in unit.tensors:
+            view = self.source.mapped(ref) if self.source.covers(ref) else None
+            if view is None:
+                return None
+            views.append(view)
+        return views
 
     def restore(self) -> None:
         """Give every tensor its own storage on its original device again, bit for bit, and release the buffers and

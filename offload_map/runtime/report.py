@@ -57,14 +57,16 @@ class SetupTimes:
 class CodedTotals:
     """Blocks kept coded (``compression``): ``blocks`` of the streamed components' blocks that compression applies
     to, ``coded`` of them coded (the rest do not compress), their bytes raw and coded, and ``others``, the
-    streamed components' blocks it leaves as they are (paths set to None or not named). A plan that keeps a block
-    on the device keeps its code: the kept part is decoded from it."""
+    streamed components' blocks it leaves as they are (paths set to None or not named), and ``mapped``, the coded
+    blocks held in host memory only as their code (``mapped_host``). A plan that keeps a block on the device keeps
+    its code: the kept part is decoded from it."""
 
     blocks: int
     coded: int
     raw_bytes: int
     coded_bytes: int
     others: int = 0
+    mapped: int = 0
 
     def __str__(self) -> str:
         ratio = self.coded_bytes / self.raw_bytes if self.raw_bytes else 1.0
@@ -73,6 +75,7 @@ class CodedTotals:
             f"{self.coded} of the {self.blocks} blocks compression applies to, {human_bytes(self.raw_bytes)} -> "
             f"{human_bytes(self.coded_bytes)} ({ratio:.3f} of the bytes)"
             + (f"; {raw} stay raw (they do not compress)" if raw else "")
+            + (f"; {self.mapped} held only coded (their raw bytes stay in the checkpoint files)" if self.mapped else "")
             + (f"; {self.others} other blocks of streamed components as they are" if self.others else "")
         )
 
@@ -83,7 +86,8 @@ class Report:
 
     ``peak_device_bytes`` is the allocator's peak since dispatch on a CUDA target (None on the CPU);
     ``slot_bytes`` is the device memory held by the slot rings; ``setup_seconds`` the time dispatch took;
-    ``coded`` what compression coded (None without compression).
+    ``coded`` what compression coded (None without compression); ``host_bytes`` the host memory holding weights,
+    raw and coded (``Runtime.host_bytes``).
     """
 
     device: str
@@ -95,6 +99,7 @@ class Report:
     peak_device_bytes: int | None = None
     setup_times: SetupTimes = field(default_factory=SetupTimes)
     coded: CodedTotals | None = None
+    host_bytes: tuple[int, int] = (0, 0)
 
     @classmethod
     def start(cls, dmap: DeviceMap, slot_bytes: int, setup_seconds: float, stats: TransferStats, times: SetupTimes) -> "Report":
@@ -112,6 +117,11 @@ class Report:
             f"({s.on_demand_loads} on demand) and {s.component_loads} component loads ({human_bytes(s.component_bytes)}); "
             f"{s.component_evictions} evictions",
         ]
+        raw, coded = self.host_bytes
+        lines.append(
+            f"  host:      {human_bytes(raw + coded)} of host memory holds weights"
+            + (f" ({human_bytes(raw)} raw, {human_bytes(coded)} coded)" if coded else "")
+        )
         if self.coded is not None:
             lines.append(f"  coded:     {self.coded}")
         if self.peak_device_bytes is not None:

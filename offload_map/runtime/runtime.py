@@ -31,6 +31,7 @@ from .calls import CallWatch
 from .hooks import BlockHook, ComponentHook, HookSet
 from .host_buffer import HostBuffer
 from .host_store import HostStore
+from .mapped_host import MappedHost
 from .report import CodedTotals, SetupTimes, TransferStats
 from .resident import ResidentTensors
 from .ring import BlockRing
@@ -141,9 +142,18 @@ class Runtime:
         every = [unit for ring in self.rings.values() for unit in ring.units]
         units = [unit for unit in every if unit.path in self.plan.compression]
         coded = [unit.coded for unit in units if unit.coded is not None]
+        mapped = sum(isinstance(unit.host, MappedHost) for unit in units)
         return CodedTotals(
-            len(units), len(coded), sum(c.raw_bytes for c in coded), sum(c.nbytes for c in coded), len(every) - len(units)
+            len(units), len(coded), sum(c.raw_bytes for c in coded), sum(c.nbytes for c in coded), len(every) - len(units), mapped
         )
+
+    @property
+    def host_bytes(self) -> tuple[int, int]:
+        """Bytes of host memory holding the weights of pinned components and streamed blocks: raw buffers (none for a
+        block held only as its code) and codes."""
+        units = list(self.host.units.values()) if self.host is not None else []
+        raw = sum(unit.host.nbytes for unit in units if isinstance(unit.host, HostBuffer))
+        return raw, sum(unit.coded.nbytes for unit in units if unit.coded is not None)
 
     @property
     def setup_times(self) -> SetupTimes:
@@ -156,7 +166,8 @@ class Runtime:
 
     @property
     def host_buffers(self) -> list[HostBuffer]:
-        """The host buffer of every pinned component and streamed block."""
+        """The host buffer of every pinned component and streamed block (a ``MappedHost`` for a block held only as
+        its code)."""
         return self.host.buffers if self.host is not None else []
 
     def activate(self, name: str) -> None:
@@ -254,7 +265,7 @@ class Runtime:
             # Interrupted: the units not coded anew would stream their old code beside the new weights of the
             # others; they stream their host bytes (the new weights, in place) instead, uncoded from now on.
             for unit in units[synced:]:
-                unit.drop_code()
+                unit.stream_raw()
             raise
         finally:
             for ring in self.rings.values():

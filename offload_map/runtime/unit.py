@@ -28,6 +28,8 @@ served earlier work); the compute stream waits for the copy before anything read
 makes the allocation stream wait for the current stream, where the head was last read (a component runs
 on one stream), before letting the buffer go. Slots belong to the ring's ``SlotPool``; the unit only
 copies into one (after its ``free`` event), records its ``ready`` event, waits on it, and records ``free``.
+A unit coded losslessly and read from a checkpoint may hold no raw bytes at all (``host`` is then a
+``mapped_host.MappedHost``: at rest its tensors view the checkpoint file).
 A coded unit (``coded``, a ``coded_host.CodedHost`` or ``fp8_host.Fp8Host``) copies its code instead, through
 the pool's staging buffers, and the decode stream decodes it into the slot (and, for an exact code, into the
 head); ``ready`` is then recorded on the decode stream, after the last decode. Cancelling a coded load makes
@@ -43,6 +45,7 @@ import torch
 from ..collect.tensors import TensorRef, is_dtensor
 from .coded_host import CodedHost, worth_keeping
 from .host_buffer import HostBuffer, home_device, split_points
+from .mapped_host import MappedHost
 from .slots import Slot
 
 _PARAM, _BUFFER, _SHARD = "parameter", "buffer", "DTensor shard"
@@ -71,7 +74,7 @@ class OffloadedUnit:
     Args:
         path: the unit's module path (for messages and profiler ranges).
         refs: its tensors, in the host buffer's order.
-        host: the packed host buffer (owned by the runtime's ``HostStore``).
+        host: the packed host buffer (owned by the runtime's ``HostStore``); see ``map_to`` for the other kind.
         ordering: the dispatch's ``CudaOrdering``/``SyncOrdering``.
         kept: bytes of the head (a split point, 0, or ``host.nbytes``).
         coded: the unit's bytes as ``compression`` stores them (``coded_host.CodedHost``, ``fp8_host.Fp8Host``),
@@ -87,7 +90,7 @@ class OffloadedUnit:
         self.coded = coded
         self.ordering = ordering
         self.original_devices = [ref.local.device for ref in refs]
-        self.host_views = host.views(host.flat)
+        self.host_views = host.at_rest()
         self.head: torch.Tensor | None = None
         self.head_stream = None
         self.state = TailState.HOST
@@ -192,13 +195,13 @@ class OffloadedUnit:
         # holding nothing known: both are set only once the copy is issued.
         slot.holds = None
         ordering = self.ordering
-        src = self.host.flat[self.kept :]
+        nbytes = self.nbytes - self.kept
         with torch.profiler.record_function(f"offload_map::load {self.path}"):
             ordering.copy_waits(slot.free)
             with ordering.on_copy_stream():
                 start = ordering.stamp() if timed is not None else None
                 if self.coded is None:
-                    copier(slot.buffer, src, self.host.pinned, self.path)
+                    copier(slot.buffer, self.host.flat[self.kept :], self.host.pinned, self.path)
                     ordering.record_copy(slot.ready)
                     end = ordering.stamp() if timed is not None else None
                 else:  # the planner counts raw bytes, over the time to the last decode
@@ -207,11 +210,11 @@ class OffloadedUnit:
                         ordering.record_decode(slot.ready)
                         end = ordering.stamp() if timed is not None else None
                 if timed is not None:
-                    timed.append((src.numel(), start, end))
+                    timed.append((nbytes, start, end))
         slot.holds, self.slot, self.state = self, slot, TailState.LOADED
         if self.coded is not None:
             return self.coded.part_bytes(self.kept, self.nbytes)
-        return copier.host_bytes(src.numel())
+        return copier.host_bytes(nbytes)
 
     def wait(self) -> None:
         """LOADED -> IN_USE: the compute stream waits for the tail's copy, then the tail's tensors view the slot."""
@@ -262,8 +265,10 @@ class OffloadedUnit:
             except ValueError as err:
                 raise ValueError(f"{ref.qualname} {err} since dispatch; remove() and dispatch again to repack it") from None
         if self.coded is not None:  # in-place edits do not show: code the bytes anew whatever changed
-            self.coded.encode(self.host.flat)
+            self.coded.encode(self.host.packed())
             self.coded = worth_keeping(self.coded)  # None where the new weights do not compress: stream them as they are
+            if self.coded is None:
+                self._unmap()
         # A coded head needs its ring's staging buffer: the ring fetches it again (``Runtime.refresh``).
         head = self.head is not None and self.coded is None
         self.drop_head()
@@ -272,10 +277,34 @@ class OffloadedUnit:
             self.fetch_head()
 
     def drop_code(self) -> None:
-        """Stream the host bytes as they are from now on and let the code go (the host waited for the copy stream)."""
+        """Let the code go (the host waited for the copy stream): the unit streams no more (``detach``, ``restore``),
+        or streams raw from now on (``stream_raw``)."""
         if self.coded is not None:
             self.coded.release()
             self.coded = None
+
+    def stream_raw(self) -> None:
+        """Stream the unit's current bytes as they are from now on (the host waited for the copy stream)."""
+        self._unmap()
+        self.drop_code()
+
+    def map_to(self, mapped: MappedHost) -> None:
+        """Hold the unit as its code only (``mapped_host``): its tensors view ``mapped`` at rest, and the raw host
+        buffer goes. Only while the unit is coded, at rest (no head, its tail on the host), and no copy reads the
+        buffer."""
+        assert self.coded is not None and self.head is None and self.state is TailState.HOST, self.path
+        self._set_host(mapped)
+
+    def _unmap(self) -> None:
+        # A unit that streams raw needs its bytes in a host buffer of its own again.
+        if isinstance(self.host, MappedHost):
+            self._set_host(self.host.to_buffer())
+
+    def _set_host(self, host) -> None:
+        old, self.host = self.host, host
+        self.host_views = host.at_rest()
+        self.bind_host()
+        old.release()
 
     def restore(self, loaded: bool) -> None:
         """Give every tensor its own storage on its original device again, with the host buffer's bytes. Tensors
@@ -283,7 +312,7 @@ class OffloadedUnit:
         A unit never bound (a rank waiting for a shared copy that failed) keeps the tensors it has."""
         for index, (ref, device) in enumerate(zip(self.refs if self.bound else [], self.original_devices)):
             region = self.host.regions[index]
-            raw = region.raw(self.host.flat)
+            raw = self.host.raw(index)
             fresh = torch.empty(raw.numel(), dtype=raw.dtype, device=home_device(device, loaded))
             if not fresh.is_meta:
                 fresh.copy_(raw)

@@ -1,0 +1,74 @@
+"""A coded block held in host memory only as its code: at rest, its tensors view their checkpoint file.
+
+With ``compression="lossless"`` a streamed block streams its code (``coded_host``); its raw bytes are needed
+only to restore it, to code it anew at ``refresh()``, or to stream it raw again. A block read from a safetensors
+checkpoint (``weights=``) that the file stores as the model lays it out (same dtypes, contiguous tensors) does
+not keep them: once it is coded, its raw host buffer goes, and between uses its tensors view the file through a
+private mapping (``loading.checkpoint.Checkpoint.mapped``). Host memory then holds about 3/4 of the block's
+bytes instead of 1.75 times them. Reading such a tensor reads the file; writing one (``fuse_lora``,
+``load_state_dict``) writes private copies of the pages it touches, never the file, and ``refresh()`` codes the
+block anew as after any edit.
+
+Ownership (``MappedHost``, one per such unit, owned by its ``OffloadedUnit``): ``mapped`` are the views, which
+keep the file's mapping alive; nothing here is page-locked and no copy stream reads it (the unit copies its
+code). ``packed`` builds a temporary buffer of the unit's bytes for its caller (coding at refresh);
+``to_buffer`` gives the unit a ``HostBuffer`` again when it must stream raw.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .host_buffer import HostBuffer, HostLayout
+
+
+class MappedHost(HostLayout):
+    """The layout of a unit whose tensors ``mapped`` (contiguous, in the unit's order) view its checkpoint.
+
+    Args:
+        mapped: copy-on-write views of the checkpoint, one per tensor of the unit.
+        pin: whether the raw buffer it replaces was page-locked (``to_buffer`` page-locks likewise).
+    """
+
+    pinned = False  # nothing is copied from here to a device
+
+    def __init__(self, mapped: list[torch.Tensor], pin: bool) -> None:
+        super().__init__(mapped)
+        self.mapped = mapped
+        self.pin = pin
+
+    def at_rest(self) -> list[torch.Tensor]:
+        """What the unit's tensors view between uses: the checkpoint."""
+        return list(self.mapped)
+
+    def raw(self, index: int) -> torch.Tensor:
+        """Tensor ``index``'s elements, 1-D."""
+        return self.mapped[index].view(-1)
+
+    def packed(self) -> torch.Tensor:
+        """A new buffer of the unit's bytes in its layout (zeros between tensors, as in a ``HostBuffer``)."""
+        flat = torch.zeros(self.nbytes, dtype=torch.uint8)
+        for index, region in enumerate(self.regions):
+            region.raw(flat).copy_(self.raw(index))
+        return flat
+
+    def holds(self, index: int, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is the view of tensor ``index`` this unit made."""
+        return tensor.device.type == "cpu" and tensor.data_ptr() == self.mapped[index].data_ptr()
+
+    def write(self, index: int, tensor: torch.Tensor) -> None:
+        """Store ``tensor`` as tensor ``index`` (in private pages, not the file).
+
+        Raises:
+            ValueError: ``tensor``'s shape, strides or dtype differ from the layout's.
+        """
+        self.check(index, tensor)
+        self.mapped[index].copy_(tensor.detach())
+
+    def to_buffer(self) -> HostBuffer:
+        """A host buffer of its own holding the unit's current bytes, for a unit that streams raw from now on."""
+        return HostBuffer.holding(self.mapped, self.pin)
+
+    def release(self) -> None:
+        """Let go of the views (the mapping goes with the last view of it). Safe to call twice."""
+        self.mapped = []

@@ -1,0 +1,176 @@
+"""Blocks coded losslessly and read from a checkpoint hold only their code in host memory: at rest their tensors
+view the file, copy-on-write. Outputs stay bit-exact; edits and refresh work as with a raw host copy, and never
+write the file."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+
+from offload_map import dispatch_pipeline, empty_model
+from offload_map.runtime.coded_host import CodedHost
+from offload_map.runtime.host_buffer import HostBuffer
+from offload_map.runtime.mapped_host import MappedHost
+
+from conftest import resident_run
+from tiny_pipelines import make_flux_pipeline, run_flux
+
+
+def saved_pipeline(tmp_path, dtype=torch.bfloat16):
+    """A bf16 tiny Flux pipeline whose transformer is on the meta device, its checkpoint (saved in ``dtype``), and
+    the resident output."""
+    pipe = make_flux_pipeline()
+    pipe.to(torch.bfloat16)
+    pipe.transformer.to(dtype).save_pretrained(tmp_path / "transformer")
+    pipe.transformer.to(torch.bfloat16)
+    return pipe, tmp_path / "transformer"
+
+
+def dispatch(pipe, path, target, **options):
+    pipe.transformer = empty_model(FluxTransformer2DModel, path, dtype=torch.bfloat16)
+    return dispatch_pipeline(pipe, "layerwise", target, weights={"transformer": path}, compression="lossless", **options)
+
+
+def streamed(handle) -> list:
+    return [unit for ring in handle.runtime.rings.values() for unit in ring.units]
+
+
+def digest(path) -> str:
+    return hashlib.sha256((path / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+
+
+def at_rest_in_file(unit) -> bool:
+    return all(unit.host.holds(i, ref.local) for i, ref in enumerate(unit.refs))
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
+@torch.inference_mode()
+def test_blocks_read_from_a_checkpoint_hold_only_their_code_and_stay_bit_exact(tmp_path, target, window):
+    pipe, path = saved_pipeline(tmp_path)
+    weights = {name: p.clone() for name, p in pipe.transformer.named_parameters()}
+    reference = resident_run(pipe, lambda: run_flux(pipe), target)
+    handle = dispatch(pipe, path, target, window=window)
+    units = streamed(handle)
+    assert units and all(isinstance(u.host, MappedHost) and u.coded is not None for u in units)
+    for _ in range(2):
+        assert torch.equal(run_flux(pipe).cpu(), reference)
+        assert all(at_rest_in_file(u) for u in units)  # between forwards, the file again
+    report = handle.report()
+    assert f"{len(units)} held only coded" in str(report)
+    raw, coded = report.host_bytes
+    block_bytes = sum(u.nbytes for u in units)
+    held = raw + coded - sum(u.host.nbytes for u in handle.runtime.host.units.values() if isinstance(u.host, HostBuffer))
+    assert held == sum(u.coded.nbytes for u in units) < 0.8 * block_bytes  # the blocks: their code, nothing raw
+    handle.remove()
+    for name, p in pipe.transformer.named_parameters():  # back on the CPU, owning the checkpoint's bytes
+        assert p.device.type == "cpu" and torch.equal(p, weights[name]), name
+
+
+@torch.inference_mode()
+def test_edits_land_in_private_pages_and_refresh_codes_them(tmp_path, target):
+    pipe, path = saved_pipeline(tmp_path)
+    before = digest(path)
+    handle = dispatch(pipe, path, target)
+    run_flux(pipe)
+    edited = make_flux_pipeline()
+    edited.to(torch.bfloat16)
+    for p in edited.transformer.single_transformer_blocks.parameters():
+        p.mul_(0.5)
+    pipe.transformer.load_state_dict(edited.transformer.state_dict())  # in place, into the views of the file
+    handle.refresh()
+    reference = resident_run(edited, lambda: run_flux(edited), target)
+    assert torch.equal(run_flux(pipe).cpu(), reference)
+    assert all(isinstance(u.host, MappedHost) and at_rest_in_file(u) for u in streamed(handle))
+    handle.remove()
+    assert digest(path) == before  # the file never changed
+    for (name, mine), theirs in zip(pipe.transformer.named_parameters(), edited.transformer.parameters()):
+        assert torch.equal(mine, theirs), name  # remove() gives back the edited weights
+
+
+@torch.inference_mode()
+def test_a_block_whose_new_weights_do_not_compress_gets_a_raw_buffer_again(tmp_path, target):
+    pipe, path = saved_pipeline(tmp_path)
+    handle = dispatch(pipe, path, target, window=1)
+    run_flux(pipe)
+    block = pipe.transformer.single_transformer_blocks[0]
+    g = torch.Generator().manual_seed(1)
+    for p in block.parameters():  # exponents spread wide: the code would be larger than the bytes
+        p.copy_((torch.randn(p.shape, generator=g) * torch.exp2(torch.randint(-30, 10, p.shape, generator=g).float())).bfloat16())
+    edited = {name: p.clone() for name, p in pipe.transformer.named_parameters()}
+    handle.refresh()
+    unit = handle.runtime.host.units["transformer.single_transformer_blocks.0"]
+    assert isinstance(unit.host, HostBuffer) and unit.coded is None
+    assert all(unit.host.holds(i, ref.local) for i, ref in enumerate(unit.refs))
+    out = run_flux(pipe).cpu()
+    handle.remove()
+    twin = make_flux_pipeline()
+    twin.to(torch.bfloat16)
+    twin.transformer.load_state_dict(edited)
+    assert torch.equal(out, resident_run(twin, lambda: run_flux(twin), target))
+
+
+@torch.inference_mode()
+def test_an_interrupted_refresh_streams_the_rest_raw_with_the_new_weights(tmp_path, target, monkeypatch):
+    pipe, path = saved_pipeline(tmp_path)
+    handle = dispatch(pipe, path, target)
+    run_flux(pipe)
+    edited = make_flux_pipeline()
+    edited.to(torch.bfloat16)
+    for p in edited.transformer.parameters():
+        p.mul_(0.5)
+    pipe.transformer.load_state_dict(edited.transformer.state_dict())
+    encode, calls = CodedHost.encode, []
+
+    def interrupted(self, raw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        encode(self, raw)
+
+    monkeypatch.setattr(CodedHost, "encode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        handle.refresh()
+    monkeypatch.setattr(CodedHost, "encode", encode)
+    units = streamed(handle)
+    assert [isinstance(u.host, MappedHost) for u in units] == [True, True] + [False] * (len(units) - 2)
+    assert all(u.coded is None for u in units[2:])
+    reference = resident_run(edited, lambda: run_flux(edited), target)
+    assert torch.equal(run_flux(pipe).cpu(), reference)
+    handle.remove()
+
+
+@torch.inference_mode()
+def test_a_checkpoint_stored_in_another_dtype_keeps_the_raw_buffer(tmp_path, target):
+    pipe, path = saved_pipeline(tmp_path, dtype=torch.float32)
+    reference = resident_run(pipe, lambda: run_flux(pipe), target)
+    handle = dispatch(pipe, path, target)
+    units = streamed(handle)
+    assert all(isinstance(u.host, HostBuffer) and u.coded is not None for u in units)
+    assert "held only coded" not in str(handle.report())
+    assert torch.equal(run_flux(pipe).cpu(), reference)
+    handle.remove()
+
+
+@torch.inference_mode()
+def test_under_a_budget_blocks_kept_on_the_device_are_decoded_from_their_code(tmp_path, target):
+    from safetensors.torch import save_file
+    from test_compression import _input, _reference, make_dit
+
+    model, x = make_dit(), _input().to(target)
+    save_file(model.state_dict(), tmp_path / "dit.safetensors")
+    with torch.device("meta"):
+        empty = make_dit()
+    block = sum(p.numel() * p.element_size() for p in model.blocks[0].parameters())
+    handle = dispatch_pipeline(
+        empty, "auto", target, gpu_budget=7 * block // 2, weights=tmp_path / "dit.safetensors", compression="lossless"
+    )
+    reference = _reference(0, target)
+    assert all(torch.equal(empty(x).cpu(), reference) for _ in range(4))
+    plan = handle.plans[""]
+    assert plan.resident or plan.kept  # blocks or parts of blocks kept on the device, decoded once from their code
+    assert all(isinstance(u.host, MappedHost) for u in handle.runtime.host.units.values() if u.coded is not None)
+    handle.remove()
+    assert all(torch.equal(a, b) for a, b in zip(empty.state_dict().values(), model.state_dict().values()))
