@@ -168,6 +168,7 @@ class OffloadHandle:
     def _finish(self, undo, ended_by: str) -> None:
         self._check_active()
         self._report.coded = self._runtime.coded  # what report() says once the runtime is gone
+        self._report.host_bytes = self._runtime.host_bytes
         undo()
         self._removed, self._ended_by = True, ended_by
         self.pipeline.__dict__.pop(HANDLE_ATTR, None)

@@ -270,3 +270,48 @@ def test_every_dtype_safetensors_stores_is_read(tmp_path, dtype):
     out = torch.empty(3, 4, dtype=dtype)
     Checkpoint(tmp_path / "w.safetensors").read_into("t", out)
     assert torch.equal(out.view(torch.uint8), tensor.view(torch.uint8))
+
+
+def test_a_tied_tensor_is_read_under_whichever_of_its_names_the_checkpoint_stores(tmp_path, target):
+    from safetensors.torch import save_file
+    from torch import nn
+
+    class Tied(nn.Module):
+        _layerwise_offload_blocks_attrs = ["blocks"]
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.blocks, self.second = nn.Linear(4, 4), nn.ModuleList([nn.Linear(4, 4)]), nn.Linear(4, 4)
+            self.second.weight = self.first.weight
+
+        def forward(self, x):
+            return self.second(self.blocks[0](self.first(x)))
+
+    torch.manual_seed(0)
+    model, x = Tied(), torch.randn(2, 4)
+    # As transformers saves tied weights: one name, here not the one collection meets first.
+    stored = {k: v for k, v in model.state_dict().items() if k != "first.weight"}
+    save_file(stored, tmp_path / "w.safetensors")
+    with torch.device("meta"):
+        empty = Tied()
+    handle = dispatch_pipeline(empty, "model", target, weights=tmp_path / "w.safetensors")
+    with torch.no_grad():
+        assert torch.equal(empty(x.to(target)).cpu(), model(x))
+    assert empty.first.weight is empty.second.weight
+    handle.remove()
+
+
+def test_empty_model_ties_what_transformers_ties_on_load(tmp_path, target):
+    from transformers import T5EncoderModel
+
+    from tiny_pipelines import make_flux_pipeline
+
+    encoder = make_flux_pipeline().text_encoder_2
+    encoder.save_pretrained(tmp_path)  # stores ``shared.weight`` only: the input embedding is tied to it
+    model = empty_model(T5EncoderModel, tmp_path)
+    assert model.shared.weight is model.encoder.embed_tokens.weight
+    handle = dispatch_pipeline(model, "model", target, weights=tmp_path)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        assert torch.equal(model(ids.to(target)).last_hidden_state.cpu(), encoder(ids).last_hidden_state)
+    handle.remove()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-from offload_map import dispatch_pipeline, empty_model
+from offload_map import compile_device_map, dispatch_pipeline, empty_model
 from offload_map.runtime.coded_host import CodedHost
 from offload_map.runtime.host_buffer import HostBuffer
 from offload_map.runtime.mapped_host import MappedHost
@@ -40,6 +40,22 @@ def streamed(handle) -> list:
 
 def digest(path) -> str:
     return hashlib.sha256((path / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+
+
+def refresh_interrupted(handle, at: int, monkeypatch) -> None:
+    """``handle.refresh()``, interrupted (Ctrl-C) when it starts coding its ``at``-th block."""
+    encode, calls = CodedHost.encode, []
+
+    def interrupted(self, raw):
+        calls.append(1)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        encode(self, raw)
+
+    monkeypatch.setattr(CodedHost, "encode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        handle.refresh()
+    monkeypatch.setattr(CodedHost, "encode", encode)
 
 
 def at_rest_in_file(unit) -> bool:
@@ -122,18 +138,7 @@ def test_an_interrupted_refresh_streams_the_rest_raw_with_the_new_weights(tmp_pa
     for p in edited.transformer.parameters():
         p.mul_(0.5)
     pipe.transformer.load_state_dict(edited.transformer.state_dict())
-    encode, calls = CodedHost.encode, []
-
-    def interrupted(self, raw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        encode(self, raw)
-
-    monkeypatch.setattr(CodedHost, "encode", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        handle.refresh()
-    monkeypatch.setattr(CodedHost, "encode", encode)
+    refresh_interrupted(handle, 3, monkeypatch)
     units = streamed(handle)
     assert [isinstance(u.host, MappedHost) for u in units] == [True, True] + [False] * (len(units) - 2)
     assert all(u.coded is None for u in units[2:])
@@ -174,3 +179,131 @@ def test_under_a_budget_blocks_kept_on_the_device_are_decoded_from_their_code(tm
     assert all(isinstance(u.host, MappedHost) for u in handle.runtime.host.units.values() if u.coded is not None)
     handle.remove()
     assert all(torch.equal(a, b) for a, b in zip(empty.state_dict().values(), model.state_dict().values()))
+
+
+def dit_from_checkpoint(tmp_path, **options):
+    """The test_compression DiT saved to a safetensors file and dispatched from it, lossless, on the CPU."""
+    from safetensors.torch import save_file
+    from test_compression import make_dit
+
+    file = tmp_path / "dit.safetensors"
+    save_file(make_dit().state_dict(), file)
+    with torch.device("meta"):
+        model = make_dit()
+    handle = dispatch_pipeline(model, "layerwise", "cpu", weights=file, compression="lossless", progress=False, **options)
+    return model, handle, file
+
+
+def private_kib(file) -> int:
+    """KiB of private (written) pages in this process's mappings of ``file``."""
+    total, mapping = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+                mapping = len(fields) >= 6 and fields[5] == str(file)
+            elif mapping and fields[0] == "Anonymous:":
+                total += int(fields[1])
+    return total
+
+
+def keep_whole_blocks(handle) -> None:
+    ring = handle.runtime.rings[""]
+    handle.runtime.set_residency("", {u.path: u.nbytes for u in ring.units[:3]}, 1, stays=True)
+
+
+def keep_first_parts(handle) -> None:
+    ring = handle.runtime.rings[""]
+    handle.runtime.set_residency("", {u.path: u.split_points()[0] for u in ring.units}, 2, stays=True)
+
+
+@torch.inference_mode()
+def test_a_refresh_that_changed_nothing_writes_no_page_of_the_file_mapping(tmp_path):
+    from test_compression import _input
+
+    model, handle, file = dit_from_checkpoint(tmp_path)
+    keep_whole_blocks(handle)  # their tensors sit on the device: refresh copies them back
+    model(_input())
+    handle.refresh()
+    assert private_kib(file) == 0  # a written page would stay in memory for good
+    model.blocks[4].up.weight.mul_(0.5)  # an edit does write one (the measure sees it)
+    handle.refresh()
+    assert private_kib(file) > 0
+    handle.remove()
+
+
+@torch.inference_mode()
+def test_edited_pages_go_with_remove(tmp_path):
+    from test_compression import _input
+
+    model, handle, file = dit_from_checkpoint(tmp_path)
+    model(_input())
+    for p in model.blocks.parameters():
+        p.mul_(0.5)
+    handle.refresh()
+    assert private_kib(file) > 0
+    handle.remove()  # the handle lives on, the views are gone: so is the mapping, with its written pages
+    assert private_kib(file) == 0
+
+
+@torch.inference_mode()
+def test_an_interrupted_refresh_leaves_kept_blocks_on_the_device(tmp_path, monkeypatch):
+    from test_compression import _input, _reference
+
+    model, handle, _ = dit_from_checkpoint(tmp_path)
+    keep_first_parts(handle)
+    model(_input())
+    refresh_interrupted(handle, 2, monkeypatch)  # after one block: its staging buffers, so the heads, stay as they are
+    kept = [u for u in handle.runtime.host.units.values() if u.head is not None]
+    assert len(kept) > 2 and all(isinstance(u.host, HostBuffer) for u in kept[1:])  # they stream raw from now on
+    for unit in kept:
+        head = range(unit.head.data_ptr(), unit.head.data_ptr() + unit.kept)
+        assert all(ref.local.data_ptr() in head for ref in unit.refs[: unit.split]), unit.path
+    assert torch.equal(model(_input()), _reference(0, "cpu"))
+    handle.remove()
+
+
+@torch.inference_mode()
+def test_a_file_that_cannot_be_mapped_leaves_a_raw_copy_with_a_warning(tmp_path, monkeypatch, caplog):
+    from test_compression import _input, _reference
+
+    from offload_map.loading import checkpoint
+
+    def refused(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(checkpoint.mmap, "mmap", refused)
+    model, handle, file = dit_from_checkpoint(tmp_path)
+    assert f"cannot map {file}" in caplog.text
+    units = list(handle.runtime.host.units.values())
+    assert all(isinstance(u.host, HostBuffer) for u in units) and all(u.coded is not None for u in units)
+    assert torch.equal(model(_input()), _reference(0, "cpu"))
+    handle.remove()
+
+
+@torch.inference_mode()
+def test_two_experts_and_an_encoder_read_from_checkpoints_hold_only_their_code(tmp_path, target):
+    from diffusers import WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    from tiny_pipelines import make_wan22_pipeline, run_wan22
+
+    pipe = make_wan22_pipeline()
+    pipe.to(torch.bfloat16)
+    reference = resident_run(pipe, lambda: run_wan22(pipe), target)
+    classes = {"transformer": WanTransformer3DModel, "transformer_2": WanTransformer3DModel, "text_encoder": UMT5EncoderModel}
+    for name, cls in classes.items():
+        getattr(pipe, name).save_pretrained(tmp_path / name)
+        setattr(pipe, name, empty_model(cls, tmp_path / name, dtype=torch.bfloat16))
+    dmap = compile_device_map(pipe, "layerwise", target)
+    for index in range(2):  # the tiny UMT5 is below the size that streams on its own
+        dmap[f"text_encoder.encoder.block.{index}"] = "layer-window"
+    handle = dispatch_pipeline(
+        pipe, device_map=dmap, weights={n: tmp_path / n for n in classes}, compression="lossless", progress=False
+    )
+    units = streamed(handle)
+    assert {u.path.split(".")[0] for u in units} == set(classes)
+    assert all(isinstance(u.host, MappedHost) for u in units)
+    for _ in range(2):
+        assert torch.equal(run_wan22(pipe).cpu(), reference)
+    handle.remove()

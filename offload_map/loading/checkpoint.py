@@ -9,15 +9,17 @@ Pickle-based files (``.bin``, ``.pt``, ``.ckpt``) are refused, never opened.
 
 ``mapped`` gives a tensor's bytes in place instead: a copy-on-write view of the file (``mmap``, private). Its
 pages are read from the file when first touched and count in host memory only then; writes go to private
-copies of the touched pages, never to the file. Ownership: each file's mapping is made once, here, and lives
-as long as any view of it (the views hold it); the file must not be truncated or rewritten in place while
-views of it live (reading a page that vanished kills the process, as with any mapped file).
+copies of the touched pages, never to the file. Ownership: each file's mapping is made once per
+``Checkpoint``, here, held by it and by every view of it, and goes with the last of them. Pages not yet read
+come from the file as it is when they are read: a file rewritten in place while views of it live is read as
+rewritten, and one truncated kills the process on reading a page that vanished (as with any mapped file).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import mmap
 import os
 import struct
@@ -32,6 +34,8 @@ from safetensors import SafetensorError, safe_open
 from ..mapping.schema import parse_json
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+logger = logging.getLogger("offload_map")
 
 
 class CheckpointError(ValueError):
@@ -74,7 +78,7 @@ class Checkpoint:
     def __init__(self, path: "str | os.PathLike") -> None:
         self.path = Path(path)
         self.tensors: dict[str, StoredTensor] = {}
-        self._maps: dict[Path, torch.Tensor] = {}  # file -> its private mapping, as uint8 (``mapped``)
+        self._maps: dict[Path, torch.Tensor | None] = {}  # file -> its private mapping as uint8, None if refused
         self._mapping = threading.Lock()  # packing threads map at once: each file once
         for file in _shard_files(self.path):
             for name, stored in _read_header(file).items():
@@ -112,18 +116,30 @@ class Checkpoint:
 
     def mapped(self, name: str) -> torch.Tensor | None:
         """Tensor ``name`` as stored, a copy-on-write view of its file (see the module docstring); None where its
-        bytes cannot be viewed as its dtype (an offset off the dtype's alignment)."""
+        bytes cannot be viewed as its dtype (an offset off the dtype's alignment) or the file cannot be mapped."""
         stored = self.tensors[name]
         itemsize = torch.empty(0, dtype=stored.dtype).element_size()
         if stored.offset % itemsize:
             return None
         with self._mapping:
-            whole = self._maps.get(stored.file)
-            if whole is None:
-                with open(stored.file, "rb") as f:
-                    region = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-                whole = self._maps[stored.file] = torch.frombuffer(region, dtype=torch.uint8)
+            if stored.file not in self._maps:
+                self._maps[stored.file] = _map_private(stored.file)
+            whole = self._maps[stored.file]
+        if whole is None:
+            return None
         return whole[stored.offset : stored.offset + stored.nbytes].view(stored.dtype).view(stored.shape)
+
+
+def _map_private(file: Path) -> torch.Tensor | None:
+    # A private writable mapping is charged in full against the kernel's commit limit, which strict overcommit
+    # may refuse: the caller then keeps a copy in memory.
+    try:
+        with open(file, "rb") as f:
+            region = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError) as err:
+        logger.warning("offload_map: cannot map %s (%s); the blocks read from it keep a copy in host memory", file, err)
+        return None
+    return torch.frombuffer(region, dtype=torch.uint8)
 
 
 def _read_exact(stored: StoredTensor, out: torch.Tensor) -> None:

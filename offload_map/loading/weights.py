@@ -59,10 +59,11 @@ class WeightSource:
         self.keys: dict[int, tuple[Checkpoint, str]] = {}
         for comp, path in weights.items():
             checkpoint = Checkpoint(path)
+            stored = _stored_names(checkpoint, meta[comp], comp)
             checkpoint.check(
-                {key: (tuple(ref.tensor.shape), ref.tensor.dtype) for key, ref in meta[comp].items()}, comp or "the model"
+                {key: (tuple(ref.tensor.shape), ref.tensor.dtype) for key, ref in stored.items()}, comp or "the model"
             )
-            self.keys.update({id(ref): (checkpoint, key) for key, ref in meta[comp].items()})
+            self.keys.update({id(ref): (checkpoint, key) for key, ref in stored.items()})
 
     def __bool__(self) -> bool:
         return bool(self.keys)
@@ -93,7 +94,21 @@ def _meta_tensors(plan: ExecutionPlan) -> dict[str, dict[str, TensorRef]]:
         comp = plan.component_of(unit.path).name
         for ref in unit.tensors:
             if ref.tensor.is_meta:
-                out.setdefault(comp, {})[ref.qualname[len(comp) + 1 :] if comp else ref.qualname] = ref
+                out.setdefault(comp, {})[_within(ref.qualname, comp)] = ref
+    return out
+
+
+def _within(qualname: str, comp: str) -> str:
+    return qualname[len(comp) + 1 :] if comp else qualname
+
+
+def _stored_names(checkpoint: Checkpoint, tensors: dict[str, TensorRef], comp: str) -> dict[str, TensorRef]:
+    # A tensor tied between modules (T5's input embedding and ``shared``) is stored under one of its names, not
+    # necessarily the one collection met first: look it up under each.
+    out = {}
+    for key, ref in tensors.items():
+        names = [key, *(_within(f"{a.module_path}.{a.name}", comp) for a in ref.aliases)]
+        out[next((name for name in names if name in checkpoint.tensors), key)] = ref
     return out
 
 
@@ -135,4 +150,6 @@ def empty_model(model_class: type, path: "str | os.PathLike", dtype: torch.dtype
             model = model_class.from_config(model_class.load_config(path))
         else:
             model = model_class._from_config(model_class.config_class.from_pretrained(path))
+    if hasattr(model, "tie_weights"):  # transformers ties on load; its checkpoints store one name per tied tensor
+        model.tie_weights()
     return model.to(dtype) if dtype is not None else model

@@ -98,6 +98,7 @@ class HostStore:
         fills = self.host_copy is None or self.host_copy.fills
         try:
             self._pack(host_units, offsets, region, fills, plan.device, progress)
+            self.source = None  # its checkpoints' mappings live on only in the views of blocks held coded
         except BaseException:
             self.restore()  # every unit packed so far, so the model is as it was
             if self.host_copy is not None:

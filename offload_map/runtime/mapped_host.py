@@ -57,13 +57,17 @@ class MappedHost(HostLayout):
         return tensor.device.type == "cpu" and tensor.data_ptr() == self.mapped[index].data_ptr()
 
     def write(self, index: int, tensor: torch.Tensor) -> None:
-        """Store ``tensor`` as tensor ``index`` (in private pages, not the file).
+        """Store ``tensor`` as tensor ``index`` (in private pages, not the file). Equal bytes are not written: a
+        written page stays in memory for good (a kept part copied back at every refresh would fill them).
 
         Raises:
             ValueError: ``tensor``'s shape, strides or dtype differ from the layout's.
         """
         self.check(index, tensor)
-        self.mapped[index].copy_(tensor.detach())
+        tensor = tensor.detach()
+        mapped = self.mapped[index]
+        if not torch.equal(mapped.view(torch.uint8), tensor.cpu().contiguous().view(torch.uint8)):
+            mapped.copy_(tensor)
 
     def to_buffer(self) -> HostBuffer:
         """A host buffer of its own holding the unit's current bytes, for a unit that streams raw from now on."""

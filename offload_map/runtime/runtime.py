@@ -165,7 +165,7 @@ class Runtime:
         return self.host.host_copy if self.host is not None else None
 
     @property
-    def host_buffers(self) -> list[HostBuffer]:
+    def host_buffers(self) -> "list[HostBuffer | MappedHost]":
         """The host buffer of every pinned component and streamed block (a ``MappedHost`` for a block held only as
         its code)."""
         return self.host.buffers if self.host is not None else []

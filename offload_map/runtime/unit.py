@@ -304,6 +304,8 @@ class OffloadedUnit:
         old, self.host = self.host, host
         self.host_views = host.at_rest()
         self.bind_host()
+        if self.head is not None:  # a kept part stays on the device (an interrupted refresh leaves it there)
+            self._bind(0, host.views(self.head, 0, self.kept))
         old.release()
 
     def restore(self, loaded: bool) -> None:
