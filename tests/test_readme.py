@@ -106,13 +106,14 @@ def test_the_loading_example_runs(target, tmp_path):
         {
             '"/models/FLUX.1-dev"': repr(str(tmp_path / "FLUX.1-dev")),
             '"layerwise", weights=': f'"layerwise", {target!r}, weights=',
-            "dtype=torch.bfloat16)  # meta": "dtype=torch.float32)  # meta",
-            "transformer=transformer, dtype=torch.bfloat16)": "transformer=transformer, dtype=torch.float32)",
+            "dtype=torch.bfloat16) for": "dtype=torch.float32) for",
+            "**empty, dtype=torch.bfloat16)": "**empty, dtype=torch.float32)",
         },
     )
     scope = {"torch": torch}
     exec(compile(code, "README.md", "exec"), scope)
-    assert not any(p.is_meta for p in scope["pipe"].transformer.parameters())
+    pipe = scope["pipe"]
+    assert not any(p.is_meta for c in (pipe.transformer, pipe.text_encoder_2) for p in c.parameters())
     scope["handle"].remove()
 
 
