@@ -5,14 +5,12 @@ write the file."""
 from __future__ import annotations
 
 import hashlib
-import os
 
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
 from offload_map import compile_device_map, dispatch_pipeline, empty_model
-from offload_map.runtime import mapped_host
 from offload_map.runtime.coded_host import CodedHost
 from offload_map.runtime.host_buffer import HostBuffer
 from offload_map.runtime.mapped_host import MappedHost
@@ -190,7 +188,6 @@ def dit_from_checkpoint(tmp_path, **options):
 
     file = tmp_path / "dit.safetensors"
     save_file(make_dit().state_dict(), file)
-    os.sync()  # as a checkpoint written long ago: pages written but not yet on disk cannot leave memory
     with torch.device("meta"):
         model = make_dit()
     handle = dispatch_pipeline(model, "layerwise", "cpu", weights=file, compression="lossless", progress=False, **options)
@@ -309,54 +306,4 @@ def test_two_experts_and_an_encoder_read_from_checkpoints_hold_only_their_code(t
     assert all(isinstance(u.host, MappedHost) for u in units)
     for _ in range(2):
         assert torch.equal(run_wan22(pipe).cpu(), reference)
-    handle.remove()
-
-
-def resident_kib(file) -> int:
-    """KiB of ``file``'s mapped pages in this process's memory (read or written)."""
-    total, mapping = 0, False
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            fields = line.split()
-            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
-                mapping = len(fields) >= 6 and fields[5] == str(file)
-            elif mapping and fields[0] == "Rss:":
-                total += int(fields[1])
-    return total
-
-
-def pages_can_leave(tmp_path) -> bool:
-    """Whether this kernel and file system let read pages of a private file mapping leave the process (tmpfs
-    without swap does not)."""
-    import mmap
-
-    probe = tmp_path / "probe.bin"
-    probe.write_bytes(os.urandom(1 << 20))
-    os.sync()
-    with open(probe, "rb") as f:
-        view = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
-    view.sum()
-    mapped_host._page_out([view])
-    return resident_kib(probe) < 64
-
-
-@torch.inference_mode()
-def test_a_refresh_reads_the_file_and_lets_its_pages_go_again(tmp_path, monkeypatch):
-    from test_compression import _input
-
-    model, handle, file = dit_from_checkpoint(tmp_path)
-    model(_input())
-    assert resident_kib(file) < 64  # streaming copies the code: the file is not read
-    page_out, spans = mapped_host._page_out, []
-
-    def spy(tensors):
-        spans.append({t.data_ptr() for t in tensors})
-        page_out(tensors)
-
-    monkeypatch.setattr(mapped_host, "_page_out", spy)
-    handle.refresh()  # codes every block anew from the file
-    units = streamed(handle)
-    assert spans == [{t.data_ptr() for t in u.host.mapped} for u in units]  # every block's pages, once
-    if pages_can_leave(tmp_path):
-        assert resident_kib(file) < file.stat().st_size / 1024 / 10
     handle.remove()

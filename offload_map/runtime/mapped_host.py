@@ -11,21 +11,15 @@ block anew as after any edit.
 
 Ownership (``MappedHost``, one per such unit, owned by its ``OffloadedUnit``): ``mapped`` are the views, which
 keep the file's mapping alive; nothing here is page-locked and no copy stream reads it (the unit copies its
-code). ``packed`` builds a temporary buffer of the unit's bytes for its caller (coding at refresh), and lets the
-pages it read go from the process again (they stay in the page cache), or a refresh would leave the whole file
-counted in its RSS; ``to_buffer`` gives the unit a ``HostBuffer`` again when it must stream raw.
+code). ``packed`` builds a temporary buffer of the unit's bytes for its caller (coding at refresh);
+``to_buffer`` gives the unit a ``HostBuffer`` again when it must stream raw.
 """
 
 from __future__ import annotations
 
-import ctypes
-import mmap
-
 import torch
 
 from .host_buffer import HostBuffer, HostLayout
-
-MADV_PAGEOUT = 21  # Linux 5.4+: unmap these pages from this process; written (private) pages are kept
 
 
 class MappedHost(HostLayout):
@@ -56,7 +50,6 @@ class MappedHost(HostLayout):
         flat = torch.zeros(self.nbytes, dtype=torch.uint8)
         for index, region in enumerate(self.regions):
             region.raw(flat).copy_(self.raw(index))
-        _page_out([t for t in self.mapped if t.numel()])
         return flat
 
     def holds(self, index: int, tensor: torch.Tensor) -> bool:
@@ -83,17 +76,3 @@ class MappedHost(HostLayout):
     def release(self) -> None:
         """Let go of the views (the mapping goes with the last view of it). Safe to call twice."""
         self.mapped = []
-
-
-def _page_out(tensors: list[torch.Tensor]) -> None:
-    # The pages from the first to the last of ``tensors`` leave this process's memory (reading them again reads the
-    # page cache or the file). At once: the kernel skips a multi-page folio that a range covers only in part. Where
-    # madvise or the advice is missing (another OS, an older kernel) they stay, as reclaimable file pages.
-    if not tensors:
-        return
-    start = min(t.data_ptr() for t in tensors) // mmap.PAGESIZE * mmap.PAGESIZE
-    end = max(t.data_ptr() + t.numel() * t.element_size() for t in tensors)
-    try:
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT)
-    except (OSError, AttributeError):
-        pass
