@@ -112,8 +112,8 @@ class OffloadHandle:
           that are not on the device were changed in their host buffers; those on the device (pinned components
           loaded, kept block parts) are copied back into the host buffers. Blocks already prefetched for the next
           step are loaded again, so every later forward computes with the new values.
-        - New or removed modules (``load_lora_weights``, ``add_adapter``, ``unload_lora_weights``,
-          ``delete_adapters``): the pipeline is put back and dispatched again under the map it was dispatched
+        - New, removed or replaced modules or Parameters (``load_lora_weights``, ``add_adapter``,
+          ``unload_lora_weights``, ``delete_adapters``, ``module.weight = nn.Parameter(...)``): the pipeline is put back and dispatched again under the map it was dispatched
           with (placements, window; a budget is planned again from new measurements, as a budget's plan decides
           what leaves the device between phases, which a map cannot say), so the new tensors get their host
           buffers. Until then its forwards
@@ -182,8 +182,8 @@ class OffloadHandle:
         self._finish(self._runtime.restore, "remove")
 
     def detach(self) -> None:
-        """Remove the hooks; streamed blocks point at their host buffers, every other tensor stays where it is
-        now (a pinned component that is loaded stays on the device). Unlike ``remove()``, nothing goes back
+        """Remove the hooks; streamed blocks point at their host buffers (those held only coded at their checkpoint
+        files, ``runtime.mapped_host``), every other tensor stays where it is now (a pinned component that is loaded stays on the device). Unlike ``remove()``, nothing goes back
         to its original device; slots are freed."""
         self._finish(self._runtime.detach, "detach")
 

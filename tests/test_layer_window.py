@@ -202,6 +202,25 @@ def test_weights_loaded_while_dispatched_are_used_after_refresh(target, strategy
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), changed.state_dict().values()))
 
 
+@pytest.mark.parametrize("strategy", ["layerwise", "model"])
+def test_a_parameter_replaced_while_dispatched_keeps_its_new_value_through_refresh_and_remove(target, strategy):
+    model, changed = _make([0, 1, 2, 3, 4]), _make([0, 1, 2, 3, 4])
+    x = torch.randn(1, 4, 8)
+    with torch.no_grad():
+        linear = changed.blocks[1].mlp[0]
+        linear.weight = nn.Parameter(linear.weight * 0.5)
+        expected = resident_run(changed, lambda: changed(x.to(target)), target)
+        handle = dispatch_pipeline(model, strategy, target, window=2)
+        model(x)
+        model.blocks[1].mlp[0].weight = nn.Parameter(linear.weight.clone())  # a new Parameter
+        with pytest.raises(RuntimeError, match=r"modules changed since dispatch .*parameters replaced under their names"):
+            model(x)
+        handle.refresh()  # the modules changed: dispatched again, with the new value
+        assert torch.equal(model(x).cpu(), expected)
+    handle.remove()
+    assert torch.equal(model.blocks[1].mlp[0].weight, linear.weight)
+
+
 def test_refresh_refuses_a_tensor_that_changed_shape():
     model = _make([0, 1])
     handle = dispatch_pipeline(model, "layerwise", "cpu")

@@ -195,14 +195,14 @@ def dit_from_checkpoint(tmp_path, **options):
 
 
 def private_kib(file) -> int:
-    """KiB of private (written) pages in this process's mappings of ``file``."""
+    """KiB of private (written) pages in this process's mappings of ``file``, in memory or swapped out."""
     total, mapping = 0, False
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
-            fields = line.split()
+            fields = line.split(maxsplit=5)
             if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
-                mapping = len(fields) >= 6 and fields[5] == str(file)
-            elif mapping and fields[0] == "Anonymous:":
+                mapping = len(fields) == 6 and fields[5].rstrip("\n") == str(file)
+            elif mapping and fields[0] in ("Anonymous:", "Swap:"):
                 total += int(fields[1])
     return total
 
@@ -306,4 +306,47 @@ def test_two_experts_and_an_encoder_read_from_checkpoints_hold_only_their_code(t
     assert all(isinstance(u.host, MappedHost) for u in units)
     for _ in range(2):
         assert torch.equal(run_wan22(pipe).cpu(), reference)
+    handle.remove()
+
+
+class Gated(torch.nn.Module):
+    """A block with a 0-dim parameter (a scalar gate)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.gate = torch.nn.Linear(256, 256), torch.nn.Parameter(torch.tensor(0.5))
+        torch.nn.init.normal_(self.linear.weight, std=0.02)
+
+    def forward(self, x):
+        return x + self.gate * self.linear(x)
+
+
+class GatedDiT(torch.nn.Module):
+    _layerwise_offload_blocks_attrs = ["blocks"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(Gated() for _ in range(3))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@torch.inference_mode()
+def test_a_refresh_compares_kept_0_dim_tensors_too(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model, x = GatedDiT().bfloat16(), torch.randn(2, 256).bfloat16()
+    save_file(model.state_dict(), tmp_path / "dit.safetensors")
+    with torch.device("meta"):
+        empty = GatedDiT().bfloat16()
+    handle = dispatch_pipeline(empty, "layerwise", "cpu", weights=tmp_path / "dit.safetensors", compression="lossless")
+    keep_whole_blocks(handle)  # the gates sit on the device: refresh compares them with the file's
+    assert torch.equal(empty(x), model(x))
+    handle.refresh()
+    assert all(isinstance(u.host, MappedHost) and u.coded is not None for u in streamed(handle))
+    assert torch.equal(empty(x), model(x))
     handle.remove()

@@ -16,8 +16,9 @@ page-locked as well, and is what its copies read. A block coded losslessly and r
 stores it as the model lays it out then lets its raw buffer go: at rest its tensors view the file
 (``mapped_host.MappedHost``), so host memory holds its code only.
 
-Ownership: ``HostStore`` owns every ``HostBuffer`` (allocated or sliced, filled and page-locked here), each
-unit's code (``CodedHost``/``Fp8Host``), and the ``HostCopy``. ``restore`` gives every tensor its own storage
+Ownership: ``HostStore`` owns every ``HostBuffer`` (allocated or sliced, filled and page-locked here; a unit held
+only as its code lets its own go in ``OffloadedUnit.map_to``), each unit's code (``CodedHost``/``Fp8Host``), and
+the ``HostCopy``. ``restore`` gives every tensor its own storage
 again and releases them all; the caller has made the host wait for the copy (and decode) streams, the only
 readers of host buffers and codes.
 """
@@ -116,8 +117,8 @@ class HostStore:
         self.loaded = True
 
     @property
-    def buffers(self) -> list[HostBuffer]:
-        """Every unit's host buffer."""
+    def buffers(self) -> "list[HostBuffer | MappedHost]":
+        """Every unit's host storage."""
         return [unit.host for unit in self.units.values()]
 
     def _pack(

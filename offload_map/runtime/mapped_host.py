@@ -58,7 +58,8 @@ class MappedHost(HostLayout):
 
     def write(self, index: int, tensor: torch.Tensor) -> None:
         """Store ``tensor`` as tensor ``index`` (in private pages, not the file). Equal bytes are not written: a
-        written page stays in memory for good (a kept part copied back at every refresh would fill them).
+        written page is private memory for as long as the mapping lives (a kept part copied back at every refresh
+        would fill them).
 
         Raises:
             ValueError: ``tensor``'s shape, strides or dtype differ from the layout's.
@@ -66,7 +67,7 @@ class MappedHost(HostLayout):
         self.check(index, tensor)
         tensor = tensor.detach()
         mapped = self.mapped[index]
-        if not torch.equal(mapped.view(torch.uint8), tensor.cpu().contiguous().view(torch.uint8)):
+        if not torch.equal(mapped.reshape(-1).view(torch.uint8), tensor.cpu().reshape(-1).view(torch.uint8)):
             mapped.copy_(tensor)
 
     def to_buffer(self) -> HostBuffer:

@@ -311,8 +311,11 @@ class OffloadedUnit:
     def restore(self, loaded: bool) -> None:
         """Give every tensor its own storage on its original device again, with the host buffer's bytes. Tensors
         read from a checkpoint (originally on the meta device) go to the CPU when ``loaded``, else back to meta.
-        A unit never bound (a rank waiting for a shared copy that failed) keeps the tensors it has."""
+        A tensor replaced while dispatched (no longer a view of the host storage) stays as it is. A unit never bound (a rank waiting for a shared copy that failed) keeps the tensors it has."""
         for index, (ref, device) in enumerate(zip(self.refs if self.bound else [], self.original_devices)):
+            current = ref.local.detach()
+            if current.numel() and not self.host.holds(index, current):
+                continue  # replaced while dispatched (a new Parameter or buffer): the new one is the value now
             region = self.host.regions[index]
             raw = self.host.raw(index)
             fresh = torch.empty(raw.numel(), dtype=raw.dtype, device=home_device(device, loaded))
