@@ -1,4 +1,5 @@
-"""Host memory holding a streamed DiT's weights: raw or lossless, built in memory or read from a checkpoint.
+"""Host memory holding a streamed DiT's weights: raw or lossless; built in memory, read from a checkpoint by
+``weights=``, or loaded with ``safetensors.torch.load_file`` as ``from_pretrained`` does (views of the file).
 
 Each case runs in a fresh process (its host memory is its own): build a DiT with bf16 weights ~ N(0, 0.02)
 (or an empty one for ``weights=``), ``dispatch_pipeline(model, "layerwise", device, compression=...)``, run
@@ -28,7 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from offload_map import dispatch_pipeline  # noqa: E402
 
-CASES = ["memory-raw", "memory-lossless", "checkpoint-raw", "checkpoint-lossless"]
+CASES = ["memory-raw", "memory-lossless", "checkpoint-raw", "checkpoint-lossless", "safetensors-raw", "safetensors-lossless"]
 WIDTH = 2048
 
 
@@ -74,8 +75,12 @@ def rss() -> int:
 def case(name: str, n: int, ckpt: Path, device: str) -> dict:
     base = rss()
     source, compression = name.split("-")
-    model = build(n, empty=source == "checkpoint")
+    model = build(n, empty=source != "memory")
     weights = ckpt / "dit.safetensors" if source == "checkpoint" else None
+    if source == "safetensors":
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(ckpt / "dit.safetensors"), assign=True)
     handle = dispatch_pipeline(
         model, "layerwise", device, weights=weights, compression=None if compression == "raw" else compression, progress=False
     )

@@ -94,8 +94,9 @@ def dispatch_pipeline(
             for bf16 weights, copy it so and decode it on the device (``runtime.codec``): fewer bytes cross
             the link, outputs stay bit-identical. Blocks that do not compress (fp16: its high byte carries mantissa
             bits; float32) stream as they are. Host memory holds the raw bytes beside the code, except for blocks
-            read from ``weights`` as the checkpoint stores them: those hold only their code, and between uses their
-            tensors view the file, copy-on-write (``runtime.mapped_host``). ``"fp8"`` (lossy,
+            whose weights view their files (``from_pretrained`` leaves them so; ``weights`` reads them so where the
+            checkpoint stores them as laid out): those hold only their code, and between uses their tensors view
+            the file, copy-on-write (``runtime.mapped_host``). ``"fp8"`` (lossy,
             never the default): the streamed blocks' linear weights cross the link in float8 e4m3 with a scale per
             output channel (about half their bytes) and are upcast on the device; outputs differ from the resident
             run. A dict chooses per

@@ -5,6 +5,7 @@ write the file."""
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pytest
 import torch
@@ -350,3 +351,61 @@ def test_a_refresh_compares_kept_0_dim_tensors_too(tmp_path):
     assert all(isinstance(u.host, MappedHost) and u.coded is not None for u in streamed(handle))
     assert torch.equal(empty(x), model(x))
     handle.remove()
+
+
+def resident_kib(file) -> int:
+    """KiB of ``file``'s mapped pages in this process's memory (read or written)."""
+    total, mapping = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split(maxsplit=5)
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
+                mapping = len(fields) == 6 and fields[5].rstrip("\n") == str(file)
+            elif mapping and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+def test_read_pages_leave_and_written_pages_stay(tmp_path):
+    import mmap
+
+    from offload_map.runtime.file_views import FileViews, release_read_pages
+
+    file = tmp_path / "weights.bin"
+    file.write_bytes(os.urandom(64 * mmap.PAGESIZE))
+    with open(file, "rb") as f:
+        view = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
+    expected = view.clone()
+    view[10 * mmap.PAGESIZE] += 1  # a written page: a private copy the file does not hold
+    expected[10 * mmap.PAGESIZE] += 1
+    assert FileViews().viewed(view[100:200]) and not FileViews().viewed(expected)
+    assert resident_kib(file) >= 32 * mmap.PAGESIZE // 1024
+    release_read_pages([view])
+    assert resident_kib(file) <= mmap.PAGESIZE // 1024  # the written page alone
+    assert torch.equal(view, expected)  # read again from the page cache; the written byte kept
+
+
+@torch.inference_mode()
+def test_weights_from_pretrained_stay_views_of_their_files(tmp_path, target):
+    from diffusers import FluxPipeline
+
+    pipe = make_flux_pipeline()
+    pipe.to(torch.bfloat16)
+    pipe.save_pretrained(tmp_path)
+    os.sync()
+    pipe = FluxPipeline.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    block = pipe.transformer.transformer_blocks[1].ff.net[2].weight
+    block.mul_(0.5)  # written before dispatch: its pages are private copies, which must be kept
+    weights = {name: p.clone() for name, p in pipe.transformer.named_parameters()}
+    reference = resident_run(pipe, lambda: run_flux(pipe), target)
+    handle = dispatch_pipeline(pipe, "layerwise", target, compression="lossless", progress=False)
+    units = streamed(handle)
+    assert units and all(isinstance(u.host, MappedHost) for u in units)
+    file = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"
+    assert resident_kib(file) < file.stat().st_size / 1024 / 4  # packing read it; the pages it read left again
+    assert private_kib(file) > 0
+    for _ in range(2):
+        assert torch.equal(run_flux(pipe).cpu(), reference)
+    handle.remove()
+    for name, p in pipe.transformer.named_parameters():
+        assert torch.equal(p, weights[name]), name

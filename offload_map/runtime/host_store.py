@@ -12,9 +12,10 @@ the shared region, only its creator fills them, and the others bind to them once
 
 With ``compression`` each streamed block is coded too (``coded_host.CodedHost`` for ``"lossless"``,
 ``fp8_host.Fp8Host`` for ``"fp8"``, on the target device) right after it is filled and page-locked; the code is
-page-locked as well, and is what its copies read. A block coded losslessly and read from a checkpoint that
-stores it as the model lays it out then lets its raw buffer go: at rest its tensors view the file
-(``mapped_host.MappedHost``), so host memory holds its code only.
+page-locked as well, and is what its copies read. A block coded losslessly whose tensors view files (read from a
+checkpoint that stores them as the model lays them out, or left so by ``from_pretrained``) then lets its raw
+buffer go: at rest its tensors view the file (``mapped_host.MappedHost``), so host memory holds its code only.
+The pages packing read of such files leave the process once it ends (``file_views.release_read_pages``).
 
 Ownership: ``HostStore`` owns every ``HostBuffer`` (allocated or sliced, filled and page-locked here; a unit held
 only as its code lets its own go in ``OffloadedUnit.map_to``), each unit's code (``CodedHost``/``Fp8Host``), and
@@ -41,6 +42,7 @@ from ..collect.tensors import is_dtensor
 from ..mapping.placement import Placement
 from ..planning.bind import ExecutionPlan, Unit
 from .coded_host import DEVICE_CODING, CodedHost
+from .file_views import FileViews, release_read_pages
 from .fp8_host import Fp8Host
 from .host_buffer import HostBuffer, layout, trim_host_heap
 from .mapped_host import MappedHost
@@ -89,6 +91,7 @@ class HostStore:
         self.pin = pin
         self.source = source
         self.kinds = plan.compression  # streamed block -> how it is kept (``compression``)
+        self.files = FileViews()  # the process's file mappings, which weights from ``from_pretrained`` view
         self.units: dict[str, OffloadedUnit] = {}
         self.times = SetupTimes(threads=PACK_THREADS)
         self.loaded = False
@@ -138,12 +141,16 @@ class HostStore:
         waited = DEVICE_CODING.waited_s
         in_flight = _InFlight(PACK_IN_FLIGHT)
         failed: list[BaseException] = []  # coding failures (their units are packed, and restored with the others)
+        read: list[torch.Tensor] = []  # weights packed from views of their files
         packed_lock = threading.Lock()
 
         def pack(unit: Unit, offset: int) -> None:
             # Only tensors copied from memory are held twice (read from a checkpoint, they are on the meta device;
             # a rank that does not fill a shared region allocates nothing).
             twice = sum(r.nbytes for r in unit.tensors if not (self.source and self.source.covers(r))) if fills else 0
+            # Weights that ``from_pretrained`` left viewing their files: a block held only as its code keeps them at
+            # rest, so they are taken before binding lets them go; the pages packing reads of them leave after it.
+            originals = self._file_views(unit) if fills else None
             with in_flight.hold(twice):
                 packed = pack_unit(unit, offset)
             with packed_lock:  # at once: a restore must find every bound unit, even if packing is interrupted twice
@@ -155,7 +162,7 @@ class HostStore:
                 start = time.perf_counter()
                 try:
                     packed.coded = self._code(unit, packed.host, device if device.type == "cuda" else None)
-                    mapped = self._mapped(unit) if isinstance(packed.coded, CodedHost) else None
+                    mapped = self._mapped(unit, originals) if isinstance(packed.coded, CodedHost) else None
                     if mapped is not None:
                         packed.map_to(MappedHost(mapped, self.pin))
                         trim_host_heap()
@@ -163,6 +170,7 @@ class HostStore:
                     failed.append(err)
                     in_flight.stop()
                 code_s.append(time.perf_counter() - start)
+            read.extend(t for t in originals or () if t is not None)
             bar.update(unit.nbytes)
 
         def pack_unit(unit: Unit, offset: int) -> OffloadedUnit:
@@ -219,6 +227,9 @@ class HostStore:
                 error = failed[0]
             if error is not None:
                 raise error
+        # The pages packing read stay mapped while any view of their file lives (a block held only as its code, say):
+        # they leave now, once, as a later read would map its neighbours again.
+        release_read_pages(read)
         self.times.pack_wall_s = time.perf_counter() - start
         self.times.fill_s, self.times.pin_s, self.times.code_s = sum(fill_s), sum(pin_s), sum(code_s)
         self.times.code_wait_s = DEVICE_CODING.waited_s - waited
@@ -230,14 +241,23 @@ class HostStore:
             return Fp8Host.of(buffer.regions, buffer.flat, linear, device, self.pin)
         return CodedHost.of(buffer.flat, device, self.pin)
 
-    def _mapped(self, unit: Unit) -> list[torch.Tensor] | None:
-        # Views of the checkpoint for every tensor of a losslessly coded unit, if the file stores each as the model
-        # lays it out; else None (the unit keeps its raw buffer). A shared region holds the raw bytes for every rank.
-        if self.kinds[unit.path] != "lossless" or not self.source or self.host_copy is not None:
+    def _file_views(self, unit: Unit) -> list[torch.Tensor | None]:
+        return [
+            ref.local.detach() if not is_dtensor(ref.tensor) and self.files.viewed(ref.local) else None for ref in unit.tensors
+        ]
+
+    def _mapped(self, unit: Unit, originals: list | None) -> list[torch.Tensor] | None:
+        # For a losslessly coded unit, a view of a file for every tensor: of its checkpoint (read from one, if the
+        # file stores it as the model lays it out), or the tensor itself where it viewed a file before packing;
+        # else None (the unit keeps its raw buffer). A shared region holds the raw bytes for every rank.
+        if self.kinds[unit.path] != "lossless" or self.host_copy is not None:
             return None
         views = []
-        for ref in unit.tensors:
-            view = self.source.mapped(ref) if self.source.covers(ref) else None
+        for index, ref in enumerate(unit.tensors):
+            if self.source and self.source.covers(ref):
+                view = self.source.mapped(ref)
+            else:
+                view = originals[index] if originals else None
             if view is None:
                 return None
             views.append(view)

@@ -1,11 +1,12 @@
 """A coded block held in host memory only as its code: at rest, its tensors view their checkpoint file.
 
 With ``compression="lossless"`` a streamed block streams its code (``coded_host``); its raw bytes are needed
-only to restore it, to code it anew at ``refresh()``, or to stream it raw again. A block read from a safetensors
-checkpoint (``weights=``) that the file stores as the model lays it out (same dtypes, contiguous tensors) does
-not keep them: once it is coded, its raw host buffer goes, and between uses its tensors view the file through a
-private mapping (``loading.checkpoint.Checkpoint.mapped``). Host memory then holds about 3/4 of the block's
-bytes instead of 1.75 times them. Reading such a tensor reads the file; writing one (``fuse_lora``,
+only to restore it, to code it anew at ``refresh()``, or to stream it raw again. A block whose every tensor
+views a file does not keep them: one read from a safetensors checkpoint (``weights=``) that stores it as the
+model lays it out (same dtypes, contiguous tensors), through a private mapping of its own
+(``loading.checkpoint.Checkpoint.mapped``), or one whose weights ``from_pretrained`` left as views of their files
+(``file_views``). Once it is coded, its raw host buffer goes, and between uses its tensors view the file. Host
+memory then holds about 3/4 of the block's bytes instead of 1.75 times them. Reading such a tensor reads the file; writing one (``fuse_lora``,
 ``load_state_dict``) writes private copies of the pages it touches, never the file, and ``refresh()`` codes the
 block anew as after any edit.
 
@@ -19,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from .host_buffer import HostBuffer, HostLayout
+from .file_views import release_read_pages
+from .host_buffer import HostBuffer, HostLayout, storage_span
 
 
 class MappedHost(HostLayout):
@@ -42,14 +44,15 @@ class MappedHost(HostLayout):
         return list(self.mapped)
 
     def raw(self, index: int) -> torch.Tensor:
-        """Tensor ``index``'s elements, 1-D."""
-        return self.mapped[index].view(-1)
+        """Tensor ``index``'s memory span as stored (``host_buffer.storage_span``)."""
+        return storage_span(self.mapped[index])
 
     def packed(self) -> torch.Tensor:
         """A new buffer of the unit's bytes in its layout (zeros between tensors, as in a ``HostBuffer``)."""
         flat = torch.zeros(self.nbytes, dtype=torch.uint8)
         for index, region in enumerate(self.regions):
             region.raw(flat).copy_(self.raw(index))
+        release_read_pages(self.mapped)  # or a refresh would leave the whole file counted in this process's memory
         return flat
 
     def holds(self, index: int, tensor: torch.Tensor) -> bool:
