@@ -21,6 +21,8 @@ Phases, each in a fresh process (so host memory is its own):
 * ``offload_map-lossless``  the same with ``compression="lossless"``: blocks the checkpoint stores as laid out
                    are held only as their code (``runtime.mapped_host``); the row adds the host bytes holding
                    weights, raw and coded, from ``report()``.
+* ``pretrained-lossless``  ``from_pretrained`` (weights left as views of the files) + the same dispatch: blocks
+                   held only as their code without ``weights=``.
 * ``diffusers``    ``from_pretrained`` + ``enable_group_offload(block_level, use_stream=True)``: the same.
 * ``ranksN``       N ranks (torchrun, all on this machine's GPU 0 unless it has N) each dispatching the
                    model with the shared host copy, then timing steps at the same time; the host memory of
@@ -198,6 +200,11 @@ def single(phase: str, spec, ckpt: Path, device: str) -> dict:
         if phase.startswith("offload_map"):
             compression = "lossless" if phase == "offload_map-lossless" else None
             model, handle = load_offload_map(cls, ckpt, device, compression=compression)
+        elif phase == "pretrained-lossless":
+            model = cls.from_pretrained(ckpt, torch_dtype=models.DTYPE)
+            handle = dispatch_pipeline(model, "layerwise", device, compression="lossless", progress=False)
+            report = handle.report()
+            handle.breakdown = {"host_raw_bytes": report.host_bytes[0], "host_coded_bytes": report.host_bytes[1]}
         else:
             model, handle = load_diffusers(cls, ckpt, device)
         ready = time.perf_counter() - start
@@ -313,7 +320,7 @@ def table(rows: list[dict], weights_gb: float) -> str:
     for r in rows:
         if r["phase"] == "read":
             lines.append(f"| read files alone | {r['seconds']:.2f} | | | | {r['GBps']:.2f} GB/s, {r['threads']} threads |")
-        elif r["phase"] in ("offload_map", "offload_map-lossless", "diffusers"):
+        elif r["phase"] in ("offload_map", "offload_map-lossless", "pretrained-lossless", "diffusers"):
             held = r.get("breakdown") or {}
             note = (
                 f"weights held: {held['host_raw_bytes'] / GB:.1f} GB raw, {held['host_coded_bytes'] / GB:.1f} GB coded"

@@ -12,7 +12,8 @@
 #     (about 100 s a row on an H200, half of it building the pipeline). wan-pipe-2 and -3 compare against the resident
 #     output wan-pipe-1 leaves in /tmp: run them in the same device call, e.g. bash -c '... wan-pipe-1 && ... wan-pipe-2'.
 #   bash benchmarks/h200_checks.sh cold-lossless   # Flux-12B from safetensors: host RSS and ready time, raw and lossless
-#     (blocks held only as their code); writes the 23.8 GB checkpoint to /tmp/flux_ckpt first (about a minute)
+#     (blocks held only as their code; by weights= and by from_pretrained); writes the 23.8 GB checkpoint to
+#     /tmp/flux_ckpt first (about a minute)
 set -eu
 out=${OUT:-h200_out}
 mkdir -p "$out"
@@ -34,6 +35,6 @@ case "${1:-}" in
   wan-pipe-3) "${wan[@]}" --append --strategies diffusers-model,layerwise-lossless,diffusers-group ;;
   cold-lossless)
     python benchmarks/cold_start.py --model flux-12b --ckpt /tmp/flux_ckpt --out "$out" --cache warm \
-      --phases write,read,offload_map,offload_map-lossless ;;
-  *) sed -n '2,15p' "$0"; exit 2 ;;
+      --phases write,read,offload_map,offload_map-lossless,pretrained-lossless ;;
+  *) sed -n '2,16p' "$0"; exit 2 ;;
 esac
