@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 
 import pytest
 import torch
@@ -383,6 +384,31 @@ def test_read_pages_leave_and_written_pages_stay(tmp_path):
     release_read_pages([view])
     assert resident_kib(file) <= mmap.PAGESIZE // 1024  # the written page alone
     assert torch.equal(view, expected)  # read again from the page cache; the written byte kept
+    with open(file, "rb") as f:  # read-only: writing a weight into it at refresh would fault
+        read_only = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that the buffer is not writable
+        assert not FileViews().viewed(torch.frombuffer(read_only, dtype=torch.uint8))
+
+
+def test_where_pagemap_cannot_tell_written_pages_nothing_is_released(tmp_path, monkeypatch):
+    import mmap
+
+    from offload_map.runtime import file_views
+
+    file = tmp_path / "weights.bin"
+    file.write_bytes(bytes(8 * mmap.PAGESIZE))
+    with open(file, "rb") as f:
+        view = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
+    view[3 * mmap.PAGESIZE] = 7
+    zeros = lambda first, last: torch.zeros(last - first, dtype=torch.int64)  # noqa: E731  (a sandbox's pagemap)
+    monkeypatch.setattr(file_views, "_pagemap", zeros)
+    file_views._pagemap_tells_private_pages.cache_clear()
+    try:
+        file_views.release_read_pages([view])
+    finally:
+        file_views._pagemap_tells_private_pages.cache_clear()
+    assert view[3 * mmap.PAGESIZE] == 7
 
 
 @torch.inference_mode()

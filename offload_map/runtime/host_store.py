@@ -150,7 +150,7 @@ class HostStore:
             twice = sum(r.nbytes for r in unit.tensors if not (self.source and self.source.covers(r))) if fills else 0
             # Weights that ``from_pretrained`` left viewing their files: a block held only as its code keeps them at
             # rest, so they are taken before binding lets them go; the pages packing reads of them leave after it.
-            originals = self._file_views(unit) if fills else None
+            originals = self._file_views(unit) if fills and "lossless" in self.kinds.values() else None
             with in_flight.hold(twice):
                 packed = pack_unit(unit, offset)
             with packed_lock:  # at once: a restore must find every bound unit, even if packing is interrupted twice
