@@ -44,7 +44,7 @@ from ..planning.bind import ExecutionPlan, Unit
 from .coded_host import DEVICE_CODING, CodedHost
 from .file_views import FileViews, release_read_pages
 from .fp8_host import Fp8Host
-from .host_buffer import HostBuffer, layout, trim_host_heap
+from .host_buffer import HostBuffer, layout, storage_span, trim_host_heap
 from .mapped_host import MappedHost
 from .report import SetupTimes
 from .shared_host import HostCopy
@@ -162,7 +162,7 @@ class HostStore:
                 start = time.perf_counter()
                 try:
                     packed.coded = self._code(unit, packed.host, device if device.type == "cuda" else None)
-                    mapped = self._mapped(unit, originals) if isinstance(packed.coded, CodedHost) else None
+                    mapped = self._mapped(unit, originals, packed.host) if isinstance(packed.coded, CodedHost) else None
                     if mapped is not None:
                         packed.map_to(MappedHost(mapped, self.pin))
                         trim_host_heap()
@@ -246,22 +246,22 @@ class HostStore:
             ref.local.detach() if not is_dtensor(ref.tensor) and self.files.viewed(ref.local) else None for ref in unit.tensors
         ]
 
-    def _mapped(self, unit: Unit, originals: list | None) -> list[torch.Tensor] | None:
-        # For a losslessly coded unit, a view of a file for every tensor: of its checkpoint (read from one, if the
-        # file stores it as the model lays it out), or the tensor itself where it viewed a file before packing;
-        # else None (the unit keeps its raw buffer). A shared region holds the raw bytes for every rank.
+    def _mapped(self, unit: Unit, originals: list | None, buffer: HostBuffer) -> list[torch.Tensor] | None:
+        # For a losslessly coded unit, what each tensor views at rest: a view of a file (of its checkpoint, read from
+        # one that stores it as the model lays it out, or the tensor itself where it viewed a file before packing),
+        # else a copy of its own (a LoRA's tensors beside the file's weights). None where no tensor views a file:
+        # the unit keeps its raw buffer. A shared region holds the raw bytes for every rank.
         if self.kinds[unit.path] != "lossless" or self.host_copy is not None:
             return None
         views = []
         for index, ref in enumerate(unit.tensors):
             if self.source and self.source.covers(ref):
-                view = self.source.mapped(ref)
+                views.append(self.source.mapped(ref))
             else:
-                view = originals[index] if originals else None
-            if view is None:
-                return None
-            views.append(view)
-        return views
+                views.append(originals[index] if originals else None)
+        if all(view is None for view in views):
+            return None
+        return [view if view is not None else _copy(buffer, index) for index, view in enumerate(views)]
 
     def restore(self) -> None:
         """Give every tensor its own storage on its original device again, bit for bit, and release the buffers and
@@ -319,6 +319,14 @@ class _InFlight:
             with self._changed:
                 self.held -= nbytes
                 self._changed.notify_all()
+
+
+def _copy(buffer: HostBuffer, index: int) -> torch.Tensor:
+    # Tensor ``index`` of ``buffer`` in memory of its own, laid out as there (so the unit's layout is unchanged).
+    region = buffer.regions[index]
+    copy = torch.empty_strided(region.shape, region.stride, dtype=region.dtype)
+    storage_span(copy).copy_(region.raw(buffer.flat))
+    return copy
 
 
 def _is_linear_weight(ref) -> bool:

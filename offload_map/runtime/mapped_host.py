@@ -1,8 +1,8 @@
 """A coded block held in host memory only as its code: at rest, its tensors view their checkpoint file.
 
 With ``compression="lossless"`` a streamed block streams its code (``coded_host``); its raw bytes are needed
-only to restore it, to code it anew at ``refresh()``, or to stream it raw again. A block whose every tensor
-views a file does not keep them: one read from a safetensors checkpoint (``weights=``) that stores it as the
+only to restore it, to code it anew at ``refresh()``, or to stream it raw again. A block whose tensors view a
+file does not keep them (its other tensors, a LoRA's say, get memory of their own): one read from a safetensors checkpoint (``weights=``) that stores it as the
 model lays it out (same dtypes, contiguous tensors), through a private mapping of its own
 (``loading.checkpoint.Checkpoint.mapped``), or one whose weights ``from_pretrained`` left as views of their files
 (``file_views``). Once it is coded, its raw host buffer goes, and between uses its tensors view the file. Host
