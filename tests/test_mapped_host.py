@@ -13,6 +13,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from offload_map import compile_device_map, dispatch_pipeline, empty_model
+from offload_map.runtime import file_views
 from offload_map.runtime.coded_host import CodedHost
 from offload_map.runtime.file_views import FileViews
 from offload_map.runtime.host_buffer import HostBuffer
@@ -395,7 +396,8 @@ def test_read_pages_leave_and_written_pages_stay(tmp_path):
     assert FileViews().viewed(view[100:200]) and not FileViews().viewed(expected)
     assert resident_kib(file) >= 32 * mmap.PAGESIZE // 1024
     release_read_pages([view])
-    assert resident_kib(file) <= mmap.PAGESIZE // 1024  # the written page alone
+    if file_views._pagemap_tells_private_pages():  # else (a sandboxed /proc) read pages stay, by design
+        assert resident_kib(file) <= mmap.PAGESIZE // 1024  # the written page alone
     assert torch.equal(view, expected)  # read again from the page cache; the written byte kept
     with open(file, "rb") as f:  # read-only: writing a weight into it at refresh would fault
         read_only = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
@@ -406,8 +408,6 @@ def test_read_pages_leave_and_written_pages_stay(tmp_path):
 
 def test_where_pagemap_cannot_tell_written_pages_nothing_is_released(tmp_path, monkeypatch):
     import mmap
-
-    from offload_map.runtime import file_views
 
     file = tmp_path / "weights.bin"
     file.write_bytes(bytes(8 * mmap.PAGESIZE))
@@ -447,7 +447,8 @@ def test_weights_from_pretrained_stay_views_of_their_files(tmp_path, target):
     units = streamed(handle)
     assert units and all(isinstance(u.host, MappedHost) for u in units)
     file = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"
-    assert resident_kib(file) < file.stat().st_size / 1024 / 4  # packing read it; the pages it read left again
+    if file_views._pagemap_tells_private_pages():  # else (a sandboxed /proc) read pages stay, by design
+        assert resident_kib(file) < file.stat().st_size / 1024 / 4  # packing read it; the pages it read left again
     assert private_kib(file) > 0
     for _ in range(2):
         assert torch.equal(run_flux(pipe).cpu(), reference)
