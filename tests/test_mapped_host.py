@@ -210,17 +210,27 @@ def dit_from_checkpoint(tmp_path, **options):
     return model, handle, file
 
 
-def private_kib(file) -> int:
-    """KiB of private (written) pages in this process's mappings of ``file``, in memory or swapped out."""
+def smaps_kib(file, keys: tuple[str, ...]) -> int:
+    """The KiB that ``/proc/self/smaps`` gives under ``keys`` for this process's mappings of ``file``."""
     total, mapping = 0, False
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
             fields = line.split(maxsplit=5)
             if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
                 mapping = len(fields) == 6 and fields[5].rstrip("\n") == str(file)
-            elif mapping and fields[0] in ("Anonymous:", "Swap:"):
+            elif mapping and fields[0] in keys:
                 total += int(fields[1])
     return total
+
+
+def private_kib(file) -> int:
+    """KiB of private (written) pages in this process's mappings of ``file``, in memory or swapped out."""
+    return smaps_kib(file, ("Anonymous:", "Swap:"))
+
+
+def resident_kib(file) -> int:
+    """KiB of ``file``'s mapped pages in this process's memory (read or written)."""
+    return smaps_kib(file, ("Rss:",))
 
 
 def keep_whole_blocks(handle) -> None:
@@ -366,19 +376,6 @@ def test_a_refresh_compares_kept_0_dim_tensors_too(tmp_path):
     assert all(isinstance(u.host, MappedHost) and u.coded is not None for u in streamed(handle))
     assert torch.equal(empty(x), model(x))
     handle.remove()
-
-
-def resident_kib(file) -> int:
-    """KiB of ``file``'s mapped pages in this process's memory (read or written)."""
-    total, mapping = 0, False
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            fields = line.split(maxsplit=5)
-            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
-                mapping = len(fields) == 6 and fields[5].rstrip("\n") == str(file)
-            elif mapping and fields[0] == "Rss:":
-                total += int(fields[1])
-    return total
 
 
 def test_read_pages_leave_and_written_pages_stay(tmp_path):

@@ -247,11 +247,11 @@ class HostStore:
         ]
 
     def _mapped(self, unit: Unit, originals: list | None, buffer: HostBuffer) -> list[torch.Tensor] | None:
-        # For a losslessly coded unit, what each tensor views at rest: a view of a file (of its checkpoint, read from
+        # For a unit coded losslessly (``CodedHost``), what each tensor views at rest: a view of a file (of its checkpoint, read from
         # one that stores it as the model lays it out, or the tensor itself where it viewed a file before packing),
         # else a copy of its own (a LoRA's tensors beside the file's weights). None where no tensor views a file:
         # the unit keeps its raw buffer. A shared region holds the raw bytes for every rank.
-        if self.kinds[unit.path] != "lossless" or self.host_copy is not None:
+        if self.host_copy is not None:
             return None
         views = []
         for index, ref in enumerate(unit.tensors):
