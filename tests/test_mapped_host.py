@@ -421,25 +421,33 @@ def test_where_pagemap_cannot_tell_written_pages_nothing_is_released(tmp_path, m
     assert view[3 * mmap.PAGESIZE] == 7
 
 
-def pretrained_flux(tmp_path):
-    """The bf16 tiny Flux pipeline saved to ``tmp_path`` and loaded back with ``from_pretrained``: its weights view
-    their files."""
+def pretrained_flux(tmp_path, target, prepare):
+    """The bf16 tiny Flux pipeline saved to ``tmp_path`` and loaded back with ``from_pretrained`` (its weights view
+    their files), with ``prepare(pipe)`` applied, and its resident output on ``target``.
+
+    The reference runs on a second copy, saved beside it and loaded the same way: moving a pipeline to a GPU and back
+    leaves its weights in memory of their own, no longer views of the files, and a copy of other files keeps the
+    page counts of ``tmp_path``'s files this pipeline's own."""
     from diffusers import FluxPipeline
 
     pipe = make_flux_pipeline()
     pipe.to(torch.bfloat16)
     pipe.save_pretrained(tmp_path)
+    pipe.save_pretrained(tmp_path / "twin")
     os.sync()  # as files written long ago: pages written but not yet on disk cannot leave memory
-    return FluxPipeline.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    twin, pipe = (FluxPipeline.from_pretrained(path, dtype=torch.bfloat16) for path in (tmp_path / "twin", tmp_path))
+    prepare(twin)
+    prepare(pipe)
+    return pipe, resident_run(twin, lambda: run_flux(twin), target)
 
 
 @torch.inference_mode()
 def test_weights_from_pretrained_stay_views_of_their_files(tmp_path, target):
-    pipe = pretrained_flux(tmp_path)
-    block = pipe.transformer.transformer_blocks[1].ff.net[2].weight
-    block.mul_(0.5)  # written before dispatch: its pages are private copies, which must be kept
+    def edit(pipe):  # written before dispatch: its pages are private copies, which must be kept
+        pipe.transformer.transformer_blocks[1].ff.net[2].weight.mul_(0.5)
+
+    pipe, reference = pretrained_flux(tmp_path, target, edit)
     weights = {name: p.clone() for name, p in pipe.transformer.named_parameters()}
-    reference = resident_run(pipe, lambda: run_flux(pipe), target)
     handle = dispatch_pipeline(pipe, "layerwise", target, compression="lossless", progress=False)
     units = streamed(handle)
     assert units and all(isinstance(u.host, MappedHost) for u in units)
@@ -458,12 +466,13 @@ def test_weights_from_pretrained_stay_views_of_their_files(tmp_path, target):
 def test_a_lora_added_after_from_pretrained_is_held_beside_the_files_views(tmp_path, target):
     from peft import LoraConfig
 
-    pipe = pretrained_flux(tmp_path)
-    torch.manual_seed(0)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
-    pipe.transformer.add_adapter(config)  # its tensors in memory, beside the base weights' views of the file
-    pipe.transformer.to(torch.bfloat16)
-    reference = resident_run(pipe, lambda: run_flux(pipe), target)
+    def add_lora(pipe):  # its tensors in memory, beside the base weights' views of the file
+        torch.manual_seed(0)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
+        pipe.transformer.add_adapter(config)
+        pipe.transformer.to(torch.bfloat16)
+
+    pipe, reference = pretrained_flux(tmp_path, target, add_lora)
     handle = dispatch_pipeline(pipe, "layerwise", target, compression="lossless", progress=False)
     units = streamed(handle)
     assert units and all(isinstance(u.host, MappedHost) for u in units)
