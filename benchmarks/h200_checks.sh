@@ -20,6 +20,13 @@ mkdir -p "$out"
 rows=resident,layerwise-w2,layerwise-w2-lossless,layerwise-w2-fp8,auto-12GiB,auto-12GiB-lossless
 # The resident video (tens of MB) stays out of $out, which comes back from the device machine.
 wan=(python benchmarks/pipeline_time.py --pipeline wan22 --out "$out" --reference /tmp/wan22_reference.pt)
+# each STRATEGIES COMMAND...: one process per strategy, each appending its row (a stage that starts the table removes
+# it first). Within one process the host memory of a Wan2.2 row (72 GB) was not all available to the next (3 GB left
+# on the H200), which then skipped itself.
+each() {
+  local strategies=$1; shift
+  for s in ${strategies//,/ }; do "$@" --append --strategies "$s"; done
+}
 case "${1:-}" in
   tests)
     python -m pytest -q -m cuda tests/ 2>&1 | tee "$out/pytest_cuda.txt"
@@ -28,11 +35,12 @@ case "${1:-}" in
   sd35) python benchmarks/step_time.py --model sd35-medium --strategies "$rows" --out "$out" ;;
   wan) python benchmarks/step_time.py --model wan-14b --strategies "$rows" --out "$out" ;;
   flux-pipe)
-    python benchmarks/pipeline_time.py --pipeline flux --out "$out" \
-      --strategies resident,layerwise,layerwise-lossless,layerwise-fp8,auto-12GiB-lossless ;;
-  wan-pipe-1) "${wan[@]}" --strategies resident,layerwise,auto-8GiB ;;
-  wan-pipe-2) "${wan[@]}" --append --strategies auto-12GiB,auto-24GiB,model ;;
-  wan-pipe-3) "${wan[@]}" --append --strategies diffusers-model,layerwise-lossless,diffusers-group ;;
+    rm -f "$out"/pipeline_time_flux.*
+    each resident,layerwise,layerwise-lossless,layerwise-fp8,auto-12GiB-lossless \
+      python benchmarks/pipeline_time.py --pipeline flux --out "$out" --reference /tmp/flux_reference.pt ;;
+  wan-pipe-1) rm -f "$out"/pipeline_time_wan22.*; each resident,layerwise,auto-8GiB "${wan[@]}" ;;
+  wan-pipe-2) each auto-12GiB,auto-24GiB,model "${wan[@]}" ;;
+  wan-pipe-3) each diffusers-model,layerwise-lossless,diffusers-group "${wan[@]}" ;;
   cold-lossless)
     python benchmarks/cold_start.py --model flux-12b --ckpt /tmp/flux_ckpt --out "$out" --cache warm \
       --phases write,read,offload_map,offload_map-lossless,pretrained-lossless ;;
