@@ -156,6 +156,9 @@ class HostBuffer(HostLayout):
         tensors on the device come back at page-locked speed)."""
         buffer = cls(tensors)
         if pin:
+            # Written first: registering faults untouched pages in one by one, several times slower than torch
+            # writing them (an H200 host: 137 ms to register 330 MB of fresh pages, 21 ms for 440 MB written before).
+            buffer.flat.zero_()
             buffer.pin()
         for index, tensor in enumerate(tensors):
             buffer.write(index, tensor)
