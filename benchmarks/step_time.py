@@ -145,7 +145,9 @@ def release_host_and_device_memory(cuda: bool) -> None:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-        host_empty = getattr(torch._C, "_host_emptyCache", None)  # pinned blocks are cached, not freed
+        # Pinned blocks are cached, not freed. torch 2.13 names the call torch.accelerator.empty_host_cache; the older
+        # private name is gone from it, so this released nothing there.
+        host_empty = getattr(torch.accelerator, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
         if host_empty is not None:
             host_empty()
     trim_host_heap()
