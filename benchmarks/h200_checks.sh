@@ -8,9 +8,12 @@
 #   bash benchmarks/h200_checks.sh sd35      # the same for SD3.5-medium
 #   bash benchmarks/h200_checks.sh wan       # the same for a Wan2.1/2.2 14B transformer (one expert)
 #   bash benchmarks/h200_checks.sh flux-pipe # the full Flux pipeline: fp8 PSNR, lossless, RSS peak with PACK_IN_FLIGHT
-#   bash benchmarks/h200_checks.sh wan-pipe-1 | wan-pipe-2 | wan-pipe-3   # the full Wan2.2 pipeline, 3 rows each
-#     (about 100 s a row on an H200, half of it building the pipeline). wan-pipe-2 and -3 compare against the resident
-#     output wan-pipe-1 leaves in /tmp: run them in the same device call, e.g. bash -c '... wan-pipe-1 && ... wan-pipe-2'.
+#   bash benchmarks/h200_checks.sh flux-pipe-2 # the full Flux pipeline's rows issue 14 still lacks: model and
+#     diffusers-sequential (a 1-step and a 2-step call, extrapolated), after a resident row
+#   bash benchmarks/h200_checks.sh wan-pipe-1 | wan-pipe-2 | wan-pipe-3 | wan-pipe-4   # the full Wan2.2 pipeline,
+#     3 rows each (-4: diffusers-sequential alone); about 100 s a row on an H200, half of it building the pipeline.
+#     -2, -3 and -4 compare against the resident output wan-pipe-1 leaves in /tmp: run them in the same device
+#     call, e.g. bash -c '... wan-pipe-1 && ... wan-pipe-2' (a machine idle for a while is handed back, /tmp with it).
 #   bash benchmarks/h200_checks.sh cold-lossless   # Flux-12B from safetensors: host RSS and ready time, raw and lossless
 #     (blocks held only as their code; by weights= and by from_pretrained); writes the 23.8 GB checkpoint to
 #     /tmp/flux_ckpt first (about a minute)
@@ -38,11 +41,16 @@ case "${1:-}" in
     rm -f "$out"/pipeline_time_flux.*
     each resident,layerwise,layerwise-lossless,layerwise-fp8,auto-12GiB-lossless \
       python benchmarks/pipeline_time.py --pipeline flux --out "$out" --reference /tmp/flux_reference.pt ;;
+  flux-pipe-2)
+    rm -f "$out"/pipeline_time_flux.*
+    each resident,model,diffusers-sequential \
+      python benchmarks/pipeline_time.py --pipeline flux --out "$out" --reference /tmp/flux_reference.pt ;;
   wan-pipe-1) rm -f "$out"/pipeline_time_wan22.*; each resident,layerwise,auto-8GiB "${wan[@]}" ;;
   wan-pipe-2) each auto-12GiB,auto-24GiB,model "${wan[@]}" ;;
   wan-pipe-3) each diffusers-model,layerwise-lossless,diffusers-group "${wan[@]}" ;;
+  wan-pipe-4) each diffusers-sequential "${wan[@]}" ;;
   cold-lossless)
     python benchmarks/cold_start.py --model flux-12b --ckpt /tmp/flux_ckpt --out "$out" --cache warm \
       --phases write,read,offload_map,offload_map-lossless,pretrained-lossless ;;
-  *) sed -n '2,16p' "$0"; exit 2 ;;
+  *) sed -n '2,19p' "$0"; exit 2 ;;
 esac

@@ -181,28 +181,35 @@ def test_units_fill_while_another_codes_and_a_failed_code_restores_every_unit(mo
 
 
 def test_a_second_interrupt_while_units_finish_coding_still_restores_every_unit(monkeypatch):
-    # Ctrl-C twice: the first stops packing and the main thread waits for the units coding; the second lands in
-    # that wait. Units register themselves as soon as they are bound, so the restore still finds every one.
-    import _thread
-
+    # Ctrl-C twice: the first stops packing while units code, and the main thread waits for them; the second lands
+    # in that wait. Units register themselves as soon as they are bound, so the restore still finds every one.
+    # Both are raised by the waits themselves: a simulated SIGINT (``_thread.interrupt_main``) lands only once the
+    # main thread runs Python code again, and in the whole suite it was now and then swallowed before that.
     from conftest import assert_restored, pipeline_state
 
     monkeypatch.setattr(host_store, "PACK_THREADS", 4)
     code = host_store.HostStore._code
+    coding = threading.Event()
+    waits = []
 
-    def interrupted(store, unit, buffer, device):
-        if unit.path == "blocks.0":
-            _thread.interrupt_main()
-            time.sleep(0.3)  # the main thread waits for this unit (it sleeps on below), so the second lands there
-            _thread.interrupt_main()
-        time.sleep(0.5)
+    def slow(store, unit, buffer, device):
+        coding.set()
+        time.sleep(0.5)  # still coding when the second interrupt lands
         return code(store, unit, buffer, device)
 
-    monkeypatch.setattr(host_store.HostStore, "_code", interrupted)
+    def interrupted(futures, **kwargs):
+        waits.append(kwargs)
+        if len(waits) == 1:
+            coding.wait()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(host_store.HostStore, "_code", slow)
+    monkeypatch.setattr(host_store, "wait", interrupted)
     model = make_dit()
     before = pipeline_state(model)
     with pytest.raises(KeyboardInterrupt):
         dispatch_pipeline(model, "layerwise", "cpu", compression="lossless")
+    assert len(waits) == 2  # the second landed in the wait for the units still coding
     assert_restored(model, before)
     assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in model.parameters())
 

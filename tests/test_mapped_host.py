@@ -4,6 +4,7 @@ write the file."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import warnings
@@ -259,17 +260,23 @@ def test_a_refresh_that_changed_nothing_writes_no_page_of_the_file_mapping(tmp_p
 
 
 @torch.inference_mode()
-def test_edited_pages_go_with_remove(tmp_path):
+def test_remove_gives_back_the_views_with_their_edits_and_nothing_else_holds_them(tmp_path):
     from test_compression import _input
 
     model, handle, file = dit_from_checkpoint(tmp_path)
     model(_input())
     for p in model.blocks.parameters():
         p.mul_(0.5)
+    edited = {name: p.clone() for name, p in model.blocks.named_parameters()}
     handle.refresh()
     assert private_kib(file) > 0
-    handle.remove()  # the handle lives on, the views are gone: so is the mapping, with its written pages
-    assert private_kib(file) == 0
+    handle.remove()
+    files = FileViews()
+    for name, p in model.blocks.named_parameters():
+        assert files.viewed(p) and torch.equal(p, edited[name]), name
+        p.data = p.data.clone()  # as moving the model elsewhere would: then nothing holds the mapping
+    gc.collect()
+    assert private_kib(file) == 0  # the handle lives on (and holds the model); nothing of it holds the mapping
 
 
 @torch.inference_mode()
@@ -421,9 +428,10 @@ def test_where_pagemap_cannot_tell_written_pages_nothing_is_released(tmp_path, m
     assert view[3 * mmap.PAGESIZE] == 7
 
 
-def pretrained_flux(tmp_path, target, prepare):
+def pretrained_flux(tmp_path, target, prepare, prepare_twin=None):
     """The bf16 tiny Flux pipeline saved to ``tmp_path`` and loaded back with ``from_pretrained`` (its weights view
-    their files), with ``prepare(pipe)`` applied, and its resident output on ``target``.
+    their files), with ``prepare(pipe)`` applied, and the resident output on ``target`` of a copy with
+    ``prepare_twin`` (default ``prepare``) applied.
 
     The reference runs on a second copy, saved beside it and loaded the same way: moving a pipeline to a GPU and back
     leaves its weights in memory of their own, no longer views of the files, and a copy of other files keeps the
@@ -436,7 +444,7 @@ def pretrained_flux(tmp_path, target, prepare):
     pipe.save_pretrained(tmp_path / "twin")
     os.sync()  # as files written long ago: pages written but not yet on disk cannot leave memory
     twin, pipe = (FluxPipeline.from_pretrained(path, dtype=torch.bfloat16) for path in (tmp_path / "twin", tmp_path))
-    prepare(twin)
+    (prepare_twin or prepare)(twin)
     prepare(pipe)
     return pipe, resident_run(twin, lambda: run_flux(twin), target)
 
@@ -463,24 +471,46 @@ def test_weights_from_pretrained_stay_views_of_their_files(tmp_path, target):
 
 
 @torch.inference_mode()
-def test_a_lora_added_after_from_pretrained_is_held_beside_the_files_views(tmp_path, target):
+def add_lora(pipe) -> None:
+    """A seeded bf16 LoRA on the transformer's attention projections: its tensors in memory of their own."""
     from peft import LoraConfig
 
-    def add_lora(pipe):  # its tensors in memory, beside the base weights' views of the file
-        torch.manual_seed(0)
-        config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
-        pipe.transformer.add_adapter(config)
-        pipe.transformer.to(torch.bfloat16)
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
+    pipe.transformer.add_adapter(config)
+    pipe.transformer.to(torch.bfloat16)
 
-    pipe, reference = pretrained_flux(tmp_path, target, add_lora)
-    handle = dispatch_pipeline(pipe, "layerwise", target, compression="lossless", progress=False)
+
+def assert_held_only_coded_with_lora(handle) -> None:
+    """Every streamed block is held as its code, its base weights viewing the file and its LoRA tensors not."""
     units = streamed(handle)
     assert units and all(isinstance(u.host, MappedHost) for u in units)
     files = FileViews()
     for unit in units:
         in_file = [files.viewed(view) for view in unit.host.mapped]
         names = [ref.qualname for ref in unit.refs]
+        assert any("lora_" in name for name in names), unit.path
         assert all(viewed != ("lora_" in name) for viewed, name in zip(in_file, names)), unit.path
+
+
+@torch.inference_mode()
+def test_a_lora_added_after_from_pretrained_is_held_beside_the_files_views(tmp_path, target):
+    pipe, reference = pretrained_flux(tmp_path, target, add_lora)
+    handle = dispatch_pipeline(pipe, "layerwise", target, compression="lossless", progress=False)
+    assert_held_only_coded_with_lora(handle)
+    for _ in range(2):
+        assert torch.equal(run_flux(pipe).cpu(), reference)
+    handle.remove()
+
+
+@torch.inference_mode()
+def test_a_lora_added_while_dispatched_leaves_the_blocks_held_only_as_their_code(tmp_path, target):
+    pipe, reference = pretrained_flux(tmp_path, target, lambda pipe: None, prepare_twin=add_lora)
+    handle = dispatch_pipeline(pipe, "layerwise", target, compression="lossless", progress=False)
+    run_flux(pipe)
+    add_lora(pipe)
+    handle.refresh()  # modules were replaced: it dispatches again, from the file views remove() gives back
+    assert_held_only_coded_with_lora(handle)
     for _ in range(2):
         assert torch.equal(run_flux(pipe).cpu(), reference)
     handle.remove()
