@@ -4,7 +4,6 @@ write the file."""
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import os
 import warnings
@@ -260,7 +259,7 @@ def test_a_refresh_that_changed_nothing_writes_no_page_of_the_file_mapping(tmp_p
 
 
 @torch.inference_mode()
-def test_remove_gives_back_the_views_with_their_edits_and_nothing_else_holds_them(tmp_path):
+def test_edited_pages_go_with_remove(tmp_path):
     from test_compression import _input
 
     model, handle, file = dit_from_checkpoint(tmp_path)
@@ -270,13 +269,27 @@ def test_remove_gives_back_the_views_with_their_edits_and_nothing_else_holds_the
     edited = {name: p.clone() for name, p in model.blocks.named_parameters()}
     handle.refresh()
     assert private_kib(file) > 0
-    handle.remove()
-    files = FileViews()
+    handle.remove()  # the handle lives on, the views are gone: so is the mapping, with its written pages
+    assert private_kib(file) == 0
+    files = FileViews()  # read by weights=, they get memory of their own: the file may be written over now
     for name, p in model.blocks.named_parameters():
-        assert files.viewed(p) and torch.equal(p, edited[name]), name
-        p.data = p.data.clone()  # as moving the model elsewhere would: then nothing holds the mapping
-    gc.collect()
-    assert private_kib(file) == 0  # the handle lives on (and holds the model); nothing of it holds the mapping
+        assert not files.viewed(p) and torch.equal(p, edited[name]), name
+
+
+@torch.inference_mode()
+def test_a_module_added_while_dispatched_keeps_blocks_read_by_weights_held_only_as_their_code(tmp_path):
+    from test_compression import DIM, _input, _reference
+
+    model, handle, file = dit_from_checkpoint(tmp_path)
+    model(_input())
+    model.blocks[2].gate = torch.nn.Linear(DIM, DIM, dtype=torch.bfloat16)  # not run: the outputs stay
+    handle.refresh()  # modules changed: it dispatches again, from the views restoring gave back
+    units = streamed(handle)
+    assert units and all(isinstance(u.host, MappedHost) for u in units)
+    files = FileViews()
+    assert all(files.viewed(p) for name, p in model.blocks.named_parameters() if "gate" not in name)
+    assert torch.equal(model(_input()), _reference(0, "cpu"))
+    handle.remove()
 
 
 @torch.inference_mode()
@@ -466,8 +479,10 @@ def test_weights_from_pretrained_stay_views_of_their_files(tmp_path, target):
     for _ in range(2):
         assert torch.equal(run_flux(pipe).cpu(), reference)
     handle.remove()
+    files = FileViews()  # the streamed blocks' as from_pretrained left them: views of their file, the edit included
     for name, p in pipe.transformer.named_parameters():
         assert torch.equal(p, weights[name]), name
+        assert files.viewed(p) or not name.startswith(("transformer_blocks.", "single_transformer_blocks.")), name
 
 
 @torch.inference_mode()

@@ -164,7 +164,7 @@ class HostStore:
                     packed.coded = self._code(unit, packed.host, device if device.type == "cuda" else None)
                     mapped = self._mapped(unit, originals, packed.host) if isinstance(packed.coded, CodedHost) else None
                     if mapped is not None:
-                        packed.map_to(MappedHost(mapped, self.pin))
+                        packed.map_to(mapped)
                         trim_host_heap()
                 except BaseException as err:
                     failed.append(err)
@@ -246,30 +246,32 @@ class HostStore:
             ref.local.detach() if not is_dtensor(ref.tensor) and self.files.viewed(ref.local) else None for ref in unit.tensors
         ]
 
-    def _mapped(self, unit: Unit, originals: list | None, buffer: HostBuffer) -> list[torch.Tensor] | None:
-        # For a unit coded losslessly (``CodedHost``), what each tensor views at rest: a view of a file (of its checkpoint, read from
-        # one that stores it as the model lays it out, or the tensor itself where it viewed a file before packing),
-        # else a copy of its own (a LoRA's tensors beside the file's weights). None where no tensor views a file:
-        # the unit keeps its raw buffer. A shared region holds the raw bytes for every rank.
+    def _mapped(self, unit: Unit, originals: list | None, buffer: HostBuffer) -> MappedHost | None:
+        # For a unit coded losslessly (``CodedHost``), the ``MappedHost`` its tensors view at rest: per tensor a view
+        # of a file (of its checkpoint, read from one that stores it as the model lays it out; or the tensor itself
+        # where it viewed a file before packing, lent), else a copy of its own (a LoRA's tensors beside the file's
+        # weights). None where no tensor views a file: the unit keeps its raw buffer. A shared region holds the raw
+        # bytes for every rank.
         if self.host_copy is not None:
             return None
-        views = []
+        views, lent = [], []
         for index, ref in enumerate(unit.tensors):
-            if self.source and self.source.covers(ref):
-                views.append(self.source.mapped(ref))
-            else:
-                views.append(originals[index] if originals else None)
+            original = originals[index] if originals else None
+            read = self.source is not None and self.source.covers(ref)
+            views.append(self.source.mapped(ref) if read else original)
+            lent.append(not read and original is not None)
         if all(view is None for view in views):
             return None
-        return [view if view is not None else _copy(buffer, index) for index, view in enumerate(views)]
+        return MappedHost([v if v is not None else _copy(buffer, i) for i, v in enumerate(views)], self.pin, lent)
 
-    def restore(self) -> None:
+    def restore(self, redispatch: bool = False) -> None:
         """Give every tensor its own storage on its original device again, bit for bit, and release the buffers and
         the shared region. Tensors read from a checkpoint stay on the CPU if loading finished, else go back to
-        the meta device. Safe to call twice."""
+        the meta device. With ``redispatch`` (``refresh()`` about to dispatch again) a block held only as its code
+        gives every CPU tensor its view back (``OffloadedUnit.restore``). Safe to call twice."""
         while self.units:
             _, unit = self.units.popitem()
-            unit.restore(self.loaded)
+            unit.restore(self.loaded, redispatch)
             unit.host.release()
             unit.drop_code()
         if self.host_copy is not None:

@@ -30,14 +30,18 @@ class MappedHost(HostLayout):
     Args:
         mapped: copy-on-write views of the checkpoint, one per tensor of the unit.
         pin: whether the raw buffer it replaces was page-locked (``to_buffer`` page-locks likewise).
+        lent: per tensor, whether it was this view before dispatch (``from_pretrained``'s): ``remove()`` gives it
+            back; the others (read by ``weights=``, or memory of its own) get a copy, so that nothing the user did
+            not map before stays tied to a file that may be written over.
     """
 
     pinned = False  # nothing is copied from here to a device
 
-    def __init__(self, mapped: list[torch.Tensor], pin: bool) -> None:
+    def __init__(self, mapped: list[torch.Tensor], pin: bool, lent: list[bool]) -> None:
         super().__init__(mapped)
         self.mapped = mapped
         self.pin = pin
+        self.lent = lent
 
     def at_rest(self) -> list[torch.Tensor]:
         """What the unit's tensors view between uses: the checkpoint."""

@@ -76,6 +76,7 @@ class Runtime:
         self.hooks = HookSet()
         self.built = False
         self._undo: list[Callable[[], None]] = []
+        self._redispatch = False  # set by ``restore`` for ``_restore_host``
         try:
             self._build(pin_memory and self.device.type == "cuda", blocking, progress, source, share_host_copy, shard_copies)
         except BaseException:
@@ -123,7 +124,7 @@ class Runtime:
     def _restore_host(self) -> None:
         for unit in self.host.units.values():
             unit.drop_head()
-        self.host.restore()
+        self.host.restore(self._redispatch)
         self.host.release_shared()
 
     # -- what the handle reports -----------------------------------------------------------------------------
@@ -283,10 +284,12 @@ class Runtime:
         for unit in self.host.units.values():  # nothing reads the codes any more: let them go now
             unit.drop_code()
 
-    def restore(self) -> None:
-        """Remove the hooks and put every tensor back on its original device, bit for bit; free everything."""
+    def restore(self, redispatch: bool = False) -> None:
+        """Remove the hooks and put every tensor back on its original device, bit for bit; free everything.
+        ``redispatch``: ``refresh()`` dispatches again next (``HostStore.restore``)."""
         # Work on any stream (a user's own included) may still read what is freed below.
         self.ordering.synchronize()
+        self._redispatch = redispatch
         while self._undo:
             self._undo.pop()()
 

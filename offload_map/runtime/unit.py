@@ -308,20 +308,21 @@ class OffloadedUnit:
             self._bind(0, host.views(self.head, 0, self.kept))
         old.release()
 
-    def restore(self, loaded: bool) -> None:
+    def restore(self, loaded: bool, redispatch: bool = False) -> None:
         """Give every tensor its own storage on its original device again, with the host buffer's bytes. Tensors
         read from a checkpoint (originally on the meta device) go to the CPU when ``loaded``, else back to meta.
-        A unit held only as its code (``MappedHost``) gives its CPU tensors the views it holds: of their file, as
-        ``from_pretrained`` leaves them (a dispatch that follows, ``refresh()``'s, holds them so again), edits
-        included. A tensor replaced while dispatched (no longer a view of the host storage) stays as it is. A unit
-        never bound (a rank waiting for a shared copy that failed) keeps the tensors it has."""
+        A unit held only as its code (``MappedHost``) gives a CPU tensor that viewed its file before dispatch
+        (``from_pretrained``'s) that view back, edits included; with ``redispatch`` (``refresh()`` about to dispatch
+        again, which then holds them so again) every CPU tensor its view. A tensor replaced while dispatched (no
+        longer a view of the host storage) stays as it is. A unit never bound (a rank waiting for a shared copy
+        that failed) keeps the tensors it has."""
         for index, (ref, device) in enumerate(zip(self.refs if self.bound else [], self.original_devices)):
             current = ref.local.detach()
             if current.numel() and not self.host.holds(index, current):
                 continue  # replaced while dispatched (a new Parameter or buffer): the new one is the value now
             region = self.host.regions[index]
             home = home_device(device, loaded)
-            if isinstance(self.host, MappedHost) and home.type == "cpu":
+            if isinstance(self.host, MappedHost) and home.type == "cpu" and (redispatch or self.host.lent[index]):
                 ref.bind(self.host.mapped[index])
                 continue
             raw = self.host.raw(index)
