@@ -132,7 +132,7 @@ class OffloadHandle:
             return
         # A map edited in place (``device_map`` is the handle's own) is checked before anything is undone.
         DeviceMap.from_dict(self._map.to_dict())
-        self._runtime.restore(redispatch=True)
+        self._runtime.restore()
         try:
             self._map, self._runtime, self._planner = self._rebuild(self._map)
         except BaseException:

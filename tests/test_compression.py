@@ -140,6 +140,32 @@ def test_refresh_codes_new_weights_anew(target):
     handle.remove()
 
 
+@pytest.mark.parametrize("compression", [None, "lossless"])
+@torch.inference_mode()
+def test_edits_to_parts_kept_on_the_device_survive_a_refresh_that_dispatches_again_and_remove(target, compression):
+    def edit(model):  # in place, where the kept first part of block 0 sits
+        model.blocks[0].up.weight.mul_(0.5)
+
+    twin = make_dit()
+    edit(twin)
+    x = _input().to(target)
+    reference = resident_run(twin, lambda: twin(x), target)
+    model = make_dit()
+    handle = dispatch_pipeline(model, "layerwise", target, window=2, compression=compression)
+    ring = handle.runtime.rings[""]
+    handle.runtime.set_residency("", {u.path: u.split_points()[0] for u in ring.units}, 2, stays=True)
+    model(x)
+    assert ring.units[0].head is not None and model.blocks[0].up.weight.device.type == torch.device(target).type
+    edit(model)
+    model.blocks[2].gate = nn.Linear(DIM, DIM, dtype=torch.bfloat16)  # a new module (not run): dispatches again
+    handle.refresh()
+    assert torch.equal(model(x).cpu(), reference)
+    handle.runtime.set_residency("", {u.path: u.split_points()[0] for u in handle.runtime.rings[""].units}, 2, stays=True)
+    model(x)
+    handle.remove()
+    assert torch.equal(model.blocks[0].up.weight, twin.blocks[0].up.weight)
+
+
 @torch.inference_mode()
 def test_a_whole_bf16_flux_pipeline_with_coded_blocks_is_bit_exact(target):
     pipe = make_flux_pipeline()

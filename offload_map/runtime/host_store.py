@@ -264,14 +264,13 @@ class HostStore:
             return None
         return MappedHost([v if v is not None else _copy(buffer, i) for i, v in enumerate(views)], self.pin, lent)
 
-    def restore(self, redispatch: bool = False) -> None:
+    def restore(self) -> None:
         """Give every tensor its own storage on its original device again, bit for bit, and release the buffers and
         the shared region. Tensors read from a checkpoint stay on the CPU if loading finished, else go back to
-        the meta device. With ``redispatch`` (``refresh()`` about to dispatch again) a block held only as its code
-        gives every CPU tensor its view back (``OffloadedUnit.restore``). Safe to call twice."""
+        the meta device. Safe to call twice."""
         while self.units:
             _, unit = self.units.popitem()
-            unit.restore(self.loaded, redispatch)
+            unit.restore(self.loaded)
             unit.host.release()
             unit.drop_code()
         if self.host_copy is not None:

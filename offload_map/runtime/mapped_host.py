@@ -30,7 +30,7 @@ class MappedHost(HostLayout):
     Args:
         mapped: copy-on-write views of the checkpoint, one per tensor of the unit.
         pin: whether the raw buffer it replaces was page-locked (``to_buffer`` page-locks likewise).
-        lent: per tensor, whether it was this view before dispatch (``from_pretrained``'s): ``remove()`` gives it
+        lent: per tensor, whether it was this view before dispatch (``from_pretrained``'s): restoring gives it
             back; the others (read by ``weights=``, or memory of its own) get a copy, so that nothing the user did
             not map before stays tied to a file that may be written over.
     """

@@ -76,7 +76,6 @@ class Runtime:
         self.hooks = HookSet()
         self.built = False
         self._undo: list[Callable[[], None]] = []
-        self._redispatch = False  # set by ``restore`` for ``_restore_host``
         try:
             self._build(pin_memory and self.device.type == "cuda", blocking, progress, source, share_host_copy, shard_copies)
         except BaseException:
@@ -103,6 +102,7 @@ class Runtime:
                 self.copier,
                 self.stats,
             )
+        self._undo.append(self._keep_head_edits)  # undone before the rings let their heads go
         resident = ResidentTensors()
         self._undo.append(lambda: resident.restore(self.built))
         self._within_memory("moving resident modules", resident.move, plan.resident, self.device, source)
@@ -121,10 +121,16 @@ class Runtime:
             for index, unit in enumerate(ring.units):
                 self.hooks.attach(plan.units[unit.path].module, BlockHook(ring, index, unit.path))
 
+    def _keep_head_edits(self) -> None:
+        # Before any head leaves the device (a ring's kept parts, a pinned component loaded): restoring gives back
+        # what was edited there in place.
+        for unit in self.host.units.values():
+            unit.keep_head_edits()
+
     def _restore_host(self) -> None:
         for unit in self.host.units.values():
             unit.drop_head()
-        self.host.restore(self._redispatch)
+        self.host.restore()
         self.host.release_shared()
 
     # -- what the handle reports -----------------------------------------------------------------------------
@@ -284,12 +290,10 @@ class Runtime:
         for unit in self.host.units.values():  # nothing reads the codes any more: let them go now
             unit.drop_code()
 
-    def restore(self, redispatch: bool = False) -> None:
-        """Remove the hooks and put every tensor back on its original device, bit for bit; free everything.
-        ``redispatch``: ``refresh()`` dispatches again next (``HostStore.restore``)."""
+    def restore(self) -> None:
+        """Remove the hooks and put every tensor back on its original device, bit for bit; free everything."""
         # Work on any stream (a user's own included) may still read what is freed below.
         self.ordering.synchronize()
-        self._redispatch = redispatch
         while self._undo:
             self._undo.pop()()
 

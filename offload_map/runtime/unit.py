@@ -171,6 +171,18 @@ class OffloadedUnit:
         self.head = head
         return self.coded.part_bytes(0, self.kept) if coded else self.kept
 
+    def keep_head_edits(self) -> None:
+        """Copy the head's tensors as they are on the device (edited in place, say) into the host storage, before
+        the head goes for good (``Runtime`` restoring: ``remove()``, or ``refresh()`` dispatching again). A tensor
+        replaced while dispatched is left to ``restore``. The host has waited for the device."""
+        if self.head is None:
+            return
+        head = range(self.head.data_ptr(), self.head.data_ptr() + self.kept)
+        for index, ref in enumerate(self.refs[: self.split]):
+            tensor = ref.local.detach()
+            if tensor.numel() and tensor.data_ptr() in head:
+                self.host.write(index, tensor)
+
     def drop_head(self) -> None:
         """Point the head's tensors back at the host buffer and let its device buffer go. Safe to call twice."""
         if self.head is None:
@@ -308,21 +320,21 @@ class OffloadedUnit:
             self._bind(0, host.views(self.head, 0, self.kept))
         old.release()
 
-    def restore(self, loaded: bool, redispatch: bool = False) -> None:
+    def restore(self, loaded: bool) -> None:
         """Give every tensor its own storage on its original device again, with the host buffer's bytes. Tensors
         read from a checkpoint (originally on the meta device) go to the CPU when ``loaded``, else back to meta.
-        A unit held only as its code (``MappedHost``) gives a CPU tensor that viewed its file before dispatch
-        (``from_pretrained``'s) that view back, edits included; with ``redispatch`` (``refresh()`` about to dispatch
-        again, which then holds them so again) every CPU tensor its view. A tensor replaced while dispatched (no
-        longer a view of the host storage) stays as it is. A unit never bound (a rank waiting for a shared copy
-        that failed) keeps the tensors it has."""
+        A unit held only as its code (``MappedHost``) gives a tensor that viewed its file before dispatch
+        (``from_pretrained``'s) that view back, edits included: the pipeline is as it was, and a dispatch that
+        follows (``refresh()``'s) holds the unit so again. A tensor replaced while dispatched (no longer a view of
+        the host storage) stays as it is. A unit never bound (a rank waiting for a shared copy that failed) keeps
+        the tensors it has."""
         for index, (ref, device) in enumerate(zip(self.refs if self.bound else [], self.original_devices)):
             current = ref.local.detach()
             if current.numel() and not self.host.holds(index, current):
                 continue  # replaced while dispatched (a new Parameter or buffer): the new one is the value now
             region = self.host.regions[index]
             home = home_device(device, loaded)
-            if isinstance(self.host, MappedHost) and home.type == "cpu" and (redispatch or self.host.lent[index]):
+            if isinstance(self.host, MappedHost) and home.type == "cpu" and self.host.lent[index]:
                 ref.bind(self.host.mapped[index])
                 continue
             raw = self.host.raw(index)
