@@ -214,6 +214,29 @@ def test_a_second_interrupt_while_units_finish_coding_still_restores_every_unit(
     assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in model.parameters())
 
 
+def test_remove_again_after_an_interrupt_while_restoring_puts_back_every_unit(monkeypatch):
+    from conftest import assert_restored, pipeline_state
+
+    model = make_dit()
+    before = pipeline_state(model)
+    handle = dispatch_pipeline(model, "layerwise", "cpu", progress=False)
+    units = len(handle.runtime.host.units)
+    restore, calls = OffloadedUnit.restore, []
+
+    def interrupted(unit, loaded):
+        calls.append(unit.path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        restore(unit, loaded)
+
+    monkeypatch.setattr(OffloadedUnit, "restore", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        handle.remove()
+    handle.remove()
+    assert len(calls) == units + 1  # the interrupted unit was restored the second time
+    assert_restored(model, before)
+
+
 def test_an_interrupt_while_counting_a_wait_leaves_the_device_coding_turn_and_room_free(monkeypatch):
     # Both are process-wide: one left taken would hang every later coded dispatch.
     from offload_map.runtime import coded_host

@@ -269,10 +269,11 @@ class HostStore:
         the shared region. Tensors read from a checkpoint stay on the CPU if loading finished, else go back to
         the meta device. Safe to call twice."""
         while self.units:
-            _, unit = self.units.popitem()
+            unit = next(reversed(self.units.values()))  # taken off once restored: an interrupt leaves it for a retry
             unit.restore(self.loaded)
             unit.host.release()
             unit.drop_code()
+            self.units.popitem()
         if self.host_copy is not None:
             self.host_copy.close()
         trim_host_heap()

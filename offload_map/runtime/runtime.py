@@ -291,11 +291,13 @@ class Runtime:
             unit.drop_code()
 
     def restore(self) -> None:
-        """Remove the hooks and put every tensor back on its original device, bit for bit; free everything."""
+        """Remove the hooks and put every tensor back on its original device, bit for bit; free everything. Each
+        step is taken off only once done (each is safe to repeat), so restoring again after an interrupt finishes."""
         # Work on any stream (a user's own included) may still read what is freed below.
         self.ordering.synchronize()
         while self._undo:
-            self._undo.pop()()
+            self._undo[-1]()
+            self._undo.pop()
 
     def _within_memory(self, what: str, fn, *args):
         try:
