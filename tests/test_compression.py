@@ -140,6 +140,17 @@ def test_refresh_codes_new_weights_anew(target):
     handle.remove()
 
 
+def dit_with_first_parts_kept(target: str, compression):
+    """The test DiT dispatched layer-wise to ``target``, the first part of every block kept on the device, run once."""
+    model = make_dit()
+    handle = dispatch_pipeline(model, "layerwise", target, window=2, compression=compression)
+    ring = handle.runtime.rings[""]
+    handle.runtime.set_residency("", {u.path: u.split_points()[0] for u in ring.units}, 2, stays=True)
+    model(_input().to(target))
+    assert ring.units[0].head is not None
+    return model, handle
+
+
 @pytest.mark.parametrize("compression", [None, "lossless"])
 @torch.inference_mode()
 def test_edits_to_parts_kept_on_the_device_survive_a_refresh_that_dispatches_again_and_remove(target, compression):
@@ -150,12 +161,7 @@ def test_edits_to_parts_kept_on_the_device_survive_a_refresh_that_dispatches_aga
     edit(twin)
     x = _input().to(target)
     reference = resident_run(twin, lambda: twin(x), target)
-    model = make_dit()
-    handle = dispatch_pipeline(model, "layerwise", target, window=2, compression=compression)
-    ring = handle.runtime.rings[""]
-    handle.runtime.set_residency("", {u.path: u.split_points()[0] for u in ring.units}, 2, stays=True)
-    model(x)
-    assert ring.units[0].head is not None and model.blocks[0].up.weight.device.type == torch.device(target).type
+    model, handle = dit_with_first_parts_kept(target, compression)
     edit(model)
     model.blocks[2].gate = nn.Linear(DIM, DIM, dtype=torch.bfloat16)  # a new module (not run): dispatches again
     handle.refresh()
@@ -164,6 +170,31 @@ def test_edits_to_parts_kept_on_the_device_survive_a_refresh_that_dispatches_aga
     model(x)
     handle.remove()
     assert torch.equal(model.blocks[0].up.weight, twin.blocks[0].up.weight)
+
+
+@pytest.mark.parametrize("compression", [None, "lossless"])
+@torch.inference_mode()
+def test_a_kept_tensor_given_new_data_keeps_it_through_remove(target, compression):
+    # As peft's safe merge (fuse_lora(safe_fusing=True)) does: ``weight.data = merged``.
+    model, handle = dit_with_first_parts_kept(target, compression)
+    kept, streamed = model.blocks[0].up.weight, model.blocks[0].down.weight
+    new_kept, new_streamed = kept.data.mul(0.5), streamed.data.mul(0.5)
+    kept.data, streamed.data = new_kept, new_streamed
+    handle.remove()
+    assert torch.equal(model.blocks[0].up.weight, new_kept.cpu())
+    assert torch.equal(model.blocks[0].down.weight, new_streamed.cpu())
+
+
+@torch.inference_mode()
+def test_remove_finishes_when_a_kept_tensor_changed_shape(target):
+    from conftest import assert_restored, pipeline_state
+
+    before = pipeline_state(make_dit())
+    model, handle = dit_with_first_parts_kept(target, None)
+    weight = model.blocks[0].up.weight
+    weight.data = weight.data.view(weight.shape[1], weight.shape[0])
+    handle.remove()  # the reshaped tensor cannot be kept; the rest is restored
+    assert_restored(model, before)
 
 
 @torch.inference_mode()

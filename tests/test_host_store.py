@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+import torch
 from test_compression import make_dit
 
 import offload_map.runtime.host_store as host_store
@@ -214,13 +215,8 @@ def test_a_second_interrupt_while_units_finish_coding_still_restores_every_unit(
     assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in model.parameters())
 
 
-def test_remove_again_after_an_interrupt_while_restoring_puts_back_every_unit(monkeypatch):
-    from conftest import assert_restored, pipeline_state
-
-    model = make_dit()
-    before = pipeline_state(model)
-    handle = dispatch_pipeline(model, "layerwise", "cpu", progress=False)
-    units = len(handle.runtime.host.units)
+def interrupt_the_third_unit_restored(monkeypatch) -> list[str]:
+    """Make the third ``OffloadedUnit.restore`` raise ``KeyboardInterrupt`` (once); returns the paths restored."""
     restore, calls = OffloadedUnit.restore, []
 
     def interrupted(unit, loaded):
@@ -230,11 +226,76 @@ def test_remove_again_after_an_interrupt_while_restoring_puts_back_every_unit(mo
         restore(unit, loaded)
 
     monkeypatch.setattr(OffloadedUnit, "restore", interrupted)
+    return calls
+
+
+def test_remove_again_after_an_interrupt_while_restoring_puts_back_every_unit(monkeypatch):
+    from conftest import assert_restored, pipeline_state
+
+    model = make_dit()
+    before = pipeline_state(model)
+    handle = dispatch_pipeline(model, "layerwise", "cpu", progress=False)
+    units = len(handle.runtime.host.units)
+    calls = interrupt_the_third_unit_restored(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         handle.remove()
     handle.remove()
     assert len(calls) == units + 1  # the interrupted unit was restored the second time
     assert_restored(model, before)
+
+
+@pytest.mark.parametrize("compression", [None, "fp8"])
+@torch.inference_mode()
+def test_remove_again_after_an_interrupt_while_a_ring_settles_puts_back_every_block(monkeypatch, compression):
+    # A forward that raised leaves a block in its slot; the interrupted settle must be retried, or that block keeps
+    # viewing the slot (with fp8, its decoded weights) after remove().
+    from test_compression import _input
+
+    from offload_map.runtime.prefetcher import Prefetcher
+
+    model, twin = make_dit(), make_dit()
+    handle = dispatch_pipeline(model, "layerwise", "cpu", window=2, compression=compression, progress=False)
+
+    def failed(x):
+        raise RuntimeError("forward failed")
+
+    monkeypatch.setattr(model.blocks[1].down, "forward", failed)
+    with pytest.raises(RuntimeError, match="forward failed"):
+        model(_input())
+    monkeypatch.undo()
+    settle, calls = Prefetcher.settle, []
+
+    def interrupted(prefetcher):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        settle(prefetcher)
+
+    monkeypatch.setattr(Prefetcher, "settle", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        handle.remove()
+    handle.remove()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q) and p.untyped_storage().nbytes() == p.numel() * p.element_size(), name
+
+
+@torch.inference_mode()
+def test_refresh_again_after_an_interrupt_while_restoring_dispatches_again(monkeypatch):
+    from test_compression import DIM, _input
+
+    model = make_dit()
+    handle = dispatch_pipeline(model, "layerwise", "cpu", window=2, progress=False)
+    reference = model(_input())
+    model.blocks[2].gate = torch.nn.Linear(DIM, DIM, dtype=torch.bfloat16)  # not run: the outputs stay
+    interrupt_the_third_unit_restored(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        handle.refresh()
+    handle.refresh()  # the guards that would show the change went with the first restore's hooks
+    units = handle.runtime.host.units.values()
+    assert any(ref.qualname == "blocks.2.gate.weight" for unit in units for ref in unit.refs)  # dispatched again
+    assert all(unit.bound for unit in units)
+    assert torch.equal(model(_input()), reference)
+    handle.remove()
 
 
 def test_an_interrupt_while_counting_a_wait_leaves_the_device_coding_turn_and_room_free(monkeypatch):

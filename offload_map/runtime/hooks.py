@@ -166,14 +166,18 @@ class HookSet:
         return any(guard.changed() for guard in self.guards)
 
     def remove(self) -> None:
-        """Take every hook and guard off. Safe to call twice."""
+        """Take every hook and guard off. Safe to call twice; each is taken off its list once done, so calling again
+        after an interrupt finishes."""
         while self.wrapped:
-            module, name, before = self.wrapped.pop()
+            module, name, before = self.wrapped[-1]
             if before is _UNSET:
                 module.__dict__.pop(name, None)
             else:
                 module.__dict__[name] = before
+            self.wrapped.pop()
         while self.modules:
-            detach(self.modules.pop())
+            detach(self.modules[-1])
+            self.modules.pop()
         while self.guards:
-            self.guards.pop().remove()
+            self.guards[-1].remove()
+            self.guards.pop()

@@ -37,5 +37,6 @@ class ResidentTensors:
         """Move every tensor back to where it was (read from a checkpoint: to the CPU if ``loaded``, else meta).
         Safe to call twice."""
         while self.moved:
-            ref, device = self.moved.pop()
+            ref, device = self.moved[-1]  # taken off once back: an interrupt leaves it for the next restore
             ref.bind(ref.local.detach().to(home_device(device, loaded)))
+            self.moved.pop()

@@ -91,7 +91,7 @@ class Runtime:
         self.copier = _copier(self.host.host_copy)
         for ring in plan.rings:
             units = [self.host.units[block.path] for block in ring.blocks]
-            self._undo.append(lambda name=ring.component: self.rings.pop(name).free() if name in self.rings else None)
+            self._undo.append(lambda name=ring.component: self._free_ring(name))
             self.rings[ring.component] = self._within_memory(
                 f"allocating {ring.window} slots for {ring.component!r}",
                 BlockRing,
@@ -121,11 +121,19 @@ class Runtime:
             for index, unit in enumerate(ring.units):
                 self.hooks.attach(plan.units[unit.path].module, BlockHook(ring, index, unit.path))
 
+    def _free_ring(self, name: str) -> None:
+        # Taken off once freed: an interrupt inside ``free`` leaves it for the next restore.
+        if name in self.rings:
+            self.rings[name].free()
+            del self.rings[name]
+
     def _keep_head_edits(self) -> None:
         # Before any head leaves the device (a ring's kept parts, a pinned component loaded): restoring gives back
-        # what was edited there in place.
-        for unit in self.host.units.values():
-            unit.keep_head_edits()
+        # what was edited there. Not into a host copy shared between ranks: the others stream from it, and ranks
+        # change weights only together, through refresh().
+        if self.host.host_copy is None:
+            for unit in self.host.units.values():
+                unit.keep_head_edits()
 
     def _restore_host(self) -> None:
         for unit in self.host.units.values():

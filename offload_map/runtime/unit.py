@@ -172,16 +172,20 @@ class OffloadedUnit:
         return self.coded.part_bytes(0, self.kept) if coded else self.kept
 
     def keep_head_edits(self) -> None:
-        """Copy the head's tensors as they are on the device (edited in place, say) into the host storage, before
-        the head goes for good (``Runtime`` restoring: ``remove()``, or ``refresh()`` dispatching again). A tensor
-        replaced while dispatched is left to ``restore``. The host has waited for the device."""
+        """Copy the head's tensors as they are (edited in place on the device, or given new data of the same layout,
+        as peft's safe merge does) into the host storage, before the head goes for good (``Runtime`` restoring:
+        ``remove()``, or ``refresh()`` dispatching again): ``drop_head`` points them back at it. A tensor of another
+        shape, strides or dtype now is left as ``restore`` leaves it. The host has waited for the device."""
         if self.head is None:
             return
-        head = range(self.head.data_ptr(), self.head.data_ptr() + self.kept)
         for index, ref in enumerate(self.refs[: self.split]):
             tensor = ref.local.detach()
-            if tensor.numel() and tensor.data_ptr() in head:
+            if not tensor.numel() or self.host.holds(index, tensor):
+                continue
+            try:
                 self.host.write(index, tensor)
+            except ValueError:
+                continue  # another layout: restoring must still finish (a retry would meet it again)
 
     def drop_head(self) -> None:
         """Point the head's tensors back at the host buffer and let its device buffer go. Safe to call twice."""
