@@ -279,6 +279,26 @@ def test_remove_again_after_an_interrupt_while_a_ring_settles_puts_back_every_bl
         assert torch.equal(p, q) and p.untyped_storage().nbytes() == p.numel() * p.element_size(), name
 
 
+def test_remove_again_after_an_interrupt_while_taking_hooks_off_takes_every_hook_off(monkeypatch):
+    from offload_map.runtime import hooks
+
+    model = make_dit()
+    handle = dispatch_pipeline(model, "layerwise", "cpu", progress=False)
+    detach, calls = hooks.detach, []
+
+    def interrupted(module):
+        calls.append(module)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        detach(module)
+
+    monkeypatch.setattr(hooks, "detach", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        handle.remove()
+    handle.remove()
+    assert not [name for name, module in model.named_modules() if hasattr(module, "_hf_hook")]
+
+
 @torch.inference_mode()
 def test_refresh_again_after_an_interrupt_while_restoring_dispatches_again(monkeypatch):
     from test_compression import DIM, _input
