@@ -215,17 +215,18 @@ def test_a_second_interrupt_while_units_finish_coding_still_restores_every_unit(
     assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in model.parameters())
 
 
-def interrupt_the_third_unit_restored(monkeypatch) -> list[str]:
-    """Make the third ``OffloadedUnit.restore`` raise ``KeyboardInterrupt`` (once); returns the paths restored."""
-    restore, calls = OffloadedUnit.restore, []
+def interrupt_once(monkeypatch, owner, name: str, at: int) -> list:
+    """Make call number ``at`` of ``owner.name`` raise ``KeyboardInterrupt`` instead of running (as Ctrl-C there
+    would); returns every call's first argument."""
+    original, calls = getattr(owner, name), []
 
-    def interrupted(unit, loaded):
-        calls.append(unit.path)
-        if len(calls) == 3:
+    def interrupted(*args):
+        calls.append(args[0])
+        if len(calls) == at:
             raise KeyboardInterrupt
-        restore(unit, loaded)
+        return original(*args)
 
-    monkeypatch.setattr(OffloadedUnit, "restore", interrupted)
+    monkeypatch.setattr(owner, name, interrupted)
     return calls
 
 
@@ -236,7 +237,7 @@ def test_remove_again_after_an_interrupt_while_restoring_puts_back_every_unit(mo
     before = pipeline_state(model)
     handle = dispatch_pipeline(model, "layerwise", "cpu", progress=False)
     units = len(handle.runtime.host.units)
-    calls = interrupt_the_third_unit_restored(monkeypatch)
+    calls = interrupt_once(monkeypatch, OffloadedUnit, "restore", at=3)
     with pytest.raises(KeyboardInterrupt):
         handle.remove()
     handle.remove()
@@ -263,15 +264,7 @@ def test_remove_again_after_an_interrupt_while_a_ring_settles_puts_back_every_bl
     with pytest.raises(RuntimeError, match="forward failed"):
         model(_input())
     monkeypatch.undo()
-    settle, calls = Prefetcher.settle, []
-
-    def interrupted(prefetcher):
-        calls.append(1)
-        if len(calls) == 1:
-            raise KeyboardInterrupt
-        settle(prefetcher)
-
-    monkeypatch.setattr(Prefetcher, "settle", interrupted)
+    interrupt_once(monkeypatch, Prefetcher, "settle", at=1)
     with pytest.raises(KeyboardInterrupt):
         handle.remove()
     handle.remove()
@@ -284,15 +277,7 @@ def test_remove_again_after_an_interrupt_while_taking_hooks_off_takes_every_hook
 
     model = make_dit()
     handle = dispatch_pipeline(model, "layerwise", "cpu", progress=False)
-    detach, calls = hooks.detach, []
-
-    def interrupted(module):
-        calls.append(module)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        detach(module)
-
-    monkeypatch.setattr(hooks, "detach", interrupted)
+    interrupt_once(monkeypatch, hooks, "detach", at=2)
     with pytest.raises(KeyboardInterrupt):
         handle.remove()
     handle.remove()
@@ -307,7 +292,7 @@ def test_refresh_again_after_an_interrupt_while_restoring_dispatches_again(monke
     handle = dispatch_pipeline(model, "layerwise", "cpu", window=2, progress=False)
     reference = model(_input())
     model.blocks[2].gate = torch.nn.Linear(DIM, DIM, dtype=torch.bfloat16)  # not run: the outputs stay
-    interrupt_the_third_unit_restored(monkeypatch)
+    interrupt_once(monkeypatch, OffloadedUnit, "restore", at=3)
     with pytest.raises(KeyboardInterrupt):
         handle.refresh()
     handle.refresh()  # the guards that would show the change went with the first restore's hooks
