@@ -178,7 +178,10 @@ class OffloadHandle:
         self.pipeline.__dict__.pop(HANDLE_ATTR, None)
 
     def remove(self) -> None:
-        """Put the pipeline back as it was: hooks gone, every tensor on its original device, bit-identical.
+        """Put the pipeline back as it was: hooks gone, every tensor on its original device, bit-identical, with
+        the edits made while dispatched (kept parts on the device included). A tensor that viewed its file before
+        dispatch (``from_pretrained``'s) and was held only as its code views it again; every other one gets memory
+        of its own. After an interrupt (Ctrl-C) while it runs, call it again: it finishes.
 
         Raises:
             RuntimeError: called a second time.
