@@ -38,7 +38,6 @@ class OffloadHandle:
         self._rebuild = rebuild
         self._report = self._start_report(setup_seconds)
         self._removed = False
-        self._restoring = False  # a refresh's restore began and did not finish (interrupted)
         self._ended_by = "remove"  # or "detach": what ended the dispatch, for the error a later call raises
         if runtime.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(runtime.device)
@@ -126,17 +125,16 @@ class OffloadHandle:
             ValueError: a tensor changed shape or dtype in place (remove and dispatch again).
         """
         self._check_active()
-        # A restore interrupted before took the guards off that would show the change: finish it, dispatch again.
-        if not self._restoring and not self._runtime.modules_changed():
+        # A restore interrupted before (remove()'s or refresh()'s) took the guards off that would show the change:
+        # finish it, and dispatch again.
+        if not self._runtime.restoring and not self._runtime.modules_changed():
             self._runtime.refresh()
             if self._planner is not None:
                 self._planner.restage()
             return
         # A map edited in place (``device_map`` is the handle's own) is checked before anything is undone.
         DeviceMap.from_dict(self._map.to_dict())
-        self._restoring = True
         self._runtime.restore()
-        self._restoring = False
         try:
             self._map, self._runtime, self._planner = self._rebuild(self._map)
         except BaseException:

@@ -215,15 +215,15 @@ def test_a_second_interrupt_while_units_finish_coding_still_restores_every_unit(
     assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in model.parameters())
 
 
-def interrupt_once(monkeypatch, owner, name: str, at: int) -> list:
-    """Make call number ``at`` of ``owner.name`` raise ``KeyboardInterrupt`` instead of running (as Ctrl-C there
+def interrupt_once(monkeypatch, owner, name: str, at: int, error: type[BaseException] = KeyboardInterrupt) -> list:
+    """Make call number ``at`` of ``owner.name`` raise ``error`` instead of running (by default as Ctrl-C there
     would); returns every call's first argument."""
     original, calls = getattr(owner, name), []
 
     def interrupted(*args):
         calls.append(args[0])
         if len(calls) == at:
-            raise KeyboardInterrupt
+            raise error
         return original(*args)
 
     monkeypatch.setattr(owner, name, interrupted)
@@ -284,23 +284,41 @@ def test_remove_again_after_an_interrupt_while_taking_hooks_off_takes_every_hook
     assert not [name for name, module in model.named_modules() if hasattr(module, "_hf_hook")]
 
 
+@pytest.mark.parametrize("interrupted", ["refresh", "remove"])
 @torch.inference_mode()
-def test_refresh_again_after_an_interrupt_while_restoring_dispatches_again(monkeypatch):
+def test_refresh_after_an_interrupt_while_restoring_dispatches_again(monkeypatch, interrupted):
     from test_compression import DIM, _input
 
     model = make_dit()
     handle = dispatch_pipeline(model, "layerwise", "cpu", window=2, progress=False)
     reference = model(_input())
-    model.blocks[2].gate = torch.nn.Linear(DIM, DIM, dtype=torch.bfloat16)  # not run: the outputs stay
+    if interrupted == "refresh":
+        model.blocks[2].gate = torch.nn.Linear(DIM, DIM, dtype=torch.bfloat16)  # not run: the outputs stay
     interrupt_once(monkeypatch, OffloadedUnit, "restore", at=3)
     with pytest.raises(KeyboardInterrupt):
-        handle.refresh()
-    handle.refresh()  # the guards that would show the change went with the first restore's hooks
+        getattr(handle, interrupted)()
+    handle.refresh()  # the guards that would show a change went with the first restore's hooks
     units = handle.runtime.host.units.values()
-    assert any(ref.qualname == "blocks.2.gate.weight" for unit in units for ref in unit.refs)  # dispatched again
-    assert all(unit.bound for unit in units)
+    if interrupted == "refresh":
+        assert any(ref.qualname == "blocks.2.gate.weight" for unit in units for ref in unit.refs)
+    assert all(unit.bound for unit in units) and handle.runtime.rings  # dispatched again
     assert torch.equal(model(_input()), reference)
     handle.remove()
+
+
+def test_an_error_while_restoring_one_unit_leaves_the_others_restored(monkeypatch):
+    model, twin = make_dit(), make_dit()
+    handle = dispatch_pipeline(model, "layerwise", "cpu", progress=False)
+    calls = interrupt_once(monkeypatch, OffloadedUnit, "restore", at=3, error=RuntimeError)
+    with pytest.raises(RuntimeError):
+        handle.remove()
+    failed = calls[2].path + "."
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        if not name.startswith(failed):
+            assert torch.equal(p, q) and p.untyped_storage().nbytes() == p.numel() * p.element_size(), name
+    assert not [name for name, module in model.named_modules() if hasattr(module, "_hf_hook")]
+    handle.remove()  # nothing is left to undo, and the unit that failed is not tried again
+    assert len({unit.path for unit in calls}) == len(calls)
 
 
 def test_an_interrupt_while_counting_a_wait_leaves_the_device_coding_turn_and_room_free(monkeypatch):

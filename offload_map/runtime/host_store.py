@@ -268,15 +268,21 @@ class HostStore:
         """Give every tensor its own storage on its original device again, bit for bit, and release the buffers and
         the shared region. Tensors read from a checkpoint stay on the CPU if loading finished, else go back to
         the meta device. Safe to call twice."""
+        error = None
         while self.units:
             unit = next(reversed(self.units.values()))  # taken off once restored: an interrupt leaves it for a retry
-            unit.restore(self.loaded)
-            unit.host.release()
-            unit.drop_code()
+            try:
+                unit.restore(self.loaded)
+                unit.host.release()
+                unit.drop_code()
+            except Exception as err:  # the others are restored still; the first error is raised after them
+                error = error or err
             self.units.popitem()
         if self.host_copy is not None:
             self.host_copy.close()
         trim_host_heap()
+        if error is not None:
+            raise error
 
     def release_shared(self) -> None:
         """Let go of the region shared with this host's ranks and this dispatch's process groups (after ``restore``)."""

@@ -76,6 +76,7 @@ class Runtime:
         self.hooks = HookSet()
         self.built = False
         self._undo: list[Callable[[], None]] = []
+        self.restoring = False  # a restore began and did not finish (``restore``)
         try:
             self._build(pin_memory and self.device.type == "cuda", blocking, progress, source, share_host_copy, shard_copies)
         except BaseException:
@@ -129,11 +130,10 @@ class Runtime:
 
     def _keep_head_edits(self) -> None:
         # Before any head leaves the device (a ring's kept parts, a pinned component loaded): restoring gives back
-        # what was edited there. Not into a host copy shared between ranks: the others stream from it, and ranks
-        # change weights only together, through refresh().
-        if self.host.host_copy is None:
-            for unit in self.host.units.values():
-                unit.keep_head_edits()
+        # what was edited there. Into a host copy shared between ranks too: ranks change weights together (a
+        # refresh() is collective), so what another rank may still stream from gets the same bytes.
+        for unit in self.host.units.values():
+            unit.keep_head_edits()
 
     def _restore_host(self) -> None:
         for unit in self.host.units.values():
@@ -300,12 +300,21 @@ class Runtime:
 
     def restore(self) -> None:
         """Remove the hooks and put every tensor back on its original device, bit for bit; free everything. Each
-        step is taken off only once done (each is safe to repeat), so restoring again after an interrupt finishes."""
+        step is taken off once done (each is safe to repeat), so restoring again after an interrupt finishes. A step
+        that raises an error does not stop the others: the first error is raised once all were tried."""
+        self.restoring = True  # until the last step: the hooks and guards may be gone already (``refresh``)
         # Work on any stream (a user's own included) may still read what is freed below.
         self.ordering.synchronize()
+        error = None
         while self._undo:
-            self._undo[-1]()
+            try:
+                self._undo[-1]()
+            except Exception as err:
+                error = error or err
             self._undo.pop()
+        self.restoring = False
+        if error is not None:
+            raise error
 
     def _within_memory(self, what: str, fn, *args):
         try:
