@@ -317,6 +317,7 @@ def test_an_error_while_restoring_one_unit_leaves_the_others_restored(monkeypatc
         if not name.startswith(failed):
             assert torch.equal(p, q) and p.untyped_storage().nbytes() == p.numel() * p.element_size(), name
     assert not [name for name, module in model.named_modules() if hasattr(module, "_hf_hook")]
+    assert handle.runtime.restoring  # the hooks are gone: a refresh() now would dispatch again
     handle.remove()  # nothing is left to undo, and the unit that failed is not tried again
     assert len({unit.path for unit in calls}) == len(calls)
 

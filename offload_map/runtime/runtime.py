@@ -312,9 +312,9 @@ class Runtime:
             except Exception as err:
                 error = error or err
             self._undo.pop()
-        self.restoring = False
         if error is not None:
-            raise error
+            raise error  # still ``restoring``: the hooks are gone, so a refresh() must dispatch again
+        self.restoring = False
 
     def _within_memory(self, what: str, fn, *args):
         try:
