@@ -113,13 +113,14 @@ class OffloadHandle:
           loaded, kept block parts) are copied back into the host buffers. Blocks already prefetched for the next
           step are loaded again, so every later forward computes with the new values.
         - New, removed or replaced modules or Parameters (``load_lora_weights``, ``add_adapter``,
-          ``unload_lora_weights``, ``delete_adapters``, ``module.weight = nn.Parameter(...)``): the pipeline is put back and dispatched again under the map it was dispatched
-          with (placements, window; a budget is planned again from new measurements, as a budget's plan decides
-          what leaves the device between phases, which a map cannot say), so the new tensors get their host
-          buffers. Until then its forwards
-          are refused with a message pointing here. With a host copy shared between ranks this is collective:
-          every rank changes its modules and calls ``refresh()``. If dispatching again fails, the pipeline is
-          left as ``remove()`` leaves it and the error is raised.
+          ``unload_lora_weights``, ``delete_adapters``, ``module.weight = nn.Parameter(...)``): the pipeline is
+          put back and dispatched again under the map it was dispatched with (placements, window; a budget is
+          planned again from new measurements, as a budget's plan decides what leaves the device between phases,
+          which a map cannot say), so the new tensors get their host buffers. Until then its forwards are refused
+          with a message pointing here. With a host copy shared between ranks this is collective: every rank
+          changes its modules and calls ``refresh()``. If dispatching again fails, the pipeline is left as
+          ``remove()`` leaves it and the error is raised. After a ``remove()`` or ``refresh()`` that was
+          interrupted while putting the pipeline back, it finishes that and dispatches again.
 
         Raises:
             ValueError: a tensor changed shape or dtype in place (remove and dispatch again).
@@ -188,8 +189,9 @@ class OffloadHandle:
 
     def detach(self) -> None:
         """Remove the hooks; streamed blocks point at their host buffers (those held only coded at their checkpoint
-        files, ``runtime.mapped_host``), every other tensor stays where it is now (a pinned component that is loaded stays on the device). Unlike ``remove()``, nothing goes back
-        to its original device; slots are freed."""
+        files, ``runtime.mapped_host``), every other tensor stays where it is now (a pinned component that is
+        loaded stays on the device). Unlike ``remove()``, nothing goes back to its original device; slots are
+        freed."""
         self._finish(self._runtime.detach, "detach")
 
     def __repr__(self) -> str:

@@ -72,13 +72,14 @@ def release_read_pages(tensors: list[torch.Tensor]) -> None:
             return
         own = ((entries & _SWAPPED) != 0) | ((entries < 0) & ((entries & _FILE) == 0))  # bit 63 (present): the sign
         # Runs of pages holding nothing of their own: where ``own`` turns false, and where it turns true again.
-        edges = torch.diff(own.to(torch.int8), prepend=torch.ones(1, dtype=torch.int8), append=torch.ones(1, dtype=torch.int8))
+        edge = torch.ones(1, dtype=torch.int8)
+        edges = torch.diff(own.to(torch.int8), prepend=edge, append=edge)
         starts, stops = (edges == -1).nonzero().flatten().tolist(), (edges == 1).nonzero().flatten().tolist()
         for a, b in zip(starts, stops):
             libc.madvise(ctypes.c_void_p((first + a) * _PAGE), ctypes.c_size_t((b - a) * _PAGE), MADV_DONTNEED)
 
 
-def _page_ranges(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
+def _page_ranges(tensors: list[torch.Tensor]) -> list[list[int]]:
     # The pages the tensors span, as few ranges as possible (neighbouring tensors share pages).
     spans = sorted((t.data_ptr() // _PAGE, -(-(t.data_ptr() + _span_bytes(t)) // _PAGE)) for t in tensors if t.numel())
     ranges: list[list[int]] = []
@@ -87,7 +88,7 @@ def _page_ranges(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
             ranges[-1][1] = max(ranges[-1][1], last)
         else:
             ranges.append([first, last])
-    return [(first, last) for first, last in ranges]
+    return ranges
 
 
 def _pagemap(first: int, last: int) -> torch.Tensor | None:

@@ -242,9 +242,9 @@ class HostStore:
         return CodedHost.of(buffer.flat, device, self.pin)
 
     def _file_views(self, unit: Unit) -> list[torch.Tensor | None]:
-        return [
-            ref.local.detach() if not is_dtensor(ref.tensor) and self.files.viewed(ref.local) else None for ref in unit.tensors
-        ]
+        # Each tensor as it is where it views a private file mapping (``from_pretrained``'s), else None.
+        viewed = [not is_dtensor(ref.tensor) and self.files.viewed(ref.local) for ref in unit.tensors]
+        return [ref.local.detach() if view else None for ref, view in zip(unit.tensors, viewed)]
 
     def _mapped(self, unit: Unit, originals: list | None, buffer: HostBuffer) -> MappedHost | None:
         # For a unit coded losslessly (``CodedHost``), the ``MappedHost`` its tensors view at rest: per tensor a view

@@ -2,13 +2,13 @@
 
 With ``compression="lossless"`` a streamed block streams its code (``coded_host``); its raw bytes are needed
 only to restore it, to code it anew at ``refresh()``, or to stream it raw again. A block whose tensors view a
-file does not keep them (its other tensors, a LoRA's say, get memory of their own): one read from a safetensors checkpoint (``weights=``) that stores it as the
-model lays it out (same dtypes, contiguous tensors), through a private mapping of its own
-(``loading.checkpoint.Checkpoint.mapped``), or one whose weights ``from_pretrained`` left as views of their files
-(``file_views``). Once it is coded, its raw host buffer goes, and between uses its tensors view the file. Host
-memory then holds about 3/4 of the block's bytes instead of 1.75 times them. Reading such a tensor reads the file; writing one (``fuse_lora``,
-``load_state_dict``) writes private copies of the pages it touches, never the file, and ``refresh()`` codes the
-block anew as after any edit.
+file does not keep them (its other tensors, a LoRA's say, get memory of their own): one read from a safetensors
+checkpoint (``weights=``) that stores it as the model lays it out (same dtypes, contiguous tensors), through a
+private mapping of its own (``loading.checkpoint.Checkpoint.mapped``), or one whose weights ``from_pretrained``
+left as views of their files (``file_views``). Once it is coded, its raw host buffer goes, and between uses its
+tensors view the file. Host memory then holds about 3/4 of the block's bytes instead of 1.75 times them. Reading
+such a tensor reads the file; writing one (``fuse_lora``, ``load_state_dict``) writes private copies of the pages
+it touches, never the file, and ``refresh()`` codes the block anew as after any edit.
 
 Ownership (``MappedHost``, one per such unit, owned by its ``OffloadedUnit``): ``mapped`` are the views, which
 keep the file's mapping alive; nothing here is page-locked and no copy stream reads it (the unit copies its

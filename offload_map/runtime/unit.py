@@ -185,7 +185,7 @@ class OffloadedUnit:
             try:
                 self.host.write(index, tensor)
             except ValueError:
-                continue  # another layout: restoring must still finish (a retry would meet it again)
+                pass  # another layout: restoring must still finish (a retry would meet it again)
 
     def drop_head(self) -> None:
         """Point the head's tensors back at the host buffer and let its device buffer go. Safe to call twice."""
