@@ -30,6 +30,7 @@ from .calls import CallWatch
 from .guard import ComponentGuard
 from .ring import BlockRing
 from .swapper import Swapper
+from .undo import undo_each
 
 
 class ComponentHook(ModelHook):
@@ -105,6 +106,17 @@ def detach(module: nn.Module) -> None:
 
 # Methods besides ``forward`` through which pipelines run a component's weights.
 _UNSET = object()  # an entry point with no instance attribute of its own before dispatch
+
+
+def _unwrap(wrapped: tuple[nn.Module, str, object]) -> None:
+    # Undo ``HookSet.wrap_entry_points`` for one entry point: its instance attribute as it was before.
+    module, name, before = wrapped
+    if before is _UNSET:
+        module.__dict__.pop(name, None)
+    else:
+        module.__dict__[name] = before
+
+
 ENTRY_POINTS = ("encode", "decode", "tiled_encode", "tiled_decode", "get_text_features", "get_image_features")
 
 
@@ -166,18 +178,8 @@ class HookSet:
         return any(guard.changed() for guard in self.guards)
 
     def remove(self) -> None:
-        """Take every hook and guard off. Safe to call twice; each is taken off its list once done, so calling again
-        after an interrupt finishes."""
-        while self.wrapped:
-            module, name, before = self.wrapped[-1]
-            if before is _UNSET:
-                module.__dict__.pop(name, None)
-            else:
-                module.__dict__[name] = before
-            self.wrapped.pop()
-        while self.modules:
-            detach(self.modules[-1])
-            self.modules.pop()
-        while self.guards:
-            self.guards[-1].remove()
-            self.guards.pop()
+        """Take every hook and guard off. Safe to call twice; after an interrupt, calling again finishes
+        (``undo.undo_each``)."""
+        undo_each(self.wrapped, _unwrap)
+        undo_each(self.modules, detach)
+        undo_each(self.guards, ComponentGuard.remove)

@@ -12,6 +12,7 @@ import torch
 from ..collect.tensors import TensorRef
 from ..planning.bind import Unit
 from .host_buffer import home_device
+from .undo import undo_each
 
 
 class ResidentTensors:
@@ -36,7 +37,9 @@ class ResidentTensors:
     def restore(self, loaded: bool) -> None:
         """Move every tensor back to where it was (read from a checkpoint: to the CPU if ``loaded``, else meta).
         Safe to call twice."""
-        while self.moved:
-            ref, device = self.moved[-1]  # taken off once back: an interrupt leaves it for the next restore
+
+        def back(moved: tuple[TensorRef, torch.device]) -> None:
+            ref, device = moved
             ref.bind(ref.local.detach().to(home_device(device, loaded)))
-            self.moved.pop()
+
+        undo_each(self.moved, back)

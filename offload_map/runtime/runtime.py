@@ -38,6 +38,7 @@ from .ring import BlockRing
 from .sharded_copy import DirectCopy, ShardedCopy
 from .streams import ordering_for
 from .swapper import Swapper
+from .undo import undo_each
 
 logger = logging.getLogger("offload_map")
 
@@ -305,15 +306,7 @@ class Runtime:
         self.restoring = True  # until the last step: the hooks and guards may be gone already (``refresh``)
         # Work on any stream (a user's own included) may still read what is freed below.
         self.ordering.synchronize()
-        error = None
-        while self._undo:
-            try:
-                self._undo[-1]()
-            except Exception as err:
-                error = error or err
-            self._undo.pop()
-        if error is not None:
-            raise error  # still ``restoring``: the hooks are gone, so a refresh() must dispatch again
+        undo_each(self._undo, lambda step: step())  # an error leaves it ``restoring``: a refresh() dispatches again
         self.restoring = False
 
     def _within_memory(self, what: str, fn, *args):
