@@ -1,11 +1,13 @@
 """Host memory holding a streamed DiT's weights: raw or lossless; built in memory, read from a checkpoint by
-``weights=``, or loaded with ``safetensors.torch.load_file`` as ``from_pretrained`` does (views of the file).
+``weights=``, or loaded with ``safetensors.torch.load_file`` as ``from_pretrained`` does (views of the file); and,
+as ``memory-raw-whole``, the DiT built in memory and pinned whole (``strategy="model"``: one unit of all its bytes).
 
 Each case runs in a fresh process (its host memory is its own): build a DiT with bf16 weights ~ N(0, 0.02)
 (or an empty one for ``weights=``), ``dispatch_pipeline(model, "layerwise", device, compression=...)``, run
 one forward and compare it with the resident output. Host RSS is read from ``/proc/self/status`` after the
-imports (the baseline), after dispatch and after the forward; ``report().host_bytes`` gives the bytes holding
-weights, raw and coded.
+imports (the baseline), after dispatch and after the forward, and its peak (``VmHWM``) after dispatch; the DiT is
+built in bf16, so building it peaks at its own bytes. ``report().host_bytes`` gives the bytes holding weights, raw
+and coded.
 
 Usage::
 
@@ -29,7 +31,15 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from offload_map import dispatch_pipeline  # noqa: E402
 
-CASES = ["memory-raw", "memory-lossless", "checkpoint-raw", "checkpoint-lossless", "safetensors-raw", "safetensors-lossless"]
+CASES = [
+    "memory-raw",
+    "memory-lossless",
+    "checkpoint-raw",
+    "checkpoint-lossless",
+    "safetensors-raw",
+    "safetensors-lossless",
+    "memory-raw-whole",
+]
 WIDTH = 2048
 
 
@@ -60,31 +70,36 @@ def build(n: int, empty: bool) -> DiT:
         with torch.device("meta"):
             return DiT(n).to(torch.bfloat16)
     torch.manual_seed(0)
-    model = DiT(n).to(torch.bfloat16)
+    torch.set_default_dtype(torch.bfloat16)  # not built in float32 first: the peak RSS is dispatch's
+    try:
+        model = DiT(n)
+    finally:
+        torch.set_default_dtype(torch.float32)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
     return model
 
 
-def rss() -> int:
+def rss(field: str = "VmRSS") -> int:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(f"{field}:")) * 1024
 
 
 def case(name: str, n: int, ckpt: Path, device: str) -> dict:
     base = rss()
-    source, compression = name.split("-")
+    source, compression, *whole = name.split("-")
     model = build(n, empty=source != "memory")
     weights = ckpt / "dit.safetensors" if source == "checkpoint" else None
     if source == "safetensors":
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(ckpt / "dit.safetensors"), assign=True)
+    strategy = "model" if whole else "layerwise"
     handle = dispatch_pipeline(
-        model, "layerwise", device, weights=weights, compression=None if compression == "raw" else compression, progress=False
+        model, strategy, device, weights=weights, compression=None if compression == "raw" else compression, progress=False
     )
-    dispatched = rss()
+    dispatched, peak = rss(), rss("VmHWM")
     with torch.inference_mode():
         out = model(torch.load(ckpt / "input.pt").to(device)).cpu()
     report = handle.report()
@@ -92,6 +107,7 @@ def case(name: str, n: int, ckpt: Path, device: str) -> dict:
         "case": name,
         "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         "rss_dispatched_bytes": dispatched - base,
+        "rss_peak_bytes": peak - base,
         "rss_forward_bytes": rss() - base,
         "host_raw_bytes": report.host_bytes[0],
         "host_coded_bytes": report.host_bytes[1],
@@ -119,13 +135,14 @@ def table(rows: list[dict], device: str) -> str:
         "",
         "RSS: above the process's after imports; x weights: RSS after dispatch / the weights' bytes",
         "",
-        "| case | RSS after dispatch GB | x weights | RSS after a forward GB | held raw GB | held coded GB | setup s | exact |",
-        "|---|---|---|---|---|---|---|---|",
+        "| case | RSS after dispatch GB | x weights | RSS peak GB | RSS after a forward GB | held raw GB | held coded GB | "
+        "setup s | exact |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['rss_dispatched_bytes'] / gb:.2f} | {r['rss_dispatched_bytes'] / r['weights_bytes']:.2f} | "
-            f"{r['rss_forward_bytes'] / gb:.2f} | {r['host_raw_bytes'] / gb:.2f} | {r['host_coded_bytes'] / gb:.2f} | "
+            f"{r['rss_peak_bytes'] / gb:.2f} | {r['rss_forward_bytes'] / gb:.2f} | {r['host_raw_bytes'] / gb:.2f} | {r['host_coded_bytes'] / gb:.2f} | "
             f"{r['setup_s']:.2f} | {'yes' if r['exact'] else 'NO'} |"
         )
     return "\n".join(lines) + "\n"

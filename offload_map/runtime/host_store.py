@@ -56,6 +56,11 @@ logger = logging.getLogger("offload_map")
 PACK_THREADS = min(8, os.cpu_count() or 1)
 # Bytes of units packed at once (a larger unit packs alone): each is held twice until its tensors are rebound.
 PACK_IN_FLIGHT = 3 * 2**29
+# A unit's tensors are rebound to its buffer one by one as they are written, and the heap pages their originals
+# leave are returned every PACK_RUN bytes: a unit larger than that (a whole pinned component: T5-XXL, a 12B DiT)
+# holds PACK_RUN bytes twice at a time, not all of its bytes (measured on the H200, Flux's 23.8 GB transformer
+# packed whole took host RSS from 35 to 59 GB).
+PACK_RUN = 2**28
 PAGE = 4096
 
 
@@ -151,10 +156,8 @@ class HostStore:
             # Weights that ``from_pretrained`` left viewing their files: a block held only as its code keeps them at
             # rest, so they are taken before binding lets them go; the pages packing reads of them leave after it.
             originals = self._file_views(unit) if fills and "lossless" in self.kinds.values() else None
-            with in_flight.hold(twice):
+            with in_flight.hold(min(twice, PACK_RUN)):
                 packed = pack_unit(unit, offset)
-            with packed_lock:  # at once: a restore must find every bound unit, even if packing is interrupted twice
-                self.units[unit.path] = packed
             if unit.path in self.kinds and not in_flight.stopped:
                 # Outside the hold: the originals went when the unit was bound and the code is kept (its temporaries
                 # bounded by ``DEVICE_CODING.room``); inside, it took most of a coded unit's packing time and kept
@@ -178,29 +181,22 @@ class HostStore:
                 torch.cuda.set_device(device)
             start = time.perf_counter()
             buffer = HostBuffer([r.local for r in unit.tensors], None if region is None else region[offset:])
+            kept = buffer.nbytes if unit.placement is Placement.CPU_PINNED else 0
+            packed = OffloadedUnit(unit.path, unit.tensors, buffer, self.ordering, kept=kept)
+            with packed_lock:  # before a tensor is rebound: a restore must find it, even if packing is interrupted twice
+                self.units[unit.path] = packed
             if fills:
-                for index, ref in enumerate(unit.tensors):
-                    if self.source is not None and self.source.covers(ref):
-                        self.source.read_into(ref, buffer.view(index))
-                    else:
-                        buffer.write(index, ref.local)
+                self._fill(packed)
             filled = time.perf_counter()
             if self.pin:
                 buffer.pin()
             pinned = time.perf_counter()
             fill_s.append(filled - start)
             pin_s.append(pinned - filled)
-            packed = OffloadedUnit(
-                unit.path,
-                unit.tensors,
-                buffer,
-                self.ordering,
-                kept=buffer.nbytes if unit.placement is Placement.CPU_PINNED else 0,
-            )
             # A rank that does not fill a shared region binds to it only once the filler is done (``ready``):
             # until then its own tensors are the only copy of the weights.
             if fills:
-                packed.bind_host()
+                packed.bind_host()  # again, once pinned: torch's pinned allocator, the fallback, moves the buffer
                 # The unit's original tensors were just freed; return their heap pages now, or RSS holds
                 # both copies until packing ends.
                 trim_host_heap()
@@ -233,6 +229,23 @@ class HostStore:
         self.times.pack_wall_s = time.perf_counter() - start
         self.times.fill_s, self.times.pin_s, self.times.code_s = sum(fill_s), sum(pin_s), sum(code_s)
         self.times.code_wait_s = DEVICE_CODING.waited_s - waited
+
+    def _fill(self, packed: OffloadedUnit) -> None:
+        # Write each tensor into the unit's buffer (or read it there from its checkpoint) and point it there at once,
+        # so that its original goes as packing moves on (``PACK_RUN``). A restore puts back the tensors rebound so
+        # far, bit for bit; the others never moved.
+        packed.bound = True
+        written = 0
+        for index, ref in enumerate(packed.refs):
+            if self.source is not None and self.source.covers(ref):
+                self.source.read_into(ref, packed.host.view(index))
+            else:
+                packed.host.write(index, ref.local)
+                written += ref.nbytes
+            ref.bind(packed.host_views[index])
+            if written >= PACK_RUN:
+                trim_host_heap()
+                written = 0
 
     def _code(self, unit: Unit, buffer: HostBuffer, device: torch.device | None) -> "CodedHost | Fp8Host | None":
         # The unit's bytes as ``compression`` stores them, or None where that saves nothing.

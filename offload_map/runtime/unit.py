@@ -136,6 +136,7 @@ class OffloadedUnit:
     def bind_host(self) -> None:
         """Point every tensor at the host buffer (at dispatch, and after the weights changed), and note what later
         binds write to: the Parameters (``.data`` keeps their identity from here on) and buffer tables."""
+        self.host_views = self.host.at_rest()
         for ref, view in zip(self.refs, self.host_views):
             ref.bind(view)  # may replace a meta Parameter with a new one, so the targets are read after
         self._targets = [_targets(ref) for ref in self.refs]
@@ -318,7 +319,6 @@ class OffloadedUnit:
 
     def _set_host(self, host) -> None:
         old, self.host = self.host, host
-        self.host_views = host.at_rest()
         self.bind_host()
         if self.head is not None:  # a kept part stays on the device (an interrupted refresh leaves it there)
             self._bind(0, host.views(self.head, 0, self.kept))
