@@ -11,8 +11,8 @@
 #   bash benchmarks/h200_checks.sh flux-pipe-2 # the full Flux pipeline's rows issue 14 still lacks: model and
 #     diffusers-sequential (a 1-step and a 2-step call, extrapolated), after a resident row
 #   bash benchmarks/h200_checks.sh wan-pipe-1 | wan-pipe-2 | wan-pipe-3 | wan-pipe-4   # the full Wan2.2 pipeline,
-#     3 rows each (-4: diffusers-sequential alone; wan-pipe-baselines: resident, model and the three diffusers
-#     offloads, in one call); about 100 s a row on an H200, half of it building the pipeline.
+#     3 rows each (-4: diffusers-sequential alone; wan-pipe-baselines: resident, model, diffusers-model and
+#     diffusers-sequential in one call; diffusers-group needs 2.2x the weights of host memory, more than an H200 host has); about 100 s a row on an H200, half of it building the pipeline.
 #     -2, -3 and -4 compare against the resident output wan-pipe-1 leaves in /tmp: run them in the same device
 #     call, e.g. bash -c '... wan-pipe-1 && ... wan-pipe-2' (a machine idle for a while is handed back, /tmp with it).
 #   bash benchmarks/h200_checks.sh cold-lossless   # Flux-12B from safetensors: host RSS and ready time, raw and lossless
@@ -52,7 +52,7 @@ case "${1:-}" in
   wan-pipe-4) each diffusers-sequential "${wan[@]}" ;;
   wan-pipe-baselines)
     rm -f "$out"/pipeline_time_wan22.*
-    each resident,model,diffusers-model,diffusers-sequential,diffusers-group "${wan[@]}" ;;
+    each resident,model,diffusers-model,diffusers-sequential "${wan[@]}" ;;
   cold-lossless)
     python benchmarks/cold_start.py --model flux-12b --ckpt /tmp/flux_ckpt --out "$out" --cache warm \
       --phases write,read,offload_map,offload_map-lossless,pretrained-lossless ;;
