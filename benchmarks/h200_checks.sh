@@ -10,6 +10,8 @@
 #   bash benchmarks/h200_checks.sh flux-pipe # the full Flux pipeline: fp8 PSNR, lossless, RSS peak with PACK_IN_FLIGHT
 #   bash benchmarks/h200_checks.sh flux-pipe-2 # the full Flux pipeline's rows issue 14 still lacks: model and
 #     diffusers-sequential (a 1-step and a 2-step call, extrapolated), after a resident row
+#   bash benchmarks/h200_checks.sh flux-pipe-3 # resident and layerwise only: the fixed part with the next component
+#     brought in while the one before finishes (runtime/calls.py)
 #   bash benchmarks/h200_checks.sh wan-pipe-1 | wan-pipe-2 | wan-pipe-3 | wan-pipe-4   # the full Wan2.2 pipeline,
 #     3 rows each (-4: diffusers-sequential alone; wan-pipe-baselines: resident, model, diffusers-model and
 #     diffusers-sequential in one call; diffusers-group needs 2.2x the weights of host memory, more than an H200 host has); about 100 s a row on an H200, half of it building the pipeline.
@@ -46,6 +48,10 @@ case "${1:-}" in
     rm -f "$out"/pipeline_time_flux.*
     each resident,model,diffusers-sequential \
       python benchmarks/pipeline_time.py --pipeline flux --out "$out" --reference /tmp/flux_reference.pt ;;
+  flux-pipe-3)
+    rm -f "$out"/pipeline_time_flux.*
+    each resident,layerwise \
+      python benchmarks/pipeline_time.py --pipeline flux --out "$out" --reference /tmp/flux_reference.pt ;;
   wan-pipe-1) rm -f "$out"/pipeline_time_wan22.*; each resident,layerwise,auto-8GiB "${wan[@]}" ;;
   wan-pipe-2) each auto-12GiB,auto-24GiB,model "${wan[@]}" ;;
   wan-pipe-3) each diffusers-model,layerwise-lossless,diffusers-group "${wan[@]}" ;;
@@ -56,5 +62,5 @@ case "${1:-}" in
   cold-lossless)
     python benchmarks/cold_start.py --model flux-12b --ckpt /tmp/flux_ckpt --out "$out" --cache warm \
       --phases write,read,offload_map,offload_map-lossless,pretrained-lossless ;;
-  *) sed -n '2,19p' "$0"; exit 2 ;;
+  *) sed -n '2,22p' "$0"; exit 2 ;;
 esac

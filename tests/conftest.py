@@ -123,6 +123,14 @@ def dits(pipe) -> list[tuple[str, torch.nn.Module]]:
     return [(c.name, c.module) for c in found.components.values() if c.role is Role.DIT]
 
 
+def probe_inside(module: torch.nn.Module, probe: Callable[[], None]) -> list:
+    """Hooks that call ``probe()`` before each leaf module of ``module`` that holds weights runs: inside its forward
+    (or ``decode``), after its hook brought it onto the device. A forward hook on ``module`` itself runs after its
+    hook's ``post_forward``, by when the component that runs next may be coming in (``Swapper.prepare``)."""
+    leaves = [m for m in module.modules() if not list(m.children()) and list(m.parameters(recurse=False))]
+    return [leaf.register_forward_pre_hook(lambda *_: probe()) for leaf in leaves]
+
+
 def pipeline_state(pipe) -> dict:
     """Every tensor of the pipeline: device, dtype, strides and a copy of its value."""
     return {

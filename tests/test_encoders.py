@@ -13,7 +13,7 @@ import torch
 import offload_map.mapping.compiler
 from offload_map import BudgetTooSmall, Placement, Role, compile_device_map, dispatch_pipeline
 
-from conftest import assert_parity, assert_restored, pipeline_state
+from conftest import assert_parity, assert_restored, pipeline_state, probe_inside
 
 
 @pytest.fixture
@@ -55,16 +55,17 @@ def test_small_encoders_move_whole_and_big_ones_stream(encoder_case, monkeypatch
 
 @pytest.mark.usefixtures("stream_every_encoder")
 def test_components_that_take_turns_are_never_on_the_device_together(encoder_case, target):
+    # Probed inside each component (before each of its leaf modules runs), over two calls: in the second, the
+    # component that runs next comes onto the device as soon as the one before has enqueued its forward.
     pipe = encoder_case.pipe
     handle = dispatch_pipeline(pipe, "layerwise", target, window=2)
     roles = dict(handle.device_map.components)
-    modules = {name: module for name, module in _components(pipe)}
     seen = []
 
     def probe(name):
         def check(*_):
             on = handle.on_device()
-            seen.append((name, on))
+            seen.append(name)
             assert name in on, f"{name} runs but is not on the device"
             dits = [n for n in on if roles[n] is Role.DIT]
             assert len(dits) <= 1, f"two DiTs on the device together: {on}"
@@ -72,14 +73,70 @@ def test_components_that_take_turns_are_never_on_the_device_together(encoder_cas
 
         return check
 
-    hooks = [modules[name].register_forward_hook(probe(name)) for name in roles if roles[name] is not Role.OTHER]
+    hooks = _probe_inside(pipe, roles, probe)
     try:
-        assert torch.equal(encoder_case.run(pipe).cpu(), encoder_case.reference)
+        for _ in range(2):
+            assert torch.equal(encoder_case.run(pipe).cpu(), encoder_case.reference)
     finally:
         for hook in hooks:
             hook.remove()
-    assert {name for name, _ in seen} >= set(_encoders(handle.device_map))
+    assert set(seen) >= set(_encoders(handle.device_map))
     handle.remove()
+
+
+@pytest.mark.usefixtures("stream_every_encoder")
+def test_the_dit_comes_onto_the_device_while_the_last_encoder_finishes(encoder_case, target, monkeypatch):
+    # From the second call on, the last call tells what runs next. After the last encoder's forward is enqueued the
+    # DiT is brought in and its first blocks start loading, and the encoder loads none of its blocks for a next
+    # forward of its own (they used to be copied ahead of the DiT's, then dropped).
+    from offload_map.runtime.unit import OffloadedUnit
+
+    pipe = encoder_case.pipe
+    handle = dispatch_pipeline(pipe, "layerwise", target, window=2)
+    roles = dict(handle.device_map.components)
+    rings = handle.runtime.rings
+    load, loads = OffloadedUnit.load, []
+
+    def counted(unit, slot, copier, timed=None):
+        copied = load(unit, slot, copier, timed)
+        loads.append(unit.path)
+        return copied
+
+    monkeypatch.setattr(OffloadedUnit, "load", counted)
+    forwards, before_dit = [], []
+
+    def note(name):
+        def pre(*_):
+            if roles[name] is Role.DIT and all(roles[n] is not Role.DIT for n in forwards):  # before its accelerate hook
+                before_dit.append((name in handle.on_device(), len(rings[name].prefetcher.queue), len(rings[name].units)))
+            forwards.append(name)
+
+        return pre
+
+    modules = dict(_components(pipe))
+    hooks = [modules[name].register_forward_pre_hook(note(name)) for name in roles]
+    try:
+        for _ in range(2):
+            forwards.clear()
+            loads.clear()
+            assert torch.equal(encoder_case.run(pipe).cpu(), encoder_case.reference)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert before_dit[0][:2] == (False, 0)  # the first call: nothing known yet
+    on, queued, blocks = before_dit[1]
+    assert on and queued == min(2, blocks)
+    for name in _encoders(handle.device_map):
+        blocks = [unit.path for unit in rings[name].units]
+        assert sum(path in blocks for path in loads) == forwards.count(name) * len(blocks), name
+    handle.remove()
+
+
+def _probe_inside(pipe, roles, probe) -> list:
+    # ``probe(name)()`` while component ``name`` runs (``conftest.probe_inside``).
+    return [
+        hook for name, module in _components(pipe) if roles[name] is not Role.OTHER for hook in probe_inside(module, probe(name))
+    ]
 
 
 def _components(pipe):
@@ -138,7 +195,6 @@ def test_a_streamed_components_weights_outside_its_blocks_leave_while_the_compon
     rings = handle.runtime.rings
     assert rings and all(handle.device_map[name] is Placement.CPU_PINNED for name in rings)
     pinned = handle.runtime.swapper.pinned
-    modules = dict(_components(pipe))
     seen = set()
 
     def probe(name):
@@ -153,7 +209,7 @@ def test_a_streamed_components_weights_outside_its_blocks_leave_while_the_compon
 
         return check
 
-    hooks = [modules[name].register_forward_hook(probe(name)) for name in roles if roles[name] is not Role.OTHER]
+    hooks = _probe_inside(pipe, roles, probe)
     stats = handle.report().stats
     moved = []
     try:
@@ -163,7 +219,7 @@ def test_a_streamed_components_weights_outside_its_blocks_leave_while_the_compon
     finally:
         for hook in hooks:
             hook.remove()
-    assert seen >= {name for name in rings if roles[name] is not Role.VAE}  # a VAE runs decode(), not forward()
+    assert seen >= set(rings)
     # Each takes its turn once a call: everything pinned crosses the link once, not once per forward.
     assert moved[2] - moved[1] == sum(unit.nbytes for unit in pinned.values())
     handle.remove()

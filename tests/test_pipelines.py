@@ -7,7 +7,7 @@ import torch
 
 from offload_map import Role, dispatch_pipeline
 
-from conftest import assert_parity, assert_restored, dits, pipeline_state, resident_run
+from conftest import assert_parity, assert_restored, dits, pipeline_state, probe_inside, resident_run
 
 
 @pytest.fixture(autouse=True)
@@ -32,16 +32,16 @@ def test_model_strategy_is_bit_exact_and_exclusive(case, target):
     roles = dict(handle.device_map.components)
     seen = []
 
-    def probe(*_):
+    def probe():
         on = handle.on_device()
         seen.append(on)
         pinned_dits = [n for n in on if roles[n] is Role.DIT]
         assert len(pinned_dits) <= 1, f"two DiTs on the device together: {on}"
         assert not (pinned_dits and any(roles[n] is Role.ENCODER for n in on)), f"DiT and encoder together: {on}"
 
-    probes = [m.register_forward_hook(probe) for _, m in dits(pipe)]
+    probes = [p for _, m in dits(pipe) for p in probe_inside(m, probe)]
     probes += (
-        [c.register_forward_hook(probe) for n, c in pipe.components.items() if isinstance(c, torch.nn.Module)]
+        [p for c in pipe.components.values() if isinstance(c, torch.nn.Module) for p in probe_inside(c, probe)]
         if hasattr(pipe, "components")
         else []
     )
