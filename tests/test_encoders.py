@@ -243,3 +243,35 @@ def test_a_pinned_component_may_hold_streamed_blocks_and_resident_parts_when_edi
         assert torch.equal(encoder_case.run(pipe).cpu(), encoder_case.reference)
     assert handle.device_map[f"{dit}.{inner}"] is Placement.GPU
     handle.remove()
+
+
+@pytest.mark.usefixtures("stream_every_encoder")
+def test_calls_that_depart_from_the_last_one_still_give_the_resident_output(encoder_case, target):
+    # Each encoder run on its own between calls: after the first, the last call predicted another component, which
+    # came onto the device (and started loading) but does not run. Whole calls afterwards are as before.
+    pipe = encoder_case.pipe
+    handle = dispatch_pipeline(pipe, "layerwise", target, window=2)
+    roles = dict(handle.device_map.components)
+    modules = dict(_components(pipe))
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, kwargs, output):
+            seen.setdefault(name, (args, kwargs, output[0]))
+
+        return hook
+
+    hooks = [modules[n].register_forward_hook(keep(n), with_kwargs=True) for n in roles if roles[n] is Role.ENCODER]
+    try:
+        for _ in range(2):
+            assert torch.equal(encoder_case.run(pipe).cpu(), encoder_case.reference)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for _ in range(2):
+        for name, (args, kwargs, output) in seen.items():
+            with torch.inference_mode():
+                assert torch.equal(modules[name](*args, **kwargs)[0], output), name
+    for _ in range(2):
+        assert torch.equal(encoder_case.run(pipe).cpu(), encoder_case.reference)
+    handle.remove()

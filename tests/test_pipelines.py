@@ -86,3 +86,25 @@ def test_none_strategy_is_bit_exact(case, target):
     name, pipe, run, reference = case
     assert_parity(case, target, runs=1, strategy="none").remove()
     assert torch.equal(resident_run(pipe, lambda: run(pipe), target), reference)
+
+
+@pytest.mark.parametrize("strategy", ["layerwise", "model"])
+def test_a_component_that_came_in_under_inference_mode_runs_outside_it(case, target, strategy):
+    # Slots allocated while a forward ran under torch.inference_mode() were inference tensors, which nothing may write
+    # outside it: the next forward of that component under no_grad (as diffusers' calls run) failed copying a block.
+    pipe = case.pipe
+    before = pipeline_state(pipe)
+    name, dit = dits(pipe)[0]
+    seen = []
+    keep = dit.register_forward_hook(lambda m, args, kwargs, out: seen.append((args, kwargs, out)), with_kwargs=True)
+    handle = dispatch_pipeline(pipe, strategy, target)
+    assert torch.equal(case.run(pipe).cpu(), case.reference)
+    keep.remove()
+    args, kwargs, out = seen[0]
+    with torch.inference_mode():
+        assert torch.equal(dit(*args, **kwargs)[0], out[0])
+    with torch.no_grad():
+        assert torch.equal(dit(*args, **kwargs)[0], out[0])
+    assert torch.equal(case.run(pipe).cpu(), case.reference)
+    handle.remove()
+    assert_restored(pipe, before)

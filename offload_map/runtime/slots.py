@@ -65,6 +65,7 @@ class StagingBuffer:
 class Staging:
     """``STAGING_BUFFERS`` staging buffers of ``nbytes`` bytes each, used in turn (see the module docstring)."""
 
+    @torch.inference_mode(False)  # see ``SlotPool``
     def __init__(self, nbytes: int, ordering) -> None:
         self.ordering = ordering
         self.buffers = [
@@ -117,6 +118,9 @@ class SlotPool:
         staging: bytes of each staging buffer (0: none).
     """
 
+    # Normal tensors even when a component first runs under ``torch.inference_mode()``: copies write the buffers in
+    # the calls that follow, which may run outside it (diffusers' ``__call__`` runs under ``no_grad``).
+    @torch.inference_mode(False)
     def __init__(self, count: int, nbytes: int, ordering, staging: int = 0) -> None:
         self.ordering = ordering
         self.nbytes = nbytes
