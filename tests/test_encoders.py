@@ -73,13 +73,7 @@ def test_components_that_take_turns_are_never_on_the_device_together(encoder_cas
 
         return check
 
-    hooks = _probe_inside(pipe, roles, probe)
-    try:
-        for _ in range(2):
-            assert torch.equal(encoder_case.run(pipe).cpu(), encoder_case.reference)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    _calls_with(encoder_case, _probe_inside(pipe, roles, probe), 2)
     assert set(seen) >= set(_encoders(handle.device_map))
     handle.remove()
 
@@ -130,6 +124,16 @@ def test_the_dit_comes_onto_the_device_while_the_last_encoder_finishes(encoder_c
         blocks = [unit.path for unit in rings[name].units]
         assert sum(path in blocks for path in loads) == forwards.count(name) * len(blocks), name
     handle.remove()
+
+
+def _calls_with(case, hooks: list, calls: int) -> None:
+    # ``calls`` calls of the pipeline, each output the resident one, with ``hooks`` on; they come off afterwards.
+    try:
+        for _ in range(calls):
+            assert torch.equal(case.run(case.pipe).cpu(), case.reference)
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _probe_inside(pipe, roles, probe) -> list:
@@ -261,13 +265,9 @@ def test_calls_that_depart_from_the_last_one_still_give_the_resident_output(enco
 
         return hook
 
-    hooks = [modules[n].register_forward_hook(keep(n), with_kwargs=True) for n in roles if roles[n] is Role.ENCODER]
-    try:
-        for _ in range(2):
-            assert torch.equal(encoder_case.run(pipe).cpu(), encoder_case.reference)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    _calls_with(
+        encoder_case, [modules[n].register_forward_hook(keep(n), with_kwargs=True) for n in roles if roles[n] is Role.ENCODER], 2
+    )
     for _ in range(2):
         for name, (args, kwargs, output) in seen.items():
             with torch.inference_mode():
