@@ -13,10 +13,13 @@
 #   bash benchmarks/h200_checks.sh flux-pipe-3 # resident and layerwise only: the fixed part with the next component
 #     brought in while the one before finishes (runtime/calls.py)
 #   bash benchmarks/h200_checks.sh wan-pipe-1 | wan-pipe-2 | wan-pipe-3 | wan-pipe-4   # the full Wan2.2 pipeline,
-#     3 rows each (-4: diffusers-sequential alone; wan-pipe-baselines: resident, model, diffusers-model and
-#     diffusers-sequential in one call; diffusers-group needs 2.2x the weights of host memory, more than an H200 host has); about 100 s a row on an H200, half of it building the pipeline.
-#     -2, -3 and -4 compare against the resident output wan-pipe-1 leaves in /tmp: run them in the same device
-#     call, e.g. bash -c '... wan-pipe-1 && ... wan-pipe-2' (a machine idle for a while is handed back, /tmp with it).
+#     3 rows each (-4: diffusers-sequential alone). -2, -3 and -4 compare against the resident output wan-pipe-1
+#     leaves in /tmp: run them in the same device call, e.g. bash -c '... wan-pipe-1 && ... wan-pipe-2' (a machine
+#     idle for a while is handed back, /tmp with it). Rows take 1.5 to 4 minutes each on an H200 (resident, layerwise
+#     and auto-8GiB fit one call; resident, model and part of diffusers-model took the whole 9 minutes).
+#   bash benchmarks/h200_checks.sh wan-pipe-baselines | wan-pipe-diffusers-model | wan-pipe-diffusers-sequential
+#     # a resident row, then model, enable_model_cpu_offload or enable_sequential_cpu_offload: one call each
+#     (diffusers-group needs 2.2x the weights of host memory, more than an H200 host has)
 #   bash benchmarks/h200_checks.sh cold-lossless   # Flux-12B from safetensors: host RSS and ready time, raw and lossless
 #     (blocks held only as their code; by weights= and by from_pretrained); writes the 23.8 GB checkpoint to
 #     /tmp/flux_ckpt first (about a minute)
@@ -58,9 +61,12 @@ case "${1:-}" in
   wan-pipe-4) each diffusers-sequential "${wan[@]}" ;;
   wan-pipe-baselines)
     rm -f "$out"/pipeline_time_wan22.*
-    each resident,model,diffusers-model,diffusers-sequential "${wan[@]}" ;;
+    each resident,model "${wan[@]}" ;;
+  wan-pipe-diffusers-model | wan-pipe-diffusers-sequential)
+    rm -f "$out"/pipeline_time_wan22.*
+    each "resident,${1#wan-pipe-}" "${wan[@]}" ;;
   cold-lossless)
     python benchmarks/cold_start.py --model flux-12b --ckpt /tmp/flux_ckpt --out "$out" --cache warm \
       --phases write,read,offload_map,offload_map-lossless,pretrained-lossless ;;
-  *) sed -n '2,22p' "$0"; exit 2 ;;
+  *) sed -n '2,25p' "$0"; exit 2 ;;
 esac
