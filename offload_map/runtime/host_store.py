@@ -59,8 +59,9 @@ PACK_IN_FLIGHT = 3 * 2**29
 # A unit's tensors are rebound to its buffer one by one as they are written, and the heap pages their originals
 # leave are returned every PACK_RUN bytes: a unit larger than that (a whole pinned component: T5-XXL, a 12B DiT)
 # holds PACK_RUN bytes twice at a time, not all of its bytes (measured on the H200, Flux's 23.8 GB transformer
-# packed whole took host RSS from 35 to 59 GB).
-PACK_RUN = 2**28
+# packed whole took host RSS from 35 to 59 GB). Blocks (Flux's are 0.4-0.7 GB) are smaller: they return their
+# pages once, when packed, as before (each return walks the whole heap).
+PACK_RUN = 2**30
 PAGE = 4096
 
 
