@@ -124,9 +124,9 @@ def dits(pipe) -> list[tuple[str, torch.nn.Module]]:
 
 
 def probe_inside(module: torch.nn.Module, probe: Callable[[], None]) -> list:
-    """Hooks that call ``probe()`` before each leaf module of ``module`` that holds weights runs: inside its forward
-    (or ``decode``), after its hook brought it onto the device. A forward hook on ``module`` itself runs after its
-    hook's ``post_forward``, by when the component that runs next may be coming in (``Swapper.prepare``)."""
+    """Hooks that call ``probe()`` before each leaf module of ``module`` that holds weights runs: while the
+    component computes, in its forward, in another entry point (``decode``) or called by the pipeline after its
+    forward returned (diffusers' ``clip_skip`` runs the text encoder's final norm so)."""
     leaves = [m for m in module.modules() if not list(m.children()) and list(m.parameters(recurse=False))]
     return [leaf.register_forward_pre_hook(lambda *_: probe()) for leaf in leaves]
 

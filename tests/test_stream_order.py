@@ -245,34 +245,3 @@ def test_detach_with_a_component_copy_in_flight_lets_the_host_buffers_go_only_af
     got = pipe.text_encoder.state_dict()
     assert all(got[name].device.type == "cuda" and torch.equal(got[name].cpu(), t) for name, t in expected.items())
     del garbage
-
-
-@pytest.mark.parametrize("name", ["flux", "wan22"])
-def test_the_next_component_loading_while_the_encoder_finishes_gives_the_resident_output(monkeypatch, name):
-    # From the second call on, the DiT's slots are allocated and its first blocks copied as soon as the last encoder
-    # has enqueued its forward (``Swapper.prepare``): its slots may reuse the encoder's memory, which its slow last
-    # blocks still read. Every encoder leaf sleeps on the compute stream first, and every copy sleeps.
-    import offload_map.mapping.compiler
-    from offload_map import Role
-
-    from conftest import _case
-
-    monkeypatch.setattr(offload_map.mapping.compiler, "STREAM_MIN_BYTES", 0)
-    case = _case(name, "cuda")
-    handle = dispatch_pipeline(case.pipe, "layerwise", "cuda", window=2)
-    cycles = _cycles_for(0.002)
-    hooks = [
-        leaf.register_forward_pre_hook(lambda *_: torch.cuda._sleep(cycles))
-        for component, role in handle.device_map.components.items()
-        if role is Role.ENCODER
-        for leaf in getattr(case.pipe, component).modules()
-        if not list(leaf.children())
-    ]
-    try:
-        with delayed_copies(0.002, side_streams_only=True):
-            for _ in range(3):
-                assert torch.equal(case.run(case.pipe).cpu(), case.reference)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    handle.remove()

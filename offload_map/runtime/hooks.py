@@ -2,11 +2,7 @@
 
 - ``ComponentHook`` sits on every component. It exposes ``execution_device`` (diffusers pipelines read it
   to place latents), moves tensor inputs there, makes room for the component (``Swapper.activate``) and,
-  on a streamed component, tells its ring where each forward begins and ends. Where the last call says which
-  component runs next (``CallWatch.next_other``: T5 after CLIP, the DiT after T5), that one comes onto the
-  device as soon as this forward is enqueued (``Swapper.prepare``): its first blocks load while the host
-  code between the two runs, and a streamed component loads none of its own blocks for a next forward of
-  its own, so the copy stream carries only what runs next. diffusers' VAEs call
+  on a streamed DiT, tells its ring where each forward begins and ends. diffusers' VAEs call
   ``_hf_hook.pre_forward`` from ``decode``/``encode`` too, so a pinned VAE is loaded for those.
 - Entry points other than ``forward`` that pipelines call on a component (``ENTRY_POINTS``, ``vae.decode`` and
   the like, plus those a class names in ``_offload_map_entry_points``) run through the same hook, so the
@@ -47,23 +43,18 @@ class ComponentHook(ModelHook):
         self.ring = ring
         self.calls = calls
 
-        self.next: str | None = None  # the component expected to run after this forward, if another
-
     @torch.compiler.disable
     def pre_forward(self, module, *args, **kwargs):
         self.calls.forward(self.name)
         self.swapper.activate(self.name)
-        self.next = self.calls.next_other()
         if self.ring is not None:
-            self.ring.prefetcher.begin_forward(wraps=self.next is None)
+            self.ring.prefetcher.begin_forward()
         return _to_device(args, self.execution_device), {k: _to_device((v,), self.execution_device)[0] for k, v in kwargs.items()}
 
     @torch.compiler.disable
     def post_forward(self, module, output):
         if self.ring is not None:
             self.ring.prefetcher.end_forward()
-        if self.next is not None:
-            self.swapper.prepare(self.next)
         return output
 
 

@@ -7,10 +7,7 @@ State (one ``Prefetcher`` per ``BlockRing``):
   skip or repeat blocks).
 - ``order``: the blocks of ``sequence`` that stream something (blocks kept whole need no load).
 - ``cursor``: the position in ``order`` of the next streamed block expected to run. It wraps, so while
-  the last blocks of a step compute, the first blocks of the next step are already being copied; unless
-  another component is known to run next (``begin_forward(wraps=False)``): the copy stream then carries
-  that component's first blocks instead (``hooks.ComponentHook``).
-- ``ahead``: loads this forward may still issue without wrapping (None: no bound).
+  the last blocks of a step compute, the first blocks of the next step are already being copied.
 - ``queue``: loads already issued for the next positions, ``(position, slot)`` in order; the units are
   ``LOADED`` (``runtime.unit``) and their modules still view host memory.
 - ``idle``: slots that no queued or running block needs, least recently released first.
@@ -59,7 +56,6 @@ class Prefetcher:
         self.cursor = 0
         self.queue: deque[tuple[int, Slot]] = deque()
         self.idle: deque[Slot] = deque()
-        self.ahead: int | None = None
 
     def restart(self, slots: list[Slot]) -> None:
         """Start over with ``slots`` (after the ring's slots or kept parts changed); every unit is on the host."""
@@ -68,7 +64,6 @@ class Prefetcher:
         self.queue = deque()
         self.idle = deque(slots)
         self.running = None
-        self.ahead = None
 
     def settle(self) -> None:
         """Release the running block and cancel issued loads: every unit's tail on the host. Safe to call twice."""
@@ -76,19 +71,13 @@ class Prefetcher:
             self._release_running()
         self._reset()
 
-    def begin_forward(self, wraps: bool = True) -> None:
-        """Called before each forward of the component. ``wraps``: once its last blocks are loading, load the first
-        ones for its next forward (False: another component runs next)."""
+    def begin_forward(self) -> None:
+        """Called before each forward of the DiT."""
         if self.running is not None or self.cursor != 0:  # the last forward ended early
             self.settle()
-        self.ahead = None if wraps else len(self.order) - len(self.queue)
         self.recorded = []
         if self.timer is not None:
             self.timer.forward_start()
-        self._fill()
-
-    def fill(self) -> None:
-        """Issue loads for the first blocks of the next forward into the idle slots, ahead of ``begin_forward``."""
         self._fill()
 
     def end_forward(self) -> None:
@@ -166,7 +155,6 @@ class Prefetcher:
                 self.units[block].path,
             )
         self._reset()
-        self.ahead = None  # the order is broken: loads follow the cursor from here on, as at any forward
         self._load(block, self._take_slot(block), on_demand=True)
         if block in self.order:
             self.cursor = (self.order.index(block) + 1) % len(self.order)
@@ -180,7 +168,7 @@ class Prefetcher:
         return self.idle.popleft()
 
     def _fill(self) -> None:
-        while self.idle and self.order and len(self.queue) < len(self.order) and self.ahead != 0:
+        while self.idle and self.order and len(self.queue) < len(self.order):
             position = (self.cursor + len(self.queue)) % len(self.order)
             block = self.order[position]
             if self.units[block].state is not TailState.HOST:
@@ -188,5 +176,3 @@ class Prefetcher:
             slot = self._take_slot(block)
             self._load(block, slot, on_demand=False)
             self.queue.append((position, slot))
-            if self.ahead is not None:
-                self.ahead -= 1

@@ -60,15 +60,6 @@ class Swapper:
         if name in self.rings:
             self.rings[name].enter()
 
-    def prepare(self, name: str) -> None:
-        """Bring component ``name`` onto the device ahead of its forward (as ``activate``), and, if it is streamed,
-        start loading its first blocks, once the component before it enqueued its last work. Device memory is as at
-        ``name``'s own forward (the same components leave first); its slots may reuse theirs, so its copies wait
-        for the work enqueued before (``slots``), then run while the host prepares ``name``'s inputs."""
-        self.activate(name)
-        if name in self.rings:
-            self.rings[name].prefetcher.fill()
-
     def release(self, name: str) -> None:
         """Let component ``name`` leave the device, as when a component that excludes it runs."""
         if name in self.pinned and self.pinned[name].head is not None:
