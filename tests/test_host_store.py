@@ -409,3 +409,42 @@ def test_a_whole_component_that_fails_halfway_through_packing_is_restored(monkey
         dispatch_pipeline(model, "model", target)
     assert_restored(model, before)
     assert torch.equal(model(x).cpu(), _reference(0, target))
+
+
+def test_a_second_interrupt_while_a_whole_component_packs_restores_it_once_it_is_written(monkeypatch):
+    # The unit's tensors are rebound one by one as they are written: a restore that ran while its thread still wrote
+    # would give back the tensors rebound so far, then the thread would rebind more to the released buffer. The
+    # packing threads' pool waits for them as it closes, before the restore.
+    from conftest import assert_restored, pipeline_state
+
+    writing, waits, restoring, late = threading.Event(), [], [], []
+    write, restore = host_store.HostBuffer.write, host_store.HostStore.restore
+
+    def slow_write(buffer, index, tensor) -> None:
+        writing.set()
+        time.sleep(0.02)  # the unit is still being written when the interrupts land
+        if restoring:
+            late.append(index)
+        write(buffer, index, tensor)
+
+    def noted_restore(store) -> None:
+        restoring.append(True)
+        restore(store)
+
+    def interrupted(futures, **kwargs):
+        waits.append(kwargs)
+        writing.wait()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(host_store.HostBuffer, "write", slow_write)
+    monkeypatch.setattr(host_store.HostStore, "restore", noted_restore)
+    monkeypatch.setattr(host_store, "wait", interrupted)
+    model = make_dit()
+    before = pipeline_state(model)
+    with pytest.raises(KeyboardInterrupt):
+        dispatch_pipeline(model, "model", "cpu")
+    time.sleep(0.5)  # a thread still packing, had it been left to, has finished by now
+    assert late == [], "the unit was still being written while the restore ran"
+    assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in model.parameters())
+    assert_restored(model, before)
+    assert len(waits) == 2
