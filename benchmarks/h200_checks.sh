@@ -10,8 +10,8 @@
 #   bash benchmarks/h200_checks.sh flux-pipe # the full Flux pipeline: fp8 PSNR, lossless, RSS peak with PACK_IN_FLIGHT
 #   bash benchmarks/h200_checks.sh flux-pipe-2 # the full Flux pipeline's rows issue 14 still lacks: model and
 #     diffusers-sequential (a 1-step and a 2-step call, extrapolated), after a resident row
-#   bash benchmarks/h200_checks.sh flux-pipe-3 # resident and layerwise only: the fixed part with the next component
-#     brought in while the one before finishes (runtime/calls.py)
+#   bash benchmarks/h200_checks.sh flux-pipe-3 # resident and layerwise only: a quick check of the streamed pipeline
+#     (about 4 minutes)
 #   bash benchmarks/h200_checks.sh wan-pipe-1 | wan-pipe-2 | wan-pipe-3 | wan-pipe-4   # the full Wan2.2 pipeline,
 #     3 rows each (-4: diffusers-sequential alone). -2, -3 and -4 compare against the resident output wan-pipe-1
 #     leaves in /tmp: run them in the same device call, e.g. bash -c '... wan-pipe-1 && ... wan-pipe-2' (a machine
