@@ -512,8 +512,9 @@ def render(env: dict, rows: list[dict]) -> str:
         "",
         f"- device: {env['device_name']}; {env['versions']}",
         f"- weights: {human_bytes(next((r['weights_bytes'] for r in rows if 'weights_bytes' in r), 0))} bf16",
-        f"- per step = (t8 - t1) / 7; fixed = t1 - per step; {steps}-step = fixed + {steps} x per step; peak GPU: allocator peak "
-        "over the timed calls; RSS: after setup / peak",
+        f"- per step = (tN - t1) / (N - 1) from a 1-step and an N-step call (N = 8; 2 for diffusers-sequential); fixed = t1 - "
+        f"per step (negative: below the noise of the two calls); {steps}-step = fixed + {steps} x per step; peak GPU: "
+        "allocator peak over the timed calls; RSS: after setup / peak",
         "",
         f"| strategy | fixed s | per step s | {steps}-step s | x resident | peak GPU GiB | host RSS GB | setup s | bit-exact "
         "| PSNR dB |",
