@@ -1,9 +1,10 @@
 """Host storage for a dispatch: every pinned component and streamed block packed into its host buffer.
 
 Packing runs on ``PACK_THREADS`` threads at once (copies, checkpoint reads and page-locking release the GIL);
-each unit's tensors are rebound to its host buffer as soon as it is packed, so the original storage is freed
-unit by unit and host memory holds about one copy of the weights throughout: a unit being packed is held twice,
-so units of at most ``PACK_IN_FLIGHT`` bytes together are packed at once (8 threads packing Flux's 0.68 GB
+each tensor is rebound to its unit's host buffer as soon as it is written there, so the original storage is freed
+as packing goes and host memory holds about one copy of the weights throughout: what a unit has written but not
+yet given back to the OS is held twice (its bytes, or ``PACK_RUN`` of them for a unit larger than that), so units
+holding at most ``PACK_IN_FLIGHT`` bytes twice together are packed at once (8 threads packing Flux's 0.68 GB
 blocks held 5 GB more than the weights). Tensors on the meta device are read from their checkpoint
 (``loading.weights.WeightSource``) straight into place, held once.
 
