@@ -240,6 +240,16 @@ def _build(
         share_host_copy=share_host_copy,
         shard_copies=shard_copies,
     )
+    blocks, raw = runtime.raw_beside_code
+    if blocks:
+        logger.warning(
+            "compression='lossless': %d coded blocks (%s) were built in memory rather than read from a checkpoint "
+            "file, so host memory holds their raw bytes beside their code (about 1.75x those bytes instead of 0.75x). "
+            "Blocks loaded with from_pretrained, or by empty_model(...) and weights=, from a checkpoint that stores "
+            "them in this dtype are held only as their code",
+            blocks,
+            human_bytes(raw),
+        )
     try:
         planner = None if link is None else AutoPlanner(runtime, plan, dmap, budget, link, runs_per_call)
     except BaseException:

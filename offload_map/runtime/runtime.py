@@ -28,6 +28,7 @@ from ..planning.bind import ExecutionPlan
 from ..planning.cost_model import ModelCost
 from .calibration import BlockTimer
 from .calls import CallWatch
+from .coded_host import CodedHost
 from .hooks import BlockHook, ComponentHook, HookSet
 from .host_buffer import HostBuffer
 from .host_store import HostStore
@@ -162,6 +163,14 @@ class Runtime:
         return CodedTotals(
             len(units), len(coded), sum(c.raw_bytes for c in coded), sum(c.nbytes for c in coded), len(every) - len(units), mapped
         )
+
+    @property
+    def raw_beside_code(self) -> tuple[int, int]:
+        """Blocks coded losslessly that hold their raw bytes in host memory too (built in memory rather than viewing
+        a checkpoint file, ``mapped_host``), and those raw bytes."""
+        units = [u for ring in self.rings.values() for u in ring.units if isinstance(u.coded, CodedHost)]
+        raw = [u.host.nbytes for u in units if isinstance(u.host, HostBuffer)]
+        return len(raw), sum(raw)
 
     @property
     def host_bytes(self) -> tuple[int, int]:
