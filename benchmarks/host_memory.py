@@ -1,6 +1,7 @@
 """Host memory holding a streamed DiT's weights: raw or lossless; built in memory, read from a checkpoint by
 ``weights=``, or loaded with ``safetensors.torch.load_file`` as ``from_pretrained`` does (views of the file); and,
-as ``memory-raw-whole``, the DiT built in memory and pinned whole (``strategy="model"``: one unit of all its bytes).
+as ``memory-raw-whole``, the DiT built in memory and pinned whole (``strategy="model"``: one unit of all its bytes);
+as ``memory-lossless-folder``, built in memory and coded with ``offload_folder`` (its raw bytes rest on disk).
 
 Each case runs in a fresh process (its host memory is its own): build a DiT with bf16 weights ~ N(0, 0.02)
 (or an empty one for ``weights=``), ``dispatch_pipeline(model, "layerwise", device, compression=...)``, run
@@ -39,6 +40,7 @@ CASES = [
     "safetensors-raw",
     "safetensors-lossless",
     "memory-raw-whole",
+    "memory-lossless-folder",
 ]
 WIDTH = 2048
 
@@ -88,16 +90,23 @@ def rss(field: str = "VmRSS") -> int:
 
 def case(name: str, n: int, ckpt: Path, device: str) -> dict:
     base = rss()
-    source, compression, *whole = name.split("-")
+    source, compression, *how = name.split("-")
     model = build(n, empty=source != "memory")
     weights = ckpt / "dit.safetensors" if source == "checkpoint" else None
     if source == "safetensors":
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(ckpt / "dit.safetensors"), assign=True)
-    strategy = "model" if whole else "layerwise"
+    strategy = "model" if how == ["whole"] else "layerwise"
+    folder = ckpt / "offload" if how == ["folder"] else None
     handle = dispatch_pipeline(
-        model, strategy, device, weights=weights, compression=None if compression == "raw" else compression, progress=False
+        model,
+        strategy,
+        device,
+        weights=weights,
+        compression=None if compression == "raw" else compression,
+        progress=False,
+        offload_folder=folder,
     )
     dispatched, peak = rss(), rss("VmHWM")
     with torch.inference_mode():

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -51,6 +52,7 @@ def dispatch_pipeline(
     progress: bool | None = None,
     runs_per_call: dict[str, int] | None = None,
     compression: "str | dict[str, str] | None" = None,
+    offload_folder: "str | os.PathLike | None" = None,
 ) -> OffloadHandle:
     """Place ``pipeline``'s modules by strategy (or by an explicit device map) and hook them to run there.
 
@@ -104,6 +106,13 @@ def dispatch_pipeline(
             ``{"transformer": "lossless", "transformer.single_transformer_blocks.37": None}``. Default: the map's
             (``None`` for a strategy); ``{}`` or a dict of nothing but None streams every block as it is, over the
             map's compression too. Not with ``shard_copies`` or a host copy shared between ranks.
+        offload_folder: with ``compression="lossless"``, a folder on disk (created if missing) where blocks built
+            in memory (random weights, a dtype changed on load: a float32 checkpoint read as bf16) keep their raw
+            bytes: written there once, and between uses their tensors view that file, copy-on-write, as blocks
+            loaded by ``from_pretrained`` view theirs. Host memory then holds only their code, about 3/4 of their
+            bytes, instead of 1.75 times them; dispatch writes their bytes to disk once. The files have no name
+            (nothing is left behind) and take their disk space until ``remove()``. If a write fails (a full disk),
+            the blocks after it keep their raw bytes in memory, with a warning.
 
     Returns:
         An ``OffloadHandle``; ``handle.remove()`` restores the pipeline.
@@ -113,6 +122,7 @@ def dispatch_pipeline(
         CheckpointError: (a ValueError) a checkpoint in ``weights`` is missing, pickle-based, corrupt, truncated
             or does not match its component, or a meta component has none. Nothing is allocated.
         BudgetTooSmall: (a ValueError) the budget is below the minimum, which the message names.
+        ValueError: ``offload_folder`` without lossless compression, or not a writable folder.
         RuntimeError: the pipeline is already dispatched, or another offloader's hooks are on it.
 
     Example:
@@ -160,8 +170,10 @@ def dispatch_pipeline(
                 "shard_copies=True or share_host_copy=True; pass one of them"
             )
         share_host_copy = False  # each rank codes its own
+    folder = _offload_folder(offload_folder, device_map.compression)
     options = dict(
         budget=budget,
+        offload_folder=folder,
         pin_memory=pin_memory,
         blocking=blocking,
         progress=progress,
@@ -188,6 +200,26 @@ def dispatch_pipeline(
     return handle
 
 
+def _offload_folder(folder: "str | os.PathLike | None", compression) -> Path | None:
+    """``offload_folder`` checked: a writable folder (created if missing) for a dispatch that codes losslessly."""
+    if folder is None:
+        return None
+    kinds = {compression} if isinstance(compression, str) else set((compression or {}).values())
+    if "lossless" not in kinds:
+        raise ValueError(
+            f"offload_folder={str(folder)!r} keeps the raw bytes of blocks coded losslessly, but this dispatch codes "
+            f"none (compression={compression!r}); pass compression='lossless' too, or leave offload_folder out"
+        )
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"offload_folder={str(folder)!r} cannot be created ({err}); pass a writable folder") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"offload_folder={str(folder)!r} is not writable; pass a folder you can write to")
+    return path
+
+
 def _idle_compression(dmap: DeviceMap, plan) -> list[str]:
     """The paths ``dmap.compression`` gives a kind that hold no block the plan streams (``[""]`` for one kind)."""
     if not dmap.compression:
@@ -211,6 +243,7 @@ def _build(
     share_host_copy: bool | None,
     shard_copies: bool,
     runs_per_call: dict | None,
+    offload_folder: Path | None,
 ) -> tuple[DeviceMap, Runtime, AutoPlanner | None]:
     plan = bind(dmap, found, tensors)
     idle = _idle_compression(dmap, plan)
@@ -239,14 +272,16 @@ def _build(
         source=source or None,
         share_host_copy=share_host_copy,
         shard_copies=shard_copies,
+        offload_folder=offload_folder,
     )
     blocks, raw = runtime.raw_beside_code
-    if blocks:
+    if blocks and offload_folder is None:  # with one, a failed write said so already
         logger.warning(
             "compression='lossless': %d coded blocks (%s) were built in memory rather than read from a checkpoint "
             "file, so host memory holds their raw bytes beside their code (about 1.75x those bytes instead of 0.75x). "
             "Blocks loaded with from_pretrained, or by empty_model(...) and weights=, from a checkpoint that stores "
-            "them in this dtype are held only as their code",
+            "them in this dtype are held only as their code, and so are these with offload_folder=, which keeps "
+            "their raw bytes on disk",
             blocks,
             human_bytes(raw),
         )

@@ -63,6 +63,20 @@ def refresh_interrupted(handle, at: int, monkeypatch) -> None:
     monkeypatch.setattr(CodedHost, "encode", encode)
 
 
+def edit_and_refresh(pipe, handle, target):
+    """Halve the single blocks' weights of ``pipe``'s transformer in place (``load_state_dict``: into the views of
+    the files, private pages), ``refresh()``, check the output against the resident run of a pipeline so edited,
+    and return that pipeline."""
+    edited = make_flux_pipeline()
+    edited.to(torch.bfloat16)
+    for p in edited.transformer.single_transformer_blocks.parameters():
+        p.mul_(0.5)
+    pipe.transformer.load_state_dict(edited.transformer.state_dict())
+    handle.refresh()
+    assert torch.equal(run_flux(pipe).cpu(), resident_run(edited, lambda: run_flux(edited), target))
+    return edited
+
+
 def at_rest_in_file(unit) -> bool:
     return all(unit.host.holds(i, ref.local) for i, ref in enumerate(unit.refs))
 
@@ -96,14 +110,7 @@ def test_edits_land_in_private_pages_and_refresh_codes_them(tmp_path, target):
     before = digest(path)
     handle = dispatch(pipe, path, target)
     run_flux(pipe)
-    edited = make_flux_pipeline()
-    edited.to(torch.bfloat16)
-    for p in edited.transformer.single_transformer_blocks.parameters():
-        p.mul_(0.5)
-    pipe.transformer.load_state_dict(edited.transformer.state_dict())  # in place, into the views of the file
-    handle.refresh()
-    reference = resident_run(edited, lambda: run_flux(edited), target)
-    assert torch.equal(run_flux(pipe).cpu(), reference)
+    edited = edit_and_refresh(pipe, handle, target)
     assert all(isinstance(u.host, MappedHost) and at_rest_in_file(u) for u in streamed(handle))
     handle.remove()
     assert digest(path) == before  # the file never changed
@@ -537,4 +544,61 @@ def test_a_lora_added_while_dispatched_leaves_the_blocks_held_only_as_their_code
     assert_held_only_coded_with_lora(handle)
     for _ in range(2):
         assert torch.equal(run_flux(pipe).cpu(), reference)
+    handle.remove()
+
+
+@pytest.mark.parametrize("window", [1, 3])
+@torch.inference_mode()
+def test_blocks_built_in_memory_rest_in_the_offload_folder_hold_only_their_code_and_stay_bit_exact(tmp_path, target, window):
+    # A float32 checkpoint read as bf16 builds every block in memory: without a folder each keeps its raw bytes beside
+    # its code (1.75x); with one they rest in a file there, as blocks read from a bf16 checkpoint rest in theirs.
+    from conftest import assert_restored, pipeline_state
+
+    pipe = make_flux_pipeline()
+    pipe.to(torch.bfloat16)
+    before = pipeline_state(pipe)
+    reference = resident_run(pipe, lambda: run_flux(pipe), target)
+    folder = tmp_path / "offload"
+    handle = dispatch_pipeline(pipe, "layerwise", target, window=window, compression="lossless", offload_folder=folder)
+    units = streamed(handle)
+    assert all(isinstance(u.host, MappedHost) and u.coded is not None and at_rest_in_file(u) for u in units)
+    assert handle.runtime.host_bytes[0] == sum(u.nbytes for u in handle.runtime.host.units.values() if u not in units)
+    assert f"{len(units)} held only coded" in str(handle.report())
+    assert list(folder.iterdir()) == []  # the files have no name: nothing is left behind
+    assert all(torch.equal(run_flux(pipe).cpu(), reference) for _ in range(2))
+    edit_and_refresh(pipe, handle, target)
+    pipe.transformer.load_state_dict(make_flux_pipeline().to(torch.bfloat16).transformer.state_dict())
+    handle.remove()
+    assert_restored(pipe, before)
+    files = FileViews()
+    assert not any(files.viewed(p) for p in pipe.transformer.parameters())  # memory of their own again
+
+
+def test_offload_folder_is_refused_without_lossless_compression_or_where_it_cannot_be_made(tmp_path):
+    from test_compression import make_dit
+
+    model = make_dit()
+    with pytest.raises(ValueError, match=r"offload_folder=.* codes none \(compression=None\); pass compression='lossless'"):
+        dispatch_pipeline(model, "layerwise", "cpu", offload_folder=tmp_path)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="offload_folder=.*a_file/offload' cannot be created"):
+        dispatch_pipeline(model, "layerwise", "cpu", compression="lossless", offload_folder=tmp_path / "a_file" / "offload")
+    assert not hasattr(model, "_offload_map_handle") and not hasattr(model.blocks[0], "_hf_hook")
+
+
+@torch.inference_mode()
+def test_a_failed_write_to_the_offload_folder_keeps_raw_bytes_with_one_warning(tmp_path, monkeypatch, caplog):
+    from test_compression import _input, _reference, make_dit
+
+    def full(buffer, folder):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(MappedHost, "written", full)
+    model = make_dit()
+    with caplog.at_level(logging.WARNING, logger="offload_map"):
+        handle = dispatch_pipeline(model, "layerwise", "cpu", compression="lossless", offload_folder=tmp_path)
+    assert caplog.text.count("cannot write to offload_folder") == 1 and "No space left" in caplog.text
+    assert "built in memory" not in caplog.text  # said once, by the failed write
+    assert all(isinstance(u.host, HostBuffer) and u.coded is not None for u in streamed(handle))
+    assert torch.equal(model(_input()), _reference(0, "cpu"))
     handle.remove()

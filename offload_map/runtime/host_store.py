@@ -16,7 +16,9 @@ With ``compression`` each streamed block is coded too (``coded_host.CodedHost`` 
 page-locked as well, and is what its copies read. A block coded losslessly whose tensors view files (read from a
 checkpoint that stores them as the model lays them out, or left so by ``from_pretrained``) then lets its raw
 buffer go: at rest its tensors view the file (``mapped_host.MappedHost``), so host memory holds its code only.
-The pages packing read of such files leave the process once it ends (``file_views.release_read_pages``).
+The pages packing read of such files leave the process once it ends (``file_views.release_read_pages``). With an
+offload folder, a block built in memory is held so too, its raw bytes written to a file there
+(``MappedHost.written``).
 
 Ownership: ``HostStore`` owns every ``HostBuffer`` (allocated or sliced, filled and page-locked here; a unit held
 only as its code lets its own go in ``OffloadedUnit.map_to``), each unit's code (``CodedHost``/``Fp8Host``), and
@@ -77,6 +79,7 @@ class HostStore:
         share_host_copy: see ``dispatch_pipeline``.
         shard_backend: make a process group of this host's ranks for sharded loads (``"nccl"``/``"gloo"``), or None.
         progress: show a progress bar (None: when packing takes over a second).
+        folder: ``offload_folder``: where blocks coded losslessly that view no file rest (or None).
 
     Attributes:
         units: unit path -> ``OffloadedUnit``, every tensor bound to its host buffer.
@@ -93,8 +96,11 @@ class HostStore:
         share_host_copy: bool | None,
         shard_backend: str | None,
         progress: bool | None,
+        folder: "os.PathLike | None" = None,
     ) -> None:
         self.ordering = ordering
+        self.folder = folder
+        self.folder_failed = False  # a write there failed: the blocks after it keep their raw buffers
         self.pin = pin
         self.source = source
         self.kinds = plan.compression  # streamed block -> how it is kept (``compression``)
@@ -167,7 +173,9 @@ class HostStore:
                 start = time.perf_counter()
                 try:
                     packed.coded = self._code(unit, packed.host, device if device.type == "cuda" else None)
-                    mapped = self._mapped(unit, originals, packed.host) if isinstance(packed.coded, CodedHost) else None
+                    mapped = None
+                    if isinstance(packed.coded, CodedHost):
+                        mapped = self._mapped(unit, originals, packed.host) or self._written(packed.host)
                     if mapped is not None:
                         packed.map_to(mapped)
                         trim_host_heap()
@@ -278,6 +286,23 @@ class HostStore:
         if all(view is None for view in views):
             return None
         return MappedHost([v if v is not None else _copy(buffer, i) for i, v in enumerate(views)], self.pin, lent)
+
+    def _written(self, buffer: HostBuffer) -> MappedHost | None:
+        # A coded unit that views no file rests in one of the offload folder (or keeps its raw buffer: no folder,
+        # or a write there failed, after which the others do not try, with one warning).
+        if self.folder is None or self.folder_failed:
+            return None
+        try:
+            return MappedHost.written(buffer, self.folder)
+        except OSError as err:
+            self.folder_failed = True
+            logger.warning(
+                "offload_map: cannot write to offload_folder %s (%s); the blocks not written there keep their raw "
+                "bytes in host memory",
+                self.folder,
+                err,
+            )
+            return None
 
     def restore(self) -> None:
         """Give every tensor its own storage on its original device again, bit for bit, and release the buffers and

@@ -1,11 +1,14 @@
-"""A coded block held in host memory only as its code: at rest, its tensors view their checkpoint file.
+"""A coded block held in host memory only as its code: at rest, its tensors view their checkpoint file (or a file
+of the offload folder).
 
 With ``compression="lossless"`` a streamed block streams its code (``coded_host``); its raw bytes are needed
 only to restore it, to code it anew at ``refresh()``, or to stream it raw again. A block whose tensors view a
 file does not keep them (its other tensors, a LoRA's say, get memory of their own): one read from a safetensors
 checkpoint (``weights=``) that stores it as the model lays it out (same dtypes, contiguous tensors), through a
 private mapping of its own (``loading.checkpoint.Checkpoint.mapped``), or one whose weights ``from_pretrained``
-left as views of their files (``file_views``). Once it is coded, its raw host buffer goes, and between uses its
+left as views of their files (``file_views``). A block built in memory has no such file: with
+``offload_folder`` its raw bytes are written to one there (``written``), whose name goes at once (its mapping keeps
+it until the unit lets go; nothing is left behind). Once it is coded, its raw host buffer goes, and between uses its
 tensors view the file. Host memory then holds about 3/4 of the block's bytes instead of 1.75 times them. Reading
 such a tensor reads the file; writing one (``fuse_lora``, ``load_state_dict``) writes private copies of the pages
 it touches, never the file, and ``refresh()`` codes the block anew as after any edit.
@@ -18,8 +21,13 @@ code). ``packed`` builds a temporary buffer of the unit's bytes for its caller (
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import torch
 
+from ..loading.checkpoint import map_private
 from .file_views import release_read_pages
 from .host_buffer import HostBuffer, HostLayout, storage_span
 
@@ -42,6 +50,25 @@ class MappedHost(HostLayout):
         self.mapped = mapped
         self.pin = pin
         self.lent = lent
+
+    @classmethod
+    def written(cls, buffer: HostBuffer, folder: Path) -> "MappedHost | None":
+        """A ``MappedHost`` whose tensors view a new file of ``folder`` holding ``buffer``'s bytes (``offload_folder``),
+        or None where it cannot be mapped (``map_private`` warns). Its name is removed at once.
+
+        Raises:
+            OSError: the file cannot be written (a full disk, a folder gone).
+        """
+        handle, name = tempfile.mkstemp(prefix="offload_map-", suffix=".bin", dir=folder)
+        try:
+            with os.fdopen(handle, "wb") as file:
+                file.write(buffer.flat.numpy().data)
+            whole = map_private(Path(name))
+        finally:
+            os.unlink(name)
+        if whole is None:
+            return None
+        return cls(buffer.views(whole), buffer.pinned, [False] * len(buffer.regions))
 
     def at_rest(self) -> list[torch.Tensor]:
         """What the unit's tensors view between uses: the checkpoint."""

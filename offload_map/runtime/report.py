@@ -75,7 +75,11 @@ class CodedTotals:
             f"{self.coded} of the {self.blocks} blocks compression applies to, {human_bytes(self.raw_bytes)} -> "
             f"{human_bytes(self.coded_bytes)} ({ratio:.3f} of the bytes)"
             + (f"; {raw} stay raw (they do not compress)" if raw else "")
-            + (f"; {self.mapped} held only coded (at rest, their tensors view the checkpoint files)" if self.mapped else "")
+            + (
+                f"; {self.mapped} held only coded (at rest, their tensors view files: their checkpoint or the offload folder)"
+                if self.mapped
+                else ""
+            )
             + (f"; {self.others} other blocks of streamed components as they are" if self.others else "")
         )
 

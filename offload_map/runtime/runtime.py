@@ -55,6 +55,7 @@ class Runtime:
         source: a ``WeightSource`` for tensors on the meta device, or None.
         share_host_copy: share one host copy with this host's ranks (see ``dispatch_pipeline``).
         shard_copies: each rank copies 1/N of every block and the ranks all-gather the rest.
+        offload_folder: where blocks coded losslessly that view no file keep their raw bytes at rest (or None).
     """
 
     def __init__(
@@ -67,6 +68,7 @@ class Runtime:
         source=None,
         share_host_copy: bool | None = False,
         shard_copies: bool = False,
+        offload_folder=None,
     ) -> None:
         self.plan = plan
         self.device = plan.device
@@ -80,16 +82,24 @@ class Runtime:
         self._undo: list[Callable[[], None]] = []
         self.restoring = False  # a restore began and did not finish (``restore``)
         try:
-            self._build(pin_memory and self.device.type == "cuda", blocking, progress, source, share_host_copy, shard_copies)
+            self._build(
+                pin_memory and self.device.type == "cuda",
+                blocking,
+                progress,
+                source,
+                share_host_copy,
+                shard_copies,
+                offload_folder,
+            )
         except BaseException:
             self.restore()
             raise
         self.built = True
 
-    def _build(self, pin: bool, blocking: bool, progress, source, share_host_copy, shard_copies: bool) -> None:
+    def _build(self, pin: bool, blocking: bool, progress, source, share_host_copy, shard_copies: bool, folder) -> None:
         plan, ordering = self.plan, self.ordering
         backend = ("nccl" if self.device.type == "cuda" else "gloo") if shard_copies else None
-        self.host = HostStore(plan, ordering, pin, source, share_host_copy, backend, progress)
+        self.host = HostStore(plan, ordering, pin, source, share_host_copy, backend, progress, folder)
         self._undo.append(self._restore_host)
         self.copier = _copier(self.host.host_copy)
         for ring in plan.rings:
