@@ -602,3 +602,19 @@ def test_a_failed_write_to_the_offload_folder_keeps_raw_bytes_with_one_warning(t
     assert all(isinstance(u.host, HostBuffer) and u.coded is not None for u in streamed(handle))
     assert torch.equal(model(_input()), _reference(0, "cpu"))
     handle.remove()
+
+
+@torch.inference_mode()
+def test_a_lora_added_while_dispatched_keeps_blocks_built_in_memory_held_only_as_their_code(tmp_path, target):
+    # refresh() dispatches again from memory of the blocks' own: with an offload folder they rest there again.
+    pipe, twin = (make_flux_pipeline().to(torch.bfloat16) for _ in range(2))
+    add_lora(twin)
+    reference = resident_run(twin, lambda: run_flux(twin), target)
+    handle = dispatch_pipeline(pipe, "layerwise", target, compression="lossless", offload_folder=tmp_path, progress=False)
+    run_flux(pipe)
+    add_lora(pipe)
+    handle.refresh()
+    assert all(isinstance(u.host, MappedHost) for u in streamed(handle)) and handle.runtime.raw_beside_code == (0, 0)
+    for _ in range(2):
+        assert torch.equal(run_flux(pipe).cpu(), reference)
+    handle.remove()
