@@ -12,6 +12,8 @@
 #     diffusers-sequential (a 1-step and a 2-step call, extrapolated), after a resident row
 #   bash benchmarks/h200_checks.sh flux-pipe-3 # resident and layerwise only: a quick check of the streamed pipeline
 #     (about 4 minutes)
+#   bash benchmarks/h200_checks.sh flux-pipe-folder # resident, layerwise-lossless and layerwise-lossless-folder: host
+#     RSS of lossless on a pipeline built in memory, without and with offload_folder (under /tmp: the streamed blocks' 33 GB are written there)
 #   bash benchmarks/h200_checks.sh wan-pipe-1 | wan-pipe-2 | wan-pipe-3 | wan-pipe-4   # the full Wan2.2 pipeline,
 #     3 rows each (-4: diffusers-sequential alone). -2, -3 and -4 compare against the resident output wan-pipe-1
 #     leaves in /tmp: run them in the same device call, e.g. bash -c '... wan-pipe-1 && ... wan-pipe-2' (a machine
@@ -55,6 +57,10 @@ case "${1:-}" in
     rm -f "$out"/pipeline_time_flux.*
     each resident,layerwise \
       python benchmarks/pipeline_time.py --pipeline flux --out "$out" --reference /tmp/flux_reference.pt ;;
+  flux-pipe-folder)
+    rm -f "$out"/pipeline_time_flux.*
+    each resident,layerwise-lossless,layerwise-lossless-folder \
+      python benchmarks/pipeline_time.py --pipeline flux --out "$out" --reference /tmp/flux_reference.pt ;;
   wan-pipe-1) rm -f "$out"/pipeline_time_wan22.*; each resident,layerwise,auto-8GiB "${wan[@]}" ;;
   wan-pipe-2) each auto-12GiB,auto-24GiB,model "${wan[@]}" ;;
   wan-pipe-3) each diffusers-model,layerwise-lossless,diffusers-group "${wan[@]}" ;;
@@ -68,5 +74,5 @@ case "${1:-}" in
   cold-lossless)
     python benchmarks/cold_start.py --model flux-12b --ckpt /tmp/flux_ckpt --out "$out" --cache warm \
       --phases write,read,offload_map,offload_map-lossless,pretrained-lossless ;;
-  *) sed -n '2,25p' "$0"; exit 2 ;;
+  *) sed -n '2,27p' "$0"; exit 2 ;;
 esac

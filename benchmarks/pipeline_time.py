@@ -31,6 +31,8 @@ Strategies: ``resident`` (``pipe.to``), ``layerwise`` and ``model`` (``dispatch_
 user's first call, a full one, would teach it; its row gives the planner's prediction for the components it
 plans, ``OffloadHandle.predicted_call_s``), each of these offload_map ones with ``-lossless``
 or ``-fp8`` (``compression=``; e.g. ``layerwise-fp8``; every row gives the output's PSNR against resident bf16),
+and ``-lossless-folder`` (``offload_folder=`` a new folder under the system's temporary one: the pipeline is built
+in memory, so without it its coded blocks keep their raw bytes too),
 ``diffusers-model`` (``enable_model_cpu_offload``),
 ``diffusers-group`` (``enable_group_offload``, block_level, one block per group, ``use_stream=True``),
 ``diffusers-sequential`` (``enable_sequential_cpu_offload``; slow: one 1-step and one 2-step call).
@@ -51,6 +53,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -338,8 +341,10 @@ def setup(name: str, pipe, device: str, runs: dict[str, int] | None = None):
         if not budget[:1].isdigit():
             raise ValueError(f"strategy {name!r} needs a budget: auto-<N>GiB, e.g. auto-12GiB or auto-12GiB-lossless")
     if base in ("layerwise", "model", "auto"):
-        if compression not in ("", "lossless", "fp8"):
-            raise ValueError(f"unknown strategy {name!r}: the suffix may be -lossless or -fp8")
+        if compression not in ("", "lossless", "fp8", "lossless-folder"):
+            raise ValueError(f"unknown strategy {name!r}: the suffix may be -lossless, -lossless-folder or -fp8")
+        compression, _, folder = compression.partition("-")
+        folder = tempfile.mkdtemp(prefix="offload_map_folder_") if folder else None  # its files have no name: it stays empty
         budget = {torch.device(device).index or 0 if device != "cpu" else "cpu": budget} if base == "auto" else None
         handle = offload_map.dispatch_pipeline(
             pipe,
@@ -348,8 +353,15 @@ def setup(name: str, pipe, device: str, runs: dict[str, int] | None = None):
             max_memory=budget,
             compression=compression or None,
             runs_per_call=runs if base == "auto" else None,
+            offload_folder=folder,
         )
-        return handle.remove, handle
+
+        def undo() -> None:
+            handle.remove()
+            if folder is not None:
+                os.rmdir(folder)
+
+        return undo, handle
     if name == "diffusers-model":
         pipe.enable_model_cpu_offload(device=device)
         return pipe.remove_all_hooks, None
