@@ -13,7 +13,8 @@
 #   bash benchmarks/h200_checks.sh flux-pipe-3 # resident and layerwise only: a quick check of the streamed pipeline
 #     (about 4 minutes)
 #   bash benchmarks/h200_checks.sh flux-pipe-folder # resident, layerwise-lossless and layerwise-lossless-folder: host
-#     RSS of lossless on a pipeline built in memory, without and with offload_folder (under /tmp: the streamed blocks' 33 GB are written there)
+#     RSS of lossless on a pipeline built in memory, without and with offload_folder (in the working directory: the streamed blocks'
+#     33 GB are written there)
 #   bash benchmarks/h200_checks.sh wan-pipe-1 | wan-pipe-2 | wan-pipe-3 | wan-pipe-4   # the full Wan2.2 pipeline,
 #     3 rows each (-4: diffusers-sequential alone). -2, -3 and -4 compare against the resident output wan-pipe-1
 #     leaves in /tmp: run them in the same device call, e.g. bash -c '... wan-pipe-1 && ... wan-pipe-2' (a machine
@@ -74,5 +75,5 @@ case "${1:-}" in
   cold-lossless)
     python benchmarks/cold_start.py --model flux-12b --ckpt /tmp/flux_ckpt --out "$out" --cache warm \
       --phases write,read,offload_map,offload_map-lossless,pretrained-lossless ;;
-  *) sed -n '2,27p' "$0"; exit 2 ;;
+  *) sed -n '2,28p' "$0"; exit 2 ;;
 esac

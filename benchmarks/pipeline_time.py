@@ -31,8 +31,8 @@ Strategies: ``resident`` (``pipe.to``), ``layerwise`` and ``model`` (``dispatch_
 user's first call, a full one, would teach it; its row gives the planner's prediction for the components it
 plans, ``OffloadHandle.predicted_call_s``), each of these offload_map ones with ``-lossless``
 or ``-fp8`` (``compression=``; e.g. ``layerwise-fp8``; every row gives the output's PSNR against resident bf16),
-and ``-lossless-folder`` (``offload_folder=`` a new folder under the system's temporary one: the pipeline is built
-in memory, so without it its coded blocks keep their raw bytes too),
+and ``-lossless-folder`` (``offload_folder=`` a new folder in the working directory, on disk where ``/tmp`` may be
+tmpfs: the pipeline is built in memory, so without it its coded blocks keep their raw bytes too),
 ``diffusers-model`` (``enable_model_cpu_offload``),
 ``diffusers-group`` (``enable_group_offload``, block_level, one block per group, ``use_stream=True``),
 ``diffusers-sequential`` (``enable_sequential_cpu_offload``; slow: one 1-step and one 2-step call).
@@ -344,7 +344,9 @@ def setup(name: str, pipe, device: str, runs: dict[str, int] | None = None):
         if compression not in ("", "lossless", "fp8", "lossless-folder"):
             raise ValueError(f"unknown strategy {name!r}: the suffix may be -lossless, -lossless-folder or -fp8")
         compression, _, folder = compression.partition("-")
-        folder = tempfile.mkdtemp(prefix="offload_map_folder_") if folder else None  # its files have no name: it stays empty
+        folder = (
+            tempfile.mkdtemp(prefix="offload_map_folder_", dir=".") if folder else None
+        )  # stays empty: its files have no name
         budget = {torch.device(device).index or 0 if device != "cpu" else "cpu": budget} if base == "auto" else None
         handle = offload_map.dispatch_pipeline(
             pipe,

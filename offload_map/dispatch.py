@@ -112,7 +112,8 @@ def dispatch_pipeline(
             loaded by ``from_pretrained`` view theirs. Host memory then holds only their code, about 3/4 of their
             bytes, instead of 1.75 times them; dispatch writes their bytes to disk once. The files have no name
             (nothing is left behind) and take their disk space until ``remove()``. If a write fails (a full disk),
-            the blocks after it keep their raw bytes in memory, with a warning.
+            the blocks after it keep their raw bytes in memory, with a warning; a folder on a filesystem held in
+            memory (tmpfs, as ``/tmp`` is on many machines) saves nothing, and dispatch says so.
 
     Returns:
         An ``OffloadHandle``; ``handle.remove()`` restores the pipeline.
@@ -217,7 +218,31 @@ def _offload_folder(folder: "str | os.PathLike | None", compression) -> Path | N
         raise ValueError(f"offload_folder={str(folder)!r} cannot be created ({err}); pass a writable folder") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"offload_folder={str(folder)!r} is not writable; pass a folder you can write to")
+    kind = _filesystem(path)
+    if kind in ("tmpfs", "ramfs"):
+        logger.warning(
+            "offload_folder=%r is on %s, which holds its files in memory: host memory will not shrink; pass a folder on disk",
+            str(folder),
+            kind,
+        )
     return path
+
+
+def _filesystem(path: Path) -> str | None:
+    """The type of the filesystem holding ``path`` (``/proc/self/mounts``, the longest mount point above it), or None."""
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    resolved, best, kind = path.resolve(), -1, None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = Path(fields[1].encode().decode("unicode_escape"))  # spaces are written as \040
+        if (resolved == point or point in resolved.parents) and len(point.parts) > best:
+            best, kind = len(point.parts), fields[2]
+    return kind
 
 
 def _idle_compression(dmap: DeviceMap, plan) -> list[str]:

@@ -618,3 +618,19 @@ def test_a_lora_added_while_dispatched_keeps_blocks_built_in_memory_held_only_as
     for _ in range(2):
         assert torch.equal(run_flux(pipe).cpu(), reference)
     handle.remove()
+
+
+def test_an_offload_folder_on_a_filesystem_held_in_memory_is_named_in_a_warning(tmp_path, monkeypatch, caplog):
+    # /tmp is tmpfs on many machines: its files are memory, so the folder would save nothing.
+    from pathlib import Path
+
+    from test_compression import make_dit
+
+    mounts = f"/dev/vda / ext4 rw 0 0\ntmpfs {tmp_path.resolve()} tmpfs rw 0 0\n"
+    read_text = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda p, *a, **k: mounts if str(p) == "/proc/self/mounts" else read_text(p, *a, **k))
+    model = make_dit()
+    with caplog.at_level(logging.WARNING, logger="offload_map"):
+        handle = dispatch_pipeline(model, "layerwise", "cpu", compression="lossless", offload_folder=tmp_path / "offload")
+    assert "is on tmpfs, which holds its files in memory" in caplog.text
+    handle.remove()
