@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -211,7 +212,7 @@ def _offload_folder(folder: "str | os.PathLike | None", compression) -> Path | N
             f"offload_folder={str(folder)!r} keeps the raw bytes of blocks coded losslessly, but this dispatch codes "
             f"none (compression={compression!r}); pass compression='lossless' too, or leave offload_folder out"
         )
-    path = Path(folder)
+    path = Path(folder).resolve()  # a refresh() that dispatches again may run from another working directory
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -239,7 +240,7 @@ def _filesystem(path: Path) -> str | None:
         fields = line.split()
         if len(fields) < 3:
             continue
-        point = Path(fields[1].encode().decode("unicode_escape"))  # spaces are written as \040
+        point = Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1]))  # a space is \040
         if (resolved == point or point in resolved.parents) and len(point.parts) > best:
             best, kind = len(point.parts), fields[2]
     return kind

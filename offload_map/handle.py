@@ -189,9 +189,9 @@ class OffloadHandle:
 
     def detach(self) -> None:
         """Remove the hooks; streamed blocks point at their host buffers (those held only coded at their checkpoint
-        files, ``runtime.mapped_host``), every other tensor stays where it is now (a pinned component that is
-        loaded stays on the device). Unlike ``remove()``, nothing goes back to its original device; slots are
-        freed."""
+        files or at files of the ``offload_folder``, ``runtime.mapped_host``: such a file keeps its disk space while
+        the model lives), every other tensor stays where it is now (a pinned component that is loaded stays on the
+        device). Unlike ``remove()``, nothing goes back to its original device; slots are freed."""
         self._finish(self._runtime.detach, "detach")
 
     def __repr__(self) -> str:

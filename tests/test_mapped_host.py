@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 import warnings
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from offload_map import compile_device_map, dispatch_pipeline, empty_model
-from offload_map.runtime import file_views
+from offload_map.runtime import file_views, host_store
 from offload_map.runtime.coded_host import CodedHost
 from offload_map.runtime.file_views import FileViews
 from offload_map.runtime.host_buffer import HostBuffer
@@ -591,9 +592,11 @@ def test_a_failed_write_to_the_offload_folder_keeps_raw_bytes_with_one_warning(t
     from test_compression import _input, _reference, make_dit
 
     def full(buffer, folder):
+        time.sleep(0.1)  # the packing threads all fail at once
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(MappedHost, "written", full)
+    monkeypatch.setattr(host_store, "PACK_THREADS", 4)
     model = make_dit()
     with caplog.at_level(logging.WARNING, logger="offload_map"):
         handle = dispatch_pipeline(model, "layerwise", "cpu", compression="lossless", offload_folder=tmp_path)
@@ -626,11 +629,54 @@ def test_an_offload_folder_on_a_filesystem_held_in_memory_is_named_in_a_warning(
 
     from test_compression import make_dit
 
-    mounts = f"/dev/vda / ext4 rw 0 0\ntmpfs {tmp_path.resolve()} tmpfs rw 0 0\n"
+    folder = tmp_path / "wärme dir"  # as /proc/self/mounts writes it: UTF-8 as it is, a space as \\040
+    mounts = f"/dev/vda / ext4 rw 0 0\ntmpfs {str(folder.resolve()).replace(' ', chr(92) + '040')} tmpfs rw 0 0\n"
     read_text = Path.read_text
     monkeypatch.setattr(Path, "read_text", lambda p, *a, **k: mounts if str(p) == "/proc/self/mounts" else read_text(p, *a, **k))
     model = make_dit()
     with caplog.at_level(logging.WARNING, logger="offload_map"):
-        handle = dispatch_pipeline(model, "layerwise", "cpu", compression="lossless", offload_folder=tmp_path / "offload")
+        handle = dispatch_pipeline(model, "layerwise", "cpu", compression="lossless", offload_folder=folder / "offload")
     assert "is on tmpfs, which holds its files in memory" in caplog.text
+    handle.remove()
+
+
+@torch.inference_mode()
+def test_the_offload_folders_files_hold_no_descriptor_and_no_name_even_while_written(tmp_path, monkeypatch):
+    # One descriptor per block (Python's mmap keeps its own) ran a 120-block model into the limit on open files, and
+    # a file named until written could be left behind by a process killed while writing.
+    from test_compression import _input, _reference, make_dit
+
+    import offload_map.runtime.mapped_host as mapped_host
+
+    folder, seen = tmp_path / "offload", []
+    fdopen = os.fdopen
+
+    def look(*args, **kwargs):
+        seen.append(list(folder.iterdir()))
+        return fdopen(*args, **kwargs)
+
+    monkeypatch.setattr(mapped_host.os, "fdopen", look)
+    model = make_dit()
+    before = len(os.listdir("/proc/self/fd"))
+    handle = dispatch_pipeline(model, "layerwise", "cpu", compression="lossless", offload_folder=folder)
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert len(seen) == len(streamed(handle)) and all(names == [] for names in seen)
+    assert torch.equal(model(_input()), _reference(0, "cpu"))
+    handle.remove()
+
+
+@torch.inference_mode()
+def test_a_relative_offload_folder_is_the_one_at_dispatch_for_a_refresh_elsewhere(tmp_path, target, monkeypatch):
+    pipe, twin = (make_flux_pipeline().to(torch.bfloat16) for _ in range(2))
+    add_lora(twin)
+    reference = resident_run(twin, lambda: run_flux(twin), target)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    handle = dispatch_pipeline(pipe, "layerwise", target, compression="lossless", offload_folder="offload", progress=False)
+    monkeypatch.chdir(tmp_path / "b")
+    add_lora(pipe)
+    handle.refresh()  # dispatches again: into a/offload, which b/ does not hold
+    assert handle.runtime.raw_beside_code == (0, 0) and not (tmp_path / "b" / "offload").exists()
+    assert torch.equal(run_flux(pipe).cpu(), reference)
     handle.remove()

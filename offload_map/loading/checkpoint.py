@@ -123,17 +123,16 @@ class Checkpoint:
             return None
         with self._mapping:
             if stored.file not in self._maps:
-                self._maps[stored.file] = map_private(stored.file)
+                self._maps[stored.file] = _map_private(stored.file)
             whole = self._maps[stored.file]
         if whole is None:
             return None
         return whole[stored.offset : stored.offset + stored.nbytes].view(stored.dtype).view(stored.shape)
 
 
-def map_private(file: Path) -> torch.Tensor | None:
-    """The bytes of ``file`` as a ``uint8`` tensor viewing a copy-on-write (private) mapping of it, or None, with a
-    warning, where it cannot be mapped: a private writable mapping is charged in full against the kernel's commit
-    limit, which strict overcommit may refuse (the caller then keeps a copy in memory)."""
+def _map_private(file: Path) -> torch.Tensor | None:
+    # A private writable mapping is charged in full against the kernel's commit limit, which strict overcommit
+    # may refuse: the caller then keeps a copy in memory.
     try:
         with open(file, "rb") as f:
             region = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)

@@ -101,6 +101,7 @@ class HostStore:
         self.ordering = ordering
         self.folder = folder
         self.folder_failed = False  # a write there failed: the blocks after it keep their raw buffers
+        self._folder_lock = threading.Lock()  # one warning, whichever packing threads fail
         self.pin = pin
         self.source = source
         self.kinds = plan.compression  # streamed block -> how it is kept (``compression``)
@@ -295,13 +296,15 @@ class HostStore:
         try:
             return MappedHost.written(buffer, self.folder)
         except OSError as err:
-            self.folder_failed = True
-            logger.warning(
-                "offload_map: cannot write to offload_folder %s (%s); the blocks not written there keep their raw "
-                "bytes in host memory",
-                self.folder,
-                err,
-            )
+            with self._folder_lock:
+                first, self.folder_failed = not self.folder_failed, True
+            if first:
+                logger.warning(
+                    "offload_map: cannot write to offload_folder %s (%s); the blocks not written there keep their "
+                    "raw bytes in host memory",
+                    self.folder,
+                    err,
+                )
             return None
 
     def restore(self) -> None:

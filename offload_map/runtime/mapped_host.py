@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-from ..loading.checkpoint import map_private
 from .file_views import release_read_pages
 from .host_buffer import HostBuffer, HostLayout, storage_span
 
@@ -52,22 +51,27 @@ class MappedHost(HostLayout):
         self.lent = lent
 
     @classmethod
-    def written(cls, buffer: HostBuffer, folder: Path) -> "MappedHost | None":
-        """A ``MappedHost`` whose tensors view a new file of ``folder`` holding ``buffer``'s bytes (``offload_folder``),
-        or None where it cannot be mapped (``map_private`` warns). Its name is removed at once.
+    def written(cls, buffer: HostBuffer, folder: Path) -> "MappedHost":
+        """A ``MappedHost`` whose tensors view a new file of ``folder`` holding ``buffer``'s bytes (``offload_folder``).
+        The file's name goes before a byte is written (a process killed while writing leaves nothing), and its
+        descriptor once it is mapped (a mapping holds none: a dispatch of many blocks stays within the limit on
+        open files).
 
         Raises:
-            OSError: the file cannot be written (a full disk, a folder gone).
+            OSError: the file cannot be written or mapped (a full disk, a folder gone, a mapping refused).
         """
         handle, name = tempfile.mkstemp(prefix="offload_map-", suffix=".bin", dir=folder)
         try:
-            with os.fdopen(handle, "wb") as file:
-                file.write(buffer.flat.numpy().data)
-            whole = map_private(Path(name))
-        finally:
             os.unlink(name)
-        if whole is None:
-            return None
+            with os.fdopen(handle, "wb", closefd=False) as file:
+                file.write(buffer.flat.numpy().data)
+            try:  # private: copy-on-write, never the file; the mapping outlives the descriptor
+                storage = torch.UntypedStorage.from_file(f"/proc/self/fd/{handle}", shared=False, nbytes=buffer.nbytes)
+            except RuntimeError as err:  # mmap refused (strict overcommit, no address space left)
+                raise OSError(f"mapping the file written there failed: {err}") from None
+        finally:
+            os.close(handle)
+        whole = torch.empty(0, dtype=torch.uint8).set_(storage)
         return cls(buffer.views(whole), buffer.pinned, [False] * len(buffer.regions))
 
     def at_rest(self) -> list[torch.Tensor]:
