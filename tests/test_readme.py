@@ -106,6 +106,8 @@ def test_the_loading_example_runs(target, tmp_path):
         {
             '"/models/FLUX.1-dev"': repr(str(tmp_path / "FLUX.1-dev")),
             '"layerwise", weights=': f'"layerwise", {target!r}, weights=',
+            '"layerwise", compression=': f'"layerwise", {target!r}, compression=',
+            '"/scratch/offload"': repr(str(tmp_path / "offload")),
             "dtype=torch.bfloat16) for": "dtype=torch.float32) for",
             "**empty, dtype=torch.bfloat16)": "**empty, dtype=torch.float32)",
         },
