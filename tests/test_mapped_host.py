@@ -680,3 +680,17 @@ def test_a_relative_offload_folder_is_the_one_at_dispatch_for_a_refresh_elsewher
     assert handle.runtime.raw_beside_code == (0, 0) and not (tmp_path / "b" / "offload").exists()
     assert torch.equal(run_flux(pipe).cpu(), reference)
     handle.remove()
+
+
+@torch.inference_mode()
+def test_a_checkpoint_stored_in_another_dtype_rests_in_the_offload_folder(tmp_path, target, caplog):
+    # The case the folder is for: weights= reads a float32 checkpoint into bf16 blocks built in memory.
+    pipe, path = saved_pipeline(tmp_path, dtype=torch.float32)
+    reference = resident_run(pipe, lambda: run_flux(pipe), target)
+    with caplog.at_level(logging.WARNING, logger="offload_map"):
+        handle = dispatch(pipe, path, target, offload_folder=tmp_path / "offload")
+    assert "built in memory" not in caplog.text
+    assert all(isinstance(u.host, MappedHost) and at_rest_in_file(u) for u in streamed(handle))
+    assert handle.runtime.raw_beside_code == (0, 0)
+    assert torch.equal(run_flux(pipe).cpu(), reference)
+    handle.remove()
