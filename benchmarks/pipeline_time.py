@@ -343,10 +343,9 @@ def setup(name: str, pipe, device: str, runs: dict[str, int] | None = None):
     if base in ("layerwise", "model", "auto"):
         if compression not in ("", "lossless", "fp8", "lossless-folder"):
             raise ValueError(f"unknown strategy {name!r}: the suffix may be -lossless, -lossless-folder or -fp8")
-        compression, _, folder = compression.partition("-")
-        folder = (
-            tempfile.mkdtemp(prefix="offload_map_folder_", dir=".") if folder else None
-        )  # stays empty: its files have no name
+        compression, _, where = compression.partition("-")
+        # Under the working directory (on disk, where /tmp may be tmpfs); it stays empty: its files have no name.
+        folder = tempfile.mkdtemp(prefix="offload_map_folder_", dir=".") if where else None
         budget = {torch.device(device).index or 0 if device != "cpu" else "cpu": budget} if base == "auto" else None
         handle = offload_map.dispatch_pipeline(
             pipe,

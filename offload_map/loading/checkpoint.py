@@ -7,7 +7,7 @@ byte of weights is read, then checked against the model (duplicate and missing n
 from the file into the caller's buffer (``readinto``), so no intermediate CPU copy of the weights exists.
 Pickle-based files (``.bin``, ``.pt``, ``.ckpt``) are refused, never opened.
 
-``mapped`` gives a tensor's bytes in place instead: a copy-on-write view of the file (``mmap``, private). Its
+``mapped`` gives a tensor's bytes in place instead: a copy-on-write view of the file (``map_private``). Its
 pages are read from the file when first touched and count in host memory only then; writes go to private
 copies of the touched pages, never to the file. Ownership: each file's mapping is made once per
 ``Checkpoint``, here, held by it and by every view of it, and goes with the last of them. Pages not yet read
@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import mmap
 import os
 import struct
 import threading
@@ -123,23 +122,31 @@ class Checkpoint:
             return None
         with self._mapping:
             if stored.file not in self._maps:
-                self._maps[stored.file] = _map_private(stored.file)
+                try:
+                    self._maps[stored.file] = map_private(stored.file, stored.file.stat().st_size)
+                except OSError as err:
+                    logger.warning("offload_map: %s; the blocks read from it keep a copy in host memory", err)
+                    self._maps[stored.file] = None
             whole = self._maps[stored.file]
         if whole is None:
             return None
         return whole[stored.offset : stored.offset + stored.nbytes].view(stored.dtype).view(stored.shape)
 
 
-def _map_private(file: Path) -> torch.Tensor | None:
-    # A private writable mapping is charged in full against the kernel's commit limit, which strict overcommit
-    # may refuse: the caller then keeps a copy in memory.
+def map_private(file: "Path | str", nbytes: int) -> torch.Tensor:
+    """The first ``nbytes`` of ``file`` as a ``uint8`` tensor viewing a private (copy-on-write) mapping of it: pages
+    are read from the file when first touched, writes go to private copies of them, never the file, and no file
+    descriptor stays open (one per mapping would run a model of many mapped files into the open-files limit).
+
+    Raises:
+        OSError: the file cannot be opened or mapped. A private writable mapping is charged in full against the
+            kernel's commit limit, which strict overcommit may refuse: the caller then keeps a copy in memory.
+    """
     try:
-        with open(file, "rb") as f:
-            region = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    except (OSError, ValueError) as err:
-        logger.warning("offload_map: cannot map %s (%s); the blocks read from it keep a copy in host memory", file, err)
-        return None
-    return torch.frombuffer(region, dtype=torch.uint8)
+        storage = torch.UntypedStorage.from_file(str(file), shared=False, nbytes=nbytes)
+    except RuntimeError as err:
+        raise OSError(f"cannot map {file} ({err})") from None
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 
 def _read_exact(stored: StoredTensor, out: torch.Tensor) -> None:

@@ -100,7 +100,7 @@ class HostStore:
     ) -> None:
         self.ordering = ordering
         self.folder = folder
-        self.folder_failed = False  # a write there failed: the blocks after it keep their raw buffers
+        self._folder_failed = False  # a write there failed: the blocks after it keep their raw buffers
         self._folder_lock = threading.Lock()  # one warning, whichever packing threads fail
         self.pin = pin
         self.source = source
@@ -291,13 +291,13 @@ class HostStore:
     def _written(self, buffer: HostBuffer) -> MappedHost | None:
         # A coded unit that views no file rests in one of the offload folder (or keeps its raw buffer: no folder,
         # or a write there failed, after which the others do not try, with one warning).
-        if self.folder is None or self.folder_failed:
+        if self.folder is None or self._folder_failed:
             return None
         try:
             return MappedHost.written(buffer, self.folder)
         except OSError as err:
             with self._folder_lock:
-                first, self.folder_failed = not self.folder_failed, True
+                first, self._folder_failed = not self._folder_failed, True
             if first:
                 logger.warning(
                     "offload_map: cannot write to offload_folder %s (%s); the blocks not written there keep their "

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ..loading.checkpoint import map_private
 from .file_views import release_read_pages
 from .host_buffer import HostBuffer, HostLayout, storage_span
 
@@ -65,13 +66,9 @@ class MappedHost(HostLayout):
             os.unlink(name)
             with os.fdopen(handle, "wb", closefd=False) as file:
                 file.write(buffer.flat.numpy().data)
-            try:  # private: copy-on-write, never the file; the mapping outlives the descriptor
-                storage = torch.UntypedStorage.from_file(f"/proc/self/fd/{handle}", shared=False, nbytes=buffer.nbytes)
-            except RuntimeError as err:  # mmap refused (strict overcommit, no address space left)
-                raise OSError(f"mapping the file written there failed: {err}") from None
+            whole = map_private(f"/proc/self/fd/{handle}", buffer.nbytes)  # the mapping outlives the descriptor
         finally:
             os.close(handle)
-        whole = torch.empty(0, dtype=torch.uint8).set_(storage)
         return cls(buffer.views(whole), buffer.pinned, [False] * len(buffer.regions))
 
     def at_rest(self) -> list[torch.Tensor]:
