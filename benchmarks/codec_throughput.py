@@ -55,7 +55,7 @@ def measure(nbytes: int, device: torch.device, repeats: int) -> dict:
     coded = encode(raw)
     encode_s = time.perf_counter() - began
     row = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "block_bytes": nbytes}
-    row.update(coded_bytes=coded.nbytes, ratio=round(coded.ratio, 4), escapes=coded.escape_index.numel())
+    row.update(coded_bytes=coded.nbytes, ratio=round(coded.ratio, 4), bits=coded.bits, escapes=coded.escapes.numel())
     row["encode_GBps"] = round(nbytes / encode_s / 1e9, 3)
     slot = torch.empty(nbytes, dtype=torch.uint8, device=device)
     if device.type == "cuda":

@@ -847,9 +847,9 @@ def render_markdown(env: dict, rows: list[dict]) -> str:
         f"- {r['strategy']}: {r['coded_blocks']} of {r['streamed_blocks_total']} streamed blocks coded, "
         f"{r['coded_bytes'] / 1e9:.2f} GB of {r['coded_raw_bytes'] / 1e9:.2f} GB raw ({r['coded_ratio']:.3f})"
         + (
-            ""
-            if r.get("bit_exact")
-            else f"; output error max {r['max_rel_error']:.2e}, mean {r['mean_rel_error']:.2e} (relative)"
+            f"; output error max {r['max_rel_error']:.2e}, mean {r['mean_rel_error']:.2e} (relative)"
+            if "max_rel_error" in r and not r.get("bit_exact")
+            else ""  # bit-exact, or no resident row in the run to compare with
         )
         for r in rows
         if r.get("coded_ratio") is not None

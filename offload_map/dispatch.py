@@ -93,7 +93,7 @@ def dispatch_pipeline(
         runs_per_call: with a budget, how often each component runs in one call of the pipeline, e.g.
             ``{"transformer": 50}`` for 50 steps (default: each DiT ``auto.DEFAULT_DIT_RUNS`` times, every other
             component once). The planner weighs a DiT's step time by it against copies made once per call.
-        compression: ``"lossless"``: keep every streamed block coded in host memory too, in about 3/4 of its bytes
+        compression: ``"lossless"``: keep every streamed block coded in host memory too, in about 0.71 of its bytes
             for bf16 weights, copy it so and decode it on the device (``runtime.codec``): fewer bytes cross
             the link, outputs stay bit-identical. Blocks that do not compress (fp16: its high byte carries mantissa
             bits; float32) stream as they are. Host memory holds the raw bytes beside the code, except for blocks
@@ -110,8 +110,8 @@ def dispatch_pipeline(
         offload_folder: with ``compression="lossless"``, a folder on disk (created if missing) where blocks built
             in memory (random weights, a dtype changed on load: a float32 checkpoint read as bf16) keep their raw
             bytes: written there once, and between uses their tensors view that file, copy-on-write, as blocks
-            loaded by ``from_pretrained`` view theirs. Host memory then holds only their code, about 3/4 of their
-            bytes, instead of 1.75 times them; dispatch writes their bytes to disk once. The files have no name
+            loaded by ``from_pretrained`` view theirs. Host memory then holds only their code, about 0.71 of their
+            bytes, instead of 1.71 times them; dispatch writes their bytes to disk once. The files have no name
             (nothing is left behind) and take their disk space until ``remove()``. If a write fails (a full disk),
             the blocks after it keep their raw bytes in memory, with a warning; a folder on a filesystem held in
             memory (tmpfs, as ``/tmp`` is on many machines) saves nothing, and dispatch says so.
@@ -304,7 +304,7 @@ def _build(
     if blocks and offload_folder is None:  # with one, a failed write said so already
         logger.warning(
             "compression='lossless': %d coded blocks (%s) were built in memory rather than read from a checkpoint "
-            "file, so host memory holds their raw bytes beside their code (about 1.75x those bytes instead of 0.75x). "
+            "file, so host memory holds their raw bytes beside their code (about 1.71x those bytes instead of 0.71x). "
             "Blocks loaded with from_pretrained, or by empty_model(...) and weights=, from a checkpoint that stores "
             "them in this dtype are held only as their code, and so are these with offload_folder=, which keeps "
             "their raw bytes on disk",

@@ -144,7 +144,7 @@ def test_codes_do_not_depend_on_what_the_heap_held():
             garbage += int((unit.host.flat[padding] != 0).sum())
         seen.append((garbage, [None if u.coded is None else u.coded.nbytes for u in units]))
         handle.remove()
-    # The codec codes padding as zero high bytes (code 7); garbage there inflates the code, varies from run to run,
+    # Padding is zeros, one high byte among the block's; garbage there inflates the code, varies from run to run,
     # and can push a block over WORTH (then it streams raw).
     assert all(garbage == 0 for garbage, _ in seen) and len({tuple(c) for _, c in seen}) == 1, seen
 

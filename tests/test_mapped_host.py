@@ -163,7 +163,7 @@ def test_an_interrupted_refresh_streams_the_rest_raw_with_the_new_weights(tmp_pa
 @torch.inference_mode()
 @pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
 def test_a_checkpoint_stored_in_another_dtype_keeps_the_raw_buffer_and_says_so(tmp_path, target, stored, caplog):
-    # Read from a float32 checkpoint into bf16, the blocks are built in memory: host memory holds both, about 1.75x
+    # Read from a float32 checkpoint into bf16, the blocks are built in memory: host memory holds both, about 1.71x
     # their bytes, and dispatch says why (a user saw the RSS grow and nothing else).
     pipe, path = saved_pipeline(tmp_path, dtype=stored)
     reference = resident_run(pipe, lambda: run_flux(pipe), target)

@@ -25,7 +25,7 @@ from .schema import parse_json, typed
 from .sizes import human_bytes
 
 FORMAT_VERSION = 1
-# How streamed blocks may be stored and copied: "lossless" codes each bf16 block in about 3/4 of its bytes
+# How streamed blocks may be stored and copied: "lossless" codes each bf16 block in about 0.71 of its bytes
 # (``runtime.codec``), decoded on the device bit for bit; "fp8" (lossy, opt-in) stores linear weights in float8
 # with a scale per output channel (``runtime.fp8_host``), upcast on the device.
 COMPRESSIONS = ("lossless", "fp8")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 # Bytes that cross the link per raw byte under each ``compression``, measured on Flux-12B's bf16 blocks (random
 # N(0, 0.02) weights; H200 results, ``benchmarks/results/h200/step_time_flux-12b_*``): for plans made before
 # anything is coded (``offload-map plan --compression``). A dispatch plans with its own codes' share.
-TYPICAL_LINK_SHARE = {"lossless": 0.751, "fp8": 0.501}
+TYPICAL_LINK_SHARE = {"lossless": 0.712, "fp8": 0.501}
 
 
 @dataclass(frozen=True)

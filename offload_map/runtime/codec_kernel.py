@@ -1,11 +1,10 @@
-"""The device side of ``codec.decode``: one Triton kernel that expands a part's code and low bytes into words.
+"""The device side of ``codec.decode``: one Triton kernel that expands a part's planes into its words.
 
-Each program handles ``BLOCK`` code bytes, i.e. twice as many words: it reads a code byte and the two low
-bytes beside it, looks the two high bytes up in the part's 512-byte table (``Coded.pairs``, read as 256
-16-bit entries: the even word's high byte in the low half) and writes the two words as one 32-bit store. A
-part always holds a whole number of 512-byte runs (``codec.BOUNDARY``), so word pairs never straddle its
-end and every plane and output starts aligned. A second kernel, on the same stream, then writes each
-escape's high byte (both launches are all a part costs the host: the stream waits for nothing).
+Each program decodes one group of words (``codec.GROUP``): it gathers each word's code from the group's
+bit-planes, ranks the group's escapes with a prefix sum (the group's count in ``starts`` gives the first
+one's place in the escape list), looks the other high bytes up in the 16-entry table, and writes each word
+of the part (the first and last group may reach past it) as one 16-bit store. One launch is all a part
+costs the host: the stream waits for nothing.
 
 ``expand`` is None where Triton is missing (the CPU build, or a CUDA build without it): ``codec.decode``
 then does the same with torch ops, slower but bit for bit the same.
@@ -21,45 +20,55 @@ try:
 except ImportError:  # the CPU build of torch comes without Triton
     triton = None
 
-BLOCK = 4096  # code bytes per program
-ESCAPE_BLOCK = 1024  # escapes per program
-
 if triton is not None:
 
     @triton.jit
-    def _expand_kernel(codes_ptr, low_ptr, pairs_ptr, out_ptr, n_codes, BLOCK: tl.constexpr):
-        index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = index < n_codes
-        code = tl.load(codes_ptr + index, mask=mask, other=0).to(tl.int32)
-        low = tl.load(low_ptr + index, mask=mask, other=0).to(tl.int32) & 0xFFFF  # low bytes of both words
-        high = tl.load(pairs_ptr + code).to(tl.int32) & 0xFFFF  # high bytes of both words
-        word_pair = (low & 0xFF) | ((high & 0xFF) << 8) | ((low & 0xFF00) << 8) | ((high & 0xFF00) << 16)
-        tl.store(out_ptr + index, word_pair, mask=mask)
-
-    @triton.jit
-    def _patch_kernel(index_ptr, high_ptr, out_ptr, first, n_escapes, BLOCK: tl.constexpr):
-        index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = index < n_escapes
-        word = tl.load(index_ptr + index, mask=mask, other=0).to(tl.int64) - first
-        tl.store(out_ptr + 2 * word + 1, tl.load(high_ptr + index, mask=mask, other=0), mask=mask)
+    def _expand_kernel(
+        codes_ptr,
+        low_ptr,
+        table_ptr,
+        starts_ptr,
+        escapes_ptr,
+        out_ptr,
+        offset,
+        skipped,
+        n_words,
+        BITS: tl.constexpr,
+        GROUP: tl.constexpr,
+    ):
+        group = tl.program_id(0).to(tl.int64)
+        lane = tl.arange(0, GROUP)
+        planes = codes_ptr + group * (BITS * GROUP // 8) + lane // 8
+        code = tl.zeros([GROUP], dtype=tl.int32)
+        for j in tl.static_range(BITS):
+            code |= ((tl.load(planes + j * (GROUP // 8)).to(tl.int32) >> (lane % 8)) & 1) << j
+        escaped = code == (1 << BITS) - 1
+        count = escaped.to(tl.int32)
+        rank = tl.load(starts_ptr + group) - skipped + tl.cumsum(count, 0) - count
+        word = group * GROUP + lane - offset  # counted from the part's first word
+        inside = (word >= 0) & (word < n_words)
+        high = tl.load(table_ptr + code).to(tl.int32)
+        high = tl.where(escaped, tl.load(escapes_ptr + rank, mask=escaped & inside, other=0).to(tl.int32), high)
+        low = tl.load(low_ptr + word, mask=inside, other=0).to(tl.int32)
+        tl.store(out_ptr + word, (low | (high << 8)).to(tl.int16), mask=inside)
 
     def expand(coded, out: torch.Tensor) -> None:
-        """Write into ``out`` (``uint8``) the words ``coded`` (a ``codec.Coded`` of an even number of words) holds,
-        escapes included; every tensor on one CUDA device."""
-        n_codes = coded.low.numel() // 2
-        if n_codes:
-            _expand_kernel[(triton.cdiv(n_codes, BLOCK),)](
+        """Write into ``out`` (``uint8``) the words ``coded`` (a ``codec.Coded``) holds; every tensor on one CUDA
+        device."""
+        groups, bits, width = coded.codes.shape
+        if groups:
+            _expand_kernel[(groups,)](
                 coded.codes,
-                coded.low.view(torch.int16),
-                coded.pairs.view(torch.int16),
-                out[: 4 * n_codes].view(torch.int32),
-                n_codes,
-                BLOCK=BLOCK,
-            )
-        n_escapes = coded.escape_index.numel()
-        if n_escapes:
-            _patch_kernel[(triton.cdiv(n_escapes, ESCAPE_BLOCK),)](
-                coded.escape_index, coded.escape_high, out, coded.first, n_escapes, BLOCK=ESCAPE_BLOCK
+                coded.low,
+                coded.table,
+                coded.starts,
+                coded.escapes,
+                out[: 2 * coded.words].view(torch.int16),
+                coded.first - coded.base,
+                coded.skipped,
+                coded.words,
+                BITS=bits,
+                GROUP=8 * width,
             )
 
 else:

@@ -3,7 +3,7 @@
 With ``compression="lossless"`` every ``"layer-window"`` block that codes to at most ``WORTH`` of its bytes
 gets a ``CodedHost`` beside its raw ``HostBuffer``: the raw buffer stays what the module's tensors view on the
 host (a refresh writes there, a restore reads from there; it stays page-locked, as coding on the device reads it)
-but is no longer copied to slots; the code is, in fewer bytes. Host memory therefore holds both (about 1.75
+but is no longer copied to slots; the code is, in fewer bytes. Host memory therefore holds both (about 1.71
 times the block's bytes), except for a block read from a checkpoint that stores it as it is laid out: its raw
 buffer goes once it is coded, and its tensors view the file (``mapped_host``). A block that does not compress (float32 weights, say) keeps streaming raw, and so does
 one whose new weights no longer compress after ``refresh()``.

@@ -9,7 +9,7 @@ private mapping of its own (``loading.checkpoint.Checkpoint.mapped``), or one wh
 left as views of their files (``file_views``). A block built in memory has no such file: with
 ``offload_folder`` its raw bytes are written to one there (``written``), whose name goes at once (its mapping keeps
 it until the unit lets go; nothing is left behind). Once it is coded, its raw host buffer goes, and between uses its
-tensors view the file. Host memory then holds about 3/4 of the block's bytes instead of 1.75 times them. Reading
+tensors view the file. Host memory then holds about 0.71 of the block's bytes instead of 1.71 times them. Reading
 such a tensor reads the file; writing one (``fuse_lora``, ``load_state_dict``) writes private copies of the pages
 it touches, never the file, and ``refresh()`` codes the block anew as after any edit.
 
