@@ -3,7 +3,9 @@
 # Each stage writes under $OUT (or ./h200_out); commit what it writes under benchmarks/results/h200/.
 #
 # usage (from the repository root, on the GPU machine):
-#   bash benchmarks/h200_checks.sh tests     # the CUDA tests, then the whole suite against the GPU (about 4 minutes)
+#   bash benchmarks/h200_checks.sh tests     # the CUDA tests, then the whole suite against the GPU but test_ranks.py
+#   bash benchmarks/h200_checks.sh tests-ranks # test_ranks.py against the GPU: its ranks are processes that start
+#     torch each, 25-50 s a test there (the whole suite in one call ran past 9 minutes on 2026-12-02)
 #   bash benchmarks/h200_checks.sh flux      # step_time rows of Flux-12B, raw, lossless and fp8
 #   bash benchmarks/h200_checks.sh sd35      # the same for SD3.5-medium
 #   bash benchmarks/h200_checks.sh wan       # the same for a Wan2.1/2.2 14B transformer (one expert)
@@ -42,7 +44,10 @@ each() {
 case "${1:-}" in
   tests)
     python -m pytest -q -m cuda tests/ 2>&1 | tee "$out/pytest_cuda.txt"
-    python -m pytest -q -p no:cacheprovider --target-device cuda tests/ 2>&1 | tee "$out/pytest_target_cuda.txt" ;;
+    python -m pytest -q -p no:cacheprovider --target-device cuda --ignore tests/test_ranks.py tests/ 2>&1 |
+      tee "$out/pytest_target_cuda.txt" ;;
+  tests-ranks)
+    python -m pytest -q -p no:cacheprovider --target-device cuda tests/test_ranks.py 2>&1 | tee "$out/pytest_target_cuda_ranks.txt" ;;
   flux) python benchmarks/step_time.py --model flux-12b --strategies "$rows" --out "$out" ;;
   sd35) python benchmarks/step_time.py --model sd35-medium --strategies "$rows" --out "$out" ;;
   wan) python benchmarks/step_time.py --model wan-14b --strategies "$rows" --out "$out" ;;

@@ -806,7 +806,7 @@ md(
     ## Fewer bytes over the link
 
     Where a plan is bound by copies, moving fewer bytes is the only way down. `compression="lossless"` keeps each
-    streamed bf16 block coded in about 3/4 of its bytes and decodes it on the GPU bit for bit; `"fp8"` (lossy,
+    streamed bf16 block coded in about 0.71 of its bytes and decodes it on the GPU bit for bit; `"fp8"` (lossy,
     opt-in) streams linear weights in float8, about half the bytes. The planner counts raw bytes at the link's
     rate over the code's ratio: below, its predictions for the budgets above with each, and next to them what an
     H200 measured for Flux-12B (committed results, a different GPU from the H100 profile: compare the ratios).

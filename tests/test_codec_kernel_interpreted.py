@@ -1,0 +1,70 @@
+"""The codec's Triton kernel run by Triton's interpreter on the CPU (``TRITON_INTERPRET=1``), so that CI checks
+the device code's indexing (groups, parts, escapes, widths) on every change; ``-m cuda`` checks it compiled, on a
+GPU. The kernel does integer operations only, which the interpreter runs as the GPU does (it rounds float32 to
+bf16 its own way, so ``fp8_kernel`` is checked on the GPU alone)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from offload_map.runtime import codec, codec_kernel
+
+    assert codec_kernel.expand is not None, "Triton is not installed: pip install -e '.[test]'"
+    g = torch.Generator().manual_seed(5)
+    n = 3 * 4096 + 300  # words: three whole groups and a short one
+    def words(low, high):
+        return torch.stack([low, high], dim=1).flatten().to(torch.uint8)
+    cases = {
+        "bf16 N(0, 0.02)": torch.randn(n, generator=g).mul(0.02).bfloat16().view(torch.uint8),
+        "bf16, wide exponents": torch.randn(n, generator=g).mul(torch.rand(n, generator=g) * 1e4).bfloat16().view(torch.uint8),
+        "fp16": torch.randn(n, generator=g).half().view(torch.uint8),
+        "random bytes": torch.randint(0, 256, (2 * n,), dtype=torch.uint8, generator=g),
+        "zeros": torch.zeros(2 * n, dtype=torch.uint8),
+        "two high bytes": words(torch.randint(0, 256, (n,), generator=g), torch.randint(0, 2, (n,), generator=g) * 0xBF),
+        "twelve high bytes": words(torch.randint(0, 256, (n,), generator=g), torch.randint(0, 12, (n,), generator=g)),
+        "every 16-bit pattern": torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.uint8),
+        "odd word count": torch.randn(4097, generator=g).mul(0.02).bfloat16().view(torch.uint8),
+    }
+    widths = set()
+    for name, raw in cases.items():
+        coded = codec.encode(raw)
+        widths.add(coded.bits)
+        end = raw.numel()
+        for start, stop in [(0, end), (512, end), (0, 512), (8704, 24576), (24576, end), (1024, 1024), (end, end)]:
+            if not start <= stop <= end:
+                continue
+            part = coded.part(start, stop)
+            staging = torch.full((codec.footprint(part) + 512,), 9, dtype=torch.uint8)
+            planes = part.like(staging[512:])
+            for into, plane in zip(planes.planes, part.planes):
+                into.copy_(plane)
+            out = torch.full((stop - start + 512,), 0xAB, dtype=torch.uint8)
+            codec_kernel.expand(planes, out)
+            assert torch.equal(out[: stop - start], raw[start:stop]), (name, coded.bits, start, stop)
+            assert (out[stop - start :] == 0xAB).all(), ("written past the part", name, start, stop)
+    assert widths == {1, 2, 3, 4}, widths
+    print("ok")
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton publishes wheels for Linux only")
+def test_the_decode_kernel_gives_every_part_back_bit_for_bit_under_the_interpreter():
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout[-2000:] + result.stderr[-4000:]
