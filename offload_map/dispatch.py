@@ -94,9 +94,9 @@ def dispatch_pipeline(
             ``{"transformer": 50}`` for 50 steps (default: each DiT ``auto.DEFAULT_DIT_RUNS`` times, every other
             component once). The planner weighs a DiT's step time by it against copies made once per call.
         compression: ``"lossless"``: keep every streamed block coded in host memory too, in about 0.71 of its bytes
-            for bf16 weights, copy it so and decode it on the device (``runtime.codec``): fewer bytes cross
-            the link, outputs stay bit-identical. Blocks that do not compress (fp16: its high byte carries mantissa
-            bits; float32) stream as they are. Host memory holds the raw bytes beside the code, except for blocks
+            for bf16 weights (0.88 for fp16), copy it so and decode it on the device (``runtime.codec``): fewer
+            bytes cross the link, outputs stay bit-identical. Blocks that do not compress (float32) stream as they
+            are. Host memory holds the raw bytes beside the code, except for blocks
             whose weights view their files (``from_pretrained`` leaves them so; ``weights`` reads them so where the
             checkpoint stores them as laid out): those hold only their code, and between uses their tensors view
             the file, copy-on-write (``runtime.mapped_host``). ``"fp8"`` (lossy,

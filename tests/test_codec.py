@@ -67,6 +67,12 @@ def test_trained_like_weights_stream_in_three_quarters_of_the_bytes():
     assert coded.bits == 3 and coded.ratio <= 0.715
 
 
+def test_fp16_keeps_the_high_bytes_mantissa_bits_raw_and_codes_the_rest():
+    w = torch.randn(1 << 20, generator=torch.Generator().manual_seed(1)).mul(0.02).half()
+    coded = _round_trips(_bytes(w))
+    assert (coded.bits, coded.raw_bits) == (4, 2) and coded.ratio <= 0.89
+
+
 def test_fp32_does_not_compress_and_says_so():
     coded = _round_trips(_bytes(torch.randn(1 << 16)))
     assert coded.ratio > 1.0

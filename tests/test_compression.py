@@ -116,9 +116,21 @@ def test_a_budget_plans_with_coded_blocks_and_stays_exact(target):
     handle.remove()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @torch.inference_mode()
-def test_blocks_that_do_not_compress_stream_raw_and_say_so(target, dtype):
+def test_fp16_blocks_keep_the_high_bytes_mantissa_bits_raw_and_come_back_bit_for_bit(target):
+    model, x = make_dit(dtype=torch.float16), _input(torch.float16).to(target)
+    reference = _reference(0, target, torch.float16)
+    handle = dispatch_pipeline(model, "layerwise", target, window=2, compression="lossless")
+    units = handle.runtime.rings[""].units
+    assert all(unit.coded is not None and {p.raw_bits for p in unit.coded.pieces} == {2} for unit in units)
+    assert all(torch.equal(model(x).cpu(), reference) for _ in range(2))
+    assert handle.report().coded.coded == 5 and handle.report().coded.coded_bytes < 0.92 * handle.report().coded.raw_bytes
+    handle.remove()
+
+
+@torch.inference_mode()
+def test_blocks_that_do_not_compress_stream_raw_and_say_so(target):
+    dtype = torch.float32
     model, x = make_dit(dtype=dtype), _input(dtype).to(target)
     reference = _reference(0, target, dtype)
     handle = dispatch_pipeline(model, "layerwise", target, compression="lossless")

@@ -56,7 +56,7 @@ class DeviceMap:
             holding blocks, and a block takes the value of the longest path that holds it (None: as it is), e.g.
             ``{"transformer": "fp8", "transformer.single_transformer_blocks": "lossless"}``. Kinds:
             ``"lossless"``, each block is kept in host memory coded in fewer bytes too, copied so and decoded on the
-            device bit for bit (a block that does not compress, e.g. of fp16 or float32 weights, streams as it is);
+            device bit for bit (a block that does not compress, e.g. of float32 weights, streams as it is);
             ``"fp8"`` (lossy, opt-in), the blocks' linear weights are kept in float8 e4m3 with a scale per output
             channel, about half their bytes, and upcast on the device (outputs differ from the resident run).
             ``compression_of`` reads it.

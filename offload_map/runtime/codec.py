@@ -1,18 +1,22 @@
-"""A lossless byte-plane code for streaming bf16 blocks in fewer bytes.
+"""A lossless byte-plane code for streaming bf16 and fp16 blocks in fewer bytes.
 
-A bf16 word is two bytes (little-endian in memory): the low byte holds the exponent's lowest bit and the
-mantissa, close to uniformly distributed, so it is stored as it is; the high byte holds the sign and the
-exponent's upper 7 bits, and trained weights use few of those. The high byte becomes a code of ``bits`` bits
-(1 to 4, chosen per run for the fewest bytes): the ``2**bits - 1`` most common high bytes (in a sample) each
-get a code, and the last code is an escape, whose high byte follows in the escape list, in word order.
+A 16-bit float word is two bytes (little-endian in memory): the low byte holds mantissa bits (and bf16's
+exponent's lowest bit), close to uniformly distributed, so it is stored as it is; the high byte holds the sign
+and most of the exponent, and trained weights use few exponents. The high byte's lowest ``raw_bits`` bits (0 to
+3: fp16 keeps two mantissa bits there) are stored as they are too, and the rest of it, its symbol, becomes a code
+of ``bits`` bits (1 to 4): the ``2**bits - 1`` most common symbols (in a sample) each get a code, and the last
+code is an escape, whose symbol follows in the escape list, in word order. Both widths are chosen per run, for
+the fewest bytes.
 
-On N(0, 0.02) bf16 weights, as our benchmarks build, 3 bits cover 95% of the words: 11.4 bits a word, about
-71% of the bytes (4 bits would cover 99.98% but cost 12 bits, 75%). Any bytes round-trip, whatever they
-hold; other dtypes only compress worse, and ``Coded.ratio`` says so for the caller to keep them raw.
+On N(0, 0.02) weights, as our benchmarks build: bf16, 3 bits cover 95% of the words, 11.4 bits a word, about 71%
+of the bytes (4 bits would cover 99.98% but cost 12 bits, 75%); fp16, 2 raw bits and a 4-bit code, about 88%.
+Any bytes round-trip, whatever they hold; other dtypes compress worse, and ``Coded.ratio`` says so for the
+caller to keep them raw.
 
 Layout, chosen so that any range of words decodes on its own, in parallel. Words are taken in groups of
 ``GROUP``. Each group's codes are ``bits`` bit-planes of ``GROUP / 8`` bytes (plane j holds bit j of each
-word's code, word i in bit ``i % 8`` of byte ``i // 8``), stored group after group; ``starts`` gives, per
+word's code, word i in bit ``i % 8`` of byte ``i // 8``), then ``raw_bits`` planes of the raw bits, stored
+group after group; ``starts`` gives, per
 group, how many escapes come before it. A group's words therefore find their escapes by counting escape codes
 within the group, and a part of the run (``Coded.part``, bytes between two 512-byte boundaries, where the host
 buffer's tensors start, ``host_buffer.ALIGN``) is a contiguous range of each plane: the groups it touches,
@@ -34,6 +38,7 @@ from .codec_kernel import expand
 
 GROUP = 4096  # words that share one count of the escapes before them; a power of two (a Triton block)
 MAX_BITS = 4  # the table has 2**MAX_BITS entries
+MAX_RAW = 3  # of the high byte's bits, at most this many lowest ones are stored as they are
 SAMPLE = 16  # encode picks the table and the width from every SAMPLE-th word
 CHUNK = 256  # groups decoded at once by torch: bounds its temporaries (about 24 bytes a word)
 BOUNDARY = 512  # bytes: a part starts and ends on one
@@ -45,14 +50,15 @@ class Coded:
     on one device. A whole run has ``first == base == skipped == 0``; ``part`` makes the others.
 
     Attributes:
-        table: ``uint8[16]``: a code -> its high byte (the escape code's entry is unused).
+        table: ``uint8[16]``: a code -> its symbol (the escape code's entry is unused).
         low: ``uint8[n]``: each word's low byte.
-        codes: ``uint8[groups, bits, GROUP / 8]``: each group's bit-planes.
+        codes: ``uint8[groups, bits + raw_bits, GROUP / 8]``: each group's bit-planes, the code's then the raw bits'.
         starts: ``int32[groups]``: escapes in the run before each group.
-        escapes: ``uint8[e]``: the escaped words' high bytes, in word order, from the first group's on.
+        escapes: ``uint8[e]``: the escaped words' symbols, in word order, from the first group's on.
         first: the first word's index in the run.
         base: the first group's first word's index in the run (``first`` rounded down to a group).
         skipped: escapes in the run before the first group (what ``starts`` counts that ``escapes`` lacks).
+        raw_bits: the high byte's lowest bits stored as they are; its symbol is the rest (``high >> raw_bits``).
     """
 
     table: torch.Tensor
@@ -63,6 +69,7 @@ class Coded:
     first: int = 0
     base: int = 0
     skipped: int = 0
+    raw_bits: int = 0
 
     @property
     def planes(self) -> tuple[torch.Tensor, ...]:
@@ -75,7 +82,7 @@ class Coded:
     @property
     def bits(self) -> int:
         """Bits of each word's code."""
-        return self.codes.shape[1]
+        return self.codes.shape[1] - self.raw_bits
 
     @property
     def nbytes(self) -> int:
@@ -118,6 +125,7 @@ class Coded:
             lo,
             first_group * group,
             skipped,
+            self.raw_bits,
         )
 
     def like(self, buffer: torch.Tensor) -> "Coded":
@@ -128,7 +136,7 @@ class Coded:
             nbytes = plane.numel() * plane.element_size()
             views.append(buffer[offset : offset + nbytes].view(plane.dtype).view(plane.shape))
             offset += -(-nbytes // BOUNDARY) * BOUNDARY
-        return Coded(*views, self.first, self.base, self.skipped)
+        return Coded(*views, self.first, self.base, self.skipped, self.raw_bits)
 
 
 def footprint(coded: Coded) -> int:
@@ -142,8 +150,11 @@ def encode(raw: torch.Tensor) -> Coded:
     Example:
         >>> w = torch.randn(1 << 16, generator=torch.Generator().manual_seed(0)).mul(0.02).bfloat16()
         >>> coded = encode(w.view(torch.uint8))
-        >>> torch.equal(decode(coded), w.view(torch.uint8)), coded.bits, round(coded.ratio, 2)
-        (True, 3, 0.71)
+        >>> torch.equal(decode(coded), w.view(torch.uint8)), coded.bits, coded.raw_bits, round(coded.ratio, 2)
+        (True, 3, 0, 0.71)
+        >>> coded = encode(w.half().view(torch.uint8))
+        >>> coded.bits, coded.raw_bits, round(coded.ratio, 2)
+        (4, 2, 0.88)
     """
     if raw.dtype != torch.uint8 or raw.dim() != 1 or raw.numel() % 2:
         raise ValueError(f"encode takes a 1-D uint8 tensor of whole 16-bit words, got {raw.dtype} {tuple(raw.shape)}")
@@ -151,28 +162,44 @@ def encode(raw: torch.Tensor) -> Coded:
     low, high = words[:, 0], words[:, 1]
     n = high.numel()
     groups = -(-n // GROUP)
-    # The most common high bytes first; each width's bytes estimated from the sample (ties: the narrower).
-    counts, order = torch.sort(torch.bincount(high[::SAMPLE].to(torch.int32), minlength=256), descending=True, stable=True)
-    share = counts.cumsum(0).double() / max(1, int(counts.sum()))
-    sizes = [groups * bits * GROUP / 8 + n * (1 - float(share[2**bits - 2])) for bits in range(1, MAX_BITS + 1)]
-    bits = 1 + sizes.index(min(sizes))
+    # Each pair of widths' bytes, estimated from the sample's symbols, most common first (ties: the fewer planes).
+    sample = high[::SAMPLE].to(torch.int32).cpu()
+    best = None
+    for raw_bits in range(MAX_RAW + 1):
+        counts, order = torch.sort(torch.bincount(sample >> raw_bits, minlength=256), descending=True, stable=True)
+        share = counts.cumsum(0).double() / max(1, sample.numel())
+        for bits in range(1, MAX_BITS + 1):
+            size = groups * (bits + raw_bits) * GROUP / 8 + n * (1 - float(share[2**bits - 2]))
+            if best is None or size < best[0]:
+                best = size, bits, raw_bits, order.to(raw.device)
+    _, bits, raw_bits, order = best
     escape = 2**bits - 1
     table = torch.zeros(2**MAX_BITS, dtype=torch.uint8, device=raw.device)
     table[:escape] = order[:escape].to(torch.uint8)
     code_of = torch.full((256,), escape, dtype=torch.uint8, device=raw.device)
     code_of[order[:escape]] = torch.arange(escape, dtype=torch.uint8, device=raw.device)
-    code = torch.nn.functional.pad(code_of.index_select(0, high.to(torch.int32)), (0, groups * GROUP - n))
+    symbol = high >> raw_bits
+
+    def grouped(values: torch.Tensor) -> torch.Tensor:  # padded to whole groups, 8 words a row
+        return torch.nn.functional.pad(values, (0, groups * GROUP - n)).view(groups, GROUP // 8, 8)
+
+    code = grouped(code_of.index_select(0, symbol.to(torch.int32)))
     escaped = code == escape  # the padding's code is 0, never the escape (which is at least 1)
     per_group = escaped.view(groups, GROUP).sum(dim=1, dtype=torch.int32)
+    kept = grouped(high & (2**raw_bits - 1))
     shifts = torch.arange(8, dtype=torch.uint8, device=raw.device)
-    code = code.view(groups, GROUP // 8, 8)
-    planes = [((code >> j) & 1).bitwise_left_shift(shifts).sum(dim=2, dtype=torch.uint8) for j in range(bits)]
+    planes = [
+        ((values >> j) & 1).bitwise_left_shift(shifts).sum(dim=2, dtype=torch.uint8)
+        for values, width in ((code, bits), (kept, raw_bits))
+        for j in range(width)
+    ]
     return Coded(
         table=table,
         low=low.clone(),
-        codes=torch.stack(planes, dim=1) if planes else code.new_zeros(0, bits, GROUP // 8),
+        codes=torch.stack(planes, dim=1),
         starts=(per_group.cumsum(0, dtype=torch.int32) - per_group),
-        escapes=high[escaped[:n]],
+        escapes=symbol[escaped.view(-1)[:n]],
+        raw_bits=raw_bits,
     )
 
 
@@ -187,19 +214,24 @@ def decode(coded: Coded, out: torch.Tensor | None = None) -> torch.Tensor:
         return out
     words = out[: 2 * n].view(-1, 2)
     words[:, 0] = coded.low
-    groups, bits, width = coded.codes.shape
-    group = 8 * width
+    groups, _, width = coded.codes.shape
+    group, bits = 8 * width, coded.bits
     shifts = torch.arange(8, dtype=torch.uint8, device=out.device)
+
+    def gathered(planes: torch.Tensor) -> torch.Tensor:  # bit j of each word from plane j, in word order
+        values = torch.zeros(planes.shape[0], width, 8, dtype=torch.uint8, device=out.device)
+        for j in range(planes.shape[1]):
+            values |= ((planes[:, j, :, None] >> shifts) & 1) << j
+        return values.view(-1)
+
     for g in range(0, groups, CHUNK):
         planes = coded.codes[g : g + CHUNK]
-        code = torch.zeros(planes.shape[0], width, 8, dtype=torch.uint8, device=out.device)
-        for j in range(bits):
-            code |= ((planes[:, j, :, None] >> shifts) & 1) << j
-        code = code.view(-1)
-        high = coded.table.index_select(0, code.to(torch.int32))
+        code = gathered(planes[:, :bits])
+        symbol = coded.table.index_select(0, code.to(torch.int32))
         escaped = code == 2**bits - 1
         first = int(coded.starts[g]) - coded.skipped
-        high[escaped] = coded.escapes[first : first + int(escaped.sum())]
+        symbol[escaped] = coded.escapes[first : first + int(escaped.sum())]
+        high = symbol << coded.raw_bits | gathered(planes[:, bits:])
         # Words g * group on, counted from the part's first word: the first group may start before it.
         lo = coded.base + g * group - coded.first
         keep = slice(max(0, -lo), min(high.numel(), n - lo))

@@ -2,7 +2,8 @@
 
 Each program decodes one group of words (``codec.GROUP``): it gathers each word's code from the group's
 bit-planes, ranks the group's escapes with a prefix sum (the group's count in ``starts`` gives the first
-one's place in the escape list), looks the other high bytes up in the 16-entry table, and writes each word
+one's place in the escape list), looks the other symbols up in the 16-entry table, puts each symbol above the
+high byte's raw bits (from the planes after the code's), and writes each word
 of the part (the first and last group may reach past it) as one 16-bit store. One launch is all a part
 costs the host: the stream waits for nothing.
 
@@ -34,28 +35,33 @@ if triton is not None:
         skipped,
         n_words,
         BITS: tl.constexpr,
+        RAW: tl.constexpr,
         GROUP: tl.constexpr,
     ):
         group = tl.program_id(0).to(tl.int64)
         lane = tl.arange(0, GROUP)
-        planes = codes_ptr + group * (BITS * GROUP // 8) + lane // 8
+        planes = codes_ptr + group * ((BITS + RAW) * GROUP // 8) + lane // 8
         code = tl.zeros([GROUP], dtype=tl.int32)
         for j in tl.static_range(BITS):
             code |= ((tl.load(planes + j * (GROUP // 8)).to(tl.int32) >> (lane % 8)) & 1) << j
+        kept = tl.zeros([GROUP], dtype=tl.int32)  # the high byte's lowest RAW bits
+        for j in tl.static_range(RAW):
+            kept |= ((tl.load(planes + (BITS + j) * (GROUP // 8)).to(tl.int32) >> (lane % 8)) & 1) << j
         escaped = code == (1 << BITS) - 1
         count = escaped.to(tl.int32)
         rank = tl.load(starts_ptr + group) - skipped + tl.cumsum(count, 0) - count
         word = group * GROUP + lane - offset  # counted from the part's first word
         inside = (word >= 0) & (word < n_words)
-        high = tl.load(table_ptr + code).to(tl.int32)
-        high = tl.where(escaped, tl.load(escapes_ptr + rank, mask=escaped & inside, other=0).to(tl.int32), high)
+        symbol = tl.load(table_ptr + code).to(tl.int32)
+        symbol = tl.where(escaped, tl.load(escapes_ptr + rank, mask=escaped & inside, other=0).to(tl.int32), symbol)
+        high = (symbol << RAW) | kept
         low = tl.load(low_ptr + word, mask=inside, other=0).to(tl.int32)
         tl.store(out_ptr + word, (low | (high << 8)).to(tl.int16), mask=inside)
 
     def expand(coded, out: torch.Tensor) -> None:
         """Write into ``out`` (``uint8``) the words ``coded`` (a ``codec.Coded``) holds; every tensor on one CUDA
         device."""
-        groups, bits, width = coded.codes.shape
+        groups, _, width = coded.codes.shape
         if groups:
             _expand_kernel[(groups,)](
                 coded.codes,
@@ -67,7 +73,8 @@ if triton is not None:
                 coded.first - coded.base,
                 coded.skipped,
                 coded.words,
-                BITS=bits,
+                BITS=coded.bits,
+                RAW=coded.raw_bits,
                 GROUP=8 * width,
             )
 

@@ -157,7 +157,7 @@ class CodedHost:
         views = store.views(store.flat)
         self.release()
         self.store = store
-        self.pieces = [Coded(*views[5 * i : 5 * i + 5]) for i in range(len(pieces))]
+        self.pieces = [Coded(*views[5 * i : 5 * i + 5], raw_bits=piece.raw_bits) for i, piece in enumerate(pieces)]
         starts = [region.offset for region in store.regions[::5]] + [store.nbytes]
         self.runs = [store.flat[a:b] for a, b in zip(starts, starts[1:])]
         self._plans = {}
