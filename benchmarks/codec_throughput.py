@@ -65,7 +65,7 @@ def measure(nbytes: int, device: torch.device, repeats: int) -> dict:
         raw_s = _timed(lambda: slot.copy_(pinned, non_blocking=True), device, repeats)
         coded_s = _timed(lambda: [d.copy_(h, non_blocking=True) for d, h in zip(staged, planes)], device, repeats)
         row.update(raw_copy_s=raw_s, raw_copy_GBps=round(nbytes / raw_s / 1e9, 2), coded_copy_s=coded_s)
-        on_device = Coded(*staged)
+        on_device = Coded(*staged, raw_bits=coded.raw_bits)
     else:
         on_device = coded
     decode_s = _timed(lambda: decode(on_device, out=slot), device, repeats)

@@ -556,7 +556,7 @@ def test_a_lora_added_while_dispatched_leaves_the_blocks_held_only_as_their_code
 @torch.inference_mode()
 def test_blocks_built_in_memory_rest_in_the_offload_folder_hold_only_their_code_and_stay_bit_exact(tmp_path, target, window):
     # A float32 checkpoint read as bf16 builds every block in memory: without a folder each keeps its raw bytes beside
-    # its code (1.75x); with one they rest in a file there, as blocks read from a bf16 checkpoint rest in theirs.
+    # its code (1.71x); with one they rest in a file there, as blocks read from a bf16 checkpoint rest in theirs.
     from conftest import assert_restored, pipeline_state
 
     pipe = make_flux_pipeline()

@@ -162,7 +162,8 @@ def encode(raw: torch.Tensor) -> Coded:
     low, high = words[:, 0], words[:, 1]
     n = high.numel()
     groups = -(-n // GROUP)
-    # Each pair of widths' bytes, estimated from the sample's symbols, most common first (ties: the fewer planes).
+    # Each pair of widths' bytes, estimated from the sample's symbols, most common first (ties: fewer raw bits,
+    # then fewer code bits).
     sample = high[::SAMPLE].to(torch.int32).cpu()
     best = None
     for raw_bits in range(MAX_RAW + 1):
@@ -171,8 +172,9 @@ def encode(raw: torch.Tensor) -> Coded:
         for bits in range(1, MAX_BITS + 1):
             size = groups * (bits + raw_bits) * GROUP / 8 + n * (1 - float(share[2**bits - 2]))
             if best is None or size < best[0]:
-                best = size, bits, raw_bits, order.to(raw.device)
+                best = size, bits, raw_bits, order
     _, bits, raw_bits, order = best
+    order = order.to(raw.device)
     escape = 2**bits - 1
     table = torch.zeros(2**MAX_BITS, dtype=torch.uint8, device=raw.device)
     table[:escape] = order[:escape].to(torch.uint8)
@@ -186,7 +188,7 @@ def encode(raw: torch.Tensor) -> Coded:
     code = grouped(code_of.index_select(0, symbol.to(torch.int32)))
     escaped = code == escape  # the padding's code is 0, never the escape (which is at least 1)
     per_group = escaped.view(groups, GROUP).sum(dim=1, dtype=torch.int32)
-    kept = grouped(high & (2**raw_bits - 1))
+    kept = grouped(high & (2**raw_bits - 1)) if raw_bits else None
     shifts = torch.arange(8, dtype=torch.uint8, device=raw.device)
     planes = [
         ((values >> j) & 1).bitwise_left_shift(shifts).sum(dim=2, dtype=torch.uint8)

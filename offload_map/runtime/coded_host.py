@@ -55,7 +55,7 @@ def worth_keeping(code):
 
 
 # Units coded at once, from coding to their host store: bounds the device memory (or, coding on the CPU, the host
-# temporaries) that dispatch takes while packing threads code, about three quarters of a unit's bytes each.
+# temporaries) that dispatch takes while packing threads code, about 0.71 of a unit's bytes each.
 CODES_ON_DEVICE = 2
 
 
