@@ -846,11 +846,12 @@ code(
             if row.get("kind") == "strategy" and row.get("step_s"):
                 measured.setdefault(row["strategy"], row)
     print()
-    print("measured on an H200 (Flux-12B, one forward; exact = bit-identical to resident):")
+    print("measured on an H200 (Flux-12B, one forward; exact = bit-identical to resident, where the run had a resident row):")
     for name in ("layerwise-w2", "layerwise-w2-lossless", "layerwise-w2-fp8", "auto-12GiB", "auto-12GiB-lossless"):
         row = measured.get(name)
         if row:
-            print(f"  {name:<24} {row['step_s'] * 1e3:>6.0f} ms  exact {row['bit_exact']}")
+            exact = {True: "yes", False: "no", None: "not compared"}[row["bit_exact"]]
+            print(f"  {name:<24} {row['step_s'] * 1e3:>6.0f} ms  exact {exact}  ({row.get('coded_ratio', 1.0):.3f} of the bytes)")
 """,
 )
 
