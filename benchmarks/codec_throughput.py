@@ -1,7 +1,7 @@
 """What the lossless code (``offload_map.runtime.codec``) would buy a streamed block, measured on one machine.
 
-For a block of bf16 weights (N(0, 0.02), as trained weights are distributed; the size of a Flux-12B double block by
-default) it measures in the same run: the raw pinned host-to-device copy (today's baseline), the copy of the coded
+For a block of bf16 (or ``--dtype float16``) weights (N(0, 0.02), as trained weights are distributed; the size of a
+Flux-12B double block by default) it measures in the same run: the raw pinned host-to-device copy (today's baseline), the copy of the coded
 planes, the decode on the device into a slot, and the encode on the host. It prints one JSON line per size and
 appends it to ``--out``. On a machine without CUDA the copies are skipped and decode runs on the CPU.
 
@@ -48,14 +48,21 @@ def _timed(fn, device: torch.device, repeats: int) -> float:
     return sorted(times[1:])[len(times[1:]) // 2]
 
 
-def measure(nbytes: int, device: torch.device, repeats: int) -> dict:
-    weights = torch.randn(nbytes // 2, generator=torch.Generator().manual_seed(0)).mul(0.02).bfloat16()
+def measure(nbytes: int, device: torch.device, repeats: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    weights = torch.randn(nbytes // 2, generator=torch.Generator().manual_seed(0)).mul(0.02).to(dtype)
     raw = weights.view(torch.uint8)
     began = time.perf_counter()
     coded = encode(raw)
     encode_s = time.perf_counter() - began
     row = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "block_bytes": nbytes}
-    row.update(coded_bytes=coded.nbytes, ratio=round(coded.ratio, 4), bits=coded.bits, escapes=coded.escapes.numel())
+    row["dtype"] = str(dtype).removeprefix("torch.")
+    row.update(
+        coded_bytes=coded.nbytes,
+        ratio=round(coded.ratio, 4),
+        bits=coded.bits,
+        raw_bits=coded.raw_bits,
+        escapes=coded.escapes.numel(),
+    )
     row["encode_GBps"] = round(nbytes / encode_s / 1e9, 3)
     slot = torch.empty(nbytes, dtype=torch.uint8, device=device)
     if device.type == "cuda":
@@ -69,7 +76,11 @@ def measure(nbytes: int, device: torch.device, repeats: int) -> dict:
     else:
         on_device = coded
     decode_s = _timed(lambda: decode(on_device, out=slot), device, repeats)
-    row.update(decode_s=decode_s, decode_output_GBps=round(nbytes / decode_s / 1e9, 1), kernel=codec.expand is not None)
+    row.update(
+        decode_s=decode_s,
+        decode_output_GBps=round(nbytes / decode_s / 1e9, 1),
+        kernel=codec.expand is not None and device.type == "cuda",
+    )
     row["bit_exact"] = bool(torch.equal(slot.cpu(), raw))
     if device.type == "cuda":
         row["coded_copy_plus_decode_vs_raw_copy"] = round((row["coded_copy_s"] + decode_s) / row["raw_copy_s"], 3)
@@ -111,10 +122,11 @@ def main() -> None:
     parser.add_argument("--bytes", type=int, nargs="+", default=[FLUX_DOUBLE_BLOCK], help="block sizes in bytes")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", help="append the JSON lines to this file")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for nbytes in args.bytes:
-        row = measure(nbytes - nbytes % 512, device, args.repeats)
+        row = measure(nbytes - nbytes % 512, device, args.repeats, getattr(torch, args.dtype))
         print(json.dumps(row))
         if args.out:
             with open(args.out, "a") as out:
