@@ -230,18 +230,19 @@ def _offload_folder(folder: "str | os.PathLike | None", compression) -> Path | N
 
 
 def _filesystem(path: Path) -> str | None:
-    """The type of the filesystem holding ``path`` (``/proc/self/mounts``, the longest mount point above it), or None."""
+    """The type of the filesystem holding ``path`` (resolved; ``/proc/self/mounts``, the longest mount point above it),
+    or None."""
     try:
         lines = Path("/proc/self/mounts").read_text().splitlines()
     except OSError:
         return None
-    resolved, best, kind = path.resolve(), -1, None
+    best, kind = -1, None
     for line in lines:
         fields = line.split()
         if len(fields) < 3:
             continue
         point = Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1]))  # a space is \040
-        if (resolved == point or point in resolved.parents) and len(point.parts) > best:
+        if (path == point or point in path.parents) and len(point.parts) > best:
             best, kind = len(point.parts), fields[2]
     return kind
 

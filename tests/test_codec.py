@@ -15,6 +15,14 @@ def _bytes(values: torch.Tensor) -> torch.Tensor:
     return values.contiguous().view(torch.uint8)
 
 
+def _decoded_from_a_copy(part: codec.Coded) -> torch.Tensor:
+    # As a load does: the part's planes copied into a staging buffer (filled with garbage first), decoded from there.
+    copy = part.like(torch.full((codec.footprint(part),), 9, dtype=torch.uint8))
+    for into, plane in zip(copy.planes, part.planes):
+        into.copy_(plane)
+    return decode(copy)
+
+
 def _round_trips(raw: torch.Tensor) -> codec.Coded:
     coded = encode(raw)
     assert torch.equal(decode(coded), raw)
@@ -86,11 +94,7 @@ def test_a_part_between_512_byte_boundaries_decodes_alone_from_a_copy_of_its_pla
     w[::97] = float("inf")  # escapes spread over the whole run
     raw = _bytes(w)
     part = encode(raw).part(start, stop)
-    staging = torch.full((codec.footprint(part),), 9, dtype=torch.uint8)
-    copy = part.like(staging)
-    for into, plane in zip(copy.planes, part.planes):
-        into.copy_(plane)
-    assert torch.equal(decode(copy), raw[start:stop])
+    assert torch.equal(_decoded_from_a_copy(part), raw[start:stop])
 
 
 def test_a_part_ending_with_an_odd_word_count_run_decodes():
@@ -162,7 +166,4 @@ def test_any_part_of_any_bytes_decodes_alone_for_any_group_size(data, group, mas
     start = 512 * draw.draw(st.integers(0, runs))
     stop = 512 * draw.draw(st.integers(start // 512, runs))
     part = coded.part(start, stop)
-    copy = part.like(torch.full((codec.footprint(part),), 9, dtype=torch.uint8))
-    for into, plane in zip(copy.planes, part.planes):
-        into.copy_(plane)
-    assert torch.equal(decode(copy), raw[start:stop])
+    assert torch.equal(_decoded_from_a_copy(part), raw[start:stop])

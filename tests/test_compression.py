@@ -124,7 +124,8 @@ def test_fp16_blocks_keep_the_high_bytes_mantissa_bits_raw_and_come_back_bit_for
     units = handle.runtime.rings[""].units
     assert all(unit.coded is not None and {p.raw_bits for p in unit.coded.pieces} == {2} for unit in units)
     assert all(torch.equal(model(x).cpu(), reference) for _ in range(2))
-    assert handle.report().coded.coded == 5 and handle.report().coded.coded_bytes < 0.92 * handle.report().coded.raw_bytes
+    coded = handle.report().coded
+    assert coded.coded == 5 and coded.coded_bytes < 0.92 * coded.raw_bytes
     handle.remove()
 
 

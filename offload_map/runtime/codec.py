@@ -40,7 +40,7 @@ GROUP = 4096  # words that share one count of the escapes before them; a power o
 MAX_BITS = 4  # the table has 2**MAX_BITS entries
 MAX_RAW = 3  # of the high byte's bits, at most this many lowest ones are stored as they are
 SAMPLE = 16  # encode picks the table and the width from every SAMPLE-th word
-CHUNK = 256  # groups decoded at once by torch: bounds its temporaries (about 24 bytes a word)
+CHUNK = 256  # groups decoded at once by torch: bounds its temporaries (a few bytes a word of those groups)
 BOUNDARY = 512  # bytes: a part starts and ends on one
 
 

@@ -154,12 +154,11 @@ class CodedHost:
     def _store(self, pieces: list[Coded]) -> None:
         planes = [plane for piece in pieces for plane in piece.planes]
         store = HostBuffer.holding(planes, self.pinned)  # each piece's planes in a row, as ``Coded.like`` carves them
-        views = store.views(store.flat)
         self.release()
         self.store = store
-        self.pieces = [Coded(*views[5 * i : 5 * i + 5], raw_bits=piece.raw_bits) for i, piece in enumerate(pieces)]
         starts = [region.offset for region in store.regions[::5]] + [store.nbytes]
         self.runs = [store.flat[a:b] for a, b in zip(starts, starts[1:])]
+        self.pieces = [piece.like(run) for piece, run in zip(pieces, self.runs)]
         self._plans = {}
         self._version = object()  # names this code in the staging buffers' caches of plane views
 
