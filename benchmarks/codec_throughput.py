@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from offload_map.runtime import codec  # noqa: E402
+from offload_map.runtime import codec, codec_kernel  # noqa: E402
 from offload_map.runtime.codec import Coded, decode, encode  # noqa: E402
 from offload_map.runtime.coded_host import CodedHost  # noqa: E402
 from offload_map.runtime.slots import Staging  # noqa: E402
@@ -48,7 +48,9 @@ def _timed(fn, device: torch.device, repeats: int) -> float:
     return sorted(times[1:])[len(times[1:]) // 2]
 
 
-def measure(nbytes: int, device: torch.device, repeats: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+def measure(
+    nbytes: int, device: torch.device, repeats: int, dtype: torch.dtype = torch.bfloat16, warps: tuple[int, ...] = ()
+) -> dict:
     weights = torch.randn(nbytes // 2, generator=torch.Generator().manual_seed(0)).mul(0.02).to(dtype)
     raw = weights.view(torch.uint8)
     began = time.perf_counter()
@@ -82,6 +84,15 @@ def measure(nbytes: int, device: torch.device, repeats: int, dtype: torch.dtype 
         kernel=codec.expand is not None and device.type == "cuda",
     )
     row["bit_exact"] = bool(torch.equal(slot.cpu(), raw))
+    if row["kernel"] and warps:  # the kernel's output rate at each count of warps a program runs in
+        shipped, by_warps = codec_kernel.WARPS, {}
+        for count in warps:
+            codec_kernel.WARPS = count
+            slot.zero_()
+            seconds = _timed(lambda: decode(on_device, out=slot), device, repeats)
+            by_warps[count] = round(nbytes / seconds / 1e9, 1) if torch.equal(slot.cpu(), raw) else "wrong"
+        codec_kernel.WARPS = shipped
+        row["decode_output_GBps_by_warps"] = by_warps
     if device.type == "cuda":
         row["coded_copy_plus_decode_vs_raw_copy"] = round((row["coded_copy_s"] + decode_s) / row["raw_copy_s"], 3)
         kernel, codec.expand = codec.expand, None  # the torch fallback, for comparison
@@ -123,10 +134,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", help="append the JSON lines to this file")
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    parser.add_argument("--warps", type=int, nargs="*", default=(), help="also time the kernel at these warps counts")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for nbytes in args.bytes:
-        row = measure(nbytes - nbytes % 512, device, args.repeats, getattr(torch, args.dtype))
+        row = measure(nbytes - nbytes % 512, device, args.repeats, getattr(torch, args.dtype), tuple(args.warps))
         print(json.dumps(row))
         if args.out:
             with open(args.out, "a") as out:

@@ -25,10 +25,10 @@
 #   bash benchmarks/h200_checks.sh wan-pipe-baselines | wan-pipe-diffusers-model | wan-pipe-diffusers-sequential
 #     # a resident row, then model, enable_model_cpu_offload or enable_sequential_cpu_offload: one call each
 #     (diffusers-group needs 2.2x the weights of host memory, more than an H200 host has)
-#   bash benchmarks/h200_checks.sh codec     # the lossless code's open questions (about 5 minutes): the CUDA
-#     compression tests (the fp16 path of the kernel has run only under Triton's interpreter), decode throughput of
-#     bf16 and fp16 blocks, and where SD3.5-medium's coded step goes (raw, lossless, decodes skipped), then its
-#     step_time rows (lossless was 1.24x raw there on 2026-12-02)
+#   bash benchmarks/h200_checks.sh codec     # the codecs on the GPU (about 2.5 minutes): the CUDA compression
+#     tests, decode throughput of bf16 and fp16 blocks at 4, 8 and 16 warps, where SD3.5-medium's coded step goes
+#     (raw, lossless, decodes skipped), then its step_time rows, lossless and fp8 (SD3.5's lossless step swings
+#     between runs: README)
 #   bash benchmarks/h200_checks.sh cold-lossless   # Flux-12B from safetensors: host RSS and ready time, raw and lossless
 #     (blocks held only as their code; by weights= and by from_pretrained); writes the 23.8 GB checkpoint to
 #     /tmp/flux_ckpt first (about a minute)
@@ -85,10 +85,12 @@ case "${1:-}" in
     python -m pytest -q -p no:cacheprovider -m cuda tests/test_compression.py tests/test_codec_kernel_interpreted.py 2>&1 |
       tee "$out/pytest_cuda_codec.txt"
     for dtype in bfloat16 float16; do
-      python benchmarks/codec_throughput.py --bytes 339831296 190999552 --dtype $dtype --out "$out/codec_throughput.jsonl"
+      python benchmarks/codec_throughput.py --bytes 339831296 190999552 --dtype $dtype --warps 4 8 16 \
+        --out "$out/codec_throughput.jsonl"
     done
     python benchmarks/lossless_variants.py --model sd35-medium --variants raw,lossless,no-decode --out "$out"
-    python benchmarks/step_time.py --model sd35-medium --strategies resident,layerwise-w2,layerwise-w2-lossless --out "$out" ;;
+    python benchmarks/step_time.py --model sd35-medium --strategies resident,layerwise-w2,layerwise-w2-lossless,layerwise-w2-fp8 \
+      --out "$out" ;;
   cold-lossless)
     python benchmarks/cold_start.py --model flux-12b --ckpt /tmp/flux_ckpt --out "$out" --cache warm \
       --phases write,read,offload_map,offload_map-lossless,pretrained-lossless ;;

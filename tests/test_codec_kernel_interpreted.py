@@ -1,7 +1,8 @@
-"""The codec's Triton kernel run by Triton's interpreter on the CPU (``TRITON_INTERPRET=1``), so that CI checks
-the device code's indexing (groups, parts, escapes, widths) on every change; ``-m cuda`` checks it compiled, on a
-GPU. The kernel does integer operations only, which the interpreter runs as the GPU does (it rounds float32 to
-bf16 its own way, so ``fp8_kernel`` is checked on the GPU alone)."""
+"""The Triton kernels run by Triton's interpreter on the CPU (``TRITON_INTERPRET=1``), so that CI checks the
+device code's indexing on every change; ``-m cuda`` checks them compiled, on a GPU. The codec's kernel does
+integer operations only, which the interpreter runs as the GPU does: its groups, parts, escapes and widths are
+checked here bit for bit. The interpreter rounds float32 to bf16 its own way, so ``fp8_kernel`` is checked here
+writing float32 (its rows, columns and scales; no rounding) and on the GPU writing bf16."""
 
 from __future__ import annotations
 
@@ -57,10 +58,31 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="Triton publishes wheels for Linux only")
-def test_the_decode_kernel_gives_every_part_back_bit_for_bit_under_the_interpreter():
+FP8_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from offload_map.runtime import fp8_kernel
+    from offload_map.runtime.fp8_host import quantized
+
+    g = torch.Generator().manual_seed(3)
+    block = fp8_kernel.BLOCK
+    for rows, columns in [(5, 3 * block), (3, block - 1), (7, 1), (2, block + 1), (1, 2 * block + 5)]:
+        weight = torch.randn(rows, columns, generator=g).mul(torch.rand(rows, 1, generator=g) + 0.01).bfloat16()
+        q, scale = quantized(weight)
+        q = q.view(torch.float8_e4m3fn).view(rows, columns)
+        out = torch.full((rows + 1, columns), 7.0)  # a row past the weight: must stay as it is
+        grid = (rows, -(-columns // block))
+        fp8_kernel._upcast_kernel[grid](q.view(torch.uint8), scale, out, columns, BLOCK=block)
+        assert torch.equal(out[:rows], q.float() * scale[:, None]), (rows, columns)
+        assert (out[rows] == 7.0).all(), ("written past the weight", rows, columns)
+    print("ok")
+    """
+)
+
+
+def _interpreted(script: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
+        [sys.executable, "-c", script],
         env={**os.environ, "TRITON_INTERPRET": "1"},
         cwd=Path(__file__).parents[1],
         capture_output=True,
@@ -68,3 +90,13 @@ def test_the_decode_kernel_gives_every_part_back_bit_for_bit_under_the_interpret
         timeout=600,
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout[-2000:] + result.stderr[-4000:]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton publishes wheels for Linux only")
+def test_the_decode_kernel_gives_every_part_back_bit_for_bit_under_the_interpreter():
+    _interpreted(SCRIPT)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton publishes wheels for Linux only")
+def test_the_fp8_kernel_scales_each_row_of_each_weight_under_the_interpreter():
+    _interpreted(FP8_SCRIPT)
