@@ -45,6 +45,14 @@ each() {
   local strategies=$1; shift
   for s in ${strategies//,/ }; do "$@" --append --strategies "$s"; done
 }
+# The GPU's clocks, power, utilisation and throttle reasons every 100 ms while the stage runs: a step that is slower
+# with the GPU's clock at its maximum and its utilisation well below 100% was bound by the host (SD3.5-medium's
+# swings on 2026-12-02, README).
+if command -v nvidia-smi > /dev/null; then
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,clocks_throttle_reasons.active \
+    --format=csv -lms 100 > "$out/gpu_clocks_${1:-none}.csv" 2>&1 &
+  trap 'kill $! 2> /dev/null' EXIT
+fi
 case "${1:-}" in
   tests)
     python -m pytest -q -m cuda tests/ 2>&1 | tee "$out/pytest_cuda.txt"
@@ -90,7 +98,7 @@ case "${1:-}" in
     done
     python benchmarks/lossless_variants.py --model sd35-medium --variants raw,lossless,no-decode --out "$out"
     python benchmarks/step_time.py --model sd35-medium --strategies resident,layerwise-w2,layerwise-w2-lossless,layerwise-w2-fp8 \
-      --out "$out" ;;
+      --repeats 20 --warmup 3 --out "$out" ;;
   cold-lossless)
     python benchmarks/cold_start.py --model flux-12b --ckpt /tmp/flux_ckpt --out "$out" --cache warm \
       --phases write,read,offload_map,offload_map-lossless,pretrained-lossless ;;
