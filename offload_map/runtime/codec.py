@@ -132,16 +132,20 @@ class Coded:
         """Planes of this one's sizes carved out of ``buffer`` (``uint8``, at least ``footprint(self)`` bytes): where a
         copy of them goes."""
         views, offset = [], 0
-        for plane in self.planes:
-            nbytes = plane.numel() * plane.element_size()
-            views.append(buffer[offset : offset + nbytes].view(plane.dtype).view(plane.shape))
-            offset += -(-nbytes // BOUNDARY) * BOUNDARY
+        for plane, span in zip(self.planes, _spans(self)):
+            views.append(buffer[offset : offset + plane.numel() * plane.element_size()].view(plane.dtype).view(plane.shape))
+            offset += span
         return Coded(*views, self.first, self.base, self.skipped, self.raw_bits)
+
+
+def _spans(coded: Coded) -> list[int]:
+    # Bytes each plane takes in ``Coded.like``'s layout: its own, rounded up so that the next starts on a boundary.
+    return [-(-(t.numel() * t.element_size()) // BOUNDARY) * BOUNDARY for t in coded.planes]
 
 
 def footprint(coded: Coded) -> int:
     """Bytes ``Coded.like`` carves for ``coded``'s planes (each starts on a 512-byte boundary)."""
-    return sum(-(-(t.numel() * t.element_size()) // BOUNDARY) * BOUNDARY for t in coded.planes)
+    return sum(_spans(coded))
 
 
 def encode(raw: torch.Tensor) -> Coded:
