@@ -5,7 +5,8 @@ Usage (GPU)::
 
     python benchmarks/timeline.py --model flux-12b --budgets 8GiB,12GiB,16GiB,w2 --out DIR
 
-``wN`` in ``--budgets`` is ``strategy="layerwise"`` with window N (no budget, no prediction).
+``wN`` in ``--budgets`` is ``strategy="layerwise"`` with window N (no budget, no prediction). ``--compression``
+dispatches every budget with it.
 For each budget: dispatch, run the calibration and re-plan, time ``--repeats`` steps the way
 ``step_time.py`` does (device synchronised around each), then record one more step with CUDA timing
 events around every block and copy. Each link gap (copy stream idle between two copies) is split into
@@ -167,6 +168,11 @@ def main() -> None:
     parser.add_argument("--budgets", default="8GiB,12GiB,16GiB")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=".")
+    parser.add_argument(
+        "--compression",
+        choices=("lossless", "fp8"),
+        help="dispatch with this compression (a coded load's copy ends at its last decode)",
+    )
     args = parser.parse_args()
     device = "cuda:0"
     spec = models.resolve_spec(args.model)
@@ -180,10 +186,13 @@ def main() -> None:
     with open(path, "a") as f:
         f.write(json.dumps({"kind": "probe", "device": torch.cuda.get_device_name(), "copies": probe}) + "\n")
     for budget in args.budgets.split(","):
+        options = {"compression": args.compression} if args.compression else {}
         if budget.startswith("w"):
-            handle = offload_map.dispatch_pipeline(model, strategy="layerwise", device=device, window=int(budget[1:]))
+            handle = offload_map.dispatch_pipeline(model, strategy="layerwise", device=device, window=int(budget[1:]), **options)
         else:
-            handle = offload_map.dispatch_pipeline(model, strategy="auto", device=device, gpu_budget=parse_size(budget))
+            handle = offload_map.dispatch_pipeline(
+                model, strategy="auto", device=device, gpu_budget=parse_size(budget), **options
+            )
         times = []
         with torch.inference_mode():
             for _ in range(3 + args.repeats):
@@ -201,6 +210,7 @@ def main() -> None:
         row = {
             "kind": "budget",
             "budget": budget,
+            "compression": args.compression,
             "step_s": statistics.median(times[3:]),
             "unsynced_step_s": unsynced,
             "measured": measured,
