@@ -51,7 +51,8 @@ each() {
 if command -v nvidia-smi > /dev/null; then
   nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,clocks_throttle_reasons.active \
     --format=csv -lms 100 > "$out/gpu_clocks_${1:-none}.csv" 2>&1 &
-  trap 'kill $! 2> /dev/null' EXIT
+  clock_log=$!
+  trap 'kill "$clock_log" 2> /dev/null || true' EXIT  # a logger that died first must not fail the stage
 fi
 case "${1:-}" in
   tests)

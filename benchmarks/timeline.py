@@ -6,7 +6,7 @@ Usage (GPU)::
     python benchmarks/timeline.py --model flux-12b --budgets 8GiB,12GiB,16GiB,w2 --out DIR
 
 ``wN`` in ``--budgets`` is ``strategy="layerwise"`` with window N (no budget, no prediction). ``--compression``
-dispatches every budget with it.
+dispatches every budget with it: a coded load's copy counts its code's bytes and ends at its last decode.
 For each budget: dispatch, run the calibration and re-plan, time ``--repeats`` steps the way
 ``step_time.py`` does (device synchronised around each), then record one more step with CUDA timing
 events around every block and copy. Each link gap (copy stream idle between two copies) is split into
@@ -75,7 +75,12 @@ def load(self, slot, copier, timed=None):
     if REC.active and timed is None and slot.holds is not self:
         REC.mark("issue", self.path, self.ordering.copy_stream)
         REC.copy_blocks.append(self.path)
-        timed = REC.copies
+        before = len(REC.copies)
+        moved = _load(self, slot, copier, REC.copies)
+        if len(REC.copies) > before:  # the bytes that crossed the link (a coded load's code), so link_GBps is the link's
+            _, start, end = REC.copies[-1]
+            REC.copies[-1] = (moved, start, end)
+        return moved
     return _load(self, slot, copier, timed)
 
 

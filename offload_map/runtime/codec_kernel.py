@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-# Warps a program runs in: with 8 it decoded 1.03 TB/s of bf16 output on an H200, with 4 (Triton's default) 0.80 and
-# with 16 0.97; fp16's wider planes 0.85, 0.54 and 0.81 (340 MB blocks, ``benchmarks/results/h200/codec_kernel_warps.jsonl``;
-# ``codec_throughput.py --warps 4 8 16`` measures it again).
+# Warps a program runs in: with 8 it decoded 1.02 TB/s of bf16 output on an H200, with 4 (Triton's default) 0.78 and
+# with 16 0.96; fp16's wider planes 0.81, 0.50 and 0.75 (340 MB blocks, ``benchmarks/codec_throughput.py --warps 4 8
+# 16``, ``benchmarks/results/h200/codec_throughput.jsonl``).
 WARPS = 8
 
 try:
