@@ -86,12 +86,14 @@ def measure(
     row["bit_exact"] = bool(torch.equal(slot.cpu(), raw))
     if row["kernel"] and warps:  # the kernel's output rate at each count of warps a program runs in
         shipped, by_warps = codec_kernel.WARPS, {}
-        for count in warps:
-            codec_kernel.WARPS = count
-            slot.zero_()
-            seconds = _timed(lambda: decode(on_device, out=slot), device, repeats)
-            by_warps[count] = round(nbytes / seconds / 1e9, 1) if torch.equal(slot.cpu(), raw) else "wrong"
-        codec_kernel.WARPS = shipped
+        try:
+            for count in warps:
+                codec_kernel.WARPS = count
+                slot.zero_()
+                seconds = _timed(lambda: decode(on_device, out=slot), device, repeats)
+                by_warps[count] = round(nbytes / seconds / 1e9, 1) if torch.equal(slot.cpu(), raw) else "wrong"
+        finally:
+            codec_kernel.WARPS = shipped
         row["decode_output_GBps_by_warps"] = by_warps
     if device.type == "cuda":
         row["coded_copy_plus_decode_vs_raw_copy"] = round((row["coded_copy_s"] + decode_s) / row["raw_copy_s"], 3)
@@ -134,7 +136,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", help="append the JSON lines to this file")
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
-    parser.add_argument("--warps", type=int, nargs="*", default=(), help="also time the kernel at these warps counts")
+    parser.add_argument(
+        "--warps", type=int, nargs="*", default=(), choices=(1, 2, 4, 8, 16, 32), help="also time the kernel at these warps"
+    )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for nbytes in args.bytes:
