@@ -1,8 +1,10 @@
 """The Triton kernels run by Triton's interpreter on the CPU (``TRITON_INTERPRET=1``), so that CI checks the
 device code's indexing on every change; ``-m cuda`` checks them compiled, on a GPU. The codec's kernel does
 integer operations only, which the interpreter runs as the GPU does: its groups, parts, escapes and widths are
-checked here bit for bit. The interpreter rounds float32 to bf16 its own way, so ``fp8_kernel`` is checked here
-writing float32 (its rows, columns and scales; no rounding) and on the GPU writing bf16."""
+checked here bit for bit. The interpreter rounds float32 to bf16 its own way (toward zero, where the GPU rounds to
+nearest), so ``fp8_kernel``'s bf16 weights are checked here to one step of the last bit, and everything else
+it writes (fp16 weights, tensors copied as they are, the bytes it must leave alone) bit for bit; ``-m cuda``
+checks its bf16 weights bit for bit."""
 
 from __future__ import annotations
 
@@ -62,19 +64,45 @@ FP8_SCRIPT = textwrap.dedent(
     """
     import torch
     from offload_map.runtime import fp8_kernel
-    from offload_map.runtime.fp8_host import quantized
+    from offload_map.runtime.fp8_host import Fp8Host
+    from offload_map.runtime.host_buffer import layout
 
     g = torch.Generator().manual_seed(3)
     block = fp8_kernel.BLOCK
-    for rows, columns in [(5, 3 * block), (3, block - 1), (7, 1), (2, block + 1), (1, 2 * block + 5)]:
-        weight = torch.randn(rows, columns, generator=g).mul(torch.rand(rows, 1, generator=g) + 0.01).bfloat16()
-        q, scale = quantized(weight)
-        q = q.view(torch.float8_e4m3fn).view(rows, columns)
-        out = torch.full((rows + 1, columns), 7.0)  # a row past the weight: must stay as it is
-        grid = (rows, -(-columns // block))
-        fp8_kernel._upcast_kernel[grid](q.view(torch.uint8), scale, out, columns, BLOCK=block)
-        assert torch.equal(out[:rows], q.float() * scale[:, None]), (rows, columns)
-        assert (out[rows] == 7.0).all(), ("written past the weight", rows, columns)
+    fp8_kernel.PROGRAMS = 3  # programs that loop over several tiles
+    tensors = [
+        torch.randn(5, 3 * block, generator=g).bfloat16(),
+        torch.randn(5, generator=g).bfloat16(),  # a bias: copied as it is
+        torch.randn(3, block - 1, generator=g).mul(1e-3).bfloat16(),
+        torch.randn(7, 1, generator=g).bfloat16(),
+        torch.randn(3000, generator=g),  # float32 over several byte tiles
+        torch.randn(2, block + 1, generator=g).half(),  # another dtype: a launch of its own
+        torch.randn(1, 2 * block + 5, generator=g).mul(torch.rand(1, 1, generator=g) + 0.01).bfloat16(),
+    ]
+    regions, nbytes = layout(tensors)
+    raw = torch.zeros(nbytes, dtype=torch.uint8)
+    for region, t in zip(regions, tensors):
+        region.raw(raw).copy_(t.flatten())
+    host = Fp8Host(regions, raw, [t.dim() == 2 for t in tensors], None, False)
+    ends = [r.offset for r in regions] + [nbytes]
+    for first, last in [(0, 7), (1, 6), (2, 3), (4, 5), (6, 7)]:
+        start, stop = ends[first], ends[last]
+        a, b = host._run(first, last)
+        staged = host.store.flat[a:b].clone()
+        expected = torch.full((stop - start + 512,), 0xAB, dtype=torch.uint8)  # 512 bytes past the part
+        for index in range(first, last):
+            host._expand(index, staged, a, expected, start)  # torch, tensor by tensor
+        out = torch.full_like(expected, 0xAB)
+        for dtype, table, programs in host.tables(first, last, start):
+            fp8_kernel.expand(staged, out, dtype, torch.tensor(table, dtype=torch.int64), programs)
+        words = torch.zeros_like(out, dtype=torch.bool)
+        for index in range(first, last):
+            region = regions[index]
+            if region.dtype == torch.bfloat16 and host.quantize[index]:
+                words[region.offset - start : region.offset - start + region.span] = True
+                steps = region.raw(out, start).view(torch.int16).int() - region.raw(expected, start).view(torch.int16).int()
+                assert steps.abs().max() <= 1, ("more than the interpreter's rounding", index)
+        assert torch.equal(out[~words], expected[~words]), (first, last)  # fp16, copies, gaps, past the part
     print("ok")
     """
 )
@@ -98,5 +126,5 @@ def test_the_decode_kernel_gives_every_part_back_bit_for_bit_under_the_interpret
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton publishes wheels for Linux only")
-def test_the_fp8_kernel_scales_each_row_of_each_weight_under_the_interpreter():
+def test_the_fp8_kernel_expands_each_tensor_of_a_chunk_under_the_interpreter():
     _interpreted(FP8_SCRIPT)

@@ -492,20 +492,56 @@ def test_quantizing_on_the_device_matches_the_cpu():
 
 
 @pytest.mark.cuda
-def test_the_fp8_kernel_upcasts_as_torch_does(monkeypatch):
+def test_the_fp8_kernel_expands_a_chunk_as_torch_does():
     from offload_map.runtime import fp8_kernel
+    from offload_map.runtime.fp8_host import Fp8Host
+    from offload_map.runtime.host_buffer import layout
 
     g = torch.Generator().manual_seed(2)
     weight = torch.randn(300, 2500, generator=g).mul(0.02).bfloat16()  # rows of three column blocks
     weight[7] = 0  # a zero row: scale 1
     weight[9, 3] = 3e4  # one large value in a row
-    q, scale = quantized(weight)
-    q = q.view(torch.float8_e4m3fn).view(weight.shape)
-    expected = torch.empty_like(weight)
-    upcast(q, scale, expected)  # on the CPU: torch
-    out = torch.empty_like(weight, device="cuda")
-    assert fp8_kernel.upcast(q.cuda(), scale.cuda(), out), "this GPU lacks float8 conversions"
+    tensors = [weight, torch.randn(300, generator=g).bfloat16(), torch.randn(70, 33, generator=g).half()]
+    tensors.append(torch.randn(5000, generator=g))  # float32, copied as it is
+    regions, nbytes = layout(tensors)
+    raw = torch.zeros(nbytes, dtype=torch.uint8)
+    for region, t in zip(regions, tensors):
+        region.raw(raw).copy_(t.flatten())
+    host = Fp8Host(regions, raw, [True, False, True, False], None, False)
+    expected = torch.full((nbytes + 512,), 0xAB, dtype=torch.uint8)
+    for index in range(len(tensors)):
+        host._expand(index, host.store.flat, 0, expected, 0)  # on the CPU: torch
+    out, staged = torch.full_like(expected, 0xAB, device="cuda"), host.store.flat.cuda()
+    assert fp8_kernel.converts_float8(0), "this GPU lacks float8 conversions"
+    launches = host.tables(0, len(tensors), 0)
+    assert [dtype for dtype, _, _ in launches] == [torch.bfloat16, torch.float16]
+    for dtype, table, programs in launches:
+        fp8_kernel.expand(staged, out, dtype, torch.tensor(table, dtype=torch.int64, device="cuda"), programs)
     assert torch.equal(out.cpu(), expected)
+
+
+@pytest.mark.cuda
+@torch.inference_mode()
+def test_fp8_loads_expand_each_chunk_in_one_launch(monkeypatch):
+    """Issued tensor by tensor, a block of SD3.5-medium cost the host about 40 launches and copies, and its fp8
+    step on an H200 took 0.132 s against 0.081 s raw: a chunk now costs one launch (per dtype of its weights)."""
+    from offload_map.runtime import fp8_host, fp8_kernel
+
+    launches, chunks = [], []
+    expand, cut = fp8_kernel.expand, fp8_host.Fp8Host._chunks
+    monkeypatch.setattr(fp8_kernel, "expand", lambda *args: launches.append(args[2]) or expand(*args))
+    monkeypatch.setattr(fp8_host.Fp8Host, "_chunks", lambda *args: chunks.extend(cut(*args)) or cut(*args))
+    monkeypatch.setattr(fp8_host.Fp8Host, "_expand", lambda *args: pytest.fail("a tensor expanded on its own"))
+    monkeypatch.setattr(fp8_host, "CHUNK", 64 * 1024)  # several chunks per block
+    model, x = make_dit(), _input().cuda()
+    handle = dispatch_pipeline(model, "layerwise", "cuda", window=2, compression="fp8")
+    quantized_model = stored_model(handle)
+    launches.clear()
+    chunks.clear()
+    out = model(x)
+    assert len(launches) == len(chunks) > len(model.blocks)  # one launch a chunk (these blocks hold bf16 only)
+    assert torch.equal(out.cpu(), resident_run(quantized_model, lambda: quantized_model(x), "cuda"))
+    handle.remove()
 
 
 @pytest.mark.cuda

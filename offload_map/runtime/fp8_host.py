@@ -13,12 +13,16 @@ The store holds, tensor after tensor, either the float8 bytes and the scales or 
 grouped once, from the first, into chunks of at most ``CHUNK`` store bytes (a larger tensor is a chunk alone);
 a copy goes chunk by chunk (a part that starts or ends inside one takes the tensors it needs of it, never more
 than the staging buffers hold) through the ring's staging buffers exactly as coded pieces do
-(``slots.Staging``): copied on the copy stream, upcast on the decode stream.
+(``slots.Staging``): copied on the copy stream, upcast on the decode stream, the whole chunk by one launch of
+``fp8_kernel`` (on a GPU without float8 conversions, and on the CPU, tensor by tensor with torch).
 
 Only streamed bytes are float8: a part a plan keeps on the device (a head) is copied as it is, so what stays on
 the device, and what ``refresh()`` reads back from there, is the exact weight.
 
 Ownership (``Fp8Host``, one per unit, owned by its ``OffloadedUnit``): as ``coded_host.CodedHost``'s store.
+The kernel's tables (a few hundred bytes of device memory per part a unit loads) are made at the part's first
+load, on the decode stream, which alone reads them: dropped with the store (``encode``, ``release``), their memory
+serves later work on that stream only after what the stream had queued, the decodes that read them included.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class Fp8Host:
         self.items: list[int] = []  # per tensor, the index of its first item in the store
         self.grid: list[tuple[int, int]] = []  # the chunks: runs of whole tensors [first, last)
         self._cuts: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (start, stop) -> ``_chunks``'s answer
+        self._tables: dict[tuple[int, int, int], list] = {}  # (first, last, start) -> the kernel's launches
         self.encode(raw)
 
     @classmethod
@@ -92,7 +97,7 @@ class Fp8Host:
             del items  # their device memory goes before the room does
         self.release()
         self.store, self.items = store, firsts
-        self.grid, self._cuts = self._group(), {}
+        self.grid, self._cuts, self._tables = self._group(), {}, {}
 
     def _items(self, raw: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
         items, firsts = [], []
@@ -118,7 +123,7 @@ class Fp8Host:
         """Let go of the store (after the host waited for the copy stream). Safe to call twice."""
         if self.store is not None:
             self.store.release()
-        self.store = None
+        self.store, self._tables = None, {}
 
     def staging_bytes(self) -> int:
         """Bytes of one staging buffer that any chunk of this unit (or part of one) fits in."""
@@ -131,13 +136,66 @@ class Fp8Host:
     def copy(self, target: torch.Tensor, start: int, stop: int, staging) -> None:
         """Write the tensors stored in raw bytes ``start:stop`` into ``target`` (which holds those bytes from its
         offset 0), chunk by chunk through ``staging``. Call on the copy stream, after ``target`` is free."""
+        kernel = target.is_cuda and fp8_kernel.expand is not None and fp8_kernel.converts_float8(target.device.index)
         for first, last in self._chunks(start, stop):
             a, b = self._run(first, last)
             buffer = staging.take()
             buffer.tensor[: b - a].copy_(self.store.flat[a:b], non_blocking=self.store.pinned)
             with staging.decoding(buffer):
-                for index in range(first, last):
-                    self._expand(index, buffer.tensor, a, target, start)
+                if kernel:
+                    for dtype, table, programs in self._launches(first, last, start, target.device):
+                        fp8_kernel.expand(buffer.tensor, target, dtype, table, programs)
+                else:
+                    for index in range(first, last):
+                        self._expand(index, buffer.tensor, a, target, start)
+
+    def tables(self, first: int, last: int, start: int) -> list[tuple[torch.dtype, list[tuple[int, ...]], int]]:
+        """The kernel's launches for tensors ``[first, last)`` staged as one chunk, written into a target that holds
+        raw bytes from ``start`` on: ``(dtype of the weights, table rows, programs)`` each, one per dtype of the
+        weights (the tensors stored as they are go with the first).
+
+        Example (a linear weight of 2 rows of 4 columns, stored in float8 with its scales, then its bias as it is):
+            >>> from offload_map.runtime.host_buffer import layout
+            >>> regions, nbytes = layout([torch.empty(2, 4, dtype=torch.bfloat16), torch.empty(2, dtype=torch.bfloat16)])
+            >>> host = Fp8Host(regions, torch.ones(nbytes, dtype=torch.uint8), [True, False], None, False)
+            >>> host.tables(0, 2, 0)
+            [(torch.bfloat16, [(0, 0, 2, 4, 128, 0, 2), (1024, 512, 0, 4, 0, 2, 1)], 3)]
+        """
+        a = self._run(first, last)[0]
+        groups: dict[torch.dtype, list[tuple[int, int, int, int, int]]] = {}
+        kept = []
+        for index in range(first, last):
+            region, item = self.regions[index], self.store.regions[self.items[index]]
+            if self.quantize[index]:
+                scales = self.store.regions[self.items[index] + 1].offset - a
+                rows, columns = region.shape
+                offset = (region.offset - start) // region.dtype.itemsize
+                groups.setdefault(region.dtype, []).append((item.offset - a, offset, rows, columns, scales // 4))
+            elif region.span:
+                kept.append((item.offset - a, region.offset - start, 0, region.span, 0))
+        launches = []
+        for dtype, rows in groups.items() or [(torch.uint8, [])]:
+            table, programs = [], 0
+            for row in rows + kept:
+                count = min(fp8_kernel.tiles(row[2], row[3]), fp8_kernel.PROGRAMS)
+                table.append((*row, programs, count))
+                programs += count
+            kept = []
+            if table:
+                launches.append((dtype, table, programs))
+        return launches
+
+    def _launches(self, first: int, last: int, start: int, device: torch.device) -> list:
+        # ``tables`` with each table on ``device``, made at the part's first load (a host wait, that once) on the
+        # current stream, the decode stream (see Ownership).
+        key = (first, last, start)
+        launches = self._tables.get(key)
+        if launches is None:
+            launches = self._tables[key] = [
+                (dtype, torch.tensor(table, dtype=torch.int64).to(device), programs)
+                for dtype, table, programs in self.tables(first, last, start)
+            ]
+        return launches
 
     def _expand(self, index: int, staged: torch.Tensor, base: int, target: torch.Tensor, start: int) -> None:
         # Tensor ``index`` from the staged store bytes (which begin at store byte ``base``) into its place in target.
@@ -191,10 +249,8 @@ def quantized(weight: torch.Tensor) -> list[torch.Tensor]:
 
 
 def upcast(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = q * scale`` (per row), computed in float32 and rounded to ``out``'s dtype: one kernel on a recent
-    GPU (``fp8_kernel``), else torch a few rows at a time."""
-    if out.is_cuda and fp8_kernel.upcast is not None and out.is_contiguous() and fp8_kernel.upcast(q, scale, out):
-        return
+    """``out = q * scale`` (per row), computed in float32 and rounded to ``out``'s dtype, with torch a few rows at
+    a time (``fp8_kernel`` does the same for a whole chunk on a recent GPU)."""
     rows = max(1, ROWS_AT_ONCE // max(1, q.shape[1]))
     for first in range(0, q.shape[0], rows):
         block = q[first : first + rows].to(torch.float32).mul_(scale[first : first + rows, None])
