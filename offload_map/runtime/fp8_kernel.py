@@ -69,12 +69,12 @@ if triton is not None:
         width = tl.load(row_ptr + 3)
         step = tl.load(row_ptr + 6)
         mine = pid - tl.load(row_ptr + 5)
-        if rows == 0:
-            lane = tl.arange(0, RAW_BLOCK)
+        if rows == 0:  # names differ between the branches: Triton wants a name's type the same in both
+            byte = tl.arange(0, RAW_BLOCK)
             for tile in range(mine, tl.cdiv(width, RAW_BLOCK), step):
-                index = tile * RAW_BLOCK + lane
-                inside = index < width
-                tl.store(target_ptr + target + index, tl.load(staged_ptr + source + index, mask=inside), mask=inside)
+                at = tile * RAW_BLOCK + byte
+                within = at < width
+                tl.store(target_ptr + target + at, tl.load(staged_ptr + source + at, mask=within), mask=within)
         else:
             lane = tl.arange(0, BLOCK)
             blocks = tl.cdiv(width, BLOCK)
