@@ -34,6 +34,9 @@
 #   bash benchmarks/h200_checks.sh cold-lossless   # Flux-12B from safetensors: host RSS and ready time, raw and lossless
 #     (blocks held only as their code; by weights= and by from_pretrained); writes the 23.8 GB checkpoint to
 #     /tmp/flux_ckpt first (about a minute)
+#   bash benchmarks/h200_checks.sh cold-lossless-sd35-wan   # the same for SD3.5-medium and the Wan-14B transformer
+#     (raw and lossless from a checkpoint: issue 17's host RSS and setup on its other two models; writes each
+#     checkpoint under /tmp first, 4.9 and 28.6 GB, and removes it after)
 set -eu
 out=${OUT:-h200_out}
 mkdir -p "$out"
@@ -108,5 +111,11 @@ case "${1:-}" in
   cold-lossless)
     python benchmarks/cold_start.py --model flux-12b --ckpt /tmp/flux_ckpt --out "$out" --cache warm \
       --phases write,read,offload_map,offload_map-lossless,pretrained-lossless ;;
-  *) sed -n '/^set -eu/q;2,$p' "$0"; exit 2 ;;
+  cold-lossless-sd35-wan)
+    for model in sd35-medium wan-14b; do
+      python benchmarks/cold_start.py --model "$model" --ckpt "/tmp/${model}_ckpt" --out "$out" --cache warm \
+        --phases write,offload_map,offload_map-lossless
+      rm -rf "/tmp/${model}_ckpt"
+    done ;;
+  *) rm -f "$out/gpu_clocks_${1:-none}.csv"; sed -n '/^set -eu/q;2,$p' "$0"; exit 2 ;;  # no log of a stage never run
 esac

@@ -839,14 +839,15 @@ code(
     for p in distinct.values():
         print(f"{p.budget / GB:>9.2f} " + " ".join(f"{coded_step_ms(p.budget, share):>12}" for share in SHARES.values()))
 
+    # One run's rows, so that they compare: the latest with every row below (``bash benchmarks/h200_checks.sh flux``).
+    MEASURED = RESULTS / "h200" / "step_time_flux-12b_fp8_confirm.jsonl"
     measured = {}
-    for path in sorted((RESULTS / "h200").glob("step_time_flux-12b_*.jsonl")):
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            if row.get("kind") == "strategy" and row.get("step_s"):
-                measured.setdefault(row["strategy"], row)
+    for line in MEASURED.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("kind") == "strategy" and row.get("step_s"):
+            measured[row["strategy"]] = row
     print()
-    print("measured on an H200 (Flux-12B, one forward; exact = bit-identical to resident, where the run had a resident row):")
+    print(f"measured on an H200 ({MEASURED.name}: Flux-12B, one forward; exact = bit-identical to resident):")
     for name in ("layerwise-w2", "layerwise-w2-lossless", "layerwise-w2-fp8", "auto-12GiB", "auto-12GiB-lossless"):
         row = measured.get(name)
         if row:

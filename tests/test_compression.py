@@ -492,31 +492,34 @@ def test_quantizing_on_the_device_matches_the_cpu():
 
 
 @pytest.mark.cuda
-def test_the_fp8_kernel_expands_a_chunk_as_torch_does():
+@pytest.mark.parametrize("columns, bias, half, aligned", [(2500, 300, 33, False), (2560, 304, 48, True)])
+def test_the_fp8_kernel_expands_a_chunk_as_torch_does(monkeypatch, columns, bias, half, aligned):
+    """Widths all multiples of 16 (``aligned``, the kernel's 16-byte accesses) or not (one byte at a time)."""
     from offload_map.runtime import fp8_kernel
     from offload_map.runtime.fp8_host import Fp8Host
     from offload_map.runtime.host_buffer import layout
 
     g = torch.Generator().manual_seed(2)
-    weight = torch.randn(300, 2500, generator=g).mul(0.02).bfloat16()  # rows of three column blocks
+    weight = torch.randn(300, columns, generator=g).mul(0.02).bfloat16()  # rows of three column blocks
     weight[7] = 0  # a zero row: scale 1
     weight[9, 3] = 3e4  # one large value in a row
-    tensors = [weight, torch.randn(300, generator=g).bfloat16(), torch.randn(70, 33, generator=g).half()]
+    tensors = [weight, torch.randn(bias, generator=g).bfloat16(), torch.randn(70, half, generator=g).half()]
     tensors.append(torch.randn(5000, generator=g))  # float32, copied as it is
     regions, nbytes = layout(tensors)
     raw = torch.zeros(nbytes, dtype=torch.uint8)
     for region, t in zip(regions, tensors):
         region.raw(raw).copy_(t.flatten())
     host = Fp8Host(regions, raw, [True, False, True, False], None, False)
+    monkeypatch.setattr(fp8_kernel, "PROGRAMS", 7)  # programs that loop over tiles, as big weights' do
     expected = torch.full((nbytes + 512,), 0xAB, dtype=torch.uint8)
     for index in range(len(tensors)):
         host._expand(index, host.store.flat, 0, expected, 0)  # on the CPU: torch
     out, staged = torch.full_like(expected, 0xAB, device="cuda"), host.store.flat.cuda()
     assert fp8_kernel.converts_float8(0), "this GPU lacks float8 conversions"
     launches = host.tables(0, len(tensors), 0)
-    assert [dtype for dtype, _, _ in launches] == [torch.bfloat16, torch.float16]
-    for dtype, table, programs in launches:
-        fp8_kernel.expand(staged, out, dtype, torch.tensor(table, dtype=torch.int64, device="cuda"), programs)
+    assert [(dtype, flag) for dtype, _, _, flag in launches] == [(torch.bfloat16, aligned), (torch.float16, aligned)]
+    for dtype, table, programs, flag in launches:
+        fp8_kernel.expand(staged, out, dtype, torch.tensor(table, dtype=torch.int64, device="cuda"), programs, flag)
     assert torch.equal(out.cpu(), expected)
 
 
@@ -537,15 +540,16 @@ def test_fp8_loads_expand_each_chunk_in_one_launch(monkeypatch):
     monkeypatch.setattr(fp8_kernel, "expand", lambda *args: launches.append(args[2]) or expand(*args))
     monkeypatch.setattr(fp8_host.Fp8Host, "copy", counted)
     monkeypatch.setattr(fp8_host.Fp8Host, "_expand", lambda *args: pytest.fail("a tensor expanded on its own"))
-    monkeypatch.setattr(fp8_host, "CHUNK", 64 * 1024)  # several chunks per block
+    monkeypatch.setattr(fp8_host, "CHUNK", 160 * 1024)  # two chunks a block, each a weight with other tensors
     model, x = make_dit(), _input().cuda()
     handle = dispatch_pipeline(model, "layerwise", "cuda", window=2, compression="fp8")
     quantized_model = stored_model(handle)
     launches.clear()
     chunks.clear()
     out = model(x)
-    # one launch a chunk (these blocks' weights are all bf16; a chunk of biases and norms alone is a launch too)
+    # one launch a chunk (these blocks' weights are all bf16), the tensors stored as they are in it too
     assert len(launches) == len(chunks) > len(model.blocks)
+    assert all(b - a > 1 for a, b in chunks)
     assert torch.equal(out.cpu(), resident_run(quantized_model, lambda: quantized_model(x), "cuda"))
     handle.remove()
 
@@ -567,10 +571,11 @@ def test_fp8_blocks_with_slow_copies_give_the_output_of_their_float8_weights(mon
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("compression", ["lossless", "fp8"])
 @torch.inference_mode()
-def test_coded_streaming_never_synchronises_the_host():
+def test_coded_streaming_never_synchronises_the_host(compression):
     model, x = make_dit(), _input().cuda()
-    handle = dispatch_pipeline(model, "layerwise", "cuda", window=2, compression="lossless")
+    handle = dispatch_pipeline(model, "layerwise", "cuda", window=2, compression=compression)
     model(x)
     model(x)
     assert_no_host_sync(lambda: model(x))

@@ -14,15 +14,16 @@ grouped once, from the first, into chunks of at most ``CHUNK`` store bytes (a la
 a copy goes chunk by chunk (a part that starts or ends inside one takes the tensors it needs of it, never more
 than the staging buffers hold) through the ring's staging buffers exactly as coded pieces do
 (``slots.Staging``): copied on the copy stream, upcast on the decode stream, the whole chunk by one launch of
-``fp8_kernel`` (on a GPU without float8 conversions, and on the CPU, tensor by tensor with torch).
+``fp8_kernel`` per dtype of its weights (on a GPU without float8 conversions, and on the CPU, tensor by tensor with torch).
 
 Only streamed bytes are float8: a part a plan keeps on the device (a head) is copied as it is, so what stays on
 the device, and what ``refresh()`` reads back from there, is the exact weight.
 
 Ownership (``Fp8Host``, one per unit, owned by its ``OffloadedUnit``): as ``coded_host.CodedHost``'s store.
-The kernel's tables (a few hundred bytes of device memory per part a unit loads) are made at the part's first
-load, on the decode stream, which alone reads them: dropped with the store (``encode``, ``release``), their memory
-serves later work on that stream only after what the stream had queued, the decodes that read them included.
+The kernel's tables (a few hundred bytes of device memory per part a unit loads; the first takes a block of the
+caching allocator on the decode stream) are made at the part's first load, on the decode stream, which alone
+reads them: dropped with the store (``encode``, ``release``), their memory serves later work on that stream only
+after what the stream had queued, the decodes that read them included.
 """
 
 from __future__ import annotations
@@ -143,23 +144,23 @@ class Fp8Host:
             buffer.tensor[: b - a].copy_(self.store.flat[a:b], non_blocking=self.store.pinned)
             with staging.decoding(buffer):
                 if kernel:
-                    for dtype, table, programs in self._launches(first, last, start, target.device):
-                        fp8_kernel.expand(buffer.tensor, target, dtype, table, programs)
+                    for dtype, table, programs, aligned in self._launches(first, last, start, target.device):
+                        fp8_kernel.expand(buffer.tensor, target, dtype, table, programs, aligned)
                 else:
                     for index in range(first, last):
                         self._expand(index, buffer.tensor, a, target, start)
 
-    def tables(self, first: int, last: int, start: int) -> list[tuple[torch.dtype, list[tuple[int, ...]], int]]:
+    def tables(self, first: int, last: int, start: int) -> list[tuple[torch.dtype, list[tuple[int, ...]], int, bool]]:
         """The kernel's launches for tensors ``[first, last)`` staged as one chunk, written into a target that holds
-        raw bytes from ``start`` on: ``(dtype of the weights, table rows, programs)`` each, one per dtype of the
-        weights (the tensors stored as they are go with the first).
+        raw bytes from ``start`` on: ``(dtype of the weights, table rows, programs, aligned)`` each, one per dtype
+        of the weights (the tensors stored as they are go with the first); see ``fp8_kernel``.
 
         Example (a linear weight of 2 rows of 4 columns, stored in float8 with its scales, then its bias as it is):
             >>> from offload_map.runtime.host_buffer import layout
             >>> regions, nbytes = layout([torch.empty(2, 4, dtype=torch.bfloat16), torch.empty(2, dtype=torch.bfloat16)])
             >>> host = Fp8Host(regions, torch.ones(nbytes, dtype=torch.uint8), [True, False], None, False)
             >>> host.tables(0, 2, 0)
-            [(torch.bfloat16, [(0, 0, 2, 4, 128, 0, 2), (1024, 512, 0, 4, 0, 2, 1)], 3)]
+            [(torch.bfloat16, [(0, 0, 2, 4, 128, 0, 2), (1024, 512, 0, 4, 0, 2, 1)], 3, False)]
         """
         a = self._run(first, last)[0]
         groups: dict[torch.dtype, list[tuple[int, int, int, int, int]]] = {}
@@ -181,19 +182,22 @@ class Fp8Host:
                 table.append((*row, programs, count))
                 programs += count
             kept = []
+            # The kernel is promised aligned offsets: the store's and the slot's tensors start on 512-byte boundaries.
+            assert all(row[0] % fp8_kernel.ALIGN == 0 == row[1] % fp8_kernel.ALIGN for row in table), table
             if table:
-                launches.append((dtype, table, programs))
+                launches.append((dtype, table, programs, all(row[3] % fp8_kernel.ALIGN == 0 for row in table)))
         return launches
 
     def _launches(self, first: int, last: int, start: int, device: torch.device) -> list:
-        # ``tables`` with each table on ``device``, made at the part's first load (a host wait, that once) on the
-        # current stream, the decode stream (see Ownership).
+        # ``tables`` with each table on ``device``, made at the part's first load on the current stream, the decode
+        # stream (see Ownership). From page-locked memory, so that the host does not wait: the pinned allocator keeps
+        # the host copy until the device copy is done.
         key = (first, last, start)
         launches = self._tables.get(key)
         if launches is None:
             launches = self._tables[key] = [
-                (dtype, torch.tensor(table, dtype=torch.int64).to(device), programs)
-                for dtype, table, programs in self.tables(first, last, start)
+                (dtype, torch.tensor(table, dtype=torch.int64).pin_memory().to(device, non_blocking=True), *rest)
+                for dtype, table, *rest in self.tables(first, last, start)
             ]
         return launches
 
