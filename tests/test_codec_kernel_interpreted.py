@@ -133,7 +133,7 @@ def test_the_fp8_kernel_expands_each_tensor_of_a_chunk_under_the_interpreter():
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton publishes wheels for Linux only")
-def test_the_fp8_kernel_moves_aligned_chunks_many_bytes_at_a_time():
+def test_the_fp8_kernel_moves_aligned_chunks_many_bytes_at_a_time(monkeypatch):
     """Compiled for an H100/H200 (sm_90; no GPU needed to write its PTX): with its offsets and widths promised
     aligned, the kernel loads and stores 8 and 16 bytes at a time, as the one-weight kernel it replaced did. Promised
     on the offsets alone, the compiler dropped the promise: a byte at a time, 123 registers a thread."""
@@ -143,6 +143,7 @@ def test_the_fp8_kernel_moves_aligned_chunks_many_bytes_at_a_time():
 
     from offload_map.runtime import fp8_kernel
 
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default, said out loud (else it warns)
     pointers = {"staged_ptr": "*u8", "scales_ptr": "*fp32", "target_ptr": "*u8", "out_ptr": "*bf16", "table_ptr": "*i64"}
     constants = {"STEPS": 5, "WIDE": fp8_kernel.COLUMNS, "BLOCK": fp8_kernel.BLOCK, "RAW_BLOCK": fp8_kernel.RAW_BLOCK}
     ptx = {}
