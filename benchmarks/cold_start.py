@@ -318,7 +318,10 @@ def table(rows: list[dict], weights_gb: float) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r["phase"] == "read":
+        if "error" in r:  # a phase that failed: its row says so, and the phases after it still get theirs
+            reason = r["error"].strip().splitlines()[-1] if r["error"].strip() else "no message"
+            lines.append(f"| {r['phase']} | failed | | | | {reason[:200]} |")
+        elif r["phase"] == "read":
             lines.append(f"| read files alone | {r['seconds']:.2f} | | | | {r['GBps']:.2f} GB/s, {r['threads']} threads |")
         elif r["phase"] in ("offload_map", "offload_map-lossless", "pretrained-lossless", "diffusers"):
             held = r.get("breakdown") or {}

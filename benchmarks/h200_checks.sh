@@ -34,9 +34,10 @@
 #   bash benchmarks/h200_checks.sh cold-lossless   # Flux-12B from safetensors: host RSS and ready time, raw and lossless
 #     (blocks held only as their code; by weights= and by from_pretrained); writes the 23.8 GB checkpoint to
 #     /tmp/flux_ckpt first (about a minute)
-#   bash benchmarks/h200_checks.sh cold-lossless-sd35-wan   # the same for SD3.5-medium and the Wan-14B transformer
-#     (raw and lossless from a checkpoint: issue 17's host RSS and setup on its other two models; writes each
-#     checkpoint under /tmp first, 4.9 and 28.6 GB, and removes it after)
+#   bash benchmarks/h200_checks.sh cold-lossless-sd35-wan   # SD3.5-medium and the Wan-14B transformer from a
+#     checkpoint by weights=, raw and lossless: host RSS and ready time (issue 17's targets on its other two models;
+#     no read-alone or from_pretrained phases); writes each checkpoint under /tmp first, 4.9 and 28.6 GB, and
+#     removes it after
 set -eu
 out=${OUT:-h200_out}
 mkdir -p "$out"

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
+import cold_start  # noqa: E402
 import pipeline_time  # noqa: E402
 
 import step_time  # noqa: E402
@@ -57,3 +58,18 @@ def test_pipeline_time_gives_each_component_the_peak_reached_while_it_ran(monkey
         vae.decoder()
     assert phases.peaks == {"before": 0, "text_encoder": 3, "transformer": 5, "vae": 7} and phases.peak == 7
     assert not pipe.components["transformer"]._forward_pre_hooks  # the hooks are gone
+
+
+def test_cold_start_tables_a_failed_phase_and_the_phases_after_it():
+    # A failed phase's row holds only its phase and error: the table raised KeyError on it, so a stage lost the
+    # rows after it, and h200_checks.sh left its checkpoint under /tmp.
+    rows = [
+        {
+            "phase": "offload_map",
+            "error": "Traceback (most recent call last):\n...\ntorch.OutOfMemoryError: CUDA out of memory\n",
+        },
+        {"phase": "offload_map-lossless", "ready_s": 7.4, "step_s": 0.313, "rss_after_gb": 18.2, "rss_peak_gb": 20.1},
+    ]
+    lines = cold_start.table(rows, 23.8).splitlines()
+    assert "| offload_map | failed | | | | torch.OutOfMemoryError: CUDA out of memory |" in lines
+    assert "| offload_map-lossless | 7.40 | 0.313 | 18.2 | 20.1 |  |" in lines

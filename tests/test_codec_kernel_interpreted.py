@@ -86,8 +86,7 @@ FP8_SCRIPT = textwrap.dedent(
         region.raw(raw).copy_(t.flatten())
     host = Fp8Host(regions, raw, [t.dim() == 2 for t in tensors], None, False)
     ends = [r.offset for r in regions] + [nbytes]
-    assert len(tensors) == 8
-    for first, last in [(0, 8), (1, 7), (2, 3), (4, 6), (7, 8)]:
+    for first, last in [(0, 8), (1, 7), (0, 3), (2, 3), (4, 6), (7, 8)]:  # tables of 1 to 6 rows
         start, stop = ends[first], ends[last]
         a, b = host._run(first, last)
         staged = host.store.flat[a:b].clone()

@@ -168,8 +168,8 @@ def encode(raw: torch.Tensor) -> Coded:
     groups = -(-n // GROUP)
     # Each pair of widths' bytes, estimated from the sample's symbols, most common first (ties: fewer raw bits,
     # then fewer code bits). One histogram of the sampled high bytes serves every width: a symbol without its
-    # ``raw_bits`` lowest bits counts ``2**raw_bits`` neighbouring high bytes. Counted where the run is: 256 counts
-    # cross to the host, not the sample (a sixteenth of the words).
+    # ``raw_bits`` lowest bits counts ``2**raw_bits`` neighbouring high bytes. Counted on ``raw``'s device (the GPU
+    # when coding there): 256 counts cross to the host, not the sample (a sixteenth of the words).
     histogram = torch.bincount(high[::SAMPLE], minlength=256).cpu()
     sampled = -(-n // SAMPLE)
     best = None

@@ -183,7 +183,12 @@ class Fp8Host:
                 programs += count
             kept = []
             # The kernel is promised aligned offsets: the store's and the slot's tensors start on 512-byte boundaries.
-            assert all(row[0] % fp8_kernel.ALIGN == 0 == row[1] % fp8_kernel.ALIGN for row in table), table
+            unaligned = [row for row in table if row[0] % fp8_kernel.ALIGN or row[1] % fp8_kernel.ALIGN]
+            if unaligned:
+                raise RuntimeError(
+                    f"fp8 store: tensors {first}-{last} are not all on {fp8_kernel.ALIGN}-byte boundaries (offsets "
+                    f"{[row[:2] for row in unaligned]}); the host buffer's layout should give 512: please report this"
+                )
             if table:
                 launches.append((dtype, table, programs, all(row[3] % fp8_kernel.ALIGN == 0 for row in table)))
         return launches

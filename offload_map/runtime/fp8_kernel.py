@@ -5,7 +5,8 @@ are (biases, norms). The kernel writes all of them into the slot in one launch, 
 scale[r]`` rounded to ``out``'s dtype for a weight and a byte copy for the rest, so a block costs the host one
 launch a chunk (per dtype of its weights), not one launch or copy a tensor: 26 to 42 of those a block of
 SD3.5-medium, which a host-bound model pays on every block (on an H200 its fp8 step took 0.132 s against 0.081 s
-raw issued tensor by tensor, and 0.060 s by chunks).
+raw issued tensor by tensor, and, in a later device call, 0.060 s against 0.081 s by chunks, with this kernel
+before its accesses were promised aligned; see ``ALIGN``).
 
 The chunk's tensors are described by a table (``fp8_host.Fp8Host`` builds it, once per part it loads): one row
 of ``COLUMNS`` int64 per tensor: its byte offset in the staged chunk; its offset in the slot (for a weight, in
@@ -34,8 +35,8 @@ PROGRAMS = 2048  # most programs one tensor gets: one weight of a chunk alone fi
 COLUMNS = 7  # int64 per row of the table
 # Offsets in the table are multiples of this (tensors start on 512-byte boundaries in the store and the slot), and
 # so are a launch's widths where ``aligned``: promised to the compiler, the accesses go 8 and 16 bytes at a time,
-# as the one-weight kernel's did (compiled for sm_90, ``ptxas -v``: 32 registers a thread; 64 with widths not
-# promised, a byte at a time; 123 without any promise).
+# as the one-weight kernel's did (compiled for sm_90, checked by ``ptxas -v`` once: 32 registers a thread; 64 with
+# widths not promised, a byte at a time; 123 without any promise; the PTX's accesses are tested).
 ALIGN = 16
 
 
@@ -62,7 +63,7 @@ if triton is not None:
         ALIGNED: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
-        lo = pid * 0
+        lo = pid * 0  # an int64 zero, as ``pid``: the search's ``tl.where`` keeps one type
         hi = lo + items
         for _ in tl.static_range(STEPS):  # the last row whose FIRST is at most pid
             mid = (lo + hi) // 2
@@ -107,6 +108,9 @@ if triton is not None:
         describes, ``programs`` programs in all: ``staged`` (``uint8``) holds the chunk, ``target`` (``uint8``)
         receives it, its weights in ``dtype``; ``aligned``: every width in the table is a multiple of ``ALIGN``.
         Every tensor on one CUDA device, ``staged`` and ``target`` starting on ``ALIGN``-byte boundaries."""
+        for name, tensor in (("staged", staged), ("target", target)):
+            if tensor.data_ptr() % ALIGN:  # promised to the compiler: misaligned, the accesses would fault or corrupt
+                raise RuntimeError(f"fp8 chunk: the {name} buffer does not start on a {ALIGN}-byte boundary")
         items = table.shape[0]
         _chunk_kernel[(programs,)](
             staged,
