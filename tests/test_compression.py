@@ -491,6 +491,21 @@ def test_quantizing_on_the_device_matches_the_cpu():
     assert differs == 0, f"{differs} of {weight.numel()} float8 values differ"
 
 
+def test_fp8_tables_refuse_tensors_off_the_kernels_alignment():
+    """The chunk kernel is promised offsets on 16-byte boundaries (its accesses go 16 bytes at a time): a layout
+    that broke that (the host buffer's gives 512) is refused with a message, never handed to the kernel."""
+    from dataclasses import replace
+
+    from offload_map.runtime.fp8_host import Fp8Host
+    from offload_map.runtime.host_buffer import layout
+
+    regions, nbytes = layout([torch.empty(4, 32, dtype=torch.bfloat16), torch.empty(8, dtype=torch.bfloat16)])
+    regions[1] = replace(regions[1], offset=regions[0].span + 8)  # 8 bytes past the weight: off the grid
+    host = Fp8Host(regions, torch.zeros(nbytes, dtype=torch.uint8), [True, False], None, False)
+    with pytest.raises(RuntimeError, match=r"tensors 0-2 are not all on 16-byte boundaries .*please report this"):
+        host.tables(0, 2, 0)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("columns, bias, half, aligned", [(2500, 300, 33, False), (2560, 304, 48, True)])
 def test_the_fp8_kernel_expands_a_chunk_as_torch_does(monkeypatch, columns, bias, half, aligned):
