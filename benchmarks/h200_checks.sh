@@ -14,6 +14,8 @@
 #     diffusers-sequential (a 1-step and a 2-step call, extrapolated), after a resident row
 #   bash benchmarks/h200_checks.sh flux-pipe-3 # resident and layerwise only: a quick check of the streamed pipeline
 #     (about 4 minutes)
+#   bash benchmarks/h200_checks.sh flux-pipe-budgets # resident, auto at 24, 12 and 8 GiB, and model: the rows whose
+#     host RSS peak was last measured before packing stopped holding units twice (issue 14's 1.1x)
 #   bash benchmarks/h200_checks.sh flux-pipe-folder # resident, layerwise-lossless and layerwise-lossless-folder: host
 #     RSS of lossless on a pipeline built in memory, without and with offload_folder (in the working directory: the streamed blocks'
 #     33 GB are written there)
@@ -81,6 +83,10 @@ case "${1:-}" in
   flux-pipe-3)
     rm -f "$out"/pipeline_time_flux.*
     each resident,layerwise \
+      python benchmarks/pipeline_time.py --pipeline flux --out "$out" --reference /tmp/flux_reference.pt ;;
+  flux-pipe-budgets)
+    rm -f "$out"/pipeline_time_flux.*
+    each resident,auto-24GiB,auto-12GiB,auto-8GiB,model \
       python benchmarks/pipeline_time.py --pipeline flux --out "$out" --reference /tmp/flux_reference.pt ;;
   flux-pipe-folder)
     rm -f "$out"/pipeline_time_flux.*
