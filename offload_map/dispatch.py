@@ -230,8 +230,8 @@ def _offload_folder(folder: "str | os.PathLike | None", compression) -> Path | N
 
 
 def _filesystem(path: Path) -> str | None:
-    """The type of the filesystem holding ``path`` (resolved; ``/proc/self/mounts``, the longest mount point above it),
-    or None."""
+    """The type of the filesystem holding ``path`` (already resolved: mount points are; ``/proc/self/mounts``, the
+    longest mount point above it), or None."""
     try:
         lines = Path("/proc/self/mounts").read_text().splitlines()
     except OSError:

@@ -65,7 +65,7 @@ if triton is not None:
         pid = tl.program_id(0).to(tl.int64)
         lo = pid * 0  # an int64 zero, as ``pid``: the search's ``tl.where`` keeps one type
         hi = lo + items
-        for _ in tl.static_range(STEPS):  # the last row whose FIRST is at most pid
+        for _ in tl.static_range(STEPS):  # the last row whose first program is at most pid
             mid = (lo + hi) // 2
             go = tl.load(table_ptr + mid * WIDE + 5) <= pid
             lo = tl.where(go, mid, lo)
