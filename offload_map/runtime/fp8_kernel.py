@@ -83,16 +83,22 @@ if triton is not None:
         if rows == 0:  # names differ between the branches: Triton wants a name's type the same in both
             byte = tl.arange(0, RAW_BLOCK)
             into = tl.multiple_of(target_ptr + target, 16)
-            for tile in range(mine, tl.cdiv(width, RAW_BLOCK), step):
+            # ``while``, not ``range``: Triton 3.6's interpreter takes a bound computed from the program id as a
+            # one-element array, which NumPy 2.4 will not turn into an int (3.9's squeezes it); compiled, both
+            # give the same code (sm_90: 32 registers, 8- and 16-byte accesses).
+            tile = mine
+            while tile < tl.cdiv(width, RAW_BLOCK):
                 at = tile * RAW_BLOCK + byte
                 within = at < width
                 tl.store(into + at, tl.load(source + at, mask=within), mask=within)
+                tile += step
         else:
             lane = tl.arange(0, BLOCK)
             blocks = tl.cdiv(width, BLOCK)
             scales = scales_ptr + tl.load(row_ptr + 4)
             out = tl.multiple_of(out_ptr + target, 16)
-            for tile in range(mine, rows * blocks, step):
+            tile = mine
+            while tile < rows * blocks:
                 row = tile // blocks
                 column = (tile - row * blocks) * BLOCK + lane
                 inside = column < width
@@ -100,6 +106,7 @@ if triton is not None:
                 q = tl.load(source + index, mask=inside, other=0).to(tl.float8e4nv, bitcast=True)
                 value = q.to(tl.float32) * tl.load(scales + row)
                 tl.store(out + index, value.to(out_ptr.dtype.element_ty), mask=inside)
+                tile += step
 
     def expand(
         staged: torch.Tensor, target: torch.Tensor, dtype: torch.dtype, table: torch.Tensor, programs: int, aligned: bool
