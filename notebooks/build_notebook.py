@@ -839,9 +839,9 @@ code(
     for p in distinct.values():
         print(f"{p.budget / GB:>9.2f} " + " ".join(f"{coded_step_ms(p.budget, share):>12}" for share in SHARES.values()))
 
-    # One run's rows, so that they compare: the 2026-12-02 run that has every row below (``bash
-    # benchmarks/h200_checks.sh flux``).
-    MEASURED = RESULTS / "h200" / "step_time_flux-12b_fp8_confirm.jsonl"
+    # One run's rows, so that they compare: the latest run that has every row below (``bash
+    # benchmarks/h200_checks.sh flux``, with the fp8 chunk kernel).
+    MEASURED = RESULTS / "h200" / "step_time_flux-12b_fp8_chunk.jsonl"
     measured = {}
     for line in MEASURED.read_text().splitlines():
         row = json.loads(line)
