@@ -5,8 +5,8 @@ are (biases, norms). The kernel writes all of them into the slot in one launch, 
 scale[r]`` rounded to ``out``'s dtype for a weight and a byte copy for the rest, so a block costs the host one
 launch a chunk (per dtype of its weights), not one launch or copy a tensor: 26 to 42 of those a block of
 SD3.5-medium, which a host-bound model pays on every block (on an H200 its fp8 step took 0.132 s against 0.081 s
-raw issued tensor by tensor, and, in a later device call, 0.060 s against 0.081 s by chunks, with this kernel
-before its accesses were promised aligned; see ``ALIGN``).
+raw issued tensor by tensor; by chunks, 0.060 s against 0.081 s before this kernel's accesses were promised
+aligned (see ``ALIGN``) and 0.058 s against 0.081 s since, each raw step in the same device call).
 
 The chunk's tensors are described by a table (``fp8_host.Fp8Host`` builds it, once per part it loads): one row
 of ``COLUMNS`` int64 per tensor: its byte offset in the staged chunk; its offset in the slot (for a weight, in
@@ -83,9 +83,9 @@ if triton is not None:
         if rows == 0:  # names differ between the branches: Triton wants a name's type the same in both
             byte = tl.arange(0, RAW_BLOCK)
             into = tl.multiple_of(target_ptr + target, 16)
-            # ``while``, not ``range``: Triton 3.6's interpreter takes a bound computed from the program id as a
-            # one-element array, which NumPy 2.4 will not turn into an int (3.9's squeezes it); compiled, both
-            # give the same code (sm_90: 32 registers, 8- and 16-byte accesses).
+            # ``while``, not ``range``: Triton 3.6's interpreter takes a start or bound computed from the program
+            # id as a one-element array, which NumPy 2.4 will not turn into an int (3.9's squeezes it); compiled,
+            # both give the same code (sm_90: 32 registers, 8- and 16-byte accesses).
             tile = mine
             while tile < tl.cdiv(width, RAW_BLOCK):
                 at = tile * RAW_BLOCK + byte
