@@ -850,10 +850,9 @@ code(
     print()
     print(f"measured on an H200 ({MEASURED.name}: Flux-12B, one forward; exact = bit-identical to resident):")
     for name in ("layerwise-w2", "layerwise-w2-lossless", "layerwise-w2-fp8", "auto-12GiB", "auto-12GiB-lossless"):
-        row = measured.get(name)
-        if row:
-            exact = {True: "yes", False: "no", None: "not compared"}[row["bit_exact"]]
-            print(f"  {name:<24} {row['step_s'] * 1e3:>6.0f} ms  exact {exact}  ({row.get('coded_ratio', 1.0):.3f} of the bytes)")
+        row = measured[name]
+        exact = "yes" if row["bit_exact"] else "no"
+        print(f"  {name:<24} {row['step_s'] * 1e3:>6.0f} ms  exact {exact}  ({row.get('coded_ratio', 1.0):.3f} of the bytes)")
 """,
 )
 

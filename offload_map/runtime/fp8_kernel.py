@@ -35,8 +35,9 @@ PROGRAMS = 2048  # most programs one tensor gets: one weight of a chunk alone fi
 COLUMNS = 7  # int64 per row of the table
 # Offsets in the table are multiples of this (tensors start on 512-byte boundaries in the store and the slot), and
 # so are a launch's widths where ``aligned``: promised to the compiler, the accesses go 8 and 16 bytes at a time,
-# as the one-weight kernel's did (compiled for sm_90, checked by ``ptxas -v`` once: 32 registers a thread; 64 with
-# widths not promised, a byte at a time; 123 without any promise; the PTX's accesses are tested).
+# as the one-weight kernel's did (compiled for sm_90, checked by ``ptxas -v`` once: 32 registers a thread; with widths
+# not promised, a byte at a time, 64 by Triton 3.9's code and 124 by 3.2-3.6's; 123 without any promise; the PTX's
+# accesses are tested).
 ALIGN = 16
 
 
