@@ -32,7 +32,8 @@
 #     (raw, lossless, decodes skipped), then its step_time rows, lossless and fp8 (SD3.5's lossless step swings
 #     between runs: README)
 #   bash benchmarks/h200_checks.sh sd35-timeline   # SD3.5-medium's per-block copy/compute timeline at window 2, raw
-#     then lossless, two dispatches each (about a minute): who paces the step, the host or the link
+#     then lossless, two dispatches each (about a minute): who paces the step, the host or the link; one step
+#     synchronised, then 10 back to back (lossless was slower back to back than synchronised in one call)
 #   bash benchmarks/h200_checks.sh cold-lossless   # Flux-12B from safetensors: host RSS and ready time, raw and lossless
 #     (blocks held only as their code; by weights= and by from_pretrained); writes the 23.8 GB checkpoint to
 #     /tmp/flux_ckpt first (about a minute)
@@ -113,8 +114,8 @@ case "${1:-}" in
     python benchmarks/step_time.py --model sd35-medium --strategies resident,layerwise-w2,layerwise-w2-lossless,layerwise-w2-fp8 \
       --repeats 20 --warmup 3 --out "$out" ;;
   sd35-timeline)
-    python benchmarks/timeline.py --model sd35-medium --budgets w2,w2 --out "$out"
-    python benchmarks/timeline.py --model sd35-medium --budgets w2,w2 --compression lossless --out "$out" ;;
+    python benchmarks/timeline.py --model sd35-medium --budgets w2,w2 --back-to-back 10 --out "$out"
+    python benchmarks/timeline.py --model sd35-medium --budgets w2,w2 --compression lossless --back-to-back 10 --out "$out" ;;
   cold-lossless)
     python benchmarks/cold_start.py --model flux-12b --ckpt /tmp/flux_ckpt --out "$out" --cache warm \
       --phases write,read,offload_map,offload_map-lossless,pretrained-lossless ;;

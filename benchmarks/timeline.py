@@ -13,10 +13,11 @@ events around every block and copy. Each link gap (copy stream idle between two 
 "host late" (the copy was issued after the previous one had finished) and "slot wait" (the copy waited
 for the block using its slot); each compute gap into "host late" and "copy wait". Also measures copies
 of one block beside a matrix-multiply loop, against the same copies alone, to tell a slower link under
-compute from scheduling. Writes ``DIR/timeline_<model>.jsonl`` (one row per budget, with both timelines)
+compute from scheduling. ``--back-to-back N`` then records N more steps unsynchronised, as a denoising loop runs
+them, from one synchronised origin: per step, how far the host ran ahead of the device. Writes ``DIR/timeline_<model>.jsonl`` (one row per budget, with both timelines)
 and prints a summary per budget.
 
-This is a diagnostic: it wraps ``Prefetcher.enter``/``exit`` and ``OffloadedUnit.load`` for the recorded step.
+This is a diagnostic: it wraps ``Prefetcher.enter``/``exit`` and ``OffloadedUnit.load`` for the recorded steps.
 """
 
 from __future__ import annotations
@@ -87,24 +88,38 @@ def load(self, slot, copier, timed=None):
 Prefetcher.enter, Prefetcher.exit, OffloadedUnit.load = enter, exit_, load
 
 
-def record_step(model, inputs) -> dict:
-    """One step with marks; returns the measured rows and the gaps' causes (ms)."""
+def record_steps(model, inputs, steps: int = 1) -> list[dict]:
+    """``steps`` forwards back to back (no synchronisation between them, as a denoising loop runs them), with marks;
+    per step, the measured rows and the gaps' causes (ms). Times are from one synchronised origin, so a step's host
+    lead (a block's start on the device less its issue on the host) shows how far the host ran ahead."""
     torch.cuda.synchronize()
     REC.__init__()
     REC.active = True
-    REC.mark("forward", -1)
-    model(**inputs, return_dict=False)
-    REC.mark("done", -1)
+    for _ in range(steps):
+        REC.mark("forward", -1)
+        model(**inputs, return_dict=False)
+    REC.mark("forward", -1)  # the end of the last step
     REC.active = False
     torch.cuda.synchronize()
     zero_event, zero_host = REC.marks[0][2], REC.marks[0][3]
-
-    def ms(event):
-        return zero_event.elapsed_time(event)
-
-    marks = [(kind, block, ms(e), (host - zero_host) * 1e3) for kind, block, e, host in REC.marks]
+    marks = [(kind, block, zero_event.elapsed_time(e), (host - zero_host) * 1e3) for kind, block, e, host in REC.marks]
+    copies = [
+        (block, zero_event.elapsed_time(s), zero_event.elapsed_time(e), n)
+        for block, (n, s, e) in zip(REC.copy_blocks, REC.copies)
+    ]
+    # A copy belongs to the step that issued it (the next step's first loads are issued while this one computes).
     issues = [m for m in marks if m[0] == "issue"]
-    copies = [(block, ms(s), ms(e), n) for block, (n, s, e) in zip(REC.copy_blocks, REC.copies)]
+    starts = [i for i, m in enumerate(marks) if m[0] == "forward"]
+    out = []
+    for first, last in zip(starts, starts[1:]):
+        segment = marks[first : last + 1]
+        step_issues = [m for m in segment[:-1] if m[0] == "issue"]
+        begin = issues.index(step_issues[0]) if step_issues else 0
+        out.append(_analyse(segment, copies[begin : begin + len(step_issues)], step_issues))
+    return out
+
+
+def _analyse(marks: list, copies: list, issues: list) -> dict:
     link = {"host_late_ms": 0.0, "slot_wait_ms": 0.0, "busy_ms": 0.0, "bytes": 0}
     prev_end = None
     for (_block, start, end, n), issue in zip(copies, issues):
@@ -117,7 +132,7 @@ def record_step(model, inputs) -> dict:
         prev_end = end
     compute = {"host_late_ms": 0.0, "copy_wait_ms": 0.0, "busy_ms": 0.0}
     rows, last_end, pending = [], None, {}
-    for kind, block, t, host in marks:
+    for kind, block, t, host in marks[:-1]:
         if kind == "ready_wait":
             pending[block] = (t, host)
         elif kind == "start":
@@ -131,10 +146,10 @@ def record_step(model, inputs) -> dict:
             rows[-1]["end_ms"] = t
             compute["busy_ms"] += t - rows[-1]["start_ms"]
             last_end = t
-    step_ms = next(m for m in marks if m[0] == "done")[2]
     lead = [r["start_ms"] - r["host_ms"] for r in rows]
     return {
-        "step_ms": step_ms,
+        "step_ms": marks[-1][2] - marks[0][2],
+        "host_ms": marks[-1][3] - marks[0][3],  # the host's time to issue the step
         "link": link,
         "compute": compute,
         "link_GBps": link["bytes"] / link["busy_ms"] / 1e6 if link["busy_ms"] else None,
@@ -174,6 +189,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=".")
     parser.add_argument(
+        "--back-to-back",
+        type=int,
+        default=0,
+        help="also record this many steps back to back, unsynchronised, as a denoising loop runs them",
+    )
+    parser.add_argument(
         "--compression",
         choices=("lossless", "fp8"),
         help="dispatch with this compression (a coded load's copy ends at its last decode)",
@@ -211,7 +232,8 @@ def main() -> None:
                 model(**inputs, return_dict=False)
             torch.cuda.synchronize()
             unsynced = (time.perf_counter() - t0) / args.repeats
-            measured = record_step(model, inputs)
+            (measured,) = record_steps(model, inputs)
+            back_to_back = record_steps(model, inputs, args.back_to_back) if args.back_to_back else []
         row = {
             "kind": "budget",
             "budget": budget,
@@ -219,6 +241,7 @@ def main() -> None:
             "step_s": statistics.median(times[3:]),
             "unsynced_step_s": unsynced,
             "measured": measured,
+            "back_to_back": back_to_back,
         }
         plan = next(iter(handle.plans.values()), None)
         if plan is not None:
@@ -237,9 +260,12 @@ def main() -> None:
                     "pattern": "".join("S" if i in plan.streamed else "R" for i in range(len(plan.cost.blocks))),
                 }
             )
-        summary = {k: v for k, v in row.items() if k not in ("measured", "predicted")}
+        summary = {k: v for k, v in row.items() if k not in ("measured", "predicted", "back_to_back")}
         summary.update({k: v for k, v in measured.items() if k not in ("rows", "copies")})
         print(json.dumps(summary), flush=True)
+        for index, step in enumerate(back_to_back):
+            brief = {k: step[k] for k in ("step_ms", "host_ms", "compute", "link_GBps", "host_lead_ms")}
+            print(f"back to back, step {index}:", json.dumps(brief), flush=True)
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
         handle.remove()

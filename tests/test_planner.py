@@ -71,6 +71,19 @@ def test_copy_bound_plan_spreads_resident_blocks_to_hide_copies():
     assert "predicted step 8.0 ms" in text and "Compute bounds the step" in text
 
 
+def test_among_equally_fast_plans_the_one_streaming_fewest_bytes_wins():
+    # Each copy takes as long as a compute (1 ms): every block streamed through two slots already hides its copies
+    # (a 6 ms step in 200 bytes), but at the knee, where the H200 ran 3% slower than predicted. The budget has room
+    # for four blocks resident and one slot: the same 6 ms with two blocks' copies under four blocks of compute.
+    cost = ModelCost(tuple(BlockCost(f"b.{i}", 100, 1e-3) for i in range(6)))
+    everything = simulate(cost, frozenset(range(6)), 2, 1e5)
+    assert everything.step_s == pytest.approx(6e-3) and plan_memory(cost, frozenset(range(6)), 2) == 200
+    plan = plan_blocks(cost, 500, bandwidth=1e5)
+    assert plan.step_s == pytest.approx(6e-3)
+    assert plan.streamed_bytes == 200 and plan.memory == 500
+    assert plan.timeline.copy_busy_s == pytest.approx(2e-3)
+
+
 def test_whole_model_that_fits_is_all_resident_and_says_so():
     cost = ModelCost(tuple(BlockCost(f"b.{i}", 10, 1e-3) for i in range(3)))
     plan = plan_blocks(cost, 1000, 1e6)
