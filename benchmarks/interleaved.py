@@ -9,7 +9,7 @@ microseconds per launch of a one-element kernel. Per round and strategy: the med
 floor (the block lists' bytes over the pinned bandwidth) and against raw streaming's step of the same round.
 
 Strategies: ``resident`` (the whole model on the device), ``raw`` (``layerwise``, window 2), ``lossless`` and
-``fp8`` (the same with that ``compression``). Outputs are compared with the resident one (``lossless`` and ``raw``
+``fp8`` (the same with that ``compression``); ``-wN`` after a streamed one sets the window (``lossless-w3``). Outputs are compared with the resident one (``lossless`` and ``raw``
 must be bit-exact). Writes ``DIR/interleaved_<model>.jsonl`` (an env row, then one row per round) and prints a table.
 
 Usage (GPU)::
@@ -33,8 +33,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import offload_map  # noqa: E402
 from offload_map import model_zoo as models  # noqa: E402
 
-STRATEGIES = {"resident": None, "raw": {}, "lossless": {"compression": "lossless"}, "fp8": {"compression": "fp8"}}
+STREAMED = {"raw": {}, "lossless": {"compression": "lossless"}, "fp8": {"compression": "fp8"}}
 LAUNCHES = 2000  # per host probe: a few milliseconds of launches, far from filling the device's queue
+
+
+def dispatch_options(name: str) -> dict | None:
+    """``dispatch_pipeline`` keywords of strategy ``name`` (None: resident); ValueError if it names none."""
+    if name == "resident":
+        return None
+    kind, _, window = name.partition("-w")
+    if kind not in STREAMED or (window and not window.isdigit()):
+        raise ValueError(f"unknown strategy {name!r}: resident, or one of {sorted(STREAMED)} with an optional -wN")
+    return {"strategy": "layerwise", "window": int(window or 2), **STREAMED[kind]}
 
 
 def host_probe_us(device: str) -> float:
@@ -85,9 +95,12 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     names = args.strategies.split(",")
-    unknown = sorted(set(names) - set(STRATEGIES))
-    if unknown or "resident" not in names:
-        sys.exit(f"--strategies takes resident (required: the reference) and any of {sorted(STRATEGIES)}; got {unknown}")
+    try:
+        options = {name: dispatch_options(name) for name in names}
+    except ValueError as err:
+        sys.exit(f"--strategies: {err}")
+    if "resident" not in names:
+        sys.exit("--strategies must name resident: the reference the outputs are compared with")
     device = "cuda:0"
     spec = models.resolve_spec(args.model)
     built = models.build_model(spec, 0, 0.02, device)
@@ -98,11 +111,10 @@ def main() -> None:
     runs, handles = {}, []
     for name in names:
         model = built if name == names[-1] else copy.deepcopy(built)
-        if STRATEGIES[name] is None:
+        if options[name] is None:
             model.to(device)
         else:
-            options = STRATEGIES[name]
-            handles.append(offload_map.dispatch_pipeline(model, strategy="layerwise", device=device, window=2, **options))
+            handles.append(offload_map.dispatch_pipeline(model, device=device, **options[name]))
         runs[name] = model
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"interleaved_{spec.name}.jsonl")
@@ -127,7 +139,7 @@ def main() -> None:
         reference = outputs["resident"].abs()
         errors = {name: ((out - outputs["resident"]).abs().max() / reference.max()).item() for name, out in outputs.items()}
         print("bit-exact against resident:", exact, "max relative error:", {k: f"{v:.2e}" for k, v in errors.items()})
-        print("round  host us/launch  " + "  ".join(f"{n:>9}" for n in names) + "  " + "  ".join(f"{n}/floor" for n in names[1:]))
+        print("round  host us/launch  " + "  ".join(f"{n:>{max(9, len(n))}}" for n in names) + "  " + "  ".join(f"{n}/floor" for n in names[1:]))
         for index in range(args.rounds):
             row = {"kind": "round", "round": index, "host_us_per_launch": host_probe_us(device), "steps_s": {}}
             for name, model in runs.items():
@@ -138,7 +150,7 @@ def main() -> None:
                 row["x_raw"] = {name: step / row["step_s"]["raw"] for name, step in row["step_s"].items()}
             with open(path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            steps = "  ".join(f"{row['step_s'][n] * 1e3:9.1f}" for n in names)
+            steps = "  ".join(f"{row['step_s'][n] * 1e3:{max(9, len(n))}.1f}" for n in names)
             ratios = "  ".join(f"{row['x_floor'][n]:>{len(n) + 6}.2f}" for n in names[1:])
             print(f"{index:>5}  {row['host_us_per_launch']:>14.2f}  {steps}  {ratios}", flush=True)
     with open(path, "a") as f:
