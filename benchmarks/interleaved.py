@@ -139,7 +139,12 @@ def main() -> None:
         reference = outputs["resident"].abs()
         errors = {name: ((out - outputs["resident"]).abs().max() / reference.max()).item() for name, out in outputs.items()}
         print("bit-exact against resident:", exact, "max relative error:", {k: f"{v:.2e}" for k, v in errors.items()})
-        print("round  host us/launch  " + "  ".join(f"{n:>{max(9, len(n))}}" for n in names) + "  " + "  ".join(f"{n}/floor" for n in names[1:]))
+        print(
+            "round  host us/launch  "
+            + "  ".join(f"{n:>{max(9, len(n))}}" for n in names)
+            + "  "
+            + "  ".join(f"{n}/floor" for n in names[1:])
+        )
         for index in range(args.rounds):
             row = {"kind": "round", "round": index, "host_us_per_launch": host_probe_us(device), "steps_s": {}}
             for name, model in runs.items():
