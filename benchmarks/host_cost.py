@@ -27,11 +27,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import offload_map  # noqa: E402
 from offload_map import model_zoo as models  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from interleaved import dispatch_options  # noqa: E402
+from interleaved import dispatch, dispatch_options  # noqa: E402
 
 PACKAGES = ("offload_map", "triton", "torch", "diffusers")
 TOP = 20
@@ -103,7 +102,7 @@ def main() -> None:
         if options[name] is None:
             model.to(args.device)
         else:
-            handle = offload_map.dispatch_pipeline(model, device=args.device, **options[name])
+            handle = dispatch(model, name, args.device, options[name])
         with torch.inference_mode():
             steps(model, inputs, 3, args.device)  # warm-up (and the learned order)
             wall = steps(model, inputs, args.steps, args.device)

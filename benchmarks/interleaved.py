@@ -9,7 +9,8 @@ microseconds per launch of a one-element kernel. Per round and strategy: the med
 floor (the block lists' bytes over the pinned bandwidth) and against raw streaming's step of the same round.
 
 Strategies: ``resident`` (the whole model on the device), ``raw`` (``layerwise``, window 2), ``lossless`` and
-``fp8`` (the same with that ``compression``); ``-wN`` after a streamed one sets the window (``lossless-w3``). Outputs are compared with the resident one (``lossless`` and ``raw``
+``fp8`` (the same with that ``compression``); ``-wN`` after a streamed one sets the window (``lossless-w3``), and
+``-pN`` after a lossless one codes it in pieces of N MiB (``lossless-p128``: fewer pieces, fewer launches). Outputs are compared with the resident one (``lossless`` and ``raw``
 must be bit-exact). Writes ``DIR/interleaved_<model>.jsonl`` (an env row, then one row per round) and prints a table.
 
 Usage (GPU)::
@@ -23,6 +24,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -32,19 +34,41 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import offload_map  # noqa: E402
 from offload_map import model_zoo as models  # noqa: E402
+from offload_map.runtime import coded_host  # noqa: E402
 
 STREAMED = {"raw": {}, "lossless": {"compression": "lossless"}, "fp8": {"compression": "fp8"}}
 LAUNCHES = 2000  # per host probe: a few milliseconds of launches, far from filling the device's queue
+
+
+NAME = re.compile(r"(?P<kind>raw|lossless|fp8)(-w(?P<window>\d+))?(-p(?P<piece>\d+))?")
 
 
 def dispatch_options(name: str) -> dict | None:
     """``dispatch_pipeline`` keywords of strategy ``name`` (None: resident); ValueError if it names none."""
     if name == "resident":
         return None
-    kind, _, window = name.partition("-w")
-    if kind not in STREAMED or (window and not window.isdigit()):
-        raise ValueError(f"unknown strategy {name!r}: resident, or one of {sorted(STREAMED)} with an optional -wN")
-    return {"strategy": "layerwise", "window": int(window or 2), **STREAMED[kind]}
+    match = NAME.fullmatch(name)
+    if match is None or (match["piece"] and match["kind"] != "lossless"):
+        raise ValueError(
+            f"unknown strategy {name!r}: resident, or one of {sorted(STREAMED)} with an optional -wN (lossless: -pN)"
+        )
+    return {"strategy": "layerwise", "window": int(match["window"] or 2), **STREAMED[match["kind"]]}
+
+
+def piece_bytes(name: str) -> int:
+    """The lossless code's piece of strategy ``name``: ``-pN`` MiB, else the runtime's own."""
+    match = NAME.fullmatch(name)
+    return int(match["piece"]) << 20 if match and match["piece"] else coded_host.PIECE
+
+
+def dispatch(model, name: str, device: str, options: dict):
+    """Dispatch ``model`` as strategy ``name``; a lossless code is cut in its pieces (the code keeps them)."""
+    default = coded_host.PIECE
+    coded_host.PIECE = piece_bytes(name)
+    try:
+        return offload_map.dispatch_pipeline(model, device=device, **options)
+    finally:
+        coded_host.PIECE = default
 
 
 def host_probe_us(device: str) -> float:
@@ -114,7 +138,7 @@ def main() -> None:
         if options[name] is None:
             model.to(device)
         else:
-            handles.append(offload_map.dispatch_pipeline(model, device=device, **options[name]))
+            handles.append(dispatch(model, name, device, options[name]))
         runs[name] = model
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"interleaved_{spec.name}.jsonl")

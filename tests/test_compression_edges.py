@@ -371,3 +371,17 @@ def test_ok_calls_from_several_threads_with_compression():
     single = run_flux(pipe)
     assert all(torch.equal(on_another_thread(lambda: run_flux(pipe)), single) for _ in range(3))
     handle.remove()
+
+
+@torch.inference_mode()
+def test_a_code_keeps_the_piece_grid_it_was_cut_on(monkeypatch):
+    # Blocks coded in 16 KiB pieces, then the constant changes (another dispatch set it, as a benchmark comparing
+    # piece sizes in one process does): copies still cut along the grid the code was made on, bit for bit.
+    x, reference = _input(), _reference_output()
+    model = make_dit()
+    monkeypatch.setattr(coded_host, "PIECE", 16 * 1024)
+    handle = dispatch_pipeline(model, "layerwise", "cpu", compression="lossless")
+    monkeypatch.setattr(coded_host, "PIECE", 4 * 1024)
+    assert handle.report().coded.blocks == len(model.blocks)
+    assert all(torch.equal(model(x), reference) for _ in range(2))
+    handle.remove()

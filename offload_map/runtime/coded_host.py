@@ -140,26 +140,28 @@ class CodedHost:
     def encode(self, raw: torch.Tensor) -> None:
         """Code ``raw`` anew (at dispatch, and after the weights changed); the old code stays until the new one is
         complete, so a failure leaves the unit as it was. The caller has waited for the copy stream."""
+        piece = PIECE  # the code's own grid from here on, whatever the constant later says
         with DEVICE_CODING.room():
             if self.device is None:
-                pieces = [encode(raw[a:b]) for a, b in _pieces(0, self.raw_bytes)]
+                pieces = [encode(raw[a:b]) for a, b in _pieces(0, self.raw_bytes, piece)]
             else:
                 with DEVICE_CODING:
                     on_device = raw.to(self.device, non_blocking=raw.is_pinned())
-                    pieces = [encode(on_device[a:b]) for a, b in _pieces(0, self.raw_bytes)]
+                    pieces = [encode(on_device[a:b]) for a, b in _pieces(0, self.raw_bytes, piece)]
                     del on_device
-            self._store(pieces)  # page-locking the store is host work: another unit codes on the device meanwhile
+            self._store(pieces, piece)  # page-locking the store is host work: another unit codes on the device meanwhile
             del pieces  # their memory goes before the room does
 
-    def _store(self, pieces: list[Coded]) -> None:
+    def _store(self, pieces: list[Coded], piece: int) -> None:
         planes = [plane for piece in pieces for plane in piece.planes]
         store = HostBuffer.holding(planes, self.pinned)  # each piece's planes in a row, as ``Coded.like`` carves them
         self.release()
         self.store = store
         starts = [region.offset for region in store.regions[::5]] + [store.nbytes]
         self.runs = [store.flat[a:b] for a, b in zip(starts, starts[1:])]
-        self.pieces = [piece.like(run) for piece, run in zip(pieces, self.runs)]
+        self.pieces = [coded.like(run) for coded, run in zip(pieces, self.runs)]
         self._plans = {}
+        self.piece = piece
         self._version = object()  # names this code in the staging buffers' caches of plane views
 
     def release(self) -> None:
@@ -186,7 +188,7 @@ class CodedHost:
             key = (self._version, a, b)
             planes = buffer.views.get(key)
             if planes is None:
-                planes = buffer.views[key] = (self.pieces[a // PIECE] if part is None else part).like(buffer.tensor)
+                planes = buffer.views[key] = (self.pieces[a // self.piece] if part is None else part).like(buffer.tensor)
             if part is None:  # the whole piece: one copy
                 buffer.tensor[: run.numel()].copy_(run, non_blocking=pinned)
             else:
@@ -201,16 +203,16 @@ class CodedHost:
         plan = self._plans.get((start, stop))
         if plan is None:
             plan = self._plans[(start, stop)] = []
-            for a, b in _pieces(start, stop):
-                index = a // PIECE
-                first = index * PIECE
-                whole = a == first and b == min(first + PIECE, self.raw_bytes)
+            for a, b in _pieces(start, stop, self.piece):
+                index = a // self.piece
+                first = index * self.piece
+                whole = a == first and b == min(first + self.piece, self.raw_bytes)
                 part = None if whole else self.pieces[index].part(a - first, b - first)
                 plan.append((a, b, self.runs[index], part))
         return plan
 
 
-def _pieces(start: int, stop: int) -> list[tuple[int, int]]:
-    """Bytes ``start:stop`` cut where the pieces' grid (multiples of ``PIECE`` from 0) cuts them."""
-    cuts = [start, *range((start // PIECE + 1) * PIECE, stop, PIECE), stop]
+def _pieces(start: int, stop: int, piece: int) -> list[tuple[int, int]]:
+    """Bytes ``start:stop`` cut where the pieces' grid (multiples of ``piece`` from 0) cuts them."""
+    cuts = [start, *range((start // piece + 1) * piece, stop, piece), stop]
     return [(a, b) for a, b in zip(cuts, cuts[1:]) if a < b]
