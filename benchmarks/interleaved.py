@@ -10,7 +10,7 @@ floor (the block lists' bytes over the pinned bandwidth) and against raw streami
 
 Strategies: ``resident`` (the whole model on the device), ``raw`` (``layerwise``, window 2), ``lossless`` and
 ``fp8`` (the same with that ``compression``); ``-wN`` after a streamed one sets the window (``lossless-w3``), and
-``-pN`` after a lossless one codes it in pieces of N MiB (``lossless-p128``: fewer pieces, fewer launches). Outputs are compared with the resident one (``lossless`` and ``raw``
+``-pN`` after a coded one cuts its code in pieces (chunks, for fp8) of N MiB (``lossless-p64``). Outputs are compared with the resident one (``lossless`` and ``raw``
 must be bit-exact). Writes ``DIR/interleaved_<model>.jsonl`` (an env row, then one row per round) and prints a table.
 
 Usage (GPU)::
@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import offload_map  # noqa: E402
 from offload_map import model_zoo as models  # noqa: E402
-from offload_map.runtime import coded_host  # noqa: E402
+from offload_map.runtime import coded_host, fp8_host  # noqa: E402
 
 STREAMED = {"raw": {}, "lossless": {"compression": "lossless"}, "fp8": {"compression": "fp8"}}
 LAUNCHES = 2000  # per host probe: a few milliseconds of launches, far from filling the device's queue
@@ -48,27 +48,22 @@ def dispatch_options(name: str) -> dict | None:
     if name == "resident":
         return None
     match = NAME.fullmatch(name)
-    if match is None or (match["piece"] and match["kind"] != "lossless"):
-        raise ValueError(
-            f"unknown strategy {name!r}: resident, or one of {sorted(STREAMED)} with an optional -wN (lossless: -pN)"
-        )
+    if match is None or (match["piece"] and match["kind"] == "raw"):
+        raise ValueError(f"unknown strategy {name!r}: resident, or one of {sorted(STREAMED)} with an optional -wN (coded: -pN)")
     return {"strategy": "layerwise", "window": int(match["window"] or 2), **STREAMED[match["kind"]]}
 
 
-def piece_bytes(name: str) -> int:
-    """The lossless code's piece of strategy ``name``: ``-pN`` MiB, else the runtime's own."""
-    match = NAME.fullmatch(name)
-    return int(match["piece"]) << 20 if match and match["piece"] else coded_host.PIECE
-
-
 def dispatch(model, name: str, device: str, options: dict):
-    """Dispatch ``model`` as strategy ``name``; a lossless code is cut in its pieces (the code keeps them)."""
-    default = coded_host.PIECE
-    coded_host.PIECE = piece_bytes(name)
+    """Dispatch ``model`` as strategy ``name``; with ``-pN``, its code is cut in pieces (lossless) or chunks (fp8) of
+    N MiB, which the code keeps."""
+    match = NAME.fullmatch(name)
+    defaults = coded_host.PIECE, fp8_host.CHUNK
+    if match and match["piece"]:
+        coded_host.PIECE = fp8_host.CHUNK = int(match["piece"]) << 20
     try:
         return offload_map.dispatch_pipeline(model, device=device, **options)
     finally:
-        coded_host.PIECE = default
+        coded_host.PIECE, fp8_host.CHUNK = defaults
 
 
 def host_probe_us(device: str) -> float:

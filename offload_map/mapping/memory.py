@@ -13,8 +13,11 @@ ACTIVATION_SHARE = 0.1
 # Compressed blocks (``compression``) are copied in pieces of at most CODE_PIECE bytes through STAGING_BUFFERS
 # device buffers of one piece each (``runtime.coded_host``, ``runtime.fp8_host``, ``runtime.slots.Staging``),
 # taken in turn: while the decode stream decodes one, the copy stream fills the other, so a decode waiting for
-# the compute stream's kernels to leave room does not stop the link.
-CODE_PIECE = 64 << 20
+# the compute stream's kernels to leave room does not stop the link. Each piece costs the host a copy, a decode
+# launch and four events: SD3.5-medium's lossless step, which the host paces on the H200, took a median 0.937x as
+# long with 128 MiB pieces as with 64 MiB ones (25 rounds, ``interleaved_sd35-medium_pieces.jsonl``); with 256 MiB
+# (one piece a block) a decode waits for its block's whole copy.
+CODE_PIECE = 128 << 20
 STAGING_BUFFERS = 2
 
 
