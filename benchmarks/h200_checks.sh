@@ -34,9 +34,9 @@
 #   bash benchmarks/h200_checks.sh sd35-timeline   # SD3.5-medium's per-block copy/compute timeline at window 2, raw
 #     then lossless, two dispatches each (about a minute): who paces the step, the host or the link; one step
 #     synchronised, then 10 back to back (lossless was slower back to back than synchronised in one call)
-#   bash benchmarks/h200_checks.sh sd35-interleaved   # SD3.5-medium resident, raw, lossless and fp8 (windows 2
-#     and 3) dispatched at once, 30 rounds of 5 back-to-back steps each in turn, a host probe before each round
-#     (about 4 minutes): the strategies compared under the same host
+#   bash benchmarks/h200_checks.sh sd35-interleaved   # SD3.5-medium resident, raw, lossless and fp8 (pieces of
+#     128 MiB, and of 64 as -p64) dispatched at once, 30 rounds of 5 back-to-back steps each in turn, a host probe
+#     before each round (about 3 minutes): the strategies compared under the same host
 #   bash benchmarks/h200_checks.sh flux-pipe-24 # resident and auto at 24 GiB only (about 2.5 minutes)
 #   bash benchmarks/h200_checks.sh cold-lossless   # Flux-12B from safetensors: host RSS and ready time, raw and lossless
 #     (blocks held only as their code; by weights= and by from_pretrained); writes the 23.8 GB checkpoint to
@@ -121,7 +121,7 @@ case "${1:-}" in
     python benchmarks/timeline.py --model sd35-medium --budgets w2,w2 --back-to-back 10 --out "$out"
     python benchmarks/timeline.py --model sd35-medium --budgets w2,w2 --compression lossless --back-to-back 10 --out "$out" ;;
   sd35-interleaved)
-    python benchmarks/interleaved.py --model sd35-medium --strategies resident,raw,lossless,lossless-w3,fp8,fp8-w3 \
+    python benchmarks/interleaved.py --model sd35-medium --strategies resident,raw,lossless,lossless-p64,fp8,fp8-p64 \
       --rounds 30 --out "$out" ;;
   flux-pipe-24)
     rm -f "$out"/pipeline_time_flux.*

@@ -3,7 +3,7 @@ back-to-back steps taking turns.
 
 SD3.5-medium's steps are paced by the host that issues its many small kernels, and that host's speed swings over
 minutes on the lent H200 (README): rows that ``step_time.py`` times one after another may compare different hosts.
-Here every round runs, for each strategy in turn, a burst of ``--burst`` forwards back to back (timed between device
+Here every round runs, for each strategy in turn (the order rotated by one each round), a burst of ``--burst`` forwards back to back (timed between device
 events at consecutive forward starts, as ``step_time.py`` times them), and first a host probe: the host's
 microseconds per launch of a one-element kernel. Per round and strategy: the median step, and that step against the
 floor (the block lists' bytes over the pinned bandwidth) and against raw streaming's step of the same round.
@@ -165,10 +165,12 @@ def main() -> None:
             + "  ".join(f"{n}/floor" for n in names[1:])
         )
         for index in range(args.rounds):
-            row = {"kind": "round", "round": index, "host_us_per_launch": host_probe_us(device), "steps_s": {}}
-            for name, model in runs.items():
-                row["steps_s"][name], _ = burst(model, inputs, args.burst)
-            row["step_s"] = {name: statistics.median(steps) for name, steps in row["steps_s"].items()}
+            # Each round starts one strategy later: a burst runs slower right after some others (after raw's, in
+            # two calls of 2026-12-02), and a fixed order would charge that to whichever strategy follows.
+            order = names[index % len(names) :] + names[: index % len(names)]
+            row = {"kind": "round", "round": index, "order": order, "host_us_per_launch": host_probe_us(device)}
+            row["steps_s"] = {name: burst(runs[name], inputs, args.burst)[0] for name in order}
+            row["step_s"] = {name: statistics.median(row["steps_s"][name]) for name in names}
             row["x_floor"] = {name: step / floor for name, step in row["step_s"].items()}
             if "raw" in row["step_s"]:
                 row["x_raw"] = {name: step / row["step_s"]["raw"] for name, step in row["step_s"].items()}

@@ -810,7 +810,7 @@ md(
     opt-in) streams linear weights in float8, about half the bytes. The planner counts raw bytes at the link's
     rate over the code's ratio: below, its predictions for the budgets above with each, and next to them what an
     H200 measured for Flux-12B (committed results, a different GPU from the H100 profile: compare the ratios).
-    Coded blocks copy through two staging buffers (128 MiB for Flux-12B) that the budget holds too: at the
+    Coded blocks copy through two staging buffers (256 MiB for Flux-12B) that the budget holds too: at the
     smallest budgets they take the room of a slot, and a compressed plan can be slower than the raw one, or not
     fit at all. Compress where copies bound the step and the budget leaves room.
 """,
