@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from offload_map import model_zoo as models  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from interleaved import dispatch, dispatch_options  # noqa: E402
+from interleaved import place, strategies  # noqa: E402
 
 PACKAGES = ("offload_map", "triton", "torch", "diffusers")
 TOP = 20
@@ -81,28 +81,19 @@ def profile(model, inputs: dict, count: int, device: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="sd35-medium")
-    parser.add_argument("--strategies", default="resident,raw,lossless,fp8")
+    parser.add_argument("--strategies", type=strategies, default="resident,raw,lossless,fp8")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
-    names = args.strategies.split(",")
-    try:
-        options = {name: dispatch_options(name) for name in names}
-    except ValueError as err:
-        sys.exit(f"--strategies: {err}")
     spec = models.resolve_spec(args.model)
     built = models.build_model(spec, 0, 0.02, args.device)
     inputs = models.make_inputs(spec, built, args.device, 1)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"host_cost_{spec.name}.jsonl")
-    for name in names:
+    for name in args.strategies:
         model = copy.deepcopy(built)
-        handle = None
-        if options[name] is None:
-            model.to(args.device)
-        else:
-            handle = dispatch(model, name, args.device, options[name])
+        handle = place(model, name, args.device)
         with torch.inference_mode():
             steps(model, inputs, 3, args.device)  # warm-up (and the learned order)
             wall = steps(model, inputs, args.steps, args.device)

@@ -3,15 +3,16 @@ back-to-back steps taking turns.
 
 SD3.5-medium's steps are paced by the host that issues its many small kernels, and that host's speed swings over
 minutes on the lent H200 (README): rows that ``step_time.py`` times one after another may compare different hosts.
-Here every round runs, for each strategy in turn (the order rotated by one each round), a burst of ``--burst`` forwards back to back (timed between device
-events at consecutive forward starts, as ``step_time.py`` times them), and first a host probe: the host's
-microseconds per launch of a one-element kernel. Per round and strategy: the median step, and that step against the
-floor (the block lists' bytes over the pinned bandwidth) and against raw streaming's step of the same round.
+Here every round runs, for each strategy in turn (the order rotated by one each round), a burst of ``--burst``
+forwards back to back (timed between device events at consecutive forward starts, as ``step_time.py`` times them),
+and first a host probe: the host's microseconds per launch of a one-element kernel. Per round and strategy: the
+median step, and that step against the floor (the block lists' bytes over the pinned bandwidth, measured as
+``step_time.py`` measures it) and against raw streaming's step of the same round.
 
 Strategies: ``resident`` (the whole model on the device), ``raw`` (``layerwise``, window 2), ``lossless`` and
 ``fp8`` (the same with that ``compression``); ``-wN`` after a streamed one sets the window (``lossless-w3``), and
-``-pN`` after a coded one cuts its code in pieces (chunks, for fp8) of N MiB (``lossless-p64``). Outputs are compared with the resident one (``lossless`` and ``raw``
-must be bit-exact). Writes ``DIR/interleaved_<model>.jsonl`` (an env row, then one row per round) and prints a table.
+``-pN`` after a coded one cuts its code in pieces (chunks, for fp8) of N MiB (``lossless-p64``). Outputs are
+compared with the resident one (``lossless`` and ``raw`` must be bit-exact). Writes ``DIR/interleaved_<model>.jsonl`` (an env row, then one row per round) and prints a table.
 
 Usage (GPU)::
 
@@ -31,10 +32,13 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import offload_map  # noqa: E402
 from offload_map import model_zoo as models  # noqa: E402
 from offload_map.runtime import coded_host, fp8_host  # noqa: E402
+
+import step_time  # noqa: E402
 
 STREAMED = {"raw": {}, "lossless": {"compression": "lossless"}, "fp8": {"compression": "fp8"}}
 LAUNCHES = 2000  # per host probe: a few milliseconds of launches, far from filling the device's queue
@@ -53,13 +57,29 @@ def dispatch_options(name: str) -> dict | None:
     return {"strategy": "layerwise", "window": int(match["window"] or 2), **STREAMED[match["kind"]]}
 
 
-def dispatch(model, name: str, device: str, options: dict):
-    """Dispatch ``model`` as strategy ``name``; with ``-pN``, its code is cut in pieces (lossless) or chunks (fp8) of
-    N MiB, which the code keeps."""
-    match = NAME.fullmatch(name)
+def strategies(text: str) -> list[str]:
+    """``--strategies``: comma-separated names, each one ``dispatch_options`` knows (argparse reports the first it
+    does not)."""
+    names = text.split(",")
+    for name in names:
+        try:
+            dispatch_options(name)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return names
+
+
+def place(model, name: str, device: str):
+    """Put ``model`` on ``device`` as strategy ``name``: moved whole (resident; returns None), or dispatched (returns
+    the handle); with ``-pN``, its code is cut in pieces (lossless) or chunks (fp8) of N MiB, which the code keeps."""
+    options = dispatch_options(name)
+    if options is None:
+        model.to(device)
+        return None
+    piece = NAME.fullmatch(name)["piece"]
     defaults = coded_host.PIECE, fp8_host.CHUNK
-    if match and match["piece"]:
-        coded_host.PIECE = fp8_host.CHUNK = int(match["piece"]) << 20
+    if piece:
+        coded_host.PIECE = fp8_host.CHUNK = int(piece) << 20
     try:
         return offload_map.dispatch_pipeline(model, device=device, **options)
     finally:
@@ -92,32 +112,15 @@ def burst(model, inputs: dict, steps: int) -> tuple[list[float], torch.Tensor]:
     return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])], out
 
 
-def pinned_bandwidth(nbytes: int, device: str, copies: int = 8) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst.copy_(src, non_blocking=True)  # the first copy pays for setup
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(copies):
-        dst.copy_(src, non_blocking=True)
-    end.record()
-    torch.cuda.synchronize()
-    return nbytes * copies / (start.elapsed_time(end) / 1e3)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="sd35-medium")
-    parser.add_argument("--strategies", default="resident,raw,lossless,fp8")
+    parser.add_argument("--strategies", type=strategies, default="resident,raw,lossless,fp8")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--burst", type=int, default=5)
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
-    names = args.strategies.split(",")
-    try:
-        options = {name: dispatch_options(name) for name in names}
-    except ValueError as err:
-        sys.exit(f"--strategies: {err}")
+    names = args.strategies
     if "resident" not in names:
         sys.exit("--strategies must name resident: the reference the outputs are compared with")
     device = "cuda:0"
@@ -125,16 +128,12 @@ def main() -> None:
     built = models.build_model(spec, 0, 0.02, device)
     stats = models.block_stats(built)
     inputs = models.make_inputs(spec, built, device, 1)
-    bandwidth = pinned_bandwidth(1 << 30, device)
+    bandwidth = step_time.h2d_bandwidth(1 << 30, True, 10, device)["median_Bps"]
     floor = stats["block_bytes"] / bandwidth
     runs, handles = {}, []
     for name in names:
-        model = built if name == names[-1] else copy.deepcopy(built)
-        if options[name] is None:
-            model.to(device)
-        else:
-            handles.append(dispatch(model, name, device, options[name]))
-        runs[name] = model
+        runs[name] = built if name == names[-1] else copy.deepcopy(built)
+        handles.append(place(runs[name], name, device))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"interleaved_{spec.name}.jsonl")
     env = {
@@ -181,7 +180,7 @@ def main() -> None:
             print(f"{index:>5}  {row['host_us_per_launch']:>14.2f}  {steps}  {ratios}", flush=True)
     with open(path, "a") as f:
         f.write(json.dumps({"kind": "outputs", "bit_exact": exact, "max_rel_error": errors}) + "\n")
-    for handle in handles:
+    for handle in filter(None, handles):
         handle.remove()
 
 

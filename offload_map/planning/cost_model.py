@@ -69,6 +69,11 @@ def load_bytes(cost: ModelCost, index: int, kept: Mapping[int, int] | None) -> i
     return cost.blocks[index].nbytes - (kept or {}).get(index, 0)
 
 
+def streamed_bytes(cost: ModelCost, streamed: frozenset[int], kept: Mapping[int, int] | None = None) -> int:
+    """Bytes the loads of blocks ``streamed`` copy in one step (their parts that ``kept`` does not keep)."""
+    return sum(load_bytes(cost, i, kept) for i in streamed)
+
+
 def simulate(
     cost: ModelCost,
     streamed: frozenset[int],
@@ -101,10 +106,10 @@ def simulate(
             if index in streamed:
                 released.append(compute_end)
             rows.append((block.path, index in streamed, copy_start, copy_end, start, compute_end))
-    busy = sum(load_bytes(cost, i, kept) for i in streamed) / bandwidth
+    busy = streamed_bytes(cost, streamed, kept) / bandwidth
     return Timeline(compute_end - step_start, rows, busy)
 
 
 def floor_s(cost: ModelCost, streamed: frozenset[int], bandwidth: float, kept: Mapping[int, int] | None = None) -> float:
     """The physical limit: max(all compute, streamed bytes / bandwidth)."""
-    return max(cost.compute_s, sum(load_bytes(cost, i, kept) for i in streamed) / bandwidth)
+    return max(cost.compute_s, streamed_bytes(cost, streamed, kept) / bandwidth)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from ..mapping.memory import BudgetTooSmall, device_footprint
 from ..mapping.sizes import human_bytes, human_rate
-from .cost_model import ModelCost, Timeline, floor_s, load_bytes, simulate
+from .cost_model import ModelCost, Timeline, floor_s, load_bytes, simulate, streamed_bytes
 
 WINDOWS = (1, 2, 3, 4)
 # Split-block levels: a block's streamed part aims at level x (bytes the link moves during its compute).
@@ -68,7 +68,7 @@ class BlockPlan:
     @property
     def streamed_bytes(self) -> int:
         """Bytes copied per step."""
-        return sum(load_bytes(self.cost, i, self.kept) for i in self.streamed)
+        return streamed_bytes(self.cost, self.streamed, self.kept)
 
     @property
     def all_resident(self) -> bool:
@@ -156,8 +156,7 @@ def plan_blocks(cost: ModelCost, budget: int, bandwidth: float) -> BlockPlan:
             if memory > budget:
                 continue
             step = simulate(cost, streamed, window, bandwidth, kept=kept).step_s
-            streamed_bytes = sum(load_bytes(cost, i, kept) for i in streamed)
-            key = (round(step, 9), streamed_bytes, memory, window)
+            key = (round(step, 9), streamed_bytes(cost, streamed, kept), memory, window)
             if best is None or key < best[0]:
                 best = (key, streamed, kept)
     assert best is not None  # the all-streamed, window-1 point fits

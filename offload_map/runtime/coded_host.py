@@ -153,7 +153,7 @@ class CodedHost:
             del pieces  # their memory goes before the room does
 
     def _store(self, pieces: list[Coded], piece: int) -> None:
-        planes = [plane for piece in pieces for plane in piece.planes]
+        planes = [plane for coded in pieces for plane in coded.planes]
         store = HostBuffer.holding(planes, self.pinned)  # each piece's planes in a row, as ``Coded.like`` carves them
         self.release()
         self.store = store
